@@ -1,0 +1,1 @@
+//! The correlation middleware (in progress).
