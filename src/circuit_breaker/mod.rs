@@ -1,1 +1,5 @@
-//! The circuit_breaker middleware (in progress).
+//! The circuit breaker middleware (in progress).
+
+mod error;
+
+pub use self::error::CircuitOpen;

@@ -1,1 +1,5 @@
-//! The rate_limit middleware (in progress).
+//! The rate limiting middleware (in progress).
+
+mod error;
+
+pub use self::error::RateLimited;
