@@ -75,8 +75,11 @@ pub trait Classify<Res, E> {
     type Response<R: Report>;
 
     /// Classifies `result`, calling `report` once the outcome is known.
-    fn classify<R: Report>(&self, result: Result<Res, E>, report: R)
-    -> Result<Self::Response<R>, E>;
+    fn classify<R: Report>(
+        &self,
+        result: Result<Res, E>,
+        report: R,
+    ) -> Result<Self::Response<R>, E>;
 }
 
 impl<F, Res, E> Classify<Res, E> for F
@@ -363,13 +366,10 @@ mod http_classify {
             let frame = ready!(this.body.poll_frame(cx));
             if let Some(report) = this.pending.take() {
                 let outcome = match &frame {
-                    Some(Ok(frame)) => match frame.trailers_ref() {
-                        Some(trailers) => Some(
-                            GrpcCode::from_headers(trailers)
-                                .map_or(Outcome::Failure, |code| this.classify.outcome(code)),
-                        ),
-                        None => None,
-                    },
+                    Some(Ok(frame)) => frame.trailers_ref().map(|trailers| {
+                        GrpcCode::from_headers(trailers)
+                            .map_or(Outcome::Failure, |code| this.classify.outcome(code))
+                    }),
                     Some(Err(_)) | None => Some(Outcome::Failure),
                 };
                 match outcome {
