@@ -82,9 +82,9 @@ impl RetryBudget {
         let slice_nanos = u64::try_from(ttl.as_nanos() / SLICES as u128)
             .unwrap_or(u64::MAX)
             .max(1);
-        let reserve = (f64::from(min_per_sec) * ttl.as_secs_f64() * SCALE as f64) as i64;
+        let reserve = thousandths(f64::from(min_per_sec) * ttl.as_secs_f64());
         let deposit = if ratio.is_finite() {
-            (ratio.max(0.0) * SCALE as f64) as i64
+            thousandths(ratio.max(0.0))
         } else {
             0
         };
@@ -208,6 +208,12 @@ impl RetryBudget {
         }
         seen
     }
+}
+
+/// `value` in thousandths, rounded down, except that a decimal such as 0.57 (stored as
+/// 0.569999…) is not pushed below its written value.
+fn thousandths(value: f64) -> i64 {
+    (value * SCALE as f64 + 1e-6).floor() as i64
 }
 
 fn slot(epoch: u64) -> usize {

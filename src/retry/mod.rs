@@ -85,3 +85,6 @@ pub use self::policy::{Decision, RetryErrors, RetryPolicy, RetryReason};
 #[cfg(feature = "http")]
 pub use self::policy::{GrpcRetry, HttpRetry, parse_retry_after};
 pub use self::service::Retry;
+
+#[cfg(test)]
+mod tests;
