@@ -1,4 +1,5 @@
 //! The retry layer over in-process services, on tokio's paused clock.
+#![cfg(feature = "http")]
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use palisade::retry::{
     AttemptTimedOut, Backoff, ConfigError, DeadlineExceeded, GrpcRetry, HttpRetry, Jitter,
