@@ -40,7 +40,9 @@ impl Server {
 /// `/down`: always 503.
 async fn answer(State(server): State<Server>, request: AxumRequest) -> AxumResponse {
     let (parts, body) = request.into_parts();
-    let body = axum::body::to_bytes(body, usize::MAX).await.unwrap_or_default();
+    let body = axum::body::to_bytes(body, usize::MAX)
+        .await
+        .unwrap_or_default();
     let count = {
         let mut seen = server.seen.lock().expect("seen");
         seen.push(Seen {
@@ -55,9 +57,12 @@ async fn answer(State(server): State<Server>, request: AxumRequest) -> AxumRespo
         seen.len()
     };
     match parts.uri.path() {
-        "/flaky-once" if count == 1 => {
-            (StatusCode::SERVICE_UNAVAILABLE, [("retry-after", "1")], "busy").into_response()
-        }
+        "/flaky-once" if count == 1 => (
+            StatusCode::SERVICE_UNAVAILABLE,
+            [("retry-after", "1")],
+            "busy",
+        )
+            .into_response(),
         "/flaky-once" => (StatusCode::OK, "done").into_response(),
         _ => StatusCode::SERVICE_UNAVAILABLE.into_response(),
     }
@@ -75,24 +80,35 @@ fn spawn_server() -> (SocketAddr, Server) {
             .build()
             .expect("server runtime");
         runtime.block_on(async move {
-            let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
-            address_tx.send(listener.local_addr().expect("address")).expect("send");
+            let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind");
+            address_tx
+                .send(listener.local_addr().expect("address"))
+                .expect("send");
             axum::serve(listener, app).await.expect("serve");
         });
     });
     (address_rx.recv().expect("server address"), server)
 }
 
-type Chunks = StreamBody<futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>>;
+type Chunks = StreamBody<
+    futures_util::stream::Iter<std::vec::IntoIter<Result<http_body::Frame<Bytes>, Infallible>>>,
+>;
 
 /// A streaming body of `chunks` chunks of `size` bytes each: not `Clone`.
 fn streaming(chunks: usize, size: usize) -> (Chunks, Bytes) {
-    let whole: Vec<u8> = (0..chunks * size).map(|index| (index % 251) as u8).collect();
+    let whole: Vec<u8> = (0..chunks * size)
+        .map(|index| (index % 251) as u8)
+        .collect();
     let frames: Vec<_> = whole
         .chunks(size)
         .map(|chunk| Ok(http_body::Frame::data(Bytes::copy_from_slice(chunk))))
         .collect();
-    (StreamBody::new(futures_util::stream::iter(frames)), Bytes::from(whole))
+    (
+        StreamBody::new(futures_util::stream::iter(frames)),
+        Bytes::from(whole),
+    )
 }
 
 fn client<B>() -> Client<HttpConnector, ReplayBody<B>>
@@ -124,13 +140,27 @@ async fn waits_for_retry_after_then_succeeds_over_a_real_connection() {
     let service = layer.layer(client::<Full<Bytes>>());
     let started = tokio::time::Instant::now();
     let response = service
-        .oneshot(request(Method::GET, address, "/flaky-once", Full::new(Bytes::new())))
+        .oneshot(request(
+            Method::GET,
+            address,
+            "/flaky-once",
+            Full::new(Bytes::new()),
+        ))
         .await
         .expect("response");
     assert_eq!(response.status(), StatusCode::OK);
-    let body = response.into_body().collect().await.expect("body").to_bytes();
+    let body = response
+        .into_body()
+        .collect()
+        .await
+        .expect("body")
+        .to_bytes();
     assert_eq!(body, "done");
-    assert!(started.elapsed() >= Duration::from_secs(1), "waited {:?}", started.elapsed());
+    assert!(
+        started.elapsed() >= Duration::from_secs(1),
+        "waited {:?}",
+        started.elapsed()
+    );
     assert_eq!(server.seen().len(), 2);
     assert_eq!(handle.metrics().success_with_retry, 1);
 }
@@ -178,7 +208,10 @@ async fn a_streaming_body_is_replayed_in_full_on_each_retry() {
     for (index, seen) in seen.iter().enumerate() {
         assert_eq!(seen.method, Method::PUT);
         assert_eq!(seen.body, whole, "attempt {}", index + 1);
-        assert_eq!(seen.attempt.as_deref(), Some((index + 1).to_string().as_str()));
+        assert_eq!(
+            seen.attempt.as_deref(),
+            Some((index + 1).to_string().as_str())
+        );
     }
 }
 
@@ -232,4 +265,3 @@ async fn connection_errors_are_retried() {
     let metrics = handle.metrics();
     assert_eq!((metrics.retries, metrics.failure_with_retry), (2, 1));
 }
-

@@ -52,7 +52,10 @@ fn no_jitter(delay: Duration) -> Backoff {
 }
 
 /// Fails its first `failures` calls with "failure N", then answers "ok N".
-fn flaky(calls: &Calls, failures: usize) -> impl Service<(), Response = String, Error = BoxError, Future: Send> + Clone + Send + use<> {
+fn flaky(
+    calls: &Calls,
+    failures: usize,
+) -> impl Service<(), Response = String, Error = BoxError, Future: Send> + Clone + Send + use<> {
     let calls = calls.clone();
     service_fn(move |()| {
         let call = calls.record();
@@ -70,7 +73,10 @@ fn flaky(calls: &Calls, failures: usize) -> impl Service<(), Response = String, 
 fn scripted(
     calls: &Calls,
     script: Vec<(u16, Vec<(&'static str, String)>)>,
-) -> impl Service<Request<()>, Response = Response<()>, Error = BoxError, Future: Send> + Clone + Send + use<> {
+) -> impl Service<Request<()>, Response = Response<()>, Error = BoxError, Future: Send>
++ Clone
++ Send
++ use<> {
     let calls = calls.clone();
     let script = Arc::new(script);
     service_fn(move |_request: Request<()>| {
@@ -80,7 +86,9 @@ fn scripted(
             let mut response = Response::new(());
             *response.status_mut() = StatusCode::from_u16(status)?;
             for (name, value) in headers {
-                response.headers_mut().insert(name, HeaderValue::from_str(&value)?);
+                response
+                    .headers_mut()
+                    .insert(name, HeaderValue::from_str(&value)?);
             }
             Ok::<_, BoxError>(response)
         }
@@ -95,18 +103,33 @@ async fn constant_and_exponential_delays_separate_attempts() {
         .backoff(no_jitter(100 * MS))
         .build()
         .expect("config");
-    let answer = layer.layer(flaky(&calls, 2)).oneshot(()).await.expect("third attempt");
+    let answer = layer
+        .layer(flaky(&calls, 2))
+        .oneshot(())
+        .await
+        .expect("third attempt");
     assert_eq!(answer, "ok 3");
     assert_eq!(calls.times(), [Duration::ZERO, 100 * MS, 200 * MS]);
 
     let calls = Calls::new();
     let layer = RetryLayer::builder()
         .max_attempts(4)
-        .backoff(Backoff::exponential(100 * MS).multiplier(3.0).jitter(Jitter::None))
+        .backoff(
+            Backoff::exponential(100 * MS)
+                .multiplier(3.0)
+                .jitter(Jitter::None),
+        )
         .build()
         .expect("config");
-    layer.layer(flaky(&calls, 3)).oneshot(()).await.expect("fourth attempt");
-    assert_eq!(calls.times(), [Duration::ZERO, 100 * MS, 400 * MS, 1300 * MS]);
+    layer
+        .layer(flaky(&calls, 3))
+        .oneshot(())
+        .await
+        .expect("fourth attempt");
+    assert_eq!(
+        calls.times(),
+        [Duration::ZERO, 100 * MS, 400 * MS, 1300 * MS]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -118,15 +141,25 @@ async fn max_attempts_counts_the_first_and_returns_the_last_error() {
         .build()
         .expect("config");
     let handle = layer.handle();
-    let error = layer.layer(flaky(&calls, 10)).oneshot(()).await.expect_err("always fails");
+    let error = layer
+        .layer(flaky(&calls, 10))
+        .oneshot(())
+        .await
+        .expect_err("always fails");
     assert_eq!(error.to_string(), "failure 3");
     assert_eq!(calls.count(), 3);
     let metrics = handle.metrics();
     assert_eq!((metrics.failure_with_retry, metrics.retries), (1, 2));
 
     let calls = Calls::new();
-    let once = RetryLayer::builder().max_attempts(1).build().expect("config");
-    once.layer(flaky(&calls, 10)).oneshot(()).await.expect_err("no retry");
+    let once = RetryLayer::builder()
+        .max_attempts(1)
+        .build()
+        .expect("config");
+    once.layer(flaky(&calls, 10))
+        .oneshot(())
+        .await
+        .expect_err("no retry");
     assert_eq!(calls.count(), 1);
 }
 
@@ -135,10 +168,18 @@ async fn jittered_delays_stay_under_the_schedule() {
     let calls = Calls::new();
     let layer = RetryLayer::builder()
         .max_attempts(6)
-        .backoff(Backoff::exponential(100 * MS).max(250 * MS).jitter(Jitter::Full))
+        .backoff(
+            Backoff::exponential(100 * MS)
+                .max(250 * MS)
+                .jitter(Jitter::Full),
+        )
         .build()
         .expect("config");
-    layer.layer(flaky(&calls, 5)).oneshot(()).await.expect("sixth attempt");
+    layer
+        .layer(flaky(&calls, 5))
+        .oneshot(())
+        .await
+        .expect("sixth attempt");
     let times = calls.times();
     let caps = [100, 200, 250, 250, 250].map(|millis| millis * MS);
     for (gap, cap) in times.windows(2).map(|pair| pair[1] - pair[0]).zip(caps) {
@@ -154,8 +195,15 @@ async fn retry_after_in_seconds_is_waited_for() {
         .retry_if(HttpRetry::new())
         .build()
         .expect("config");
-    let service = scripted(&calls, vec![(503, vec![("retry-after", "2".into())]), (200, vec![])]);
-    let response = layer.layer(service).oneshot(Request::new(())).await.expect("response");
+    let service = scripted(
+        &calls,
+        vec![(503, vec![("retry-after", "2".into())]), (200, vec![])],
+    );
+    let response = layer
+        .layer(service)
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(calls.times(), [Duration::ZERO, 2000 * MS]);
 }
@@ -169,8 +217,15 @@ async fn retry_after_as_an_http_date_is_waited_for() {
         .build()
         .expect("config");
     let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
-    let service = scripted(&calls, vec![(429, vec![("retry-after", date)]), (200, vec![])]);
-    let response = layer.layer(service).oneshot(Request::new(())).await.expect("response");
+    let service = scripted(
+        &calls,
+        vec![(429, vec![("retry-after", date)]), (200, vec![])],
+    );
+    let response = layer
+        .layer(service)
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
     assert_eq!(response.status(), StatusCode::OK);
     // The date has whole seconds: the wait is the rest of the third second.
     let waited = calls.times()[1];
@@ -185,9 +240,16 @@ async fn a_hint_above_the_cap_returns_the_response_at_once() {
         .max_server_delay(Duration::from_secs(30))
         .build()
         .expect("config");
-    let service = scripted(&calls, vec![(503, vec![("retry-after", "120".into())]), (200, vec![])]);
+    let service = scripted(
+        &calls,
+        vec![(503, vec![("retry-after", "120".into())]), (200, vec![])],
+    );
     let started = Instant::now();
-    let response = layer.layer(service).oneshot(Request::new(())).await.expect("response");
+    let response = layer
+        .layer(service)
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(response.headers()["retry-after"], "120");
     assert_eq!(calls.count(), 1);
@@ -198,7 +260,13 @@ async fn a_hint_above_the_cap_returns_the_response_at_once() {
 async fn grpc_pushback_is_waited_for_and_a_negative_one_stops() {
     let grpc = |pushback: &str| {
         vec![
-            (200, vec![("grpc-status", "14".to_string()), ("grpc-retry-pushback-ms", pushback.to_string())]),
+            (
+                200,
+                vec![
+                    ("grpc-status", "14".to_string()),
+                    ("grpc-retry-pushback-ms", pushback.to_string()),
+                ],
+            ),
             (200, vec![("grpc-status", "0".to_string())]),
         ]
     };
@@ -209,22 +277,42 @@ async fn grpc_pushback_is_waited_for_and_a_negative_one_stops() {
         .expect("config");
 
     let calls = Calls::new();
-    let response = layer.layer(scripted(&calls, grpc("750"))).oneshot(Request::new(())).await.expect("response");
+    let response = layer
+        .layer(scripted(&calls, grpc("750")))
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
     assert_eq!(response.headers()["grpc-status"], "0");
     assert_eq!(calls.times(), [Duration::ZERO, 750 * MS]);
 
     let calls = Calls::new();
-    let response = layer.layer(scripted(&calls, grpc("-1"))).oneshot(Request::new(())).await.expect("response");
+    let response = layer
+        .layer(scripted(&calls, grpc("-1")))
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
     assert_eq!(response.headers()["grpc-status"], "14");
     assert_eq!(calls.count(), 1);
 }
 
 #[tokio::test(start_paused = true)]
 async fn post_is_not_retried_by_the_http_preset_unless_opted_in() {
-    let post = || Request::builder().method(Method::POST).body(()).expect("request");
+    let post = || {
+        Request::builder()
+            .method(Method::POST)
+            .body(())
+            .expect("request")
+    };
     let calls = Calls::new();
-    let layer = RetryLayer::builder().retry_if(HttpRetry::new()).build().expect("config");
-    let response = layer.layer(scripted(&calls, vec![(503, vec![]), (200, vec![])])).oneshot(post()).await.expect("response");
+    let layer = RetryLayer::builder()
+        .retry_if(HttpRetry::new())
+        .build()
+        .expect("config");
+    let response = layer
+        .layer(scripted(&calls, vec![(503, vec![]), (200, vec![])]))
+        .oneshot(post())
+        .await
+        .expect("response");
     assert_eq!(response.status(), StatusCode::SERVICE_UNAVAILABLE);
     assert_eq!(calls.count(), 1);
 
@@ -233,13 +321,20 @@ async fn post_is_not_retried_by_the_http_preset_unless_opted_in() {
         .retry_if(HttpRetry::new().with_method(Method::POST))
         .build()
         .expect("config");
-    let response = layer.layer(scripted(&calls, vec![(503, vec![]), (200, vec![])])).oneshot(post()).await.expect("response");
+    let response = layer
+        .layer(scripted(&calls, vec![(503, vec![]), (200, vec![])]))
+        .oneshot(post())
+        .await
+        .expect("response");
     assert_eq!(response.status(), StatusCode::OK);
     assert_eq!(calls.count(), 2);
 }
 
 /// Hangs for the calls listed in `hang`, answers the others at once.
-fn hanging(calls: &Calls, hang: &'static [usize]) -> impl Service<(), Response = usize, Error = BoxError, Future: Send> + Clone + Send + use<> {
+fn hanging(
+    calls: &Calls,
+    hang: &'static [usize],
+) -> impl Service<(), Response = usize, Error = BoxError, Future: Send> + Clone + Send + use<> {
     let calls = calls.clone();
     service_fn(move |()| {
         let call = calls.record();
@@ -260,13 +355,23 @@ async fn a_hung_attempt_times_out_and_is_retried() {
         .per_attempt_timeout(Duration::from_secs(1))
         .build()
         .expect("config");
-    let call = layer.layer(hanging(&calls, &[1])).oneshot(()).await.expect("second attempt");
+    let call = layer
+        .layer(hanging(&calls, &[1]))
+        .oneshot(())
+        .await
+        .expect("second attempt");
     assert_eq!(call, 2);
     assert_eq!(calls.times(), [Duration::ZERO, 1010 * MS]);
 
     let calls = Calls::new();
-    let error = layer.layer(hanging(&calls, &[1, 2, 3])).oneshot(()).await.expect_err("all hang");
-    let timeout = error.downcast_ref::<AttemptTimedOut>().expect("attempt timeout");
+    let error = layer
+        .layer(hanging(&calls, &[1, 2, 3]))
+        .oneshot(())
+        .await
+        .expect_err("all hang");
+    let timeout = error
+        .downcast_ref::<AttemptTimedOut>()
+        .expect("attempt timeout");
     assert_eq!(timeout.timeout(), Duration::from_secs(1));
     assert_eq!(calls.count(), 3);
 }
@@ -294,14 +399,22 @@ async fn the_deadline_bounds_attempts_and_delays() {
         .build()
         .expect("config");
     let started = Instant::now();
-    let error = layer.layer(slow_failure).oneshot(()).await.expect_err("fails");
+    let error = layer
+        .layer(slow_failure)
+        .oneshot(())
+        .await
+        .expect_err("fails");
     assert_eq!(error.to_string(), "failure 2");
     assert_eq!(started.elapsed(), 900 * MS);
 
     // An attempt still running at the deadline is cut short.
     let calls = Calls::new();
     let started = Instant::now();
-    let error = layer.layer(hanging(&calls, &[1])).oneshot(()).await.expect_err("deadline");
+    let error = layer
+        .layer(hanging(&calls, &[1]))
+        .oneshot(())
+        .await
+        .expect_err("deadline");
     assert!(error.is::<DeadlineExceeded>(), "{error}");
     assert_eq!(started.elapsed(), Duration::from_secs(1));
     assert_eq!(calls.count(), 1);
@@ -327,7 +440,11 @@ async fn dropping_the_future_mid_delay_stops_and_refunds_the_budget() {
     tokio::time::sleep(Duration::from_secs(5)).await;
     assert_eq!(calls.count(), 1, "no retry after the caller left");
     let metrics = handle.metrics();
-    assert_eq!(metrics.failure_with_retry + metrics.failure_without_retry, 0, "abandoned, not failed");
+    assert_eq!(
+        metrics.failure_with_retry + metrics.failure_without_retry,
+        0,
+        "abandoned, not failed"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -370,7 +487,11 @@ async fn dropping_the_future_mid_attempt_cancels_it_and_refunds_the_budget() {
     assert_eq!(handle.budget_available(), 9);
     let before = dropped.load(Ordering::SeqCst);
     drop(future);
-    assert_eq!(dropped.load(Ordering::SeqCst), before + 1, "the attempt was dropped");
+    assert_eq!(
+        dropped.load(Ordering::SeqCst),
+        before + 1,
+        "the attempt was dropped"
+    );
     assert_eq!(handle.budget_available(), 10);
 }
 
@@ -388,13 +509,23 @@ async fn a_spent_budget_returns_the_last_real_response() {
         .build()
         .expect("config");
     let handle = layer.handle();
-    let service = scripted(&calls, vec![(502, vec![("x-origin", "backend".into())]), (200, vec![])]);
-    let response = layer.layer(service).oneshot(Request::new(())).await.expect("response");
+    let service = scripted(
+        &calls,
+        vec![(502, vec![("x-origin", "backend".into())]), (200, vec![])],
+    );
+    let response = layer
+        .layer(service)
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
     assert_eq!(response.status(), StatusCode::BAD_GATEWAY);
     assert_eq!(response.headers()["x-origin"], "backend");
     assert_eq!(calls.count(), 1);
     let metrics = handle.metrics();
-    assert_eq!((metrics.budget_exhausted, metrics.failure_without_retry), (1, 1));
+    assert_eq!(
+        (metrics.budget_exhausted, metrics.failure_without_retry),
+        (1, 1)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -414,11 +545,24 @@ async fn observer_and_metrics_see_every_retry() {
     let service = layer.layer(flaky(&calls, 2));
     service.clone().oneshot(()).await.expect("third attempt");
     let events = events.lock().expect("events").clone();
-    let seen: Vec<_> = events.iter().map(|event| (event.attempt, event.delay, event.reason)).collect();
-    assert_eq!(seen, [(2, 50 * MS, RetryReason::Error), (3, 100 * MS, RetryReason::Error)]);
+    let seen: Vec<_> = events
+        .iter()
+        .map(|event| (event.attempt, event.delay, event.reason))
+        .collect();
+    assert_eq!(
+        seen,
+        [
+            (2, 50 * MS, RetryReason::Error),
+            (3, 100 * MS, RetryReason::Error)
+        ]
+    );
 
     service.clone().oneshot(()).await.expect("succeeds at once");
-    layer.layer(flaky(&Calls::new(), 10)).oneshot(()).await.expect_err("fails");
+    layer
+        .layer(flaky(&Calls::new(), 10))
+        .oneshot(())
+        .await
+        .expect_err("fails");
     let metrics = handle.metrics();
     assert_eq!(metrics.success_with_retry, 1);
     assert_eq!(metrics.success_without_retry, 1);
@@ -455,7 +599,11 @@ impl Service<()> for Strict {
     fn call(&mut self, (): ()) -> Self::Future {
         assert!(std::mem::take(&mut self.ready), "called without poll_ready");
         let call = self.calls.fetch_add(1, Ordering::SeqCst) + 1;
-        std::future::ready(if call < 3 { Err("not yet".into()) } else { Ok(()) })
+        std::future::ready(if call < 3 {
+            Err("not yet".into())
+        } else {
+            Ok(())
+        })
     }
 }
 
@@ -463,9 +611,18 @@ impl Service<()> for Strict {
 async fn each_attempt_calls_the_service_it_polled_ready() {
     let strict = Strict::default();
     let calls = strict.calls.clone();
-    let layer = RetryLayer::builder().backoff(no_jitter(MS)).build().expect("config");
+    let layer = RetryLayer::builder()
+        .backoff(no_jitter(MS))
+        .build()
+        .expect("config");
     let mut service = layer.layer(strict);
-    service.ready().await.expect("ready").call(()).await.expect("third attempt");
+    service
+        .ready()
+        .await
+        .expect("ready")
+        .call(())
+        .await
+        .expect("third attempt");
     assert_eq!(calls.load(Ordering::SeqCst), 3);
 }
 
@@ -498,15 +655,24 @@ async fn a_storm_of_failures_costs_at_most_the_budget() {
     let retries = calls.load(Ordering::SeqCst) - 1000;
     assert_eq!(retries as u64, metrics.retries);
     assert!(retries <= 300, "{retries} retries");
-    assert!(retries >= 100, "the reserve alone allows 100, got {retries}");
+    assert!(
+        retries >= 100,
+        "the reserve alone allows 100, got {retries}"
+    );
     assert!(metrics.budget_exhausted > 0);
-    assert_eq!(metrics.failure_with_retry + metrics.failure_without_retry, 1000);
+    assert_eq!(
+        metrics.failure_with_retry + metrics.failure_without_retry,
+        1000
+    );
 }
 
 #[test]
 fn invalid_configurations_are_errors() {
     let err = |builder: palisade::retry::RetryLayerBuilder| builder.build().expect_err("invalid");
-    assert_eq!(err(RetryLayer::builder().max_attempts(0)), ConfigError::ZeroAttempts);
+    assert_eq!(
+        err(RetryLayer::builder().max_attempts(0)),
+        ConfigError::ZeroAttempts
+    );
     assert_eq!(
         err(RetryLayer::builder().backoff(Backoff::exponential(MS).multiplier(0.5))),
         ConfigError::Multiplier(0.5)
@@ -517,7 +683,10 @@ fn invalid_configurations_are_errors() {
     ));
     assert_eq!(
         err(RetryLayer::builder().backoff(Backoff::constant(10 * MS).max(MS))),
-        ConfigError::CapBelowBase { base: 10 * MS, cap: MS }
+        ConfigError::CapBelowBase {
+            base: 10 * MS,
+            cap: MS
+        }
     );
     assert_eq!(
         err(RetryLayer::builder().backoff(Backoff::constant(MS).jitter(Jitter::Proportional(1.5)))),
@@ -531,6 +700,12 @@ fn invalid_configurations_are_errors() {
         err(RetryLayer::builder().budget(RetryBudget::new(Duration::from_secs(1), 1, -0.1))),
         ConfigError::Budget { .. }
     ));
-    assert_eq!(err(RetryLayer::builder().per_attempt_timeout(Duration::ZERO)), ConfigError::ZeroTimeout);
-    assert_eq!(err(RetryLayer::builder().deadline(Duration::ZERO)), ConfigError::ZeroTimeout);
+    assert_eq!(
+        err(RetryLayer::builder().per_attempt_timeout(Duration::ZERO)),
+        ConfigError::ZeroTimeout
+    );
+    assert_eq!(
+        err(RetryLayer::builder().deadline(Duration::ZERO)),
+        ConfigError::ZeroTimeout
+    );
 }

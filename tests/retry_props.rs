@@ -23,7 +23,12 @@ fn backoff() -> impl Strategy<Value = (Backoff, Jitter)> {
                 1 => Backoff::linear(base),
                 _ => Backoff::exponential(base).multiplier(multiplier),
             };
-            (backoff.max(base + Duration::from_millis(extra)).jitter(jitter), jitter)
+            (
+                backoff
+                    .max(base + Duration::from_millis(extra))
+                    .jitter(jitter),
+                jitter,
+            )
         },
     )
 }

@@ -16,13 +16,16 @@ use tonic_health::pb::health_server::{Health, HealthServer};
 use tonic_health::pb::{HealthCheckRequest, HealthCheckResponse};
 use tower::ServiceBuilder;
 
+/// Each call's service name and `grpc-previous-rpc-attempts`.
+type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
+
 /// Answers `UNAVAILABLE` (with an optional pushback) to its first `failures` calls,
 /// then `SERVING`; records each call's service name and `grpc-previous-rpc-attempts`.
 #[derive(Clone)]
 struct FlakyHealth {
     failures: usize,
     pushback: Option<&'static str>,
-    seen: Arc<Mutex<Vec<(String, Option<String>)>>>,
+    seen: Seen,
 }
 
 #[tonic::async_trait]
@@ -55,8 +58,12 @@ impl Health for FlakyHealth {
         }))
     }
 
-    type WatchStream =
-        Pin<Box<dyn tonic::codegen::tokio_stream::Stream<Item = Result<HealthCheckResponse, Status>> + Send>>;
+    type WatchStream = Pin<
+        Box<
+            dyn tonic::codegen::tokio_stream::Stream<Item = Result<HealthCheckResponse, Status>>
+                + Send,
+        >,
+    >;
 
     async fn watch(
         &self,
@@ -67,17 +74,16 @@ impl Health for FlakyHealth {
 }
 
 /// Starts the server; returns a `Channel` to it and what it saw.
-async fn serve(
-    failures: usize,
-    pushback: Option<&'static str>,
-) -> (Channel, Arc<Mutex<Vec<(String, Option<String>)>>>) {
+async fn serve(failures: usize, pushback: Option<&'static str>) -> (Channel, Seen) {
     let seen = Arc::default();
     let health = FlakyHealth {
         failures,
         pushback,
         seen: Arc::clone(&seen),
     };
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let address = listener.local_addr().expect("address");
     tokio::spawn(
         Server::builder()
@@ -125,14 +131,20 @@ async fn a_channel_client_retries_unavailable_until_it_succeeds() {
         .expect("config");
     let handle = layer.handle();
     let mut client = retrying_client!(layer, channel);
-    let response = client.check(check("orders")).await.expect("served on the third attempt");
+    let response = client
+        .check(check("orders"))
+        .await
+        .expect("served on the third attempt");
     assert_eq!(response.into_inner().status, ServingStatus::Serving as i32);
 
     let seen = seen.lock().expect("seen").clone();
     assert_eq!(seen.len(), FAILURES + 1, "exactly N + 1 attempts");
     // Every attempt carried the whole request message, replayed from the kept copy.
     assert!(seen.iter().all(|(service, _)| service == "orders"));
-    let previous: Vec<_> = seen.iter().map(|(_, previous)| previous.as_deref()).collect();
+    let previous: Vec<_> = seen
+        .iter()
+        .map(|(_, previous)| previous.as_deref())
+        .collect();
     assert_eq!(previous, [None, Some("1"), Some("2")]);
     let metrics = handle.metrics();
     assert_eq!((metrics.success_with_retry, metrics.retries), (1, 2));
@@ -149,7 +161,10 @@ async fn attempts_run_out_and_the_last_status_is_returned() {
         .build()
         .expect("config");
     let mut client = retrying_client!(layer, channel);
-    let status = client.check(check("orders")).await.expect_err("always unavailable");
+    let status = client
+        .check(check("orders"))
+        .await
+        .expect_err("always unavailable");
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(seen.lock().expect("seen").len(), 3);
 }
@@ -164,7 +179,10 @@ async fn a_negative_pushback_from_the_server_stops_retries() {
         .build()
         .expect("config");
     let mut client = retrying_client!(layer, channel);
-    let status = client.check(check("orders")).await.expect_err("not retried");
+    let status = client
+        .check(check("orders"))
+        .await
+        .expect_err("not retried");
     assert_eq!(status.code(), Code::Unavailable);
     assert_eq!(seen.lock().expect("seen").len(), 1);
 }
@@ -174,11 +192,18 @@ async fn codes_outside_the_set_are_not_retried() {
     let (channel, seen) = serve(1, None).await;
     let layer = RetryLayer::builder()
         .backoff(Backoff::constant(Duration::from_millis(1)))
-        .retry_if(GrpcRetry::new().without_code(GrpcCode::Unavailable).with_code(GrpcCode::Aborted))
+        .retry_if(
+            GrpcRetry::new()
+                .without_code(GrpcCode::Unavailable)
+                .with_code(GrpcCode::Aborted),
+        )
         .replay_bodies()
         .build()
         .expect("config");
     let mut client = retrying_client!(layer, channel);
-    client.check(check("orders")).await.expect_err("UNAVAILABLE is no longer retried");
+    client
+        .check(check("orders"))
+        .await
+        .expect_err("UNAVAILABLE is no longer retried");
     assert_eq!(seen.lock().expect("seen").len(), 1);
 }

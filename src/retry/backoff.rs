@@ -120,8 +120,8 @@ impl Backoff {
     pub(crate) fn validate(&self) -> Result<(), super::ConfigError> {
         use super::ConfigError;
         if let Growth::Exponential { multiplier } = self.growth {
-            // `!(x >= 1.0)` also rejects NaN.
-            if !(multiplier >= 1.0) || multiplier.is_infinite() {
+            // NaN fails the range check too.
+            if !(1.0..f64::INFINITY).contains(&multiplier) {
                 return Err(ConfigError::Multiplier(multiplier));
             }
         }
@@ -131,10 +131,10 @@ impl Backoff {
                 cap: self.cap(),
             });
         }
-        if let Jitter::Proportional(spread) = self.jitter {
-            if !(0.0..=1.0).contains(&spread) {
-                return Err(ConfigError::Jitter(spread));
-            }
+        if let Jitter::Proportional(spread) = self.jitter
+            && !(0.0..=1.0).contains(&spread)
+        {
+            return Err(ConfigError::Jitter(spread));
         }
         Ok(())
     }

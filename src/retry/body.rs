@@ -357,7 +357,7 @@ mod replay {
         fn size_hint(&self) -> SizeHint {
             match &self.original {
                 Some(original) if self.sent == 0 => original.size_hint(),
-                None if self.sent == 0 => lock(&self.store).size_hint.clone(),
+                None if self.sent == 0 => lock(&self.store).size_hint,
                 _ => SizeHint::default(),
             }
         }

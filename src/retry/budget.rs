@@ -183,8 +183,10 @@ impl RetryBudget {
     /// current slice. A caller whose clock reading is already behind the window records
     /// into the current slice, so each amount is expired exactly once.
     fn advance(&self, now: Instant) -> u64 {
-        let elapsed = now.saturating_duration_since(self.start).as_nanos();
-        let target = u64::try_from(elapsed / u128::from(self.slice_nanos)).unwrap_or(u64::MAX);
+        // u64 nanoseconds last 584 years; u128 division would cost more than the rest.
+        let elapsed =
+            u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
+        let target = elapsed / self.slice_nanos;
         let mut seen = self.epoch.load(Ordering::Acquire);
         while target > seen {
             match self.epoch.compare_exchange_weak(

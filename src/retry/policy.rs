@@ -168,15 +168,15 @@ mod http_policies {
         }
 
         fn is_idempotent(method: &Method) -> bool {
-            [
-                Method::GET,
-                Method::HEAD,
-                Method::OPTIONS,
-                Method::PUT,
-                Method::DELETE,
-                Method::TRACE,
-            ]
-            .contains(method)
+            matches!(
+                *method,
+                Method::GET
+                    | Method::HEAD
+                    | Method::OPTIONS
+                    | Method::PUT
+                    | Method::DELETE
+                    | Method::TRACE
+            )
         }
     }
 

@@ -46,12 +46,26 @@ async fn an_open_circuit_is_retried_after_its_retry_after() {
         .build()
         .expect("config");
     let (service, calls) = rejecting_once(CircuitOpen::new(Duration::from_secs(2)).into());
-    layer.layer(service).oneshot(()).await.expect("after the breaker closes");
-    assert_eq!(*calls.lock().expect("calls"), [Duration::ZERO, Duration::from_secs(2)]);
+    layer
+        .layer(service)
+        .oneshot(())
+        .await
+        .expect("after the breaker closes");
+    assert_eq!(
+        *calls.lock().expect("calls"),
+        [Duration::ZERO, Duration::from_secs(2)]
+    );
 
     let (service, calls) = rejecting_once(RateLimited::new(Duration::from_millis(300)).into());
-    layer.layer(service).oneshot(()).await.expect("after the limit refills");
-    assert_eq!(*calls.lock().expect("calls"), [Duration::ZERO, Duration::from_millis(300)]);
+    layer
+        .layer(service)
+        .oneshot(())
+        .await
+        .expect("after the limit refills");
+    assert_eq!(
+        *calls.lock().expect("calls"),
+        [Duration::ZERO, Duration::from_millis(300)]
+    );
     assert_eq!(
         *reasons.lock().expect("reasons"),
         [RetryReason::CircuitOpen, RetryReason::RateLimited]
@@ -65,8 +79,15 @@ async fn a_zero_retry_after_still_waits_for_the_backoff() {
         .build()
         .expect("config");
     let (service, calls) = rejecting_once(CircuitOpen::new(Duration::ZERO).into());
-    layer.layer(service).oneshot(()).await.expect("second attempt");
-    assert_eq!(*calls.lock().expect("calls"), [Duration::ZERO, Duration::from_millis(40)]);
+    layer
+        .layer(service)
+        .oneshot(())
+        .await
+        .expect("second attempt");
+    assert_eq!(
+        *calls.lock().expect("calls"),
+        [Duration::ZERO, Duration::from_millis(40)]
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -77,8 +98,14 @@ async fn a_rejection_longer_than_the_cap_is_returned() {
         .expect("config");
     let (service, calls) = rejecting_once(CircuitOpen::new(Duration::from_secs(30)).into());
     let started = Instant::now();
-    let error = layer.layer(service).oneshot(()).await.expect_err("rejected");
-    let open = error.downcast_ref::<CircuitOpen>().expect("the breaker's error");
+    let error = layer
+        .layer(service)
+        .oneshot(())
+        .await
+        .expect_err("rejected");
+    let open = error
+        .downcast_ref::<CircuitOpen>()
+        .expect("the breaker's error");
     assert_eq!(open.retry_after(), Duration::from_secs(30));
     assert_eq!(calls.lock().expect("calls").len(), 1);
     assert_eq!(started.elapsed(), Duration::ZERO);
@@ -86,9 +113,16 @@ async fn a_rejection_longer_than_the_cap_is_returned() {
 
 #[tokio::test(start_paused = true)]
 async fn a_rejection_on_the_last_attempt_is_returned() {
-    let layer = RetryLayer::builder().max_attempts(1).build().expect("config");
+    let layer = RetryLayer::builder()
+        .max_attempts(1)
+        .build()
+        .expect("config");
     let (service, calls) = rejecting_once(RateLimited::new(Duration::from_millis(1)).into());
-    let error = layer.layer(service).oneshot(()).await.expect_err("rejected");
+    let error = layer
+        .layer(service)
+        .oneshot(())
+        .await
+        .expect_err("rejected");
     assert!(error.is::<RateLimited>());
     assert_eq!(calls.lock().expect("calls").len(), 1);
 }
