@@ -150,60 +150,45 @@ async fn a_channel_client_retries_unavailable_until_it_succeeds() {
     assert_eq!((metrics.success_with_retry, metrics.retries), (1, 2));
 }
 
-#[tokio::test]
-async fn attempts_run_out_and_the_last_status_is_returned() {
-    let (channel, seen) = serve(usize::MAX, None).await;
+/// Calls a server answering `UNAVAILABLE` to its first `failures` calls through a
+/// layer with `policy`; returns the status the client got and the attempts the server
+/// saw.
+async fn failing_call(
+    failures: usize,
+    pushback: Option<&'static str>,
+    policy: GrpcRetry,
+) -> (Code, usize) {
+    let (channel, seen) = serve(failures, pushback).await;
     let layer = RetryLayer::builder()
         .max_attempts(3)
         .backoff(Backoff::constant(Duration::from_millis(1)))
-        .retry_if(GrpcRetry::new())
+        .retry_if(policy)
         .replay_bodies()
         .build()
         .expect("config");
     let mut client = retrying_client!(layer, channel);
-    let status = client
-        .check(check("orders"))
-        .await
-        .expect_err("always unavailable");
-    assert_eq!(status.code(), Code::Unavailable);
-    assert_eq!(seen.lock().expect("seen").len(), 3);
+    let status = client.check(check("orders")).await.expect_err("fails");
+    let attempts = seen.lock().expect("seen").len();
+    (status.code(), attempts)
+}
+
+#[tokio::test]
+async fn attempts_run_out_and_the_last_status_is_returned() {
+    let outcome = failing_call(usize::MAX, None, GrpcRetry::new()).await;
+    assert_eq!(outcome, (Code::Unavailable, 3));
 }
 
 #[tokio::test]
 async fn a_negative_pushback_from_the_server_stops_retries() {
-    let (channel, seen) = serve(1, Some("-1")).await;
-    let layer = RetryLayer::builder()
-        .backoff(Backoff::constant(Duration::from_millis(1)))
-        .retry_if(GrpcRetry::new())
-        .replay_bodies()
-        .build()
-        .expect("config");
-    let mut client = retrying_client!(layer, channel);
-    let status = client
-        .check(check("orders"))
-        .await
-        .expect_err("not retried");
-    assert_eq!(status.code(), Code::Unavailable);
-    assert_eq!(seen.lock().expect("seen").len(), 1);
+    let outcome = failing_call(usize::MAX, Some("-1"), GrpcRetry::new()).await;
+    assert_eq!(outcome, (Code::Unavailable, 1));
 }
 
 #[tokio::test]
 async fn codes_outside_the_set_are_not_retried() {
-    let (channel, seen) = serve(1, None).await;
-    let layer = RetryLayer::builder()
-        .backoff(Backoff::constant(Duration::from_millis(1)))
-        .retry_if(
-            GrpcRetry::new()
-                .without_code(GrpcCode::Unavailable)
-                .with_code(GrpcCode::Aborted),
-        )
-        .replay_bodies()
-        .build()
-        .expect("config");
-    let mut client = retrying_client!(layer, channel);
-    client
-        .check(check("orders"))
-        .await
-        .expect_err("UNAVAILABLE is no longer retried");
-    assert_eq!(seen.lock().expect("seen").len(), 1);
+    let policy = GrpcRetry::new()
+        .without_code(GrpcCode::Unavailable)
+        .with_code(GrpcCode::Aborted);
+    let outcome = failing_call(usize::MAX, None, policy).await;
+    assert_eq!(outcome, (Code::Unavailable, 1));
 }
