@@ -1,0 +1,305 @@
+//! The retry budget: a lock-free, sans-io core shared by every clone of a layer.
+
+use crate::sync::{AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Fixed-point scale: balances are kept in thousandths of a retry so that a ratio such
+/// as 0.2 deposits an exact whole number.
+const SCALE: i64 = 1000;
+
+/// The window is cut into this many slices; deposits expire a slice at a time.
+const SLICES: usize = 10;
+
+/// A Finagle-style retry budget: retries are allowed in proportion to requests.
+///
+/// Every request (first attempt) deposits `ratio` of a retry; every retry withdraws
+/// one. Deposits and withdrawals count for `ttl`, then expire, and a reserve of
+/// `min_per_sec · ttl` retries is always there so that a quiet client can still retry.
+/// Within any window of `ttl`, at most `min_per_sec · ttl + ratio · requests` retries
+/// are allowed: an outage costs a bounded fraction of extra load instead of multiplying
+/// it by the number of attempts.
+///
+/// The layer uses a budget by default (10 s, 10 retries per second, 20 %, Finagle's
+/// defaults), shared by every service it builds and every clone. The core is public so
+/// that it can be driven, with explicit times, outside the layer:
+///
+/// ```
+/// use palisade::retry::RetryBudget;
+/// use std::time::Duration;
+/// use tokio::time::Instant;
+///
+/// // No reserve, one retry per two requests.
+/// let budget = RetryBudget::new(Duration::from_secs(10), 0, 0.5);
+/// let now = Instant::now();
+/// assert!(budget.withdraw(now).is_none());
+/// budget.deposit(now);
+/// budget.deposit(now);
+/// assert!(budget.withdraw(now).is_some());
+/// assert!(budget.withdraw(now).is_none());
+/// // Deposits expire after the ttl.
+/// budget.deposit(now);
+/// budget.deposit(now);
+/// assert!(budget.withdraw(now + Duration::from_secs(11)).is_none());
+/// ```
+///
+/// It is lock-free and allocation-free: a deposit is a few atomic operations, and a
+/// withdrawal is a compare-and-swap that never takes the balance below what one retry
+/// costs, however many tasks race for it.
+#[derive(Debug)]
+pub struct RetryBudget {
+    ttl: Duration,
+    min_per_sec: u32,
+    ratio: f64,
+    start: Instant,
+    slice_nanos: u64,
+    deposit: i64,
+    /// The newest slice seen; whoever moves it forward expires the slices it skips.
+    epoch: AtomicU64,
+    /// Net amount (deposits − withdrawals) recorded in each live slice, an `i64` stored
+    /// two's-complement so that wrapping adds are signed adds.
+    slots: [AtomicU64; SLICES],
+    /// `reserve + Σ slots` (a two's-complement `i64`): what is available now.
+    balance: AtomicU64,
+}
+
+/// One retry's withdrawal from a [`RetryBudget`], handed back with
+/// [`RetryBudget::refund`] when the retry is called off before it ran.
+#[derive(Debug)]
+#[must_use = "a withdrawal is either spent by a retry or refunded"]
+pub struct Withdrawal {
+    epoch: u64,
+}
+
+impl RetryBudget {
+    /// A budget keeping deposits for `ttl`, with a reserve of `min_per_sec` retries per
+    /// second of `ttl`, and letting `ratio` of requests be retried (0.2 = one retry per
+    /// five requests; may exceed 1).
+    ///
+    /// The layer's `build()` rejects a zero `ttl` and a ratio that is negative or not
+    /// finite; used directly, such a budget behaves as if the values were clamped.
+    pub fn new(ttl: Duration, min_per_sec: u32, ratio: f64) -> Self {
+        let slice_nanos = u64::try_from(ttl.as_nanos() / SLICES as u128)
+            .unwrap_or(u64::MAX)
+            .max(1);
+        let reserve = thousandths(f64::from(min_per_sec) * ttl.as_secs_f64());
+        let deposit = if ratio.is_finite() {
+            thousandths(ratio.max(0.0))
+        } else {
+            0
+        };
+        Self {
+            ttl,
+            min_per_sec,
+            ratio,
+            start: Instant::now(),
+            slice_nanos,
+            deposit,
+            epoch: AtomicU64::new(0),
+            slots: std::array::from_fn(|_| AtomicU64::new(0)),
+            balance: AtomicU64::new(reserve as u64),
+        }
+    }
+
+    /// How long deposits and withdrawals count.
+    pub fn ttl(&self) -> Duration {
+        self.ttl
+    }
+
+    /// The retries per second allowed whatever the traffic.
+    pub fn min_per_sec(&self) -> u32 {
+        self.min_per_sec
+    }
+
+    /// The share of requests that may be retried.
+    pub fn ratio(&self) -> f64 {
+        self.ratio
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), super::ConfigError> {
+        if self.ttl.is_zero() || !self.ratio.is_finite() || self.ratio < 0.0 {
+            return Err(super::ConfigError::Budget {
+                ttl: self.ttl,
+                ratio: self.ratio,
+            });
+        }
+        Ok(())
+    }
+
+    /// Records one request. Called once per request, on its first attempt.
+    pub fn deposit(&self, now: Instant) {
+        if self.deposit > 0 {
+            self.record(self.advance(now), self.deposit);
+        }
+    }
+
+    /// Takes one retry out of the budget, or `None` when the budget is spent.
+    pub fn withdraw(&self, now: Instant) -> Option<Withdrawal> {
+        let epoch = self.advance(now);
+        let mut balance = self.balance.load(Ordering::Acquire);
+        loop {
+            if (balance as i64) < SCALE {
+                return None;
+            }
+            match self.balance.compare_exchange_weak(
+                balance,
+                balance.wrapping_sub(SCALE as u64),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => break,
+                Err(actual) => balance = actual,
+            }
+        }
+        self.slots[slot(epoch)].fetch_sub(SCALE as u64, Ordering::AcqRel);
+        Some(Withdrawal { epoch })
+    }
+
+    /// Hands back a withdrawal whose retry never ran (the caller went away first).
+    ///
+    /// A withdrawal older than `ttl` has already expired and been given back, so
+    /// refunding it changes nothing.
+    pub fn refund(&self, withdrawal: Withdrawal, now: Instant) {
+        let epoch = self.advance(now);
+        if epoch - withdrawal.epoch < SLICES as u64 {
+            // Racing the expiry of that very slice can leave this refund in the slice
+            // that replaced it, for at most one more ttl: one retry of slack, once.
+            self.record(withdrawal.epoch, SCALE);
+        }
+    }
+
+    /// Whole retries available now.
+    pub fn available(&self, now: Instant) -> u64 {
+        self.advance(now);
+        u64::try_from(self.balance.load(Ordering::Acquire) as i64 / SCALE).unwrap_or(0)
+    }
+
+    fn record(&self, epoch: u64, amount: i64) {
+        self.slots[slot(epoch)].fetch_add(amount as u64, Ordering::AcqRel);
+        self.balance.fetch_add(amount as u64, Ordering::AcqRel);
+    }
+
+    /// Moves the window to `now`, expiring the slices it leaves behind, and returns the
+    /// current slice. A caller whose clock reading is already behind the window records
+    /// into the current slice, so each amount is expired exactly once.
+    fn advance(&self, now: Instant) -> u64 {
+        // u64 nanoseconds last 584 years; u128 division would cost more than the rest.
+        let elapsed =
+            u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
+        let target = elapsed / self.slice_nanos;
+        let mut seen = self.epoch.load(Ordering::Acquire);
+        while target > seen {
+            match self.epoch.compare_exchange_weak(
+                seen,
+                target,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => {
+                    // The slices of epochs seen+1..=target reuse the slots of the
+                    // epochs a window earlier: those amounts expire now.
+                    let reused = (target - seen).min(SLICES as u64);
+                    for offset in 1..=reused {
+                        let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
+                        self.balance.fetch_sub(expired, Ordering::AcqRel);
+                    }
+                    return target;
+                }
+                Err(actual) => seen = actual,
+            }
+        }
+        seen
+    }
+}
+
+/// `value` in thousandths, rounded down, except that a decimal such as 0.57 (stored as
+/// 0.569999…) is not pushed below its written value.
+fn thousandths(value: f64) -> i64 {
+    (value * SCALE as f64 + 1e-6).floor() as i64
+}
+
+fn slot(epoch: u64) -> usize {
+    (epoch % SLICES as u64) as usize
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reserve_allows_min_per_sec_times_ttl() {
+        let budget = RetryBudget::new(Duration::from_secs(2), 3, 0.0);
+        let now = Instant::now();
+        let allowed = std::iter::from_fn(|| budget.withdraw(now)).count();
+        assert_eq!(allowed, 6);
+    }
+
+    #[test]
+    fn withdrawals_come_back_after_ttl() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 1, 0.0);
+        let now = Instant::now();
+        assert!(budget.withdraw(now).is_some());
+        assert!(budget.withdraw(now).is_none());
+        assert!(budget.withdraw(now + Duration::from_millis(500)).is_none());
+        assert!(budget.withdraw(now + Duration::from_millis(1100)).is_some());
+    }
+
+    #[test]
+    fn refund_restores_a_withdrawal() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 1, 0.0);
+        let now = Instant::now();
+        let withdrawal = budget.withdraw(now).expect("reserve");
+        assert_eq!(budget.available(now), 0);
+        budget.refund(withdrawal, now);
+        assert_eq!(budget.available(now), 1);
+    }
+
+    #[test]
+    fn refund_of_an_expired_withdrawal_is_ignored() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 1, 0.0);
+        let now = Instant::now();
+        let withdrawal = budget.withdraw(now).expect("reserve");
+        let later = now + Duration::from_secs(3);
+        assert_eq!(budget.available(later), 1);
+        budget.refund(withdrawal, later);
+        assert_eq!(budget.available(later), 1);
+    }
+
+    #[test]
+    fn long_idle_gaps_expire_everything_once() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 0, 1.0);
+        let now = Instant::now();
+        for _ in 0..5 {
+            budget.deposit(now);
+        }
+        assert_eq!(budget.available(now), 5);
+        assert_eq!(budget.available(now + Duration::from_secs(3600)), 0);
+        budget.deposit(now + Duration::from_secs(3600));
+        assert_eq!(budget.available(now + Duration::from_secs(3600)), 1);
+    }
+
+    #[test]
+    fn concurrent_withdrawals_never_overspend() {
+        let budget = std::sync::Arc::new(RetryBudget::new(Duration::from_secs(60), 0, 0.25));
+        let now = Instant::now();
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let budget = budget.clone();
+                std::thread::spawn(move || {
+                    let mut granted = 0;
+                    for _ in 0..10_000 {
+                        budget.deposit(now);
+                        granted += usize::from(budget.withdraw(now).is_some());
+                        granted += usize::from(budget.withdraw(now).is_some());
+                    }
+                    granted
+                })
+            })
+            .collect();
+        let granted: usize = handles.into_iter().map(|h| h.join().expect("thread")).sum();
+        // 40,000 requests at 25 % may fund 10,000 retries, and the tasks asked for
+        // 80,000: exactly the funded amount is granted, never more.
+        assert_eq!(granted, 10_000);
+        assert_eq!(budget.available(now), 0);
+    }
+}

@@ -1,0 +1,362 @@
+use super::backoff::random_u64;
+use super::layer::Shared;
+use super::{
+    AttemptTimedOut, DeadlineExceeded, Decision, Duplicate, RetryEvent, RetryPolicy, RetryReason,
+    Withdrawal,
+};
+use crate::circuit_breaker::CircuitOpen;
+use crate::rate_limit::RateLimited;
+use pin_project::{pin_project, pinned_drop};
+use std::fmt;
+use std::future::Future;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::time::{Instant, Sleep, sleep_until};
+use tower::BoxError;
+use tower_service::Service;
+
+/// The response future of [`Retry`](super::Retry): attempts, waits between them, and
+/// resolves to the last result.
+///
+/// Dropping it stops everything: the attempt in flight or the pending delay is
+/// abandoned, and a budget withdrawal taken for it is refunded.
+#[pin_project(PinnedDrop)]
+pub struct ResponseFuture<S, P, D, Req>
+where
+    D: Duplicate<Req>,
+    S: Service<D::Request>,
+{
+    #[pin]
+    state: State<S::Future>,
+    /// While attempting: the attempt's timeout or the call's deadline, whichever comes
+    /// first. While waiting: the backoff delay. Absent when nothing is timed, so the
+    /// success path without timeouts never touches the timer wheel.
+    #[pin]
+    timer: Option<Sleep>,
+    /// The service to retry with and the kept request; `None` when the request is not
+    /// retryable.
+    retry: Option<(S, D::Copy)>,
+    /// The next attempt's request, made when its retry was scheduled.
+    next: Option<D::Request>,
+    progress: Progress,
+    /// The budget taken for the retry in progress, refunded if it never completes.
+    withdrawal: Option<Withdrawal>,
+    shared: Arc<Shared<P, D>>,
+    _request: PhantomData<fn(Req)>,
+}
+
+#[pin_project(project = StateProj)]
+enum State<F> {
+    Attempting {
+        #[pin]
+        future: F,
+    },
+    /// Waiting for the delay, then for the service to be ready.
+    Waiting,
+    Done,
+}
+
+/// Where a call stands across its attempts.
+#[derive(Debug, Clone, Copy)]
+struct Progress {
+    /// The attempt in flight or next: 1 for the first.
+    attempt: u32,
+    previous_delay: Duration,
+    deadline: Option<Instant>,
+    timer_is_deadline: bool,
+}
+
+/// A retry the layer agreed to.
+struct Scheduled<R> {
+    delay: Duration,
+    wake: Instant,
+    reason: RetryReason,
+    request: R,
+    withdrawal: Withdrawal,
+}
+
+impl<S, P, D, Req> ResponseFuture<S, P, D, Req>
+where
+    D: Duplicate<Req>,
+    S: Service<D::Request>,
+{
+    pub(crate) fn new(
+        future: S::Future,
+        retry: Option<(S, D::Copy)>,
+        shared: Arc<Shared<P, D>>,
+        now: Instant,
+    ) -> Self {
+        let mut progress = Progress {
+            attempt: 1,
+            previous_delay: Duration::ZERO,
+            deadline: shared
+                .deadline
+                .and_then(|deadline| now.checked_add(deadline)),
+            timer_is_deadline: false,
+        };
+        let timer = progress
+            .attempt_timer(now, shared.per_attempt_timeout)
+            .map(sleep_until);
+        Self {
+            state: State::Attempting { future },
+            timer,
+            retry,
+            next: None,
+            progress,
+            withdrawal: None,
+            shared,
+            _request: PhantomData,
+        }
+    }
+}
+
+impl Progress {
+    /// When the attempt starting `now` must end, if ever; notes whether that is the
+    /// deadline.
+    fn attempt_timer(&mut self, now: Instant, timeout: Option<Duration>) -> Option<Instant> {
+        let timeout = timeout.and_then(|timeout| now.checked_add(timeout));
+        let (at, is_deadline) = match (timeout, self.deadline) {
+            (Some(timeout), Some(deadline)) if deadline <= timeout => (deadline, true),
+            (Some(timeout), _) => (timeout, false),
+            (None, Some(deadline)) => (deadline, true),
+            (None, None) => return None,
+        };
+        self.timer_is_deadline = is_deadline;
+        Some(at)
+    }
+
+    /// Decides whether the attempt that just ended with a retryable verdict is retried,
+    /// and takes the budget for it.
+    fn schedule<P, D, Req>(
+        &self,
+        shared: &Shared<P, D>,
+        copy: Option<&D::Copy>,
+        now: Instant,
+        reason: RetryReason,
+        after: Option<Duration>,
+    ) -> Option<Scheduled<D::Request>>
+    where
+        D: Duplicate<Req>,
+    {
+        let copy = copy?;
+        if self.attempt >= shared.max_attempts {
+            return None;
+        }
+        if after.is_some_and(|after| after > shared.max_server_delay) {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(?after, cap = ?shared.max_server_delay, "requested delay above the cap; not retrying");
+            return None;
+        }
+        let backoff = shared
+            .backoff
+            .delay(self.attempt, self.previous_delay, random_u64());
+        let delay = after.map_or(backoff, |after| after.max(backoff));
+        let wake = now.checked_add(delay)?;
+        if self.deadline.is_some_and(|deadline| wake >= deadline) {
+            return None;
+        }
+        let request = shared.duplicate.again(copy, self.attempt + 1)?;
+        let Some(withdrawal) = shared.core.budget.withdraw(now) else {
+            shared.core.counters.budget_exhausted();
+            #[cfg(feature = "tracing")]
+            tracing::debug!(
+                attempt = self.attempt,
+                "retry budget exhausted; not retrying"
+            );
+            return None;
+        };
+        Some(Scheduled {
+            delay,
+            wake,
+            reason,
+            request,
+            withdrawal,
+        })
+    }
+}
+
+/// The verdict on an attempt: a local rejection (the request never left) asks for a
+/// retry after its `retry_after()`; anything else is the policy's call.
+fn verdict<P, Req, Res>(policy: &P, result: &Result<Res, BoxError>) -> Decision
+where
+    P: RetryPolicy<Req, Res>,
+{
+    if let Err(error) = result {
+        if let Some(open) = error.downcast_ref::<CircuitOpen>() {
+            return Decision::Retry {
+                reason: RetryReason::CircuitOpen,
+                after: Some(open.retry_after()),
+            };
+        }
+        if let Some(limited) = error.downcast_ref::<RateLimited>() {
+            return Decision::Retry {
+                reason: RetryReason::RateLimited,
+                after: Some(limited.retry_after()),
+            };
+        }
+    }
+    policy.decide(result)
+}
+
+fn set_timer(mut timer: Pin<&mut Option<Sleep>>, at: Instant) {
+    match timer.as_mut().as_pin_mut() {
+        Some(sleep) => sleep.reset(at),
+        None => timer.set(Some(sleep_until(at))),
+    }
+}
+
+impl<S, P, D, Req> Future for ResponseFuture<S, P, D, Req>
+where
+    D: Duplicate<Req>,
+    P: RetryPolicy<Req, S::Response>,
+    S: Service<D::Request>,
+    S::Error: Into<BoxError>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            match this.state.as_mut().project() {
+                StateProj::Attempting { future } => {
+                    let result = match future.poll(cx) {
+                        Poll::Ready(result) => result.map_err(Into::into),
+                        Poll::Pending => {
+                            let expired = this
+                                .timer
+                                .as_mut()
+                                .as_pin_mut()
+                                .is_some_and(|timer| timer.poll(cx).is_ready());
+                            if !expired {
+                                return Poll::Pending;
+                            }
+                            if this.progress.timer_is_deadline {
+                                this.state.set(State::Done);
+                                let deadline = this.shared.deadline.unwrap_or_default();
+                                let error = DeadlineExceeded::new(deadline).into();
+                                return Poll::Ready(finish(
+                                    this.shared,
+                                    this.progress,
+                                    Err(error),
+                                    false,
+                                ));
+                            }
+                            let timeout = this.shared.per_attempt_timeout.unwrap_or_default();
+                            Err(AttemptTimedOut::new(timeout).into())
+                        }
+                    };
+                    // Drops the attempt (cancelling it on a timeout); a withdrawal made
+                    // for it is spent.
+                    this.state.set(State::Done);
+                    this.withdrawal.take();
+                    let now = Instant::now();
+                    let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
+                    let scheduled = match verdict {
+                        Decision::Return => None,
+                        Decision::Retry { reason, after } => this.progress.schedule(
+                            this.shared,
+                            this.retry.as_ref().map(|(_, copy)| copy),
+                            now,
+                            reason,
+                            after,
+                        ),
+                    };
+                    let Some(scheduled) = scheduled else {
+                        let succeeded = result.is_ok() && verdict == Decision::Return;
+                        return Poll::Ready(finish(this.shared, this.progress, result, succeeded));
+                    };
+                    this.progress.attempt += 1;
+                    this.progress.previous_delay = scheduled.delay;
+                    *this.next = Some(scheduled.request);
+                    *this.withdrawal = Some(scheduled.withdrawal);
+                    this.shared.notify(RetryEvent {
+                        attempt: this.progress.attempt,
+                        delay: scheduled.delay,
+                        reason: scheduled.reason,
+                    });
+                    set_timer(this.timer.as_mut(), scheduled.wake);
+                    this.state.set(State::Waiting);
+                }
+                StateProj::Waiting => {
+                    if let Some(timer) = this.timer.as_mut().as_pin_mut() {
+                        ready!(timer.poll(cx));
+                        this.timer.set(None);
+                    }
+                    let (service, _) = this
+                        .retry
+                        .as_mut()
+                        .expect("a retry is only scheduled with a service and a copy");
+                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                        this.state.set(State::Done);
+                        refund(this.shared, this.withdrawal.take());
+                        return Poll::Ready(finish(
+                            this.shared,
+                            this.progress,
+                            Err(error.into()),
+                            false,
+                        ));
+                    }
+                    let request = this
+                        .next
+                        .take()
+                        .expect("a retry is only scheduled with its request");
+                    this.state.set(State::Attempting {
+                        future: service.call(request),
+                    });
+                    let now = Instant::now();
+                    if let Some(at) = this
+                        .progress
+                        .attempt_timer(now, this.shared.per_attempt_timeout)
+                    {
+                        set_timer(this.timer.as_mut(), at);
+                    }
+                }
+                StateProj::Done => panic!("ResponseFuture polled after completion"),
+            }
+        }
+    }
+}
+
+/// Counts the call's final result and hands it over.
+fn finish<P, D, T>(
+    shared: &Shared<P, D>,
+    progress: &Progress,
+    result: Result<T, BoxError>,
+    succeeded: bool,
+) -> Result<T, BoxError> {
+    shared.core.counters.finish(succeeded, progress.attempt > 1);
+    result
+}
+
+fn refund<P, D>(shared: &Shared<P, D>, withdrawal: Option<Withdrawal>) {
+    if let Some(withdrawal) = withdrawal {
+        shared.core.budget.refund(withdrawal, Instant::now());
+    }
+}
+
+#[pinned_drop]
+impl<S, P, D, Req> PinnedDrop for ResponseFuture<S, P, D, Req>
+where
+    D: Duplicate<Req>,
+    S: Service<D::Request>,
+{
+    fn drop(self: Pin<&mut Self>) {
+        let this = self.project();
+        refund(this.shared, this.withdrawal.take());
+    }
+}
+
+impl<S, P, D, Req> fmt::Debug for ResponseFuture<S, P, D, Req>
+where
+    D: Duplicate<Req>,
+    S: Service<D::Request>,
+{
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("attempt", &self.progress.attempt)
+            .finish_non_exhaustive()
+    }
+}

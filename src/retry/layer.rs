@@ -1,0 +1,394 @@
+//! The layer, its builder, its handle and its configuration errors.
+
+use super::{Backoff, CloneRequest, Jitter, Retry, RetryBudget, RetryErrors, RetryReason};
+use crate::sync::{AtomicU64, Ordering};
+use std::fmt;
+use std::sync::Arc;
+use std::time::Duration;
+use tower_layer::Layer;
+
+/// Adds retries to a service. Build it with [`RetryLayer::builder`].
+///
+/// Every service the layer builds, and every clone of them, shares one budget and one
+/// set of counters; build a second layer for independent ones.
+pub struct RetryLayer<P = RetryErrors, D = CloneRequest> {
+    shared: Arc<Shared<P, D>>,
+}
+
+impl<P, D> Clone for RetryLayer<P, D> {
+    fn clone(&self) -> Self {
+        Self {
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<P, D> fmt::Debug for RetryLayer<P, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayer")
+            .field("max_attempts", &self.shared.max_attempts)
+            .field("backoff", &self.shared.backoff)
+            .field("budget", &self.shared.core.budget)
+            .finish_non_exhaustive()
+    }
+}
+
+impl RetryLayer {
+    /// A builder with the defaults: 3 attempts, exponential backoff from 100 ms doubling
+    /// up to 5 s with full jitter, the default [`RetryBudget`], errors retried
+    /// ([`RetryErrors`]), `Clone` requests ([`CloneRequest`]), server hints up to 30 s,
+    /// no timeouts.
+    pub fn builder() -> RetryLayerBuilder {
+        RetryLayerBuilder {
+            max_attempts: 3,
+            backoff: Backoff::exponential(Duration::from_millis(100))
+                .max(Duration::from_secs(5))
+                .jitter(Jitter::Full),
+            budget: RetryBudget::new(Duration::from_secs(10), 10, 0.2),
+            policy: RetryErrors,
+            duplicate: CloneRequest,
+            per_attempt_timeout: None,
+            deadline: None,
+            max_server_delay: Duration::from_secs(30),
+            on_retry: None,
+        }
+    }
+}
+
+impl<P, D> RetryLayer<P, D> {
+    /// A handle observing this layer's budget and counters.
+    pub fn handle(&self) -> RetryHandle {
+        RetryHandle {
+            core: self.shared.core.clone(),
+        }
+    }
+}
+
+impl<S, P, D> Layer<S> for RetryLayer<P, D> {
+    type Service = Retry<S, P, D>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        Retry::new(inner, self.shared.clone())
+    }
+}
+
+/// Builds a [`RetryLayer`]; see [`RetryLayer::builder`] for the defaults.
+pub struct RetryLayerBuilder<P = RetryErrors, D = CloneRequest> {
+    max_attempts: u32,
+    backoff: Backoff,
+    budget: RetryBudget,
+    policy: P,
+    duplicate: D,
+    per_attempt_timeout: Option<Duration>,
+    deadline: Option<Duration>,
+    max_server_delay: Duration,
+    on_retry: Option<OnRetry>,
+}
+
+type OnRetry = Box<dyn Fn(&RetryEvent) + Send + Sync>;
+
+impl<P, D> fmt::Debug for RetryLayerBuilder<P, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("RetryLayerBuilder")
+            .field("max_attempts", &self.max_attempts)
+            .field("backoff", &self.backoff)
+            .field("budget", &self.budget)
+            .field("per_attempt_timeout", &self.per_attempt_timeout)
+            .field("deadline", &self.deadline)
+            .field("max_server_delay", &self.max_server_delay)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<P, D> RetryLayerBuilder<P, D> {
+    /// The most attempts per request, **counting the first**: 3 means one call and up
+    /// to two retries, and 1 disables retries. (Some libraries count retries only.)
+    pub fn max_attempts(mut self, attempts: u32) -> Self {
+        self.max_attempts = attempts;
+        self
+    }
+
+    /// The delays between attempts.
+    pub fn backoff(mut self, backoff: Backoff) -> Self {
+        self.backoff = backoff;
+        self
+    }
+
+    /// The retry budget, shared by every service this layer builds.
+    pub fn budget(mut self, budget: RetryBudget) -> Self {
+        self.budget = budget;
+        self
+    }
+
+    /// What is retried: a closure `Fn(&Result<Res, BoxError>) -> bool` or a
+    /// [`RetryPolicy`](super::RetryPolicy) such as [`HttpRetry`](super::HttpRetry) or
+    /// [`GrpcRetry`](super::GrpcRetry).
+    pub fn retry_if<Q>(self, policy: Q) -> RetryLayerBuilder<Q, D> {
+        RetryLayerBuilder {
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            budget: self.budget,
+            policy,
+            duplicate: self.duplicate,
+            per_attempt_timeout: self.per_attempt_timeout,
+            deadline: self.deadline,
+            max_server_delay: self.max_server_delay,
+            on_retry: self.on_retry,
+        }
+    }
+
+    /// How requests are kept for retries: [`CloneRequest`] (the default) or
+    /// [`ReplayBodies`](super::ReplayBodies), or your own [`Duplicate`](super::Duplicate).
+    pub fn duplicate<E>(self, duplicate: E) -> RetryLayerBuilder<P, E> {
+        RetryLayerBuilder {
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            budget: self.budget,
+            policy: self.policy,
+            duplicate,
+            per_attempt_timeout: self.per_attempt_timeout,
+            deadline: self.deadline,
+            max_server_delay: self.max_server_delay,
+            on_retry: self.on_retry,
+        }
+    }
+
+    /// Keeps `http::Request` bodies for replay (up to 64 KiB each unless set with
+    /// [`replay_limit`](RetryLayerBuilder::replay_limit)): what tonic `Channel`s and
+    /// hyper clients need, since their bodies are streams.
+    #[cfg(feature = "http")]
+    pub fn replay_bodies(self) -> RetryLayerBuilder<P, super::ReplayBodies> {
+        self.duplicate(super::ReplayBodies::new())
+    }
+
+    /// Gives up on an attempt after `timeout` (its error,
+    /// [`AttemptTimedOut`](super::AttemptTimedOut), is then handed to the policy like
+    /// any other).
+    pub fn per_attempt_timeout(mut self, timeout: Duration) -> Self {
+        self.per_attempt_timeout = Some(timeout);
+        self
+    }
+
+    /// Bounds the whole call, attempts and delays included: no retry is scheduled that
+    /// would start after it, and an attempt still running then fails with
+    /// [`DeadlineExceeded`](super::DeadlineExceeded).
+    pub fn deadline(mut self, deadline: Duration) -> Self {
+        self.deadline = Some(deadline);
+        self
+    }
+
+    /// The longest wait a server (`Retry-After`, `grpc-retry-pushback-ms`) or a local
+    /// rejection (`retry_after()`) may ask for; asked for longer, the layer gives up
+    /// and returns the result instead of waiting. 30 s unless set.
+    pub fn max_server_delay(mut self, cap: Duration) -> Self {
+        self.max_server_delay = cap;
+        self
+    }
+
+    /// Calls `observer` before each retry's delay. Costs nothing when not set.
+    pub fn on_retry(mut self, observer: impl Fn(&RetryEvent) + Send + Sync + 'static) -> Self {
+        self.on_retry = Some(Box::new(observer));
+        self
+    }
+
+    /// Checks the configuration and builds the layer.
+    pub fn build(self) -> Result<RetryLayer<P, D>, ConfigError> {
+        if self.max_attempts == 0 {
+            return Err(ConfigError::ZeroAttempts);
+        }
+        self.backoff.validate()?;
+        self.budget.validate()?;
+        if self.per_attempt_timeout == Some(Duration::ZERO) || self.deadline == Some(Duration::ZERO)
+        {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        Ok(RetryLayer {
+            shared: Arc::new(Shared {
+                max_attempts: self.max_attempts,
+                backoff: self.backoff,
+                policy: self.policy,
+                duplicate: self.duplicate,
+                per_attempt_timeout: self.per_attempt_timeout,
+                deadline: self.deadline,
+                max_server_delay: self.max_server_delay,
+                on_retry: self.on_retry,
+                core: Arc::new(Core {
+                    budget: self.budget,
+                    counters: Counters::default(),
+                }),
+            }),
+        })
+    }
+}
+
+#[cfg(feature = "http")]
+impl<P> RetryLayerBuilder<P, super::ReplayBodies> {
+    /// Keeps up to `bytes` of each request body; a larger body is sent once and not
+    /// retried.
+    pub fn replay_limit(mut self, bytes: usize) -> Self {
+        self.duplicate = self.duplicate.limit(bytes);
+        self
+    }
+
+    /// Sets this header to the attempt number (1, 2, …) on every attempt.
+    pub fn attempt_header(mut self, name: http::HeaderName) -> Self {
+        self.duplicate = self.duplicate.attempt_header(name);
+        self
+    }
+}
+
+/// An invalid [`RetryLayerBuilder`] configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// `max_attempts(0)`: the first attempt counts, so at least 1 is needed.
+    #[error("max_attempts must be at least 1 (it counts the first attempt)")]
+    ZeroAttempts,
+    /// An exponential multiplier below 1 (or not a number).
+    #[error("the backoff multiplier must be at least 1, got {0}")]
+    Multiplier(f64),
+    /// A backoff cap below its base delay.
+    #[error("the backoff cap {cap:?} is below its base {base:?}")]
+    CapBelowBase {
+        /// The base delay.
+        base: Duration,
+        /// The cap.
+        cap: Duration,
+    },
+    /// A proportional jitter outside `[0, 1]`.
+    #[error("the proportional jitter must be within [0, 1], got {0}")]
+    Jitter(f64),
+    /// A budget with a zero ttl, or a ratio that is negative or not finite.
+    #[error("invalid retry budget: ttl {ttl:?}, ratio {ratio}")]
+    Budget {
+        /// The ttl.
+        ttl: Duration,
+        /// The ratio.
+        ratio: f64,
+    },
+    /// A zero per-attempt timeout or deadline, which would fail every call.
+    #[error("a per-attempt timeout or deadline must be above zero")]
+    ZeroTimeout,
+}
+
+/// What the observer set with [`on_retry`](RetryLayerBuilder::on_retry) is told
+/// before each retry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryEvent {
+    /// The attempt about to be made: 2 for the first retry.
+    pub attempt: u32,
+    /// The wait before it.
+    pub delay: Duration,
+    /// Why the previous attempt is retried.
+    pub reason: RetryReason,
+}
+
+/// Everything every service and future of one layer shares.
+pub(crate) struct Shared<P, D> {
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff: Backoff,
+    pub(crate) policy: P,
+    pub(crate) duplicate: D,
+    pub(crate) per_attempt_timeout: Option<Duration>,
+    pub(crate) deadline: Option<Duration>,
+    pub(crate) max_server_delay: Duration,
+    on_retry: Option<OnRetry>,
+    pub(crate) core: Arc<Core>,
+}
+
+impl<P, D> Shared<P, D> {
+    pub(crate) fn notify(&self, event: RetryEvent) {
+        #[cfg(feature = "tracing")]
+        tracing::debug!(
+            attempt = event.attempt,
+            delay_ms = event.delay.as_millis() as u64,
+            reason = ?event.reason,
+            "retrying request"
+        );
+        self.core.counters.retries.fetch_add(1, Ordering::Relaxed);
+        if let Some(observer) = &self.on_retry {
+            observer(&event);
+        }
+    }
+}
+
+/// The part a [`RetryHandle`] sees.
+#[derive(Debug)]
+pub(crate) struct Core {
+    pub(crate) budget: RetryBudget,
+    pub(crate) counters: Counters,
+}
+
+#[derive(Debug, Default)]
+pub(crate) struct Counters {
+    success_without_retry: AtomicU64,
+    success_with_retry: AtomicU64,
+    failure_without_retry: AtomicU64,
+    failure_with_retry: AtomicU64,
+    budget_exhausted: AtomicU64,
+    retries: AtomicU64,
+}
+
+impl Counters {
+    pub(crate) fn budget_exhausted(&self) {
+        self.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// Counts a call's final result.
+    pub(crate) fn finish(&self, succeeded: bool, retried: bool) {
+        let counter = match (succeeded, retried) {
+            (true, false) => &self.success_without_retry,
+            (true, true) => &self.success_with_retry,
+            (false, false) => &self.failure_without_retry,
+            (false, true) => &self.failure_with_retry,
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+}
+
+/// Observes a [`RetryLayer`]: a cheap clone of an `Arc`.
+#[derive(Debug, Clone)]
+pub struct RetryHandle {
+    core: Arc<Core>,
+}
+
+impl RetryHandle {
+    /// The counters so far.
+    pub fn metrics(&self) -> RetryMetrics {
+        let counters = &self.core.counters;
+        let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
+        RetryMetrics {
+            success_without_retry: read(&counters.success_without_retry),
+            success_with_retry: read(&counters.success_with_retry),
+            failure_without_retry: read(&counters.failure_without_retry),
+            failure_with_retry: read(&counters.failure_with_retry),
+            budget_exhausted: read(&counters.budget_exhausted),
+            retries: read(&counters.retries),
+        }
+    }
+
+    /// Whole retries the budget allows right now.
+    pub fn budget_available(&self) -> u64 {
+        self.core.budget.available(tokio::time::Instant::now())
+    }
+}
+
+/// A snapshot of a layer's counters. A call counts as failed when it ends in an error
+/// or in a response the policy would have retried.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct RetryMetrics {
+    /// Calls that succeeded on their first attempt.
+    pub success_without_retry: u64,
+    /// Calls that succeeded after one or more retries.
+    pub success_with_retry: u64,
+    /// Calls that failed and were not retried (not retryable, or nothing allowed it).
+    pub failure_without_retry: u64,
+    /// Calls that failed after one or more retries.
+    pub failure_with_retry: u64,
+    /// Retries refused because the budget was spent.
+    pub budget_exhausted: u64,
+    /// Retries scheduled.
+    pub retries: u64,
+}

@@ -1,0 +1,86 @@
+use super::layer::Shared;
+use super::{Duplicate, ResponseFuture, RetryPolicy};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+use tower::BoxError;
+use tower_service::Service;
+
+/// The service [`RetryLayer`](super::RetryLayer) builds: retries calls to `S`.
+pub struct Retry<S, P, D> {
+    inner: S,
+    shared: Arc<Shared<P, D>>,
+}
+
+impl<S, P, D> Retry<S, P, D> {
+    pub(crate) fn new(inner: S, shared: Arc<Shared<P, D>>) -> Self {
+        Self { inner, shared }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, P, D> Clone for Retry<S, P, D> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            shared: self.shared.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, P, D> fmt::Debug for Retry<S, P, D> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Retry")
+            .field("inner", &self.inner)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, P, D, Req> Service<Req> for Retry<S, P, D>
+where
+    D: Duplicate<Req>,
+    P: RetryPolicy<Req, S::Response>,
+    S: Service<D::Request> + Clone,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, P, D, Req>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let shared = &self.shared;
+        let now = Instant::now();
+        shared.core.budget.deposit(now);
+        let keep = shared.max_attempts > 1 && shared.policy.is_retryable(&request);
+        let (request, copy) = shared.duplicate.first(request, keep);
+        // The service polled ready is the one called; the future keeps it to retry.
+        let (future, retry) = match copy {
+            Some(copy) => {
+                let clone = self.inner.clone();
+                let mut service = std::mem::replace(&mut self.inner, clone);
+                (service.call(request), Some((service, copy)))
+            }
+            None => (self.inner.call(request), None),
+        };
+        ResponseFuture::new(future, retry, shared.clone(), now)
+    }
+}
