@@ -1,0 +1,240 @@
+//! The server side: accept or mint an ID, echo it, scope the handler in it.
+
+use super::id::trace_id_of;
+use super::{CorrelationId, Generator, Scoped};
+use http::header::{HeaderMap, HeaderName};
+use http::{Request, Response};
+use pin_project::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// The header the ID travels in unless configured otherwise.
+pub(crate) const DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Gives every request a [`CorrelationId`]: the one it brings if valid, else a new one.
+///
+/// For each request, the service:
+///
+/// 1. takes the ID from the first configured header holding a valid one (default
+///    `x-request-id`; more with [`also_accept`](Self::also_accept)), else, if
+///    [`trust_traceparent`](Self::trust_traceparent) is on, from the trace-id of a valid
+///    W3C `traceparent`, else mints one with the [`Generator`] (UUID v4 by default) and
+///    writes it into the request's primary header, replacing whatever invalid value was
+///    there. Invalid values are dropped silently: never echoed, never logged, never an
+///    error. A request that already carries a `CorrelationId` extension (an outer
+///    `CorrelationIdLayer`) keeps it, so applying the layer twice is harmless;
+/// 2. inserts the ID into the request extensions;
+/// 3. runs the inner service's `call` and its response future with the ID as
+///    [`CorrelationId::current`], and, with the `tracing` feature, inside a span
+///    `correlation{correlation_id=...}` (target `palisade::correlation`, level `ERROR`
+///    so it is enabled whenever any event is, cost-free when no subscriber listens), so
+///    every event the request logs carries the ID;
+/// 4. sets the ID on the response, in the header it came in (the primary header when
+///    minted or taken from `traceparent`), overwriting any value the handler set.
+///
+/// The configuration is shared behind an `Arc` by every service the layer builds.
+#[derive(Clone, Debug, Default)]
+pub struct CorrelationIdLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    primary: HeaderName,
+    fallbacks: Vec<HeaderName>,
+    generator: Generator,
+    trust_traceparent: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            primary: DEFAULT_HEADER,
+            fallbacks: Vec::new(),
+            generator: Generator::default(),
+            trust_traceparent: false,
+        }
+    }
+}
+
+impl CorrelationIdLayer {
+    /// Reads and echoes `x-request-id`, mints UUID v4s, ignores `traceparent`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The primary header: read first, echoed, and written when an ID is minted.
+    pub fn header(mut self, name: HeaderName) -> Self {
+        Arc::make_mut(&mut self.config).primary = name;
+        self
+    }
+
+    /// Also accepts an ID from `name`, tried after the primary header and the headers
+    /// added before it; the first valid value wins.
+    pub fn also_accept(mut self, name: HeaderName) -> Self {
+        Arc::make_mut(&mut self.config).fallbacks.push(name);
+        self
+    }
+
+    /// How IDs are minted (default: [`Generator::uuid_v4`]).
+    pub fn generator(mut self, generator: Generator) -> Self {
+        Arc::make_mut(&mut self.config).generator = generator;
+        self
+    }
+
+    /// When no header holds a valid ID, use the trace-id of a valid W3C `traceparent`
+    /// (version `00`) so correlation IDs line up with OpenTelemetry traces. Invalid
+    /// `traceparent` values are ignored. Off by default.
+    pub fn trust_traceparent(mut self, trust: bool) -> Self {
+        Arc::make_mut(&mut self.config).trust_traceparent = trust;
+        self
+    }
+}
+
+impl Config {
+    fn accepted_headers(&self) -> impl Iterator<Item = &HeaderName> {
+        std::iter::once(&self.primary).chain(&self.fallbacks)
+    }
+
+    /// The first valid ID in the accepted headers, and the header it came in.
+    fn find_in_headers(&self, headers: &HeaderMap) -> Option<(CorrelationId, &HeaderName)> {
+        self.accepted_headers().find_map(|name| {
+            let id = CorrelationId::from_header_value(headers.get(name)?).ok()?;
+            Some((id, name))
+        })
+    }
+
+    fn trusted_trace_id(&self, headers: &HeaderMap) -> Option<CorrelationId> {
+        if !self.trust_traceparent {
+            return None;
+        }
+        trace_id_of(headers.get(TRACEPARENT)?)
+    }
+
+    /// Settles the request's ID, records it on the request, and names the response header.
+    fn identify<B>(&self, request: &mut Request<B>) -> (CorrelationId, &HeaderName) {
+        if let Some(id) = request.extensions().get::<CorrelationId>() {
+            return (id.clone(), &self.primary);
+        }
+        let (id, header) = self.find_in_headers(request.headers()).unwrap_or_else(|| {
+            let id = self
+                .trusted_trace_id(request.headers())
+                .unwrap_or_else(|| self.generator.generate());
+            let headers = request.headers_mut();
+            headers.insert(self.primary.clone(), id.header_value().clone());
+            (id, &self.primary)
+        });
+        request.extensions_mut().insert(id.clone());
+        (id, header)
+    }
+}
+
+impl<S> Layer<S> for CorrelationIdLayer {
+    type Service = CorrelationIdService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CorrelationIdService {
+            inner,
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+/// The service [`CorrelationIdLayer`] builds.
+#[derive(Debug)]
+pub struct CorrelationIdService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S: Clone> Clone for CorrelationIdService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CorrelationIdService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let (id, echo_header) = self.config.identify(&mut request);
+        let inner = &mut self.inner;
+        let future = traced(&id, || id.clone().sync_scope(|| inner.call(request)));
+        ResponseFuture {
+            inner: id.scope(future),
+            echo_header: Some(echo_header.clone()),
+        }
+    }
+}
+
+#[cfg(feature = "tracing")]
+type Traced<F> = tracing::instrument::Instrumented<F>;
+#[cfg(not(feature = "tracing"))]
+type Traced<F> = F;
+
+/// Calls the inner service inside the request's span and instruments its future with it.
+#[cfg(feature = "tracing")]
+fn traced<F>(id: &CorrelationId, call: impl FnOnce() -> F) -> Traced<F> {
+    use tracing::Instrument;
+    let span =
+        tracing::error_span!(target: "palisade::correlation", "correlation", correlation_id = %id);
+    span.in_scope(call).instrument(span)
+}
+
+#[cfg(not(feature = "tracing"))]
+fn traced<F>(_id: &CorrelationId, call: impl FnOnce() -> F) -> Traced<F> {
+    call()
+}
+
+/// The response future of [`CorrelationIdService`]: runs the inner future in the ID's
+/// scope and echoes the ID on the response.
+#[pin_project]
+#[must_use = "futures do nothing unless polled"]
+pub struct ResponseFuture<F> {
+    #[pin]
+    inner: Scoped<Traced<F>>,
+    echo_header: Option<HeaderName>,
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let mut response = ready!(this.inner.as_mut().poll(cx))?;
+        if let (Some(header), Some(id)) = (this.echo_header.take(), this.inner.take_id()) {
+            response.headers_mut().insert(header, id.into_header_value());
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("echo_header", &self.echo_header)
+            .finish_non_exhaustive()
+    }
+}
