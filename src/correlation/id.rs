@@ -42,9 +42,9 @@ fn check(bytes: &[u8]) -> Result<(), InvalidCorrelationId> {
 
 /// A validated correlation ID: 1 to 128 characters from letters, digits and `-._~+/=:`.
 ///
-/// It is stored as the [`HeaderValue`] it is sent in, which is reference counted: cloning
-/// an ID, echoing it on a response and injecting it into an outgoing request never copy
-/// or allocate. An ID accepted from a request shares the request's header bytes.
+/// It is stored as the [`HeaderValue`] it travels in, which is reference counted:
+/// cloning an ID, echoing it and injecting it into an outgoing request never copy the
+/// text, and an ID accepted from a request shares the request's header bytes.
 ///
 /// ```
 /// use palisade::correlation::CorrelationId;
@@ -55,23 +55,29 @@ fn check(bytes: &[u8]) -> Result<(), InvalidCorrelationId> {
 /// assert_eq!(CorrelationId::new_v4().as_str().len(), 36);
 /// # Ok::<(), palisade::correlation::InvalidCorrelationId>(())
 /// ```
-#[derive(Clone, PartialEq, Eq, Hash)]
+#[derive(Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct CorrelationId(HeaderValue);
 
 impl CorrelationId {
     /// Validates `input` and copies it into a new ID.
     pub fn parse(input: impl AsRef<[u8]>) -> Result<Self, InvalidCorrelationId> {
-        let bytes = input.as_ref();
-        check(bytes)?;
-        HeaderValue::from_maybe_shared(Bytes::copy_from_slice(bytes))
-            .map(Self)
-            .map_err(|_| InvalidCorrelationId::ForbiddenCharacter)
+        let input = input.as_ref();
+        check(input)?;
+        Ok(Self::from_checked(Bytes::copy_from_slice(input)))
     }
 
     /// Validates a header value and, if it is a valid ID, shares its bytes (no copy).
     pub fn from_header_value(value: &HeaderValue) -> Result<Self, InvalidCorrelationId> {
         check(value.as_bytes())?;
         Ok(Self(value.clone()))
+    }
+
+    /// `checked` passed [`check`] (or is a formatted UUID): visible ASCII.
+    fn from_checked(checked: Bytes) -> Self {
+        Self(
+            HeaderValue::from_maybe_shared(checked)
+                .expect("a validated ID is visible ASCII, a valid header value"),
+        )
     }
 
     /// A random (version 4) UUID, like `0b6b8e5c-3f41-4c0a-9a55-2f0e1a7c9d13`.
@@ -85,20 +91,18 @@ impl CorrelationId {
         Self::from_uuid(Uuid::now_v7())
     }
 
-    /// Formats the UUID on the stack and moves the buffer into one reference-counted
-    /// allocation, shared by every clone (request header, extension, response header).
+    /// Formats the UUID on the stack and moves the buffer into the one reference-counted
+    /// allocation that every clone (request header, extension, response header) shares.
     fn from_uuid(uuid: Uuid) -> Self {
         let mut text = [0u8; uuid::fmt::Hyphenated::LENGTH];
         uuid.hyphenated().encode_lower(&mut text);
-        let value = HeaderValue::from_maybe_shared(Bytes::from_owner(text))
-            .expect("a hyphenated UUID is lowercase hex and hyphens, a valid header value");
-        Self(value)
+        Self::from_checked(Bytes::from_owner(text))
     }
 
     /// The ID as text.
     pub fn as_str(&self) -> &str {
         // Validation admits only ASCII, so this never falls back.
-        std::str::from_utf8(self.0.as_bytes()).unwrap_or_default()
+        std::str::from_utf8(self.as_bytes()).unwrap_or_default()
     }
 
     /// The ID as bytes.
@@ -106,12 +110,12 @@ impl CorrelationId {
         self.0.as_bytes()
     }
 
-    /// The ID as the header value it is sent in.
+    /// The ID as the header value it travels in.
     pub fn header_value(&self) -> &HeaderValue {
         &self.0
     }
 
-    /// Turns the ID into the header value it is sent in, without copying.
+    /// Turns the ID into the header value it travels in, without copying.
     pub fn into_header_value(self) -> HeaderValue {
         self.0
     }
@@ -150,15 +154,6 @@ impl TryFrom<&HeaderValue> for CorrelationId {
 
     fn try_from(value: &HeaderValue) -> Result<Self, Self::Error> {
         Self::from_header_value(value)
-    }
-}
-
-impl TryFrom<HeaderValue> for CorrelationId {
-    type Error = InvalidCorrelationId;
-
-    fn try_from(value: HeaderValue) -> Result<Self, Self::Error> {
-        check(value.as_bytes())?;
-        Ok(Self(value))
     }
 }
 
@@ -331,8 +326,8 @@ mod tests {
     fn header_values_are_shared_not_copied() {
         let value = HeaderValue::from_static("abc-123");
         let id = CorrelationId::from_header_value(&value).unwrap();
-        assert_eq!(id.header_value(), &value);
         assert_eq!(id.as_bytes().as_ptr(), value.as_bytes().as_ptr());
+        assert_eq!(HeaderValue::from(id), value);
         let invalid = HeaderValue::from_static("a b");
         assert!(CorrelationId::from_header_value(&invalid).is_err());
     }

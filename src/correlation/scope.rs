@@ -3,14 +3,17 @@
 
 use super::CorrelationId;
 use pin_project::pin_project;
+use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::task::futures::TaskLocalFuture;
 
-tokio::task_local! {
-    static CURRENT: CorrelationId;
+// A task-local by hand: `Scoped` moves its ID into this slot for the length of each poll
+// and takes it back after, like `tokio::task_local!`, but it can run the inner `call`
+// and the future in one scope and hand the ID back at the end, without a clone.
+thread_local! {
+    static CURRENT: Cell<Option<CorrelationId>> = const { Cell::new(None) };
 }
 
 impl CorrelationId {
@@ -19,10 +22,17 @@ impl CorrelationId {
     /// `call` and its response future, so it works anywhere the handler awaits.
     ///
     /// `None` outside a scope, and inside a task spawned without
-    /// [`WithCorrelationId::with_current_correlation_id`]: task-locals do not cross
+    /// [`WithCorrelationId::with_current_correlation_id`]: the scope does not cross
     /// `tokio::spawn`.
     pub fn current() -> Option<CorrelationId> {
-        CURRENT.try_with(CorrelationId::clone).ok()
+        CURRENT
+            .try_with(|current| {
+                let id = current.take();
+                current.set(id.clone());
+                id
+            })
+            .ok()
+            .flatten()
     }
 
     /// Runs `future` with this ID as [`CorrelationId::current`].
@@ -39,16 +49,39 @@ impl CorrelationId {
     /// # }).unwrap();
     /// ```
     pub fn scope<F: Future>(self, future: F) -> Scoped<F> {
-        Scoped {
-            inner: ScopedInner::With(CURRENT.scope(self, future)),
-        }
+        Scoped::new(Some(self), future)
     }
+}
 
-    /// Runs a synchronous `f` with this ID as the current one (the inner `call`, which
-    /// may log or reject before its future exists).
-    pub(crate) fn sync_scope<R>(self, f: impl FnOnce() -> R) -> R {
-        CURRENT.sync_scope(self, f)
+/// Makes `slot` the current ID until dropped, then puts both IDs back where they were,
+/// also when the code in between panics.
+struct Entered<'a> {
+    slot: &'a mut Option<CorrelationId>,
+    outer: Option<CorrelationId>,
+}
+
+impl<'a> Entered<'a> {
+    fn new(slot: &'a mut Option<CorrelationId>) -> Self {
+        // Only fails while the thread is being torn down; the ID is then simply absent.
+        let outer = swap_current(slot.take());
+        Entered { slot, outer }
     }
+}
+
+impl Drop for Entered<'_> {
+    fn drop(&mut self) {
+        *self.slot = swap_current(self.outer.take());
+    }
+}
+
+fn swap_current(id: Option<CorrelationId>) -> Option<CorrelationId> {
+    CURRENT.try_with(|current| current.replace(id)).ok().flatten()
+}
+
+/// Runs `f` with the ID in `slot` (if any, else none) as the current one.
+pub(crate) fn in_scope<R>(slot: &mut Option<CorrelationId>, f: impl FnOnce() -> R) -> R {
+    let _entered = Entered::new(slot);
+    f()
 }
 
 /// A future that runs with a correlation ID as [`CorrelationId::current`]: made by
@@ -57,24 +90,19 @@ impl CorrelationId {
 #[must_use = "futures do nothing unless polled"]
 pub struct Scoped<F> {
     #[pin]
-    inner: ScopedInner<F>,
-}
-
-#[pin_project(project = ScopedProj)]
-enum ScopedInner<F> {
-    With(#[pin] TaskLocalFuture<CorrelationId, F>),
-    /// Carrying "no current ID" into a task: it has none there anyway.
-    Without(#[pin] F),
+    future: F,
+    /// `None` runs the future with no current ID, whatever the poller's.
+    id: Option<CorrelationId>,
 }
 
 impl<F> Scoped<F> {
-    /// Gives back the ID once the future has completed, so the server layer can echo it
-    /// without another clone.
+    pub(crate) fn new(id: Option<CorrelationId>, future: F) -> Self {
+        Self { future, id }
+    }
+
+    /// Gives the ID back once the future has completed, so the caller needs no clone.
     pub(crate) fn take_id(self: Pin<&mut Self>) -> Option<CorrelationId> {
-        match self.project().inner.project() {
-            ScopedProj::With(future) => future.take_value(),
-            ScopedProj::Without(_) => None,
-        }
+        self.project().id.take()
     }
 }
 
@@ -82,17 +110,17 @@ impl<F: Future> Future for Scoped<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        match self.project().inner.project() {
-            ScopedProj::With(future) => future.poll(cx),
-            ScopedProj::Without(future) => future.poll(cx),
-        }
+        let this = self.project();
+        let _entered = Entered::new(this.id);
+        this.future.poll(cx)
     }
 }
 
 impl<F> fmt::Debug for Scoped<F> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let with_id = matches!(self.inner, ScopedInner::With(_));
-        f.debug_struct("Scoped").field("with_id", &with_id).finish()
+        f.debug_struct("Scoped")
+            .field("id", &self.id)
+            .finish_non_exhaustive()
     }
 }
 
@@ -124,12 +152,7 @@ pub trait WithCorrelationId: Future + Sized {
     /// Runs this future with the ID current where this is called (if any), wherever
     /// the future is polled later.
     fn with_current_correlation_id(self) -> Scoped<Self> {
-        match CorrelationId::current() {
-            Some(id) => id.scope(self),
-            None => Scoped {
-                inner: ScopedInner::Without(self),
-            },
-        }
+        Scoped::new(CorrelationId::current(), self)
     }
 }
 

@@ -2,6 +2,7 @@
 
 use super::id::trace_id_of;
 use super::{CorrelationId, Generator, Scoped};
+use super::scope::in_scope;
 use http::header::{HeaderMap, HeaderName};
 use http::{Request, Response};
 use pin_project::pin_project;
@@ -118,7 +119,8 @@ impl Config {
         trace_id_of(headers.get(TRACEPARENT)?)
     }
 
-    /// Settles the request's ID, records it on the request, and names the response header.
+    /// Settles the request's ID, records it on the request, and names the header to
+    /// echo it in.
     fn identify<B>(&self, request: &mut Request<B>) -> (CorrelationId, &HeaderName) {
         if let Some(id) = request.extensions().get::<CorrelationId>() {
             return (id.clone(), &self.primary);
@@ -127,8 +129,8 @@ impl Config {
             let id = self
                 .trusted_trace_id(request.headers())
                 .unwrap_or_else(|| self.generator.generate());
-            let headers = request.headers_mut();
-            headers.insert(self.primary.clone(), id.header_value().clone());
+            let value = id.header_value().clone();
+            request.headers_mut().insert(self.primary.clone(), value);
             (id, &self.primary)
         });
         request.extensions_mut().insert(id.clone());
@@ -176,12 +178,14 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let (id, echo_header) = self.config.identify(&mut request);
+        let (id, header) = self.config.identify(&mut request);
+        let span = RequestSpan::new(&id);
+        let mut scope = Some(id);
         let inner = &mut self.inner;
-        let future = traced(&id, || id.clone().sync_scope(|| inner.call(request)));
+        let future = span.in_scope(|| in_scope(&mut scope, || inner.call(request)));
         ResponseFuture {
-            inner: id.scope(future),
-            echo_header: Some(echo_header.clone()),
+            inner: Scoped::new(scope, span.instrument(future)),
+            echo_header: Some(header.clone()),
         }
     }
 }
@@ -191,18 +195,46 @@ type Traced<F> = tracing::instrument::Instrumented<F>;
 #[cfg(not(feature = "tracing"))]
 type Traced<F> = F;
 
-/// Calls the inner service inside the request's span and instruments its future with it.
+/// The span `correlation{correlation_id=...}` every event of the request is logged in.
 #[cfg(feature = "tracing")]
-fn traced<F>(id: &CorrelationId, call: impl FnOnce() -> F) -> Traced<F> {
-    use tracing::Instrument;
-    let span =
-        tracing::error_span!(target: "palisade::correlation", "correlation", correlation_id = %id);
-    span.in_scope(call).instrument(span)
+struct RequestSpan(tracing::Span);
+
+#[cfg(feature = "tracing")]
+impl RequestSpan {
+    fn new(id: &CorrelationId) -> Self {
+        Self(tracing::error_span!(
+            target: "palisade::correlation",
+            "correlation",
+            correlation_id = %id
+        ))
+    }
+
+    fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.0.in_scope(f)
+    }
+
+    fn instrument<F>(self, future: F) -> Traced<F> {
+        tracing::Instrument::instrument(future, self.0)
+    }
 }
 
+/// Without `tracing`, nothing to do.
 #[cfg(not(feature = "tracing"))]
-fn traced<F>(_id: &CorrelationId, call: impl FnOnce() -> F) -> Traced<F> {
-    call()
+struct RequestSpan;
+
+#[cfg(not(feature = "tracing"))]
+impl RequestSpan {
+    fn new(_id: &CorrelationId) -> Self {
+        Self
+    }
+
+    fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    fn instrument<F>(self, future: F) -> Traced<F> {
+        future
+    }
 }
 
 /// The response future of [`CorrelationIdService`]: runs the inner future in the ID's
