@@ -43,7 +43,10 @@ where
     S: Service<Request<()>, Response = Response<()>, Error = Infallible>,
 {
     let ready = std::future::poll_fn(|cx| service.poll_ready(cx)).now_or_never();
-    assert!(matches!(ready, Some(Ok(()))), "services here are always ready");
+    assert!(
+        matches!(ready, Some(Ok(()))),
+        "services here are always ready"
+    );
     match service.call(request).now_or_never() {
         Some(Ok(response)) => response,
         _ => unreachable!("services here complete at once"),

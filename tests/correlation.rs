@@ -24,7 +24,8 @@ struct Seen {
 
 /// A handler that answers with what it saw, and sets its own `x-request-id`, which the
 /// layer must overwrite.
-fn recorder() -> impl Service<Request<()>, Response = Response<Seen>, Error = Infallible, Future: Send>
+fn recorder()
+-> impl Service<Request<()>, Response = Response<Seen>, Error = Infallible, Future: Send>
 + Clone
 + Send
 + 'static {
@@ -76,7 +77,11 @@ async fn a_valid_id_is_accepted_scoped_and_echoed_over_the_handlers_value() {
     assert_eq!(echoed, "abc-123");
     assert_seen_everywhere("abc-123", &seen);
     assert_eq!(seen.headers["x-request-id"], "abc-123");
-    assert_eq!(CorrelationId::current(), None, "the scope ends with the request");
+    assert_eq!(
+        CorrelationId::current(),
+        None,
+        "the scope ends with the request"
+    );
 }
 
 #[tokio::test]
@@ -103,7 +108,10 @@ async fn the_first_valid_of_several_headers_wins_and_is_echoed_in_its_header() {
     let both = request_with(&[("x-request-id", "primary"), ("x-correlation-id", "second")]);
     assert_eq!(handle(&layer, both).await.0, "primary");
 
-    let request = request_with(&[("x-request-id", "bad value"), ("x-correlation-id", "second")]);
+    let request = request_with(&[
+        ("x-request-id", "bad value"),
+        ("x-correlation-id", "second"),
+    ]);
     let response = layer.layer(recorder()).oneshot(request).await.unwrap();
     assert_eq!(response.headers()["x-correlation-id"], "second");
     assert_seen_everywhere("second", response.body());
@@ -116,7 +124,11 @@ async fn a_custom_primary_header_is_read_written_and_echoed() {
     let response = layer.layer(recorder()).oneshot(request).await.unwrap();
     assert_eq!(response.headers()["x-correlation-id"], "mine");
 
-    let response = layer.layer(recorder()).oneshot(request_with(&[])).await.unwrap();
+    let response = layer
+        .layer(recorder())
+        .oneshot(request_with(&[]))
+        .await
+        .unwrap();
     let minted = response.headers()["x-correlation-id"].to_str().unwrap();
     assert_eq!(response.body().headers["x-correlation-id"], minted);
 }
@@ -188,7 +200,8 @@ async fn the_id_is_current_in_the_inner_call_too() {
 #[tokio::test]
 async fn a_dropped_response_future_leaves_no_id_behind() {
     let layer = CorrelationIdLayer::new();
-    let never = service_fn(|_: Request<()>| std::future::pending::<Result<Response<()>, Infallible>>());
+    let never =
+        service_fn(|_: Request<()>| std::future::pending::<Result<Response<()>, Infallible>>());
     let mut service = layer.layer(never);
     let request = request_with(&[("x-request-id", "abandoned")]);
     let mut future = Box::pin(service.call(request));
@@ -231,9 +244,12 @@ async fn spawned_tasks_keep_the_id_with_the_helper_and_lose_it_without() {
         );
         let lost = tokio::spawn(async { CorrelationId::current() });
         let other = CorrelationId::parse("other").unwrap();
-        let explicit =
-            tokio::spawn(async { CorrelationId::current() }.with_correlation_id(other));
-        (kept.await.unwrap(), lost.await.unwrap(), explicit.await.unwrap())
+        let explicit = tokio::spawn(async { CorrelationId::current() }.with_correlation_id(other));
+        (
+            kept.await.unwrap(),
+            lost.await.unwrap(),
+            explicit.await.unwrap(),
+        )
     })
     .await;
     assert_eq!(kept.unwrap(), "spawning-request");
@@ -306,7 +322,11 @@ async fn the_client_layer_mints_outside_a_scope_only_when_asked() {
     let service = service_fn(|request: Request<()>| async move {
         Ok::<_, Infallible>(request.headers().get("x-correlation-id").cloned())
     });
-    let sent = minting.layer(service).oneshot(request_with(&[])).await.unwrap();
+    let sent = minting
+        .layer(service)
+        .oneshot(request_with(&[]))
+        .await
+        .unwrap();
     assert_eq!(uuid_version(sent.unwrap().to_str().unwrap()), 7);
 }
 
@@ -337,7 +357,10 @@ async fn ten_thousand_repeated_hostile_headers_are_replaced() {
 fn hostile_bytes() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         proptest::collection::vec(any::<u8>(), 0..200),
-        proptest::collection::vec(prop::sample::select(b"ab1-,\r\n\0\t :;\xff".to_vec()), 0..60),
+        proptest::collection::vec(
+            prop::sample::select(b"ab1-,\r\n\0\t :;\xff".to_vec()),
+            0..60
+        ),
         (0usize..3).prop_map(|n| vec![b'z'; [128, 129, 100_000][n]]),
         "[a-zA-Z0-9._~+/=:-]{1,130}".prop_map(String::into_bytes),
         Just(TRACEPARENT.as_bytes().to_vec()),
@@ -352,7 +375,9 @@ fn hostile_value() -> impl Strategy<Value = HeaderValue> {
 
 fn is_valid_id(bytes: &[u8]) -> bool {
     (1..=128).contains(&bytes.len())
-        && bytes.iter().all(|b| b.is_ascii_alphanumeric() || b"-._~+/=:".contains(b))
+        && bytes
+            .iter()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._~+/=:".contains(b))
 }
 
 proptest! {

@@ -100,8 +100,7 @@ impl Health for Inventory {
         Ok(tonic::Response::new(HealthCheckResponse { status: 1 }))
     }
 
-    type WatchStream =
-        futures_util::stream::Empty<Result<HealthCheckResponse, tonic::Status>>;
+    type WatchStream = futures_util::stream::Empty<Result<HealthCheckResponse, tonic::Status>>;
 
     async fn watch(
         &self,
@@ -175,7 +174,11 @@ async fn route_order(
 ) -> String {
     let header = headers.get("x-request-id").map(|v| v.as_bytes());
     gateway.journal.record("gateway", header);
-    assert_eq!(CorrelationId::current(), Some(id), "extension and scope agree");
+    assert_eq!(
+        CorrelationId::current(),
+        Some(id),
+        "extension and scope agree"
+    );
     tracing::info!("gateway: routing order");
     let request = http::Request::get(&gateway.orders_url)
         .body(Full::new(Bytes::new()))
@@ -234,7 +237,10 @@ async fn one_request_through_three_hops(id: Option<&str>) -> (String, Vec<Seen>,
         .await
         .unwrap();
     assert_eq!(response.status(), 200);
-    let echoed = response.headers()["x-request-id"].to_str().unwrap().to_owned();
+    let echoed = response.headers()["x-request-id"]
+        .to_str()
+        .unwrap()
+        .to_owned();
     let body = response.into_body().collect().await.unwrap().to_bytes();
     assert_eq!(body, "order placed, stock status 1");
     (echoed, journal.entries(), logs)
@@ -244,7 +250,12 @@ fn assert_every_hop_carries(id: &str, seen: &[Seen], logs: &Logs) {
     let hops: Vec<_> = seen.iter().map(|s| s.hop).collect();
     assert_eq!(hops, ["gateway", "orders", "inventory"]);
     for hop in seen {
-        assert_eq!(hop.header.as_deref(), Some(id), "{} received header", hop.hop);
+        assert_eq!(
+            hop.header.as_deref(),
+            Some(id),
+            "{} received header",
+            hop.hop
+        );
         assert_eq!(hop.current.as_deref(), Some(id), "{} current()", hop.hop);
     }
     for message in [
@@ -272,7 +283,11 @@ async fn an_id_minted_at_the_gateway_reaches_every_hop() {
     let (echoed, seen, logs) = one_request_through_three_hops(None).await;
     let uuid = uuid::Uuid::parse_str(&echoed).expect("the minted ID is a UUID");
     assert_eq!(uuid.get_version_num(), 4);
-    assert_eq!(seen[0].header.as_deref(), Some(echoed.as_str()), "written into the request");
+    assert_eq!(
+        seen[0].header.as_deref(),
+        Some(echoed.as_str()),
+        "written into the request"
+    );
     assert_every_hop_carries(&echoed, &seen, &logs);
 }
 
@@ -283,5 +298,8 @@ async fn a_hostile_id_is_replaced_before_the_first_hop() {
     assert!(CorrelationId::parse(&echoed).is_ok());
     assert_every_hop_carries(&echoed, &seen, &logs);
     let all_logs = String::from_utf8(logs.0.lock().unwrap().clone()).unwrap();
-    assert!(!all_logs.contains("evil value"), "the raw value is never logged");
+    assert!(
+        !all_logs.contains("evil value"),
+        "the raw value is never logged"
+    );
 }

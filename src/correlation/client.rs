@@ -111,11 +111,12 @@ where
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
         let header = &self.config.header;
-        if !request.headers().contains_key(header) {
-            if let Some(id) = self.config.id_for(&request) {
-                let value = id.into_header_value();
-                request.headers_mut().insert(header.clone(), value);
-            }
+        if !request.headers().contains_key(header)
+            && let Some(id) = self.config.id_for(&request)
+        {
+            request
+                .headers_mut()
+                .insert(header.clone(), id.into_header_value());
         }
         self.inner.call(request)
     }

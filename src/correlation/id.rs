@@ -129,7 +129,9 @@ impl fmt::Display for CorrelationId {
 
 impl fmt::Debug for CorrelationId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_tuple("CorrelationId").field(&self.as_str()).finish()
+        f.debug_tuple("CorrelationId")
+            .field(&self.as_str())
+            .finish()
     }
 }
 
@@ -257,7 +259,9 @@ impl fmt::Debug for Generator {
             Kind::UuidV7 => "UuidV7",
             Kind::Custom(_) => "Custom",
         };
-        f.debug_tuple("Generator").field(&format_args!("{kind}")).finish()
+        f.debug_tuple("Generator")
+            .field(&format_args!("{kind}"))
+            .finish()
     }
 }
 
@@ -309,7 +313,11 @@ mod tests {
         for bad in [
             "a b", "a,b", "a\r\nb", "a\0b", "a\tb", "a;b", "a\"b", "a<b", "é", "a%20", "a*",
         ] {
-            assert_eq!(CorrelationId::parse(bad), Err(ForbiddenCharacter), "{bad:?}");
+            assert_eq!(
+                CorrelationId::parse(bad),
+                Err(ForbiddenCharacter),
+                "{bad:?}"
+            );
         }
         assert_eq!(CorrelationId::parse([0xff, 0xfe]), Err(ForbiddenCharacter));
     }
@@ -318,7 +326,11 @@ mod tests {
     fn every_byte_outside_the_safe_set_is_rejected() {
         for byte in 0..=u8::MAX {
             let expected = byte.is_ascii_alphanumeric() || b"-._~+/=:".contains(&byte);
-            assert_eq!(CorrelationId::parse([byte]).is_ok(), expected, "byte {byte}");
+            assert_eq!(
+                CorrelationId::parse([byte]).is_ok(),
+                expected,
+                "byte {byte}"
+            );
         }
     }
 
@@ -384,7 +396,11 @@ mod tests {
             "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bx-01",
             "",
         ] {
-            assert_eq!(trace_id_of(&HeaderValue::from_static(invalid)), None, "{invalid}");
+            assert_eq!(
+                trace_id_of(&HeaderValue::from_static(invalid)),
+                None,
+                "{invalid}"
+            );
         }
     }
 }

@@ -62,7 +62,6 @@ struct Entered<'a> {
 
 impl<'a> Entered<'a> {
     fn new(slot: &'a mut Option<CorrelationId>) -> Self {
-        // Only fails while the thread is being torn down; the ID is then simply absent.
         let outer = swap_current(slot.take());
         Entered { slot, outer }
     }
@@ -74,8 +73,13 @@ impl Drop for Entered<'_> {
     }
 }
 
+/// Puts `id` in the slot and returns what was there. Only fails while the thread is
+/// being torn down, when the ID is then simply absent rather than a panic.
 fn swap_current(id: Option<CorrelationId>) -> Option<CorrelationId> {
-    CURRENT.try_with(|current| current.replace(id)).ok().flatten()
+    CURRENT
+        .try_with(|current| current.replace(id))
+        .ok()
+        .flatten()
 }
 
 /// Runs `f` with the ID in `slot` (if any, else none) as the current one.

@@ -1,8 +1,8 @@
 //! The server side: accept or mint an ID, echo it, scope the handler in it.
 
 use super::id::trace_id_of;
-use super::{CorrelationId, Generator, Scoped};
 use super::scope::in_scope;
+use super::{CorrelationId, Generator, Scoped};
 use http::header::{HeaderMap, HeaderName};
 use http::{Request, Response};
 use pin_project::pin_project;
@@ -202,6 +202,11 @@ struct RequestSpan(tracing::Span);
 #[cfg(feature = "tracing")]
 impl RequestSpan {
     fn new(id: &CorrelationId) -> Self {
+        // One relaxed load when no subscriber was ever installed, instead of a callsite
+        // check (and, if `tracing/log` is on, a `log` lookup) per request.
+        if !tracing::dispatcher::has_been_set() {
+            return Self(tracing::Span::none());
+        }
         Self(tracing::error_span!(
             target: "palisade::correlation",
             "correlation",
@@ -257,7 +262,9 @@ where
         let mut this = self.project();
         let mut response = ready!(this.inner.as_mut().poll(cx))?;
         if let (Some(header), Some(id)) = (this.echo_header.take(), this.inner.take_id()) {
-            response.headers_mut().insert(header, id.into_header_value());
+            response
+                .headers_mut()
+                .insert(header, id.into_header_value());
         }
         Poll::Ready(Ok(response))
     }
