@@ -330,6 +330,8 @@ async fn the_client_layer_mints_outside_a_scope_only_when_asked() {
     assert_eq!(uuid_version(sent.unwrap().to_str().unwrap()), 7);
 }
 
+/// Slow-ish in debug builds only: `http`'s `HeaderMap` checks its links with a
+/// quadratic `debug_assert!` when the 10,000 values are replaced.
 #[tokio::test]
 async fn ten_thousand_repeated_hostile_headers_are_replaced() {
     let layer = CorrelationIdLayer::new().also_accept("x-correlation-id".parse().unwrap());
