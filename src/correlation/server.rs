@@ -1,0 +1,279 @@
+//! The server side: accept or mint an ID, echo it, scope the handler in it.
+
+use super::id::trace_id_of;
+use super::scope::in_scope;
+use super::{CorrelationId, Generator, Scoped};
+use http::header::{HeaderMap, HeaderName};
+use http::{Request, Response};
+use pin_project::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use tower_layer::Layer;
+use tower_service::Service;
+
+/// The header the ID travels in unless configured otherwise.
+pub(crate) const DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-request-id");
+
+const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
+
+/// Gives every request a [`CorrelationId`]: the one it brings if valid, else a new one.
+///
+/// For each request, the service:
+///
+/// 1. takes the ID from the first configured header holding a valid one (default
+///    `x-request-id`; more with [`also_accept`](Self::also_accept)), else, if
+///    [`trust_traceparent`](Self::trust_traceparent) is on, from the trace-id of a valid
+///    W3C `traceparent`, else mints one with the [`Generator`] (UUID v4 by default) and
+///    writes it into the request's primary header, replacing whatever invalid value was
+///    there. Invalid values are dropped silently: never echoed, never logged, never an
+///    error. A request that already carries a `CorrelationId` extension (an outer
+///    `CorrelationIdLayer`) keeps it, so applying the layer twice is harmless;
+/// 2. inserts the ID into the request extensions;
+/// 3. runs the inner service's `call` and its response future with the ID as
+///    [`CorrelationId::current`], and, with the `tracing` feature, inside a span
+///    `correlation{correlation_id=...}` (target `palisade::correlation`, level `ERROR`
+///    so it is enabled whenever any event is, cost-free when no subscriber listens), so
+///    every event the request logs carries the ID;
+/// 4. sets the ID on the response, in the header it came in (the primary header when
+///    minted or taken from `traceparent`), overwriting any value the handler set.
+///
+/// The configuration is shared behind an `Arc` by every service the layer builds.
+#[derive(Clone, Debug, Default)]
+pub struct CorrelationIdLayer {
+    config: Arc<Config>,
+}
+
+#[derive(Clone, Debug)]
+struct Config {
+    primary: HeaderName,
+    fallbacks: Vec<HeaderName>,
+    generator: Generator,
+    trust_traceparent: bool,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            primary: DEFAULT_HEADER,
+            fallbacks: Vec::new(),
+            generator: Generator::default(),
+            trust_traceparent: false,
+        }
+    }
+}
+
+impl CorrelationIdLayer {
+    /// Reads and echoes `x-request-id`, mints UUID v4s, ignores `traceparent`.
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    /// The primary header: read first, echoed, and written when an ID is minted.
+    pub fn header(mut self, name: HeaderName) -> Self {
+        Arc::make_mut(&mut self.config).primary = name;
+        self
+    }
+
+    /// Also accepts an ID from `name`, tried after the primary header and the headers
+    /// added before it; the first valid value wins.
+    pub fn also_accept(mut self, name: HeaderName) -> Self {
+        Arc::make_mut(&mut self.config).fallbacks.push(name);
+        self
+    }
+
+    /// How IDs are minted (default: [`Generator::uuid_v4`]).
+    pub fn generator(mut self, generator: Generator) -> Self {
+        Arc::make_mut(&mut self.config).generator = generator;
+        self
+    }
+
+    /// When no header holds a valid ID, use the trace-id of a valid W3C `traceparent`
+    /// (version `00`) so correlation IDs line up with OpenTelemetry traces. Invalid
+    /// `traceparent` values are ignored. Off by default.
+    pub fn trust_traceparent(mut self, trust: bool) -> Self {
+        Arc::make_mut(&mut self.config).trust_traceparent = trust;
+        self
+    }
+}
+
+impl Config {
+    fn accepted_headers(&self) -> impl Iterator<Item = &HeaderName> {
+        std::iter::once(&self.primary).chain(&self.fallbacks)
+    }
+
+    /// The first valid ID in the accepted headers, and the header it came in.
+    fn find_in_headers(&self, headers: &HeaderMap) -> Option<(CorrelationId, &HeaderName)> {
+        self.accepted_headers().find_map(|name| {
+            let id = CorrelationId::from_header_value(headers.get(name)?).ok()?;
+            Some((id, name))
+        })
+    }
+
+    fn trusted_trace_id(&self, headers: &HeaderMap) -> Option<CorrelationId> {
+        if !self.trust_traceparent {
+            return None;
+        }
+        trace_id_of(headers.get(TRACEPARENT)?)
+    }
+
+    /// Settles the request's ID, records it on the request, and names the header to
+    /// echo it in.
+    fn identify<B>(&self, request: &mut Request<B>) -> (CorrelationId, &HeaderName) {
+        if let Some(id) = request.extensions().get::<CorrelationId>() {
+            return (id.clone(), &self.primary);
+        }
+        let (id, header) = self.find_in_headers(request.headers()).unwrap_or_else(|| {
+            let id = self
+                .trusted_trace_id(request.headers())
+                .unwrap_or_else(|| self.generator.generate());
+            let value = id.header_value().clone();
+            request.headers_mut().insert(self.primary.clone(), value);
+            (id, &self.primary)
+        });
+        request.extensions_mut().insert(id.clone());
+        (id, header)
+    }
+}
+
+impl<S> Layer<S> for CorrelationIdLayer {
+    type Service = CorrelationIdService<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        CorrelationIdService {
+            inner,
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+/// The service [`CorrelationIdLayer`] builds.
+#[derive(Debug)]
+pub struct CorrelationIdService<S> {
+    inner: S,
+    config: Arc<Config>,
+}
+
+impl<S: Clone> Clone for CorrelationIdService<S> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            config: Arc::clone(&self.config),
+        }
+    }
+}
+
+impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CorrelationIdService<S>
+where
+    S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+{
+    type Response = Response<ResBody>;
+    type Error = S::Error;
+    type Future = ResponseFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
+        let (id, header) = self.config.identify(&mut request);
+        let span = RequestSpan::new(&id);
+        let mut scope = Some(id);
+        let inner = &mut self.inner;
+        let future = span.in_scope(|| in_scope(&mut scope, || inner.call(request)));
+        ResponseFuture {
+            inner: Scoped::new(scope, span.instrument(future)),
+            echo_header: Some(header.clone()),
+        }
+    }
+}
+
+#[cfg(feature = "tracing")]
+type Traced<F> = tracing::instrument::Instrumented<F>;
+#[cfg(not(feature = "tracing"))]
+type Traced<F> = F;
+
+/// The span `correlation{correlation_id=...}` every event of the request is logged in.
+#[cfg(feature = "tracing")]
+struct RequestSpan(tracing::Span);
+
+#[cfg(feature = "tracing")]
+impl RequestSpan {
+    fn new(id: &CorrelationId) -> Self {
+        // One relaxed load when no subscriber was ever installed, instead of a callsite
+        // check (and, if `tracing/log` is on, a `log` lookup) per request.
+        if !tracing::dispatcher::has_been_set() {
+            return Self(tracing::Span::none());
+        }
+        Self(tracing::error_span!(
+            target: "palisade::correlation",
+            "correlation",
+            correlation_id = %id
+        ))
+    }
+
+    fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        self.0.in_scope(f)
+    }
+
+    fn instrument<F>(self, future: F) -> Traced<F> {
+        tracing::Instrument::instrument(future, self.0)
+    }
+}
+
+/// Without `tracing`, nothing to do.
+#[cfg(not(feature = "tracing"))]
+struct RequestSpan;
+
+#[cfg(not(feature = "tracing"))]
+impl RequestSpan {
+    fn new(_id: &CorrelationId) -> Self {
+        Self
+    }
+
+    fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
+        f()
+    }
+
+    fn instrument<F>(self, future: F) -> Traced<F> {
+        future
+    }
+}
+
+/// The response future of [`CorrelationIdService`]: runs the inner future in the ID's
+/// scope and echoes the ID on the response.
+#[pin_project]
+#[must_use = "futures do nothing unless polled"]
+pub struct ResponseFuture<F> {
+    #[pin]
+    inner: Scoped<Traced<F>>,
+    echo_header: Option<HeaderName>,
+}
+
+impl<F, ResBody, E> Future for ResponseFuture<F>
+where
+    F: Future<Output = Result<Response<ResBody>, E>>,
+{
+    type Output = Result<Response<ResBody>, E>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        let mut response = ready!(this.inner.as_mut().poll(cx))?;
+        if let (Some(header), Some(id)) = (this.echo_header.take(), this.inner.take_id()) {
+            response
+                .headers_mut()
+                .insert(header, id.into_header_value());
+        }
+        Poll::Ready(Ok(response))
+    }
+}
+
+impl<F> fmt::Debug for ResponseFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ResponseFuture")
+            .field("echo_header", &self.echo_header)
+            .finish_non_exhaustive()
+    }
+}
