@@ -109,7 +109,7 @@ impl Quota {
             }
         };
         let new_tat = tat.max(now) + increment;
-        let wait = (new_tat - tolerance).saturating_sub(now);
+        let wait = new_tat.saturating_sub(tolerance).saturating_sub(now);
         if wait > max_wait {
             return Verdict::Deny(Denied::Limited {
                 retry_after: Duration::from_nanos(wait),
