@@ -147,6 +147,10 @@ impl<X, C, K, H> Builder<X, C, K, H> {
 
     /// Gives each key its own bucket. `extractor` is a closure `Fn(&Req) -> Option<K>` or
     /// one of the [`key`](super::key) extractors.
+    ///
+    /// The key type `K` is inferred from the service the layer wraps; where nothing else
+    /// pins it down (a layer built but not yet applied), name it:
+    /// `.keyed::<_, IpAddr>(PeerIp)`.
     pub fn keyed<X2, K2>(self, extractor: X2) -> Builder<X2, C, K2, H> {
         Builder {
             settings: Settings {
