@@ -13,7 +13,8 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
-use criterion::{Criterion, criterion_group, criterion_main};
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
 use futures_util::future::Either;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota as GovernorQuota};
 use http::{Request, Response};
@@ -67,6 +68,14 @@ fn never_throttled() -> GovernorQuota {
     GovernorQuota::per_second(NonZeroU32::MAX)
 }
 
+fn measure(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    mut run: impl FnMut(u64) -> Duration,
+) {
+    group.bench_function(name, |b| b.iter_custom(&mut run));
+}
+
 /// governor's direct limiter in the smallest tower wrapper that rejects in `call`.
 #[derive(Clone)]
 struct GovernorDirect<S> {
@@ -118,21 +127,16 @@ impl<S: Service<u64, Error = BoxError>> Service<u64> for GovernorKeyed<S> {
 fn single_thread(c: &mut Criterion) {
     let runtime = &runtime();
     let mut group = c.benchmark_group("rate_limit");
-    let mut bench = |name: &str, mut run: Box<dyn FnMut(u64) -> Duration + '_>| {
-        group.bench_function(name, |b| b.iter_custom(&mut run));
-    };
 
     let mut bare = bare_service();
-    bench(
-        "bare",
-        Box::new(|iters| drive(runtime, &mut bare, iters, |i| i)),
-    );
+    measure(&mut group, "bare", |iters| {
+        drive(runtime, &mut bare, iters, |i| i)
+    });
 
     let mut global = ours_global().layer(bare_service());
-    bench(
-        "ours_global",
-        Box::new(|iters| drive(runtime, &mut global, iters, |i| i)),
-    );
+    measure(&mut group, "ours_global", |iters| {
+        drive(runtime, &mut global, iters, |i| i)
+    });
 
     for (label, keys) in [("ours_keyed_1_key", 1), ("ours_keyed_10k_keys", KEYS)] {
         let mut keyed = RateLimitLayer::builder()
@@ -142,20 +146,18 @@ fn single_thread(c: &mut Criterion) {
             .build()
             .expect("config")
             .layer(bare_service());
-        bench(
-            label,
-            Box::new(move |iters| drive(runtime, &mut keyed, iters, |i| i % keys)),
-        );
+        measure(&mut group, label, move |iters| {
+            drive(runtime, &mut keyed, iters, |i| i % keys)
+        });
     }
 
     let mut direct = GovernorDirect {
         inner: bare_service(),
         limiter: Arc::new(DefaultDirectRateLimiter::direct(never_throttled())),
     };
-    bench(
-        "governor_direct",
-        Box::new(|iters| drive(runtime, &mut direct, iters, |i| i)),
-    );
+    measure(&mut group, "governor_direct", |iters| {
+        drive(runtime, &mut direct, iters, |i| i)
+    });
 
     for (label, keys) in [
         ("governor_keyed_1_key", 1),
@@ -165,18 +167,18 @@ fn single_thread(c: &mut Criterion) {
             inner: bare_service(),
             limiter: Arc::new(DefaultKeyedRateLimiter::keyed(never_throttled())),
         };
-        bench(
-            label,
-            Box::new(move |iters| drive(runtime, &mut keyed, iters, |i| i % keys)),
-        );
+        measure(&mut group, label, move |iters| {
+            drive(runtime, &mut keyed, iters, |i| i % keys)
+        });
     }
 
+    // tower's RateLimit arms its sleep on construction: it needs the runtime's context.
+    let _context = runtime.enter();
     let mut tower_limit =
         tower::limit::RateLimitLayer::new(u64::MAX, Duration::from_secs(1)).layer(bare_service());
-    bench(
-        "tower_rate_limit",
-        Box::new(|iters| drive(runtime, &mut tower_limit, iters, |i| i)),
-    );
+    measure(&mut group, "tower_rate_limit", |iters| {
+        drive(runtime, &mut tower_limit, iters, |i| i)
+    });
 
     let mut resilience = tower_resilience::ratelimiter::RateLimiterLayer::burst(
         1_000_000_000_000,
@@ -185,11 +187,9 @@ fn single_thread(c: &mut Criterion) {
     .build()
     .expect("config")
     .layer(bare_service());
-    bench(
-        "tower_resilience",
-        Box::new(|iters| drive(runtime, &mut resilience, iters, |i| i)),
-    );
-    drop(bench);
+    measure(&mut group, "tower_resilience", |iters| {
+        drive(runtime, &mut resilience, iters, |i| i)
+    });
     group.finish();
 }
 
@@ -290,5 +290,21 @@ where
     start.elapsed() / threads
 }
 
-criterion_group!(benches, single_thread, http, two_threads);
+/// The clock read every limiter decision starts with. With tokio's `test-util` feature
+/// (on in this crate's dev-dependencies, so in these benches) tokio's `Instant::now()`
+/// consults the runtime's pausable clock; without it, it is std's.
+fn clocks(c: &mut Criterion) {
+    let runtime = runtime();
+    let _context = runtime.enter();
+    let mut group = c.benchmark_group("clock");
+    group.bench_function("std_instant_now", |b| b.iter(Instant::now));
+    group.bench_function("tokio_instant_now", |b| b.iter(tokio::time::Instant::now));
+    let governor_clock = governor::clock::DefaultClock::default();
+    group.bench_function("governor_clock_now", |b| {
+        b.iter(|| governor::clock::Clock::now(&governor_clock))
+    });
+    group.finish();
+}
+
+criterion_group!(benches, single_thread, http, two_threads, clocks);
 criterion_main!(benches);

@@ -156,7 +156,10 @@ fn reservations_queue_in_order_and_give_back_only_the_last() {
     let start = Instant::now();
     let bucket = TokenBucket::new(Quota::new(1, 1, Duration::from_secs(1)).unwrap(), start);
     let max_wait = Duration::from_secs(10);
-    assert_eq!(bucket.reserve(1, max_wait, start).unwrap().wait(), Duration::ZERO);
+    assert_eq!(
+        bucket.reserve(1, max_wait, start).unwrap().wait(),
+        Duration::ZERO
+    );
     let first = bucket.reserve(1, max_wait, start).unwrap();
     let second = bucket.reserve(1, max_wait, start).unwrap();
     assert_eq!(first.wait(), Duration::from_secs(1));
@@ -164,7 +167,10 @@ fn reservations_queue_in_order_and_give_back_only_the_last() {
 
     // The first is not the last reservation: its slot stays spent.
     bucket.cancel(first);
-    assert_eq!(bucket.reserve(1, max_wait, start).unwrap().wait(), Duration::from_secs(3));
+    assert_eq!(
+        bucket.reserve(1, max_wait, start).unwrap().wait(),
+        Duration::from_secs(3)
+    );
 }
 
 #[test]
@@ -176,7 +182,10 @@ fn cancelling_the_last_reservation_restores_the_bucket() {
     let reserved = bucket.reserve(1, max_wait, start).unwrap();
     assert_eq!(reserved.wait(), Duration::from_secs(1));
     bucket.cancel(reserved);
-    assert_eq!(bucket.reserve(1, max_wait, start).unwrap().wait(), Duration::from_secs(1));
+    assert_eq!(
+        bucket.reserve(1, max_wait, start).unwrap().wait(),
+        Duration::from_secs(1)
+    );
 }
 
 #[test]
@@ -184,7 +193,9 @@ fn a_reservation_beyond_max_wait_is_refused_without_spending() {
     let start = Instant::now();
     let bucket = TokenBucket::new(Quota::new(1, 1, Duration::from_secs(1)).unwrap(), start);
     bucket.acquire(1, start).unwrap();
-    let refused = bucket.reserve(1, Duration::from_millis(999), start).unwrap_err();
+    let refused = bucket
+        .reserve(1, Duration::from_millis(999), start)
+        .unwrap_err();
     assert_eq!(
         refused,
         Denied::Limited {
@@ -193,7 +204,10 @@ fn a_reservation_beyond_max_wait_is_refused_without_spending() {
         }
     );
     assert_eq!(
-        bucket.reserve(1, Duration::from_secs(1), start).unwrap().wait(),
+        bucket
+            .reserve(1, Duration::from_secs(1), start)
+            .unwrap()
+            .wait(),
         Duration::from_secs(1)
     );
 }
@@ -251,10 +265,7 @@ fn invalid_quotas_are_errors() {
         Quota::new(1, 2, Duration::from_nanos(1)),
         Err(ConfigError::RateTooHigh)
     );
-    assert_eq!(
-        Quota::new(u64::MAX, 1, second),
-        Err(ConfigError::TooLarge)
-    );
+    assert_eq!(Quota::new(u64::MAX, 1, second), Err(ConfigError::TooLarge));
 }
 
 #[test]

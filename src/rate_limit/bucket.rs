@@ -120,7 +120,7 @@ impl Quota {
             tat: new_tat,
             wait,
             increment,
-            remaining: self.available(new_tat, now),
+            quota: *self,
         }
     }
 
@@ -172,12 +172,14 @@ pub enum Denied {
 /// The outcome of [`Quota::decide`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// Admitted, at once (`wait == 0`) or after `wait` nanoseconds; `tat` is the new TAT.
+    /// Admitted, at once (`wait == 0`) or after `wait` nanoseconds; `tat` is the new TAT,
+    /// measured in `quota`. (The tokens left are not computed here: that takes a
+    /// division, which the success path only pays for when someone reads them.)
     Admit {
         tat: u64,
         wait: u64,
         increment: u64,
-        remaining: u64,
+        quota: Quota,
     },
     Deny(Denied),
 }
@@ -449,8 +451,11 @@ impl TokenBucket {
 
     /// Takes `cost` tokens if the bucket holds them at `now`.
     pub fn acquire(&self, cost: u64, now: Instant) -> Result<Admitted, Denied> {
-        match self.take(cost, 0, self.nanos(now)) {
-            (Verdict::Admit { remaining, .. }, _) => Ok(Admitted { remaining }),
+        let now = self.nanos(now);
+        match self.take(cost, 0, now) {
+            (Verdict::Admit { tat, quota, .. }, _) => Ok(Admitted {
+                remaining: quota.available(tat, now),
+            }),
             (Verdict::Deny(denied), _) => Err(denied),
         }
     }

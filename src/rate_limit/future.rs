@@ -83,18 +83,12 @@ pub(crate) enum Next<St: Store> {
 }
 
 impl<St: Store> Next<St> {
-    pub(crate) fn resolve<H: OnAdmitted<Res>, Res>(
+    pub(crate) fn resolve(
         store: &Arc<St>,
         decision: Result<Decision<St::Reservation>, BoxError>,
     ) -> Self {
         match decision {
-            Ok(Decision::Admitted { remaining, reset }) => {
-                Next::Go(H::ACTIVE.then(|| RateLimitStatus {
-                    quota: store.quota(),
-                    remaining,
-                    reset,
-                }))
-            }
+            Ok(Decision::Admitted { status }) => Next::Go(status),
             Ok(Decision::Reserved { wait, reservation }) => Next::Wait(
                 wait,
                 ReservationGuard {
@@ -206,7 +200,7 @@ where
                     let Some((mut service, request)) = ready.take() else {
                         return Poll::Ready(Err(completed()));
                     };
-                    match Next::resolve::<H, S::Response>(store, decision) {
+                    match Next::resolve(store, decision) {
                         Next::Go(status) => {
                             *this.status = status;
                             State::Calling {

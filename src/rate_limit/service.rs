@@ -73,7 +73,10 @@ where
             return ResponseFuture::failed(MissingKey.into(), on_admitted);
         }
         let cost = policy.cost.cost(&request);
-        let mut decision = self.store.acquire(key.as_ref(), cost, policy.max_wait);
+        let with_status = H::ACTIVE;
+        let mut decision = self
+            .store
+            .acquire(key.as_ref(), cost, policy.max_wait, with_status);
         // The in-process store answers at once: then the service polled ready is called
         // right here, with no clone.
         let answer = Pin::new(&mut decision).poll(&mut Context::from_waker(Waker::noop()));
@@ -87,7 +90,7 @@ where
                 on_admitted,
             );
         };
-        match Next::resolve::<H, S::Response>(&self.store, result) {
+        match Next::resolve(&self.store, result) {
             Next::Go(status) => {
                 ResponseFuture::calling(self.inner.call(request), status, on_admitted)
             }

@@ -10,6 +10,7 @@ use tower::BoxError;
 use super::bucket::{Claim, Denied, Quota, TokenBucket, Verdict};
 use super::error::ConfigError;
 use super::keyed::{KeyedBuckets, KeyedClaim};
+use super::layer::RateLimitStatus;
 
 /// The bucket state behind a [`RateLimitLayer`](super::RateLimitLayer).
 ///
@@ -32,7 +33,15 @@ pub trait Store: Send + Sync + 'static {
     type Future: Future<Output = Result<Decision<Self::Reservation>, BoxError>> + Unpin;
 
     /// Charges `cost` tokens to `key`'s bucket, or reserves them within `max_wait`.
-    fn acquire(&self, key: Option<&Self::Key>, cost: u64, max_wait: Duration) -> Self::Future;
+    /// `with_status` asks for the bucket's [`RateLimitStatus`] on admission (the layer
+    /// asks only when it adds the `RateLimit` fields to responses).
+    fn acquire(
+        &self,
+        key: Option<&Self::Key>,
+        cost: u64,
+        max_wait: Duration,
+        with_status: bool,
+    ) -> Self::Future;
 
     /// Hands back the slot of a request that gave up waiting (best effort).
     fn cancel(&self, reservation: Self::Reservation);
@@ -59,10 +68,8 @@ pub trait Store: Send + Sync + 'static {
 pub enum Decision<R> {
     /// Go ahead now.
     Admitted {
-        /// The tokens left in the bucket.
-        remaining: u64,
-        /// How long until the bucket is full again.
-        reset: Duration,
+        /// The bucket's state after the request, if asked for.
+        status: Option<RateLimitStatus>,
     },
     /// Go ahead after `wait`; the slot is held by `reservation` until then.
     Reserved {
@@ -76,16 +83,24 @@ pub enum Decision<R> {
 }
 
 impl<R> Decision<R> {
-    fn from_verdict(verdict: Verdict, now: u64, reserve: impl FnOnce() -> R) -> Self {
+    fn from_verdict(
+        verdict: Verdict,
+        now: u64,
+        with_status: bool,
+        reserve: impl FnOnce() -> R,
+    ) -> Self {
         match verdict {
             Verdict::Admit {
                 wait: 0,
-                remaining,
                 tat,
+                quota,
                 ..
             } => Decision::Admitted {
-                remaining,
-                reset: Duration::from_nanos(tat - now),
+                status: with_status.then(|| RateLimitStatus {
+                    quota,
+                    remaining: quota.available(tat, now),
+                    reset: Duration::from_nanos(tat - now),
+                }),
             },
             Verdict::Admit { wait, .. } => Decision::Reserved {
                 wait: Duration::from_nanos(wait),
@@ -134,18 +149,24 @@ impl<K: Hash + Eq + Clone> LocalStore<K> {
         }
     }
 
-    fn decide(&self, key: Option<&K>, cost: u64, max_wait: u64) -> Decision<LocalReservation<K>> {
+    fn decide(
+        &self,
+        key: Option<&K>,
+        cost: u64,
+        max_wait: u64,
+        with_status: bool,
+    ) -> Decision<LocalReservation<K>> {
         let now = self.shared.nanos(Instant::now());
         if let (Some(key), Some(keyed)) = (key, &self.keyed)
             && let Some((verdict, claim)) =
                 keyed.acquire(key, self.shared.quota(), now, cost, max_wait)
         {
-            return Decision::from_verdict(verdict, now, || LocalReservation {
+            return Decision::from_verdict(verdict, now, with_status, || LocalReservation {
                 held: Held::Keyed(key.clone(), claim),
             });
         }
         let (verdict, claim) = self.shared.take(cost, max_wait, now);
-        Decision::from_verdict(verdict, now, || LocalReservation {
+        Decision::from_verdict(verdict, now, with_status, || LocalReservation {
             held: Held::Shared(claim),
         })
     }
@@ -159,9 +180,15 @@ where
     type Reservation = LocalReservation<K>;
     type Future = Ready<Result<Decision<LocalReservation<K>>, BoxError>>;
 
-    fn acquire(&self, key: Option<&K>, cost: u64, max_wait: Duration) -> Self::Future {
+    fn acquire(
+        &self,
+        key: Option<&K>,
+        cost: u64,
+        max_wait: Duration,
+        with_status: bool,
+    ) -> Self::Future {
         let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
-        ready(Ok(self.decide(key, cost, max_wait)))
+        ready(Ok(self.decide(key, cost, max_wait, with_status)))
     }
 
     fn cancel(&self, reservation: LocalReservation<K>) {
