@@ -76,51 +76,45 @@ fn measure(
     group.bench_function(name, |b| b.iter_custom(&mut run));
 }
 
-/// governor's direct limiter in the smallest tower wrapper that rejects in `call`.
+/// governor in the smallest tower wrapper that rejects in `call`: `admit` is its
+/// direct `check()` or keyed `check_key()`.
 #[derive(Clone)]
-struct GovernorDirect<S> {
+struct Governed<S, F> {
     inner: S,
+    admit: F,
+}
+
+impl<S, F> Service<u64> for Governed<S, F>
+where
+    S: Service<u64, Error = BoxError>,
+    F: Fn(&u64) -> bool,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Either<S::Future, Ready<Result<S::Response, BoxError>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: u64) -> Self::Future {
+        if (self.admit)(&request) {
+            Either::Left(self.inner.call(request))
+        } else {
+            Either::Right(ready(Err("rate limited".into())))
+        }
+    }
+}
+
+fn governor_direct(
     limiter: Arc<DefaultDirectRateLimiter>,
-}
-
-impl<S: Service<u64, Error = BoxError>> Service<u64> for GovernorDirect<S> {
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = Either<S::Future, Ready<Result<S::Response, BoxError>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: u64) -> Self::Future {
-        match self.limiter.check() {
-            Ok(()) => Either::Left(self.inner.call(request)),
-            Err(_) => Either::Right(ready(Err("rate limited".into()))),
-        }
-    }
-}
-
-/// governor's keyed limiter in the same wrapper, keyed on the request.
-#[derive(Clone)]
-struct GovernorKeyed<S> {
-    inner: S,
-    limiter: Arc<DefaultKeyedRateLimiter<u64>>,
-}
-
-impl<S: Service<u64, Error = BoxError>> Service<u64> for GovernorKeyed<S> {
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = Either<S::Future, Ready<Result<S::Response, BoxError>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: u64) -> Self::Future {
-        match self.limiter.check_key(&request) {
-            Ok(()) => Either::Left(self.inner.call(request)),
-            Err(_) => Either::Right(ready(Err("rate limited".into()))),
-        }
+) -> Governed<
+    impl Service<u64, Error = BoxError> + Clone + Send,
+    impl Fn(&u64) -> bool + Clone + Send,
+> {
+    Governed {
+        inner: bare_service(),
+        admit: move |_: &u64| limiter.check().is_ok(),
     }
 }
 
@@ -151,10 +145,9 @@ fn single_thread(c: &mut Criterion) {
         });
     }
 
-    let mut direct = GovernorDirect {
-        inner: bare_service(),
-        limiter: Arc::new(DefaultDirectRateLimiter::direct(never_throttled())),
-    };
+    let mut direct = governor_direct(Arc::new(
+        DefaultDirectRateLimiter::direct(never_throttled()),
+    ));
     measure(&mut group, "governor_direct", |iters| {
         drive(runtime, &mut direct, iters, |i| i)
     });
@@ -163,9 +156,10 @@ fn single_thread(c: &mut Criterion) {
         ("governor_keyed_1_key", 1),
         ("governor_keyed_10k_keys", KEYS),
     ] {
-        let mut keyed = GovernorKeyed {
+        let limiter = DefaultKeyedRateLimiter::<u64>::keyed(never_throttled());
+        let mut keyed = Governed {
             inner: bare_service(),
-            limiter: Arc::new(DefaultKeyedRateLimiter::keyed(never_throttled())),
+            admit: move |key: &u64| limiter.check_key(key).is_ok(),
         };
         measure(&mut group, label, move |iters| {
             drive(runtime, &mut keyed, iters, |i| i % keys)
@@ -264,12 +258,7 @@ fn two_threads(c: &mut Criterion) {
             b.iter_custom(|iters| run_threads(threads, iters, || ours.layer(bare_service())))
         });
         group.bench_function(format!("governor_direct_{threads}_threads"), |b| {
-            b.iter_custom(|iters| {
-                run_threads(threads, iters, || GovernorDirect {
-                    inner: bare_service(),
-                    limiter: governor.clone(),
-                })
-            })
+            b.iter_custom(|iters| run_threads(threads, iters, || governor_direct(governor.clone())))
         });
     }
     group.finish();

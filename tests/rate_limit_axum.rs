@@ -9,6 +9,7 @@ use std::time::Duration;
 use axum::Router;
 use axum::body::Body;
 use axum::error_handling::HandleErrorLayer;
+use axum::routing::Route;
 use axum::routing::get;
 use bytes::Bytes;
 use http::{Request, Response, StatusCode};
@@ -16,10 +17,10 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use palisade::rate_limit::RateLimitLayer;
 use palisade::rate_limit::headers::error_response;
 use palisade::rate_limit::key::{Header, PeerIp};
-use tower::{BoxError, ServiceBuilder};
+use palisade::rate_limit::{LocalStore, RateLimitLayer};
+use tower::{BoxError, Layer, Service, ServiceBuilder};
 
 /// Turns the limiter's errors into their HTTP answers, as the axum integration will.
 async fn answer(error: BoxError) -> Response<Body> {
@@ -30,7 +31,26 @@ async fn answer(error: BoxError) -> Response<Body> {
     })
 }
 
-async fn serve(app: Router) -> SocketAddr {
+/// Serves a route behind `limit` (its errors answered by [`answer`]) on an OS-assigned
+/// loopback port, with the peer address available as `ConnectInfo`.
+async fn serve<X, C, K, H>(limit: RateLimitLayer<X, C, LocalStore<K>, H>) -> SocketAddr
+where
+    RateLimitLayer<X, C, LocalStore<K>, H>: Layer<Route> + Clone + Send + Sync + 'static,
+    <RateLimitLayer<X, C, LocalStore<K>, H> as Layer<Route>>::Service:
+        Service<Request<Body>, Response = Response<Body>, Error = BoxError>
+            + Clone
+            + Send
+            + Sync
+            + 'static,
+    <<RateLimitLayer<X, C, LocalStore<K>, H> as Layer<Route>>::Service as Service<
+        Request<Body>,
+    >>::Future: Send + 'static,
+{
+    let app = Router::new().route("/", get(|| async { "ok" })).layer(
+        ServiceBuilder::new()
+            .layer(HandleErrorLayer::new(answer))
+            .layer(limit),
+    );
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let address = listener.local_addr().unwrap();
     tokio::spawn(async move {
@@ -79,12 +99,7 @@ async fn keyed_limiter_admits_exactly_the_bucket_per_client() {
         .build()
         .unwrap();
     let handle = limit.handle();
-    let app = Router::new().route("/", get(|| async { "ok" })).layer(
-        ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(answer))
-            .layer(limit),
-    );
-    let address = serve(app).await;
+    let address = serve(limit).await;
 
     // Three clients, ten requests each, all at once over separate connections.
     let mut requests = Vec::new();
@@ -143,12 +158,7 @@ async fn peer_ip_limiter_reads_axum_connect_info() {
         .build()
         .unwrap();
     let handle = limit.handle();
-    let app = Router::new().route("/", get(|| async { "ok" })).layer(
-        ServiceBuilder::new()
-            .layer(HandleErrorLayer::new(answer))
-            .layer(limit),
-    );
-    let address = serve(app).await;
+    let address = serve(limit).await;
     let client = client();
     let mut statuses = Vec::new();
     for _ in 0..6 {

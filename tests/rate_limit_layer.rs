@@ -31,6 +31,13 @@ where
     service.ready().await?.call(request).await
 }
 
+/// A builder for a bucket of `capacity` refilled one token per `every`.
+fn bucket(capacity: u64, every: Duration) -> palisade::rate_limit::Builder {
+    RateLimitLayer::builder()
+        .capacity(capacity)
+        .refill(1, every)
+}
+
 fn limited(error: &BoxError) -> &RateLimited {
     error.downcast_ref::<RateLimited>().expect("RateLimited")
 }
@@ -38,11 +45,7 @@ fn limited(error: &BoxError) -> &RateLimited {
 #[tokio::test(start_paused = true)]
 async fn reject_mode_refuses_at_once_without_calling_inner() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(3)
-        .refill(1, SECOND)
-        .build()
-        .unwrap();
+    let layer = bucket(3, SECOND).build().unwrap();
     let mut service = layer.layer(counting::<u32>(&calls));
     for i in 0..3 {
         assert_eq!(send(&mut service, i).await.unwrap(), i);
@@ -64,11 +67,7 @@ async fn reject_mode_refuses_at_once_without_calling_inner() {
 #[tokio::test(start_paused = true)]
 async fn every_service_and_clone_shares_the_bucket() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(4)
-        .refill(1, SECOND)
-        .build()
-        .unwrap();
+    let layer = bucket(4, SECOND).build().unwrap();
     let mut one = layer.layer(counting::<u32>(&calls));
     let mut two = layer.clone().layer(counting::<u32>(&calls));
     let mut three = one.clone();
@@ -85,12 +84,7 @@ async fn every_service_and_clone_shares_the_bucket() {
 #[tokio::test(start_paused = true)]
 async fn wait_mode_serves_waiters_in_order_at_their_slots() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(1)
-        .refill(1, SECOND)
-        .max_wait(3 * SECOND)
-        .build()
-        .unwrap();
+    let layer = bucket(1, SECOND).max_wait(3 * SECOND).build().unwrap();
     let service = layer.layer(counting::<u32>(&calls));
     let order = Arc::new(std::sync::Mutex::new(Vec::new()));
     let start = tokio::time::Instant::now();
@@ -128,12 +122,7 @@ async fn wait_mode_serves_waiters_in_order_at_their_slots() {
 #[tokio::test(start_paused = true)]
 async fn a_dropped_waiter_gives_its_slot_back_and_never_calls_inner() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(1)
-        .refill(1, SECOND)
-        .max_wait(5 * SECOND)
-        .build()
-        .unwrap();
+    let layer = bucket(1, SECOND).max_wait(5 * SECOND).build().unwrap();
     let mut service = layer.layer(counting::<u32>(&calls));
     send(&mut service, 0).await.unwrap();
 
@@ -154,9 +143,7 @@ async fn a_dropped_waiter_gives_its_slot_back_and_never_calls_inner() {
 #[tokio::test(start_paused = true)]
 async fn weighted_costs_and_a_cost_above_capacity() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(10)
-        .refill(1, SECOND)
+    let layer = bucket(10, SECOND)
         .max_wait(Duration::from_secs(60))
         .cost(|request: &u64| *request)
         .build()
@@ -183,11 +170,7 @@ async fn weighted_costs_and_a_cost_above_capacity() {
 #[tokio::test(start_paused = true)]
 async fn runtime_changes_apply_to_later_requests() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(2)
-        .refill(1, SECOND)
-        .build()
-        .unwrap();
+    let layer = bucket(2, SECOND).build().unwrap();
     let handle = layer.handle();
     let mut service = layer.layer(counting::<u32>(&calls));
     send(&mut service, 0).await.unwrap();
@@ -228,25 +211,14 @@ fn build_rejects_invalid_configuration() {
         ConfigError::ZeroRefillTokens
     );
     assert_eq!(
-        error(
-            RateLimitLayer::builder()
-                .capacity(1)
-                .refill(1, Duration::ZERO)
-        ),
+        error(bucket(1, Duration::ZERO)),
         ConfigError::ZeroRefillPeriod
     );
     assert_eq!(
-        error(
-            RateLimitLayer::builder()
-                .capacity(1)
-                .refill(1, SECOND)
-                .max_wait(Duration::MAX)
-        ),
+        error(bucket(1, SECOND).max_wait(Duration::MAX)),
         ConfigError::TooLarge
     );
-    let keyed = RateLimitLayer::builder()
-        .capacity(1)
-        .refill(1, SECOND)
+    let keyed = bucket(1, SECOND)
         .keyed::<_, u32>(|key: &u32| Some(*key))
         .max_keys(0)
         .build();
@@ -256,9 +228,7 @@ fn build_rejects_invalid_configuration() {
 #[tokio::test(start_paused = true)]
 async fn keyed_buckets_are_independent() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(2)
-        .refill(1, SECOND)
+    let layer = bucket(2, SECOND)
         .keyed(|request: &(u32, u32)| Some(request.0))
         .build()
         .unwrap();
@@ -278,12 +248,7 @@ async fn keyed_buckets_are_independent() {
 #[tokio::test(start_paused = true)]
 async fn missing_keys_are_rejected_or_share_the_fallback_bucket() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let builder = || {
-        RateLimitLayer::builder()
-            .capacity(1)
-            .refill(1, SECOND)
-            .keyed(|request: &Option<u32>| *request)
-    };
+    let builder = || bucket(1, SECOND).keyed(|request: &Option<u32>| *request);
     let mut strict = builder().build().unwrap().layer(counting(&calls));
     let error = send(&mut strict, None).await.unwrap_err();
     assert!(error.is::<MissingKey>());
@@ -304,9 +269,7 @@ async fn missing_keys_are_rejected_or_share_the_fallback_bucket() {
 #[tokio::test(start_paused = true)]
 async fn idle_keys_are_evicted_without_a_background_task() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(1)
-        .refill(1, SECOND)
+    let layer = bucket(1, SECOND)
         .keyed(|key: &u32| Some(*key))
         .build()
         .unwrap();
@@ -332,9 +295,7 @@ async fn idle_keys_are_evicted_without_a_background_task() {
 #[tokio::test(start_paused = true)]
 async fn a_flood_of_fresh_keys_neither_grows_the_table_nor_resets_real_clients() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(5)
-        .refill(1, Duration::from_secs(60))
+    let layer = bucket(5, Duration::from_secs(60))
         .keyed(|key: &u32| Some(*key))
         .max_keys(1_000)
         .build()
@@ -366,9 +327,7 @@ async fn a_flood_of_fresh_keys_neither_grows_the_table_nor_resets_real_clients()
 #[tokio::test(start_paused = true)]
 async fn keyed_runtime_changes_reach_every_key() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(4)
-        .refill(1, SECOND)
+    let layer = bucket(4, SECOND)
         .keyed(|key: &u32| Some(*key))
         .build()
         .unwrap();
@@ -393,11 +352,7 @@ async fn keyed_runtime_changes_reach_every_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn many_tasks_on_many_threads_never_over_admit() {
     let calls = Arc::new(AtomicUsize::new(0));
-    let layer = RateLimitLayer::builder()
-        .capacity(100)
-        .refill(1, Duration::from_secs(360_000))
-        .build()
-        .unwrap();
+    let layer = bucket(100, Duration::from_secs(360_000)).build().unwrap();
     let service = layer.layer(counting::<u32>(&calls));
     let tasks: Vec<_> = (0..16)
         .map(|_| {
@@ -437,11 +392,7 @@ mod http_answers {
 
     #[tokio::test(start_paused = true)]
     async fn too_many_requests_carries_retry_after_and_the_ietf_fields() {
-        let layer = RateLimitLayer::builder()
-            .capacity(10)
-            .refill(1, Duration::from_millis(1_500))
-            .build()
-            .unwrap();
+        let layer = bucket(10, Duration::from_millis(1_500)).build().unwrap();
         let calls = Arc::new(AtomicUsize::new(0));
         let mut service = layer.layer(counting::<u32>(&calls));
         for _ in 0..10 {
@@ -465,12 +416,7 @@ mod http_answers {
 
     #[tokio::test(start_paused = true)]
     async fn headers_on_success_add_the_ratelimit_field() {
-        let layer = RateLimitLayer::builder()
-            .capacity(3)
-            .refill(1, SECOND)
-            .headers_on_success()
-            .build()
-            .unwrap();
+        let layer = bucket(3, SECOND).headers_on_success().build().unwrap();
         let mut service = layer.layer(service_fn(|_: http::Request<()>| async {
             Ok::<_, BoxError>(http::Response::new(()))
         }));
