@@ -27,6 +27,8 @@ where
     on_admitted: H,
 }
 
+/// The throttled and remote-store states are boxed so that the future of an admitted
+/// request stays as small as the inner service's.
 #[pin_project(project = StateProj)]
 enum State<S, Req, St>
 where
@@ -34,17 +36,9 @@ where
     St: Store,
 {
     /// A remote store is deciding.
-    Deciding {
-        decision: St::Future,
-        ready: Option<(S, Req)>,
-        store: Arc<St>,
-    },
+    Deciding(Box<Deciding<S, Req, St>>),
     /// Admitted for later: waiting for the reserved slot.
-    Waiting {
-        sleep: Pin<Box<Sleep>>,
-        guard: ReservationGuard<St>,
-        ready: Option<(S, Req)>,
-    },
+    Waiting(Pin<Box<Waiting<S, Req, St>>>),
     Calling {
         #[pin]
         future: S::Future,
@@ -52,6 +46,30 @@ where
     Failed {
         error: Option<BoxError>,
     },
+}
+
+struct Deciding<S, Req, St: Store> {
+    decision: St::Future,
+    ready: Option<(S, Req)>,
+    store: Arc<St>,
+}
+
+#[pin_project]
+struct Waiting<S, Req, St: Store> {
+    #[pin]
+    sleep: Sleep,
+    guard: ReservationGuard<St>,
+    ready: Option<(S, Req)>,
+}
+
+impl<S, Req, St: Store> Waiting<S, Req, St> {
+    fn boxed(wait: Duration, guard: ReservationGuard<St>, ready: (S, Req)) -> Pin<Box<Self>> {
+        Box::pin(Self {
+            sleep: sleep(wait),
+            guard,
+            ready: Some(ready),
+        })
+    }
 }
 
 /// Hands a reservation back to the store unless the request went ahead, so that a
@@ -144,11 +162,7 @@ where
         request: Req,
         on_admitted: H,
     ) -> Self {
-        let state = State::Waiting {
-            sleep: Box::pin(sleep(wait)),
-            guard,
-            ready: Some((service, request)),
-        };
+        let state = State::Waiting(Waiting::boxed(wait, guard, (service, request)));
         Self::new(state, None, on_admitted)
     }
 
@@ -159,11 +173,11 @@ where
         store: Arc<St>,
         on_admitted: H,
     ) -> Self {
-        let state = State::Deciding {
+        let state = State::Deciding(Box::new(Deciding {
             decision,
             ready: Some((service, request)),
             store,
-        };
+        }));
         Self::new(state, None, on_admitted)
     }
 }
@@ -191,40 +205,31 @@ where
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(error.take().unwrap_or_else(completed)));
                 }
-                StateProj::Deciding {
-                    decision,
-                    ready,
-                    store,
-                } => {
-                    let decision = ready!(Pin::new(decision).poll(cx));
-                    let Some((mut service, request)) = ready.take() else {
+                StateProj::Deciding(deciding) => {
+                    let decision = ready!(Pin::new(&mut deciding.decision).poll(cx));
+                    let Some((mut service, request)) = deciding.ready.take() else {
                         return Poll::Ready(Err(completed()));
                     };
-                    match Next::resolve(store, decision) {
+                    match Next::resolve(&deciding.store, decision) {
                         Next::Go(status) => {
                             *this.status = status;
                             State::Calling {
                                 future: service.call(request),
                             }
                         }
-                        Next::Wait(wait, guard) => State::Waiting {
-                            sleep: Box::pin(sleep(wait)),
-                            guard,
-                            ready: Some((service, request)),
-                        },
+                        Next::Wait(wait, guard) => {
+                            State::Waiting(Waiting::boxed(wait, guard, (service, request)))
+                        }
                         Next::Fail(error) => State::Failed { error: Some(error) },
                     }
                 }
-                StateProj::Waiting {
-                    sleep,
-                    guard,
-                    ready,
-                } => {
-                    ready!(sleep.as_mut().poll(cx));
-                    let Some((mut service, request)) = ready.take() else {
+                StateProj::Waiting(waiting) => {
+                    let waiting = waiting.as_mut().project();
+                    ready!(waiting.sleep.poll(cx));
+                    let Some((mut service, request)) = waiting.ready.take() else {
                         return Poll::Ready(Err(completed()));
                     };
-                    guard.used();
+                    waiting.guard.used();
                     State::Calling {
                         future: service.call(request),
                     }

@@ -1,9 +1,10 @@
 //! One bucket per key, in a sharded table with a hard size bound (the module docs of
 //! `rate_limit` describe eviction and the cap).
 
-use std::collections::HashMap;
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{Mutex, MutexGuard};
+
+use hashbrown::HashTable;
 
 use super::bucket::{Quota, Verdict};
 
@@ -36,7 +37,8 @@ impl Entry {
 }
 
 struct Shard<K> {
-    buckets: HashMap<K, Entry>,
+    /// Each key with its hash (SipHash, randomly keyed: keys are client-controlled).
+    buckets: HashTable<(K, u64, Entry)>,
     sweep_at: usize,
     next_full_sweep: u64,
 }
@@ -51,7 +53,7 @@ impl<K: Hash + Eq> Shard<K> {
         if len >= cap && now < self.next_full_sweep {
             return false;
         }
-        self.buckets.retain(|_, entry| entry.tat > now);
+        self.buckets.retain(|(_, _, entry)| entry.tat > now);
         let len = self.buckets.len();
         self.sweep_at = (2 * len).max(MIN_SWEEP);
         if len >= cap {
@@ -85,7 +87,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
             shards: (0..shards)
                 .map(|_| {
                     Mutex::new(Shard {
-                        buckets: HashMap::new(),
+                        buckets: HashTable::new(),
                         sweep_at: MIN_SWEEP,
                         next_full_sweep: 0,
                     })
@@ -96,12 +98,17 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         }
     }
 
-    fn shard(&self, key: &K) -> MutexGuard<'_, Shard<K>> {
-        let index = self.hasher.hash_one(key) as usize & (self.shards.len() - 1);
+    /// The key's hash and its locked shard.
+    fn shard(&self, key: &K) -> (u64, MutexGuard<'_, Shard<K>>) {
+        let hash = self.hasher.hash_one(key);
+        // The shard takes bits the table does not lean on: it indexes with the low bits
+        // and tags with the top seven.
+        let index = (hash >> 32) as usize & (self.shards.len() - 1);
         // A panic cannot leave a shard half-updated (every update is one assignment).
-        self.shards[index]
+        let shard = self.shards[index]
             .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        (hash, shard)
     }
 
     /// Charges `key`'s bucket; `None` when the key is new and the table is at its cap
@@ -114,8 +121,8 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         cost: u64,
         max_wait: u64,
     ) -> Option<(Verdict, KeyedClaim)> {
-        let mut shard = self.shard(key);
-        if let Some(entry) = shard.buckets.get_mut(key) {
+        let (hash, mut shard) = self.shard(key);
+        if let Some((_, _, entry)) = shard.buckets.find_mut(hash, |(known, ..)| known == key) {
             let (verdict, claim) = charge(entry.moved_to(quota, now), now, cost, max_wait);
             if claim.increment > 0 {
                 *entry = claim.claimed;
@@ -127,7 +134,11 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
             if !shard.make_room(self.shard_cap, quota, now) {
                 return None;
             }
-            shard.buckets.insert(key.clone(), claim.claimed);
+            shard.buckets.insert_unique(
+                hash,
+                (key.clone(), hash, claim.claimed),
+                |(.., hash, _)| *hash,
+            );
         }
         Some((verdict, claim))
     }
@@ -135,8 +146,8 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
     /// Gives a reserved slot back if the key's bucket has not moved since (see
     /// [`AtomicBucket::cancel`](super::bucket::AtomicBucket::cancel)).
     pub(crate) fn cancel(&self, key: &K, claim: KeyedClaim) {
-        let mut shard = self.shard(key);
-        if let Some(entry) = shard.buckets.get_mut(key)
+        let (hash, mut shard) = self.shard(key);
+        if let Some((_, _, entry)) = shard.buckets.find_mut(hash, |(known, ..)| known == key)
             && *entry == claim.claimed
         {
             entry.tat -= claim.increment;
@@ -145,11 +156,13 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
 
     /// The tokens `key`'s bucket holds at `now` (a capacity's worth for an unknown key).
     pub(crate) fn available(&self, key: &K, quota: Quota, now: u64) -> u64 {
-        let shard = self.shard(key);
+        let (hash, shard) = self.shard(key);
         let entry = shard
             .buckets
-            .get(key)
-            .map_or(Entry::full(quota), |entry| entry.moved_to(quota, now));
+            .find(hash, |(known, ..)| known == key)
+            .map_or(Entry::full(quota), |(_, _, entry)| {
+                entry.moved_to(quota, now)
+            });
         quota.available(entry.tat, now)
     }
 
