@@ -292,6 +292,19 @@ fn clocks(c: &mut Criterion) {
     group.bench_function("governor_clock_now", |b| {
         b.iter(|| governor::clock::Clock::now(&governor_clock))
     });
+    // The cores alone, clock read included: what the layers add on top of them.
+    let bucket = palisade::rate_limit::TokenBucket::new(
+        palisade::rate_limit::Quota::new(1_000_000_000_000, 1_000_000_000, Duration::from_secs(1))
+            .expect("quota"),
+        tokio::time::Instant::now(),
+    );
+    group.bench_function("ours_token_bucket_acquire", |b| {
+        b.iter(|| black_box(bucket.acquire(1, tokio::time::Instant::now())).is_ok())
+    });
+    let limiter = DefaultDirectRateLimiter::direct(never_throttled());
+    group.bench_function("governor_check", |b| {
+        b.iter(|| black_box(limiter.check()).is_ok())
+    });
     group.finish();
 }
 

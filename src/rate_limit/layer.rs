@@ -176,8 +176,9 @@ impl<X, C, K, H> Builder<X, C, K, H> {
         }
     }
 
-    /// Adds the `RateLimit` and `RateLimit-Policy` fields to admitted responses too, so
-    /// that clients can pace themselves.
+    /// Adds the `RateLimit` and `RateLimit-Policy` fields to responses admitted at once
+    /// too, so that clients can pace themselves. (A request that waited for its slot
+    /// found the bucket empty; its response gets no fields.)
     #[cfg(feature = "http")]
     pub fn headers_on_success(self) -> Builder<X, C, K, super::headers::AddRateLimitFields> {
         Builder {

@@ -3,8 +3,9 @@
 //! [`RateLimitLayer`] admits a burst of `capacity` requests and then `tokens` per
 //! `period`, refilled continuously. Over any stretch of time `t` it admits at most
 //! `capacity + rate * t` requests, and a client that keeps to the rate is never refused.
-//! The bucket is one atomic word (GCRA), so the success path is a few atomic operations:
-//! no lock, no allocation.
+//! A global bucket is one atomic word (GCRA), so its success path is a clock read and a
+//! compare-and-swap: no lock, no allocation. A keyed limiter adds one hash of the key
+//! and a brief lock of one of its table's shards.
 //!
 //! - **Reject or wait.** With `max_wait` zero (the default) a request over the limit gets
 //!   [`RateLimited`] at once, with [`retry_after`](RateLimited::retry_after) and the
