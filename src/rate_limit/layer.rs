@@ -195,6 +195,31 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
     {
+        let Settings {
+            keyed, max_keys, ..
+        } = self.settings;
+        if keyed && max_keys == 0 {
+            return Err(ConfigError::ZeroMaxKeys);
+        }
+        self.build_with(|quota| {
+            if keyed {
+                LocalStore::keyed(quota, max_keys)
+            } else {
+                LocalStore::global(quota)
+            }
+        })
+    }
+
+    /// Checks the configuration and builds the layer on the store `make_store` returns
+    /// for the configured quota (a fleet-wide store, say). `max_keys` is the in-process
+    /// store's and is ignored here.
+    pub fn build_with<St>(
+        self,
+        make_store: impl FnOnce(Quota) -> St,
+    ) -> Result<RateLimitLayer<X, C, St, H>, ConfigError>
+    where
+        St: Store<Key = K>,
+    {
         let settings = self.settings;
         let quota = Quota::new(
             settings.capacity,
@@ -204,16 +229,8 @@ impl<X, C, K, H> Builder<X, C, K, H> {
         if settings.max_wait.as_nanos() > u128::from(MAX_SPAN) {
             return Err(ConfigError::TooLarge);
         }
-        let store = if settings.keyed {
-            if settings.max_keys == 0 {
-                return Err(ConfigError::ZeroMaxKeys);
-            }
-            LocalStore::keyed(quota, settings.max_keys)
-        } else {
-            LocalStore::global(quota)
-        };
         Ok(RateLimitLayer {
-            store: Arc::new(store),
+            store: Arc::new(make_store(quota)),
             policy: Arc::new(Policy {
                 extractor: self.extractor,
                 cost: self.cost,
