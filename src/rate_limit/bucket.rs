@@ -209,16 +209,14 @@ pub(crate) struct QuotaRing {
 
 impl QuotaRing {
     pub(crate) fn new(quota: Quota) -> Self {
-        let ring = Self {
+        Self {
             slots: std::array::from_fn(|_| Slot {
                 capacity: AtomicU64::new(quota.capacity),
                 interval: AtomicU64::new(quota.interval),
             }),
             generation: AtomicU64::new(0),
             writer: Mutex::new(()),
-        };
-        ring.store(0, quota);
-        ring
+        }
     }
 
     fn store(&self, tag: usize, quota: Quota) {
