@@ -1,22 +1,312 @@
-//! Placeholder until the layer lands: measures the bare service every layer is compared to.
-use criterion::{Criterion, criterion_group, criterion_main};
-use std::hint::black_box;
-use tower::{Service, ServiceExt, service_fn};
+//! Per-request cost of a never-throttled rate limiter: ours (global, keyed with 1 and
+//! 10,000 keys) against a bare service and the peers, plus two threads sharing one
+//! limiter against one thread.
+//!
+//! Every measurement runs its requests in one `block_on` (criterion's `iter_custom`),
+//! so the numbers are the service stack's, not the executor's.
 
-fn bare(c: &mut Criterion) {
-    let runtime = tokio::runtime::Builder::new_current_thread()
+use std::future::{Ready, ready};
+use std::hint::black_box;
+use std::num::NonZeroU32;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use axum::body::Body;
+use criterion::measurement::WallTime;
+use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
+use futures_util::future::Either;
+use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota as GovernorQuota};
+use http::{Request, Response};
+use palisade::rate_limit::RateLimitLayer;
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+
+const KEYS: u64 = 10_000;
+
+fn runtime() -> tokio::runtime::Runtime {
+    tokio::runtime::Builder::new_current_thread()
+        .enable_time()
         .build()
-        .expect("runtime");
-    let mut service = service_fn(|request: u64| async move { Ok::<_, tower::BoxError>(request) });
-    c.bench_function("bare", |b| {
-        b.iter(|| {
-            runtime.block_on(async {
-                let ready = service.ready().await.expect("ready");
-                black_box(ready.call(black_box(1)).await.expect("call"))
-            })
-        })
-    });
+        .expect("runtime")
 }
 
-criterion_group!(benches, bare);
+/// Runs `iters` requests `request(i)` through `service` and returns the time taken.
+fn drive<S, Req>(
+    runtime: &tokio::runtime::Runtime,
+    service: &mut S,
+    iters: u64,
+    request: impl Fn(u64) -> Req,
+) -> Duration
+where
+    S: Service<Req>,
+    S::Error: std::fmt::Debug,
+{
+    runtime.block_on(async {
+        let start = Instant::now();
+        for i in 0..iters {
+            let ready = service.ready().await.expect("ready");
+            black_box(ready.call(request(i)).await.expect("admitted"));
+        }
+        start.elapsed()
+    })
+}
+
+fn bare_service() -> impl Service<u64, Response = u64, Error = BoxError, Future: Send> + Clone + Send
+{
+    service_fn(|request: u64| ready(Ok::<_, BoxError>(request)))
+}
+
+fn ours_global() -> RateLimitLayer {
+    RateLimitLayer::builder()
+        .capacity(1_000_000_000_000)
+        .refill(1_000_000_000, Duration::from_secs(1))
+        .build()
+        .expect("config")
+}
+
+fn never_throttled() -> GovernorQuota {
+    GovernorQuota::per_second(NonZeroU32::MAX)
+}
+
+fn measure(
+    group: &mut BenchmarkGroup<'_, WallTime>,
+    name: &str,
+    mut run: impl FnMut(u64) -> Duration,
+) {
+    group.bench_function(name, |b| b.iter_custom(&mut run));
+}
+
+/// governor in the smallest tower wrapper that rejects in `call`: `admit` is its
+/// direct `check()` or keyed `check_key()`.
+#[derive(Clone)]
+struct Governed<S, F> {
+    inner: S,
+    admit: F,
+}
+
+impl<S, F> Service<u64> for Governed<S, F>
+where
+    S: Service<u64, Error = BoxError>,
+    F: Fn(&u64) -> bool,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = Either<S::Future, Ready<Result<S::Response, BoxError>>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: u64) -> Self::Future {
+        if (self.admit)(&request) {
+            Either::Left(self.inner.call(request))
+        } else {
+            Either::Right(ready(Err("rate limited".into())))
+        }
+    }
+}
+
+fn governor_direct(
+    limiter: Arc<DefaultDirectRateLimiter>,
+) -> Governed<
+    impl Service<u64, Error = BoxError> + Clone + Send,
+    impl Fn(&u64) -> bool + Clone + Send,
+> {
+    Governed {
+        inner: bare_service(),
+        admit: move |_: &u64| limiter.check().is_ok(),
+    }
+}
+
+fn single_thread(c: &mut Criterion) {
+    let runtime = &runtime();
+    let mut group = c.benchmark_group("rate_limit");
+
+    let mut bare = bare_service();
+    measure(&mut group, "bare", |iters| {
+        drive(runtime, &mut bare, iters, |i| i)
+    });
+
+    let mut global = ours_global().layer(bare_service());
+    measure(&mut group, "ours_global", |iters| {
+        drive(runtime, &mut global, iters, |i| i)
+    });
+
+    for (label, keys) in [("ours_keyed_1_key", 1), ("ours_keyed_10k_keys", KEYS)] {
+        let mut keyed = RateLimitLayer::builder()
+            .capacity(1_000_000_000_000)
+            .refill(1_000_000_000, Duration::from_secs(1))
+            .keyed(|request: &u64| Some(*request))
+            .build()
+            .expect("config")
+            .layer(bare_service());
+        measure(&mut group, label, move |iters| {
+            drive(runtime, &mut keyed, iters, |i| i % keys)
+        });
+    }
+
+    let mut direct = governor_direct(Arc::new(
+        DefaultDirectRateLimiter::direct(never_throttled()),
+    ));
+    measure(&mut group, "governor_direct", |iters| {
+        drive(runtime, &mut direct, iters, |i| i)
+    });
+
+    for (label, keys) in [
+        ("governor_keyed_1_key", 1),
+        ("governor_keyed_10k_keys", KEYS),
+    ] {
+        let limiter = DefaultKeyedRateLimiter::<u64>::keyed(never_throttled());
+        let mut keyed = Governed {
+            inner: bare_service(),
+            admit: move |key: &u64| limiter.check_key(key).is_ok(),
+        };
+        measure(&mut group, label, move |iters| {
+            drive(runtime, &mut keyed, iters, |i| i % keys)
+        });
+    }
+
+    // tower's RateLimit arms its sleep on construction: it needs the runtime's context.
+    let _context = runtime.enter();
+    let mut tower_limit =
+        tower::limit::RateLimitLayer::new(u64::MAX, Duration::from_secs(1)).layer(bare_service());
+    measure(&mut group, "tower_rate_limit", |iters| {
+        drive(runtime, &mut tower_limit, iters, |i| i)
+    });
+
+    let mut resilience = tower_resilience::ratelimiter::RateLimiterLayer::burst(
+        1_000_000_000_000,
+        1_000_000_000_000,
+    )
+    .build()
+    .expect("config")
+    .layer(bare_service());
+    measure(&mut group, "tower_resilience", |iters| {
+        drive(runtime, &mut resilience, iters, |i| i)
+    });
+    group.finish();
+}
+
+/// tower_governor only takes `http::Request`s: compared with an HTTP bare service and our
+/// keyed limiter on the same requests, keyed on a `u64` request extension.
+fn http(c: &mut Criterion) {
+    #[derive(Clone)]
+    struct ExtensionKey;
+
+    impl tower_governor::key_extractor::KeyExtractor for ExtensionKey {
+        type Key = u64;
+
+        fn extract<T>(&self, request: &Request<T>) -> Result<u64, tower_governor::GovernorError> {
+            request
+                .extensions()
+                .get::<u64>()
+                .copied()
+                .ok_or(tower_governor::GovernorError::UnableToExtractKey)
+        }
+    }
+
+    fn http_service()
+    -> impl Service<Request<()>, Response = Response<Body>, Error = BoxError> + Clone {
+        service_fn(|_: Request<()>| ready(Ok::<_, BoxError>(Response::new(Body::empty()))))
+    }
+
+    fn request(key: u64) -> Request<()> {
+        let mut request = Request::new(());
+        request.extensions_mut().insert(key);
+        request
+    }
+
+    let runtime = runtime();
+    let mut group = c.benchmark_group("rate_limit_http");
+    let mut bare = http_service();
+    group.bench_function("bare_http", |b| {
+        b.iter_custom(|iters| drive(&runtime, &mut bare, iters, request))
+    });
+    for (suffix, keys) in [("1_key", 1), ("10k_keys", KEYS)] {
+        let mut ours = RateLimitLayer::builder()
+            .capacity(1_000_000_000_000)
+            .refill(1_000_000_000, Duration::from_secs(1))
+            .keyed(|request: &Request<()>| request.extensions().get::<u64>().copied())
+            .build()
+            .expect("config")
+            .layer(http_service());
+        group.bench_function(format!("ours_keyed_{suffix}"), |b| {
+            b.iter_custom(|iters| drive(&runtime, &mut ours, iters, |i| request(i % keys)))
+        });
+        let config = tower_governor::governor::GovernorConfigBuilder::default()
+            .per_nanosecond(1)
+            .burst_size(u32::MAX)
+            .key_extractor(ExtensionKey)
+            .finish()
+            .expect("config");
+        let mut theirs = tower_governor::GovernorLayer::new(config).layer(http_service());
+        group.bench_function(format!("tower_governor_keyed_{suffix}"), |b| {
+            b.iter_custom(|iters| drive(&runtime, &mut theirs, iters, |i| request(i % keys)))
+        });
+    }
+    group.finish();
+}
+
+/// Throughput of two threads hammering one shared limiter, reported as time per request
+/// (so half the one-thread time would be perfect scaling).
+fn two_threads(c: &mut Criterion) {
+    let mut group = c.benchmark_group("rate_limit_threads");
+    let ours = ours_global();
+    let governor = Arc::new(DefaultDirectRateLimiter::direct(never_throttled()));
+    for threads in [1u32, 2] {
+        group.bench_function(format!("ours_global_{threads}_threads"), |b| {
+            b.iter_custom(|iters| run_threads(threads, iters, || ours.layer(bare_service())))
+        });
+        group.bench_function(format!("governor_direct_{threads}_threads"), |b| {
+            b.iter_custom(|iters| run_threads(threads, iters, || governor_direct(governor.clone())))
+        });
+    }
+    group.finish();
+}
+
+fn run_threads<S>(threads: u32, iters: u64, make: impl Fn() -> S + Sync) -> Duration
+where
+    S: Service<u64> + Send,
+    S::Error: std::fmt::Debug,
+{
+    let start = Instant::now();
+    std::thread::scope(|scope| {
+        for _ in 0..threads {
+            let mut service = make();
+            scope.spawn(move || drive(&runtime(), &mut service, iters, |i| i));
+        }
+    });
+    start.elapsed() / threads
+}
+
+/// The clock read every limiter decision starts with. With tokio's `test-util` feature
+/// (on in this crate's dev-dependencies, so in these benches) tokio's `Instant::now()`
+/// consults the runtime's pausable clock; without it, it is std's.
+fn clocks(c: &mut Criterion) {
+    let runtime = runtime();
+    let _context = runtime.enter();
+    let mut group = c.benchmark_group("clock");
+    group.bench_function("std_instant_now", |b| b.iter(Instant::now));
+    group.bench_function("tokio_instant_now", |b| b.iter(tokio::time::Instant::now));
+    let governor_clock = governor::clock::DefaultClock::default();
+    group.bench_function("governor_clock_now", |b| {
+        b.iter(|| governor::clock::Clock::now(&governor_clock))
+    });
+    // The cores alone, clock read included: what the layers add on top of them.
+    let bucket = palisade::rate_limit::TokenBucket::new(
+        palisade::rate_limit::Quota::new(1_000_000_000_000, 1_000_000_000, Duration::from_secs(1))
+            .expect("quota"),
+        tokio::time::Instant::now(),
+    );
+    group.bench_function("ours_token_bucket_acquire", |b| {
+        b.iter(|| black_box(bucket.acquire(1, tokio::time::Instant::now())).is_ok())
+    });
+    let limiter = DefaultDirectRateLimiter::direct(never_throttled());
+    group.bench_function("governor_check", |b| {
+        b.iter(|| black_box(limiter.check()).is_ok())
+    });
+    group.finish();
+}
+
+criterion_group!(benches, single_thread, http, two_threads, clocks);
 criterion_main!(benches);

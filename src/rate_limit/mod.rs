@@ -1,5 +1,112 @@
-//! The rate limiting middleware (in progress).
+//! A token-bucket rate limiter, global or per client.
+//!
+//! [`RateLimitLayer`] admits a burst of `capacity` requests and then `tokens` per
+//! `period`, refilled continuously. Over any stretch of time `t` it admits at most
+//! `capacity + rate * t` requests, and a client that keeps to the rate is never refused.
+//! A global bucket is one atomic word (GCRA), so its success path is a clock read and a
+//! compare-and-swap: no lock, no allocation. A keyed limiter adds one hash of the key
+//! and a brief lock of one of its table's shards.
+//!
+//! - **Reject or wait.** With `max_wait` zero (the default) a request over the limit gets
+//!   [`RateLimited`] at once, with [`retry_after`](RateLimited::retry_after) and the
+//!   policy. With a positive `max_wait`, a request that can be served within that time
+//!   reserves its slot and waits for it in its response future (waiters go in arrival
+//!   order; a waiter dropped before its turn gives its slot back when no later one was
+//!   queued behind it). The inner service is called only once a request is admitted.
+//! - **Weighted requests.** [`cost`](Builder::cost) charges a request several tokens; a
+//!   request costing more than the capacity gets [`CostExceedsCapacity`].
+//! - **Per client.** [`keyed`](Builder::keyed) gives every key its own bucket, with the
+//!   [`key`] extractors for the peer IP, a header, or the client IP behind proxies. A
+//!   request without a key gets [`MissingKey`] or shares a fallback bucket
+//!   ([`WhenKeyMissing`]).
+//! - **Runtime changes.** [`RateLimitLayer::handle`] gives a [`RateLimitHandle`] to read
+//!   the buckets and change rate and capacity while serving.
+//! - **Pluggable state.** The buckets live in a [`Store`]; the in-process
+//!   [`LocalStore`] is the default.
+//! - **HTTP answers** (feature `http`): [`headers::too_many_requests`] turns
+//!   [`RateLimited`] into a 429 with `Retry-After` and the IETF `RateLimit-Policy` and
+//!   `RateLimit` fields; [`Builder::headers_on_success`] adds the fields to admitted
+//!   responses too.
+//!
+//! # Example
+//!
+//! ```
+//! use std::time::Duration;
+//! use palisade::rate_limit::{RateLimitLayer, RateLimited};
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let limit = RateLimitLayer::builder()
+//!     .capacity(2)
+//!     .refill(1, Duration::from_secs(1))
+//!     .build()?;
+//! let handle = limit.handle();
+//! let mut service = ServiceBuilder::new()
+//!     .layer(limit)
+//!     .service(service_fn(|name: &'static str| async move {
+//!         Ok::<_, tower::BoxError>(format!("hello {name}"))
+//!     }));
+//!
+//! assert_eq!(service.ready().await?.call("ada").await?, "hello ada");
+//! assert_eq!(service.ready().await?.call("bob").await?, "hello bob");
+//! assert_eq!(handle.available(), 0);
+//!
+//! let error = service.ready().await?.call("eve").await.unwrap_err();
+//! let limited = error.downcast_ref::<RateLimited>().expect("rate limited");
+//! assert_eq!(limited.retry_after(), Duration::from_secs(1));
+//!
+//! tokio::time::advance(limited.retry_after()).await;
+//! assert_eq!(service.ready().await?.call("eve").await?, "hello eve");
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Memory
+//!
+//! A keyed limiter drops the bucket of a key that has been idle long enough for it to be
+//! full again (a fresh bucket is full, so nothing is lost). There is no background task:
+//! each shard of the table sweeps out full buckets when it has doubled in size since its
+//! last sweep (amortised constant time per new key), and when it reaches its share of
+//! [`max_keys`](Builder::max_keys).
+//!
+//! # At the cap
+//!
+//! The table never holds more than `max_keys` keys. When a new key arrives at a full
+//! shard and a sweep frees nothing, the key is not tracked: its request is charged to the
+//! limiter's shared bucket (the fallback bucket), as if every such key were one client.
+//! So a flood of fresh keys (spoofed addresses) can neither exhaust memory nor evict a
+//! real client's bucket (which would reset it to full), and only competes with itself.
+//! A real client that first shows up during such a flood shares that bucket until the
+//! flood's buckets are full again and get swept (each shard retries a sweep at most once
+//! per refill interval, and at most once a millisecond, so a flood cannot make every
+//! request pay for a sweep).
+//!
+//! # Runtime changes
+//!
+//! [`RateLimitHandle::set_rate`] and [`set_capacity`](RateLimitHandle::set_capacity)
+//! keep the tokens each bucket holds (clamped to the new capacity) and any queued
+//! reservations. The global bucket moves to the new quota at once; a keyed bucket moves on
+//! its next request (its refill since its last request counts at the old rate).
 
+mod bucket;
 mod error;
+mod future;
+mod handle;
+#[cfg(feature = "http")]
+pub mod headers;
+pub mod key;
+mod keyed;
+mod layer;
+mod service;
+mod store;
 
-pub use self::error::RateLimited;
+pub use self::bucket::{Admitted, Denied, Quota, Reservation, TokenBucket};
+pub use self::error::{ConfigError, CostExceedsCapacity, MissingKey, RateLimited};
+pub use self::future::ResponseFuture;
+pub use self::handle::RateLimitHandle;
+pub use self::layer::{
+    Builder, Cost, NoHeaders, OnAdmitted, RateLimitLayer, RateLimitStatus, UnitCost, WhenKeyMissing,
+};
+pub use self::service::RateLimit;
+pub use self::store::{Decision, LocalReservation, LocalStore, Store};

@@ -1,0 +1,255 @@
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use pin_project::pin_project;
+use tokio::time::{Sleep, sleep};
+use tower::BoxError;
+use tower_service::Service;
+
+use super::bucket::Denied;
+use super::error::{CostExceedsCapacity, RateLimited};
+use super::layer::{OnAdmitted, RateLimitStatus};
+use super::store::{Decision, Store};
+
+/// The response future of [`RateLimit`](super::RateLimit).
+#[pin_project]
+pub struct ResponseFuture<S, Req, St, H>
+where
+    S: Service<Req>,
+    St: Store,
+{
+    #[pin]
+    state: State<S, Req, St>,
+    status: Option<RateLimitStatus>,
+    on_admitted: H,
+}
+
+/// The throttled and remote-store states are boxed so that the future of an admitted
+/// request stays as small as the inner service's.
+#[pin_project(project = StateProj)]
+enum State<S, Req, St>
+where
+    S: Service<Req>,
+    St: Store,
+{
+    /// A remote store is deciding.
+    Deciding(Box<Deciding<S, Req, St>>),
+    /// Admitted for later: waiting for the reserved slot.
+    Waiting(Pin<Box<Waiting<S, Req, St>>>),
+    Calling {
+        #[pin]
+        future: S::Future,
+    },
+    Failed {
+        error: Option<BoxError>,
+    },
+}
+
+struct Deciding<S, Req, St: Store> {
+    decision: St::Future,
+    ready: Option<(S, Req)>,
+    store: Arc<St>,
+}
+
+#[pin_project]
+struct Waiting<S, Req, St: Store> {
+    #[pin]
+    sleep: Sleep,
+    guard: ReservationGuard<St>,
+    ready: Option<(S, Req)>,
+}
+
+impl<S, Req, St: Store> Waiting<S, Req, St> {
+    fn boxed(wait: Duration, guard: ReservationGuard<St>, ready: (S, Req)) -> Pin<Box<Self>> {
+        Box::pin(Self {
+            sleep: sleep(wait),
+            guard,
+            ready: Some(ready),
+        })
+    }
+}
+
+/// Hands a reservation back to the store unless the request went ahead, so that a
+/// dropped waiting future never leaks its slot.
+pub(crate) struct ReservationGuard<St: Store> {
+    store: Arc<St>,
+    reservation: Option<St::Reservation>,
+}
+
+impl<St: Store> ReservationGuard<St> {
+    fn used(&mut self) {
+        self.reservation = None;
+    }
+}
+
+impl<St: Store> Drop for ReservationGuard<St> {
+    fn drop(&mut self) {
+        if let Some(reservation) = self.reservation.take() {
+            self.store.cancel(reservation);
+        }
+    }
+}
+
+/// What to do with a store's decision.
+pub(crate) enum Next<St: Store> {
+    Go(Option<RateLimitStatus>),
+    Wait(Duration, ReservationGuard<St>),
+    Fail(BoxError),
+}
+
+impl<St: Store> Next<St> {
+    pub(crate) fn resolve(
+        store: &Arc<St>,
+        decision: Result<Decision<St::Reservation>, BoxError>,
+    ) -> Self {
+        match decision {
+            Ok(Decision::Admitted { status }) => Next::Go(status),
+            Ok(Decision::Reserved { wait, reservation }) => Next::Wait(
+                wait,
+                ReservationGuard {
+                    store: store.clone(),
+                    reservation: Some(reservation),
+                },
+            ),
+            Ok(Decision::Denied(Denied::Limited {
+                retry_after,
+                remaining,
+            })) => {
+                #[cfg(feature = "tracing")]
+                tracing::debug!(?retry_after, "request rate limited");
+                Next::Fail(RateLimited::new(retry_after, store.quota(), remaining).into())
+            }
+            Ok(Decision::Denied(Denied::CostExceedsCapacity { cost, capacity })) => {
+                Next::Fail(CostExceedsCapacity { cost, capacity }.into())
+            }
+            Err(error) => Next::Fail(error),
+        }
+    }
+}
+
+impl<S, Req, St, H> ResponseFuture<S, Req, St, H>
+where
+    S: Service<Req>,
+    St: Store,
+{
+    fn new(state: State<S, Req, St>, status: Option<RateLimitStatus>, on_admitted: H) -> Self {
+        Self {
+            state,
+            status,
+            on_admitted,
+        }
+    }
+
+    pub(crate) fn calling(
+        future: S::Future,
+        status: Option<RateLimitStatus>,
+        on_admitted: H,
+    ) -> Self {
+        Self::new(State::Calling { future }, status, on_admitted)
+    }
+
+    pub(crate) fn failed(error: BoxError, on_admitted: H) -> Self {
+        Self::new(State::Failed { error: Some(error) }, None, on_admitted)
+    }
+
+    pub(crate) fn waiting(
+        wait: Duration,
+        guard: ReservationGuard<St>,
+        service: S,
+        request: Req,
+        on_admitted: H,
+    ) -> Self {
+        let state = State::Waiting(Waiting::boxed(wait, guard, (service, request)));
+        Self::new(state, None, on_admitted)
+    }
+
+    pub(crate) fn deciding(
+        decision: St::Future,
+        service: S,
+        request: Req,
+        store: Arc<St>,
+        on_admitted: H,
+    ) -> Self {
+        let state = State::Deciding(Box::new(Deciding {
+            decision,
+            ready: Some((service, request)),
+            store,
+        }));
+        Self::new(state, None, on_admitted)
+    }
+}
+
+impl<S, Req, St, H> Future for ResponseFuture<S, Req, St, H>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+    St: Store,
+    H: OnAdmitted<S::Response>,
+{
+    type Output = Result<S::Response, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let mut this = self.project();
+        loop {
+            let next = match this.state.as_mut().project() {
+                StateProj::Calling { future } => {
+                    let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
+                    if let Some(status) = this.status.take() {
+                        this.on_admitted.on_admitted(&mut response, &status);
+                    }
+                    return Poll::Ready(Ok(response));
+                }
+                StateProj::Failed { error } => {
+                    return Poll::Ready(Err(error.take().unwrap_or_else(completed)));
+                }
+                StateProj::Deciding(deciding) => {
+                    let decision = ready!(Pin::new(&mut deciding.decision).poll(cx));
+                    let Some((mut service, request)) = deciding.ready.take() else {
+                        return Poll::Ready(Err(completed()));
+                    };
+                    match Next::resolve(&deciding.store, decision) {
+                        Next::Go(status) => {
+                            *this.status = status;
+                            State::Calling {
+                                future: service.call(request),
+                            }
+                        }
+                        Next::Wait(wait, guard) => {
+                            State::Waiting(Waiting::boxed(wait, guard, (service, request)))
+                        }
+                        Next::Fail(error) => State::Failed { error: Some(error) },
+                    }
+                }
+                StateProj::Waiting(waiting) => {
+                    let waiting = waiting.as_mut().project();
+                    ready!(waiting.sleep.poll(cx));
+                    let Some((mut service, request)) = waiting.ready.take() else {
+                        return Poll::Ready(Err(completed()));
+                    };
+                    waiting.guard.used();
+                    State::Calling {
+                        future: service.call(request),
+                    }
+                }
+            };
+            this.state.set(next);
+        }
+    }
+}
+
+fn completed() -> BoxError {
+    "rate limit response future polled after completion".into()
+}
+
+impl<S, Req, St, H> std::fmt::Debug for ResponseFuture<S, Req, St, H>
+where
+    S: Service<Req>,
+    St: Store,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}

@@ -1,0 +1,335 @@
+use std::hash::Hash;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::bucket::{MAX_SPAN, Quota};
+use super::error::ConfigError;
+use super::handle::RateLimitHandle;
+use super::key::Global;
+use super::service::RateLimit;
+use super::store::{LocalStore, Store};
+
+/// Applies a token-bucket rate limit, global or per key, to every service it builds.
+///
+/// All services built by one layer, and all their clones, share the layer's buckets.
+/// Build a second layer for an independent limit.
+pub struct RateLimitLayer<X = Global, C = UnitCost, St = LocalStore, H = NoHeaders> {
+    store: Arc<St>,
+    policy: Arc<Policy<X, C, H>>,
+}
+
+/// What a [`RateLimit`] service does with each request, apart from the store.
+#[derive(Debug)]
+pub(crate) struct Policy<X, C, H> {
+    pub(crate) extractor: X,
+    pub(crate) cost: C,
+    pub(crate) max_wait: Duration,
+    pub(crate) when_key_missing: WhenKeyMissing,
+    pub(crate) on_admitted: H,
+}
+
+impl RateLimitLayer {
+    /// Starts a configuration: a global limiter unless [`keyed`](Builder::keyed).
+    pub fn builder() -> Builder {
+        Builder {
+            settings: Settings {
+                capacity: 0,
+                refill_tokens: 0,
+                refill_period: Duration::ZERO,
+                max_wait: Duration::ZERO,
+                max_keys: DEFAULT_MAX_KEYS,
+                when_key_missing: WhenKeyMissing::Reject,
+                keyed: false,
+            },
+            extractor: Global,
+            cost: UnitCost,
+            on_admitted: NoHeaders,
+            key: PhantomData,
+        }
+    }
+}
+
+impl<X, C, St: Store, H> RateLimitLayer<X, C, St, H> {
+    /// A handle that observes and controls this layer's buckets.
+    pub fn handle(&self) -> RateLimitHandle<St> {
+        RateLimitHandle::new(self.store.clone())
+    }
+}
+
+impl<S, X, C, St, H> Layer<S> for RateLimitLayer<X, C, St, H> {
+    type Service = RateLimit<S, X, C, St, H>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RateLimit::new(inner, self.store.clone(), self.policy.clone())
+    }
+}
+
+impl<X, C, St, H> Clone for RateLimitLayer<X, C, St, H> {
+    fn clone(&self) -> Self {
+        Self {
+            store: self.store.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+impl<X, C, St: std::fmt::Debug, H> std::fmt::Debug for RateLimitLayer<X, C, St, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimitLayer")
+            .field("store", &self.store)
+            .field("max_wait", &self.policy.max_wait)
+            .finish_non_exhaustive()
+    }
+}
+
+const DEFAULT_MAX_KEYS: usize = 100_000;
+
+/// Configures a [`RateLimitLayer`]. `capacity` and `refill` are required.
+#[must_use]
+pub struct Builder<X = Global, C = UnitCost, K = (), H = NoHeaders> {
+    settings: Settings,
+    extractor: X,
+    cost: C,
+    on_admitted: H,
+    key: PhantomData<fn() -> K>,
+}
+
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    capacity: u64,
+    refill_tokens: u64,
+    refill_period: Duration,
+    max_wait: Duration,
+    max_keys: usize,
+    when_key_missing: WhenKeyMissing,
+    keyed: bool,
+}
+
+impl<X, C, K, H> Builder<X, C, K, H> {
+    /// The burst size: how many tokens a full bucket holds.
+    pub fn capacity(mut self, capacity: u64) -> Self {
+        self.settings.capacity = capacity;
+        self
+    }
+
+    /// Refills `tokens` per `period`, continuously (one token every `period / tokens`,
+    /// rounded up to the nanosecond).
+    pub fn refill(mut self, tokens: u64, period: Duration) -> Self {
+        self.settings.refill_tokens = tokens;
+        self.settings.refill_period = period;
+        self
+    }
+
+    /// Zero (the default): a request over the limit is refused at once. Otherwise a
+    /// request that can be served within `max_wait` reserves its slot and waits for it
+    /// (waiters go in arrival order); one that cannot is refused at once.
+    pub fn max_wait(mut self, max_wait: Duration) -> Self {
+        self.settings.max_wait = max_wait;
+        self
+    }
+
+    /// The most keys a keyed limiter tracks (default 100,000); see the
+    /// [module docs](super#at-the-cap) for what happens beyond.
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.settings.max_keys = max_keys;
+        self
+    }
+
+    /// What a keyed limiter does with a request whose key cannot be extracted (default:
+    /// [`WhenKeyMissing::Reject`]).
+    pub fn when_key_missing(mut self, when: WhenKeyMissing) -> Self {
+        self.settings.when_key_missing = when;
+        self
+    }
+
+    /// Gives each key its own bucket. `extractor` is a closure `Fn(&Req) -> Option<K>` or
+    /// one of the [`key`](super::key) extractors.
+    ///
+    /// The key type `K` is inferred from the service the layer wraps; where nothing else
+    /// pins it down (a layer built but not yet applied), name it:
+    /// `.keyed::<_, IpAddr>(PeerIp)`.
+    pub fn keyed<X2, K2>(self, extractor: X2) -> Builder<X2, C, K2, H> {
+        Builder {
+            settings: Settings {
+                keyed: true,
+                ..self.settings
+            },
+            extractor,
+            cost: self.cost,
+            on_admitted: self.on_admitted,
+            key: PhantomData,
+        }
+    }
+
+    /// Charges each request `cost(&request)` tokens instead of one (a closure
+    /// `Fn(&Req) -> u64`).
+    pub fn cost<C2>(self, cost: C2) -> Builder<X, C2, K, H> {
+        Builder {
+            settings: self.settings,
+            extractor: self.extractor,
+            cost,
+            on_admitted: self.on_admitted,
+            key: PhantomData,
+        }
+    }
+
+    /// Adds the `RateLimit` and `RateLimit-Policy` fields to responses admitted at once
+    /// too, so that clients can pace themselves. (A request that waited for its slot
+    /// found the bucket empty; its response gets no fields.)
+    #[cfg(feature = "http")]
+    pub fn headers_on_success(self) -> Builder<X, C, K, super::headers::AddRateLimitFields> {
+        Builder {
+            settings: self.settings,
+            extractor: self.extractor,
+            cost: self.cost,
+            on_admitted: super::headers::AddRateLimitFields,
+            key: PhantomData,
+        }
+    }
+
+    /// Checks the configuration and builds the layer with the in-process store.
+    pub fn build(self) -> Result<RateLimitLayer<X, C, LocalStore<K>, H>, ConfigError>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        let Settings {
+            keyed, max_keys, ..
+        } = self.settings;
+        if keyed && max_keys == 0 {
+            return Err(ConfigError::ZeroMaxKeys);
+        }
+        self.build_with(|quota| {
+            if keyed {
+                LocalStore::keyed(quota, max_keys)
+            } else {
+                LocalStore::global(quota)
+            }
+        })
+    }
+
+    /// Checks the configuration and builds the layer on the store `make_store` returns
+    /// for the configured quota (a fleet-wide store, say). `max_keys` is the in-process
+    /// store's and is ignored here.
+    pub fn build_with<St>(
+        self,
+        make_store: impl FnOnce(Quota) -> St,
+    ) -> Result<RateLimitLayer<X, C, St, H>, ConfigError>
+    where
+        St: Store<Key = K>,
+    {
+        let settings = self.settings;
+        let quota = Quota::new(
+            settings.capacity,
+            settings.refill_tokens,
+            settings.refill_period,
+        )?;
+        if settings.max_wait.as_nanos() > u128::from(MAX_SPAN) {
+            return Err(ConfigError::TooLarge);
+        }
+        Ok(RateLimitLayer {
+            store: Arc::new(make_store(quota)),
+            policy: Arc::new(Policy {
+                extractor: self.extractor,
+                cost: self.cost,
+                max_wait: settings.max_wait,
+                when_key_missing: settings.when_key_missing,
+                on_admitted: self.on_admitted,
+            }),
+        })
+    }
+}
+
+impl<X, C, K, H> std::fmt::Debug for Builder<X, C, K, H> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Builder")
+            .field("settings", &self.settings)
+            .finish_non_exhaustive()
+    }
+}
+
+/// What a keyed limiter does with a request whose key cannot be extracted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum WhenKeyMissing {
+    /// Refuse it with [`MissingKey`](super::MissingKey) (the default): a missing key is
+    /// usually a misconfiguration (no `ConnectInfo`) or a client that did not identify
+    /// itself.
+    #[default]
+    Reject,
+    /// Charge it to the one shared fallback bucket (which also takes new keys beyond
+    /// `max_keys`).
+    Share,
+}
+
+/// What a request costs in tokens.
+///
+/// Implemented for every closure `Fn(&Req) -> u64`.
+pub trait Cost<Req> {
+    /// The tokens `request` takes from the bucket.
+    fn cost(&self, request: &Req) -> u64;
+}
+
+impl<F, Req> Cost<Req> for F
+where
+    F: Fn(&Req) -> u64,
+{
+    fn cost(&self, request: &Req) -> u64 {
+        self(request)
+    }
+}
+
+/// Every request costs one token (the default).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct UnitCost;
+
+impl<Req> Cost<Req> for UnitCost {
+    fn cost(&self, _request: &Req) -> u64 {
+        1
+    }
+}
+
+/// Something done to each admitted response: nothing ([`NoHeaders`], the default) or,
+/// with the `http` feature, adding the `RateLimit` fields
+/// ([`AddRateLimitFields`](super::headers::AddRateLimitFields)).
+pub trait OnAdmitted<Res> {
+    /// Whether [`on_admitted`](Self::on_admitted) does anything (so that the layer skips
+    /// reading the bucket's state when it does not).
+    const ACTIVE: bool;
+
+    /// Called with each admitted response and the bucket's state after the request.
+    fn on_admitted(&self, response: &mut Res, status: &RateLimitStatus);
+}
+
+/// Leaves admitted responses alone.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoHeaders;
+
+impl<Res> OnAdmitted<Res> for NoHeaders {
+    const ACTIVE: bool = false;
+
+    fn on_admitted(&self, _response: &mut Res, _status: &RateLimitStatus) {}
+}
+
+/// A bucket's state, as the IETF `RateLimit` fields report it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RateLimitStatus {
+    /// The quota in force.
+    pub quota: Quota,
+    /// The tokens left.
+    pub remaining: u64,
+    /// How long until the bucket is full again (for a refused request: until it would
+    /// pass).
+    pub reset: Duration,
+}
+
+impl From<&super::RateLimited> for RateLimitStatus {
+    fn from(error: &super::RateLimited) -> Self {
+        Self {
+            quota: error.quota(),
+            remaining: error.remaining(),
+            reset: error.retry_after(),
+        }
+    }
+}

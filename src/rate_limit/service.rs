@@ -1,0 +1,132 @@
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll, Waker};
+
+use tower::BoxError;
+use tower_service::Service;
+
+use super::MissingKey;
+use super::future::{Next, ResponseFuture};
+use super::key::{Global, KeyExtractor};
+use super::layer::{Cost, NoHeaders, OnAdmitted, Policy, UnitCost, WhenKeyMissing};
+use super::store::{LocalStore, Store};
+
+/// A service rate limited by a [`RateLimitLayer`](super::RateLimitLayer).
+///
+/// `poll_ready` is the inner service's; a request over the limit gets its
+/// [`RateLimited`](super::RateLimited) error from the response future, without the inner
+/// service being called. Waiting requests (with `max_wait`) hold a clone of the inner
+/// service, so the inner service must be `Clone`.
+pub struct RateLimit<S, X = Global, C = UnitCost, St = LocalStore, H = NoHeaders> {
+    inner: S,
+    store: Arc<St>,
+    policy: Arc<Policy<X, C, H>>,
+}
+
+impl<S, X, C, St, H> RateLimit<S, X, C, St, H> {
+    pub(crate) fn new(inner: S, store: Arc<St>, policy: Arc<Policy<X, C, H>>) -> Self {
+        Self {
+            inner,
+            store,
+            policy,
+        }
+    }
+
+    /// The inner service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The inner service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// Unwraps the inner service.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S, X, C, St, H, Req> Service<Req> for RateLimit<S, X, C, St, H>
+where
+    S: Service<Req> + Clone,
+    S::Error: Into<BoxError>,
+    X: KeyExtractor<Req, Key = St::Key>,
+    C: Cost<Req>,
+    St: Store,
+    H: OnAdmitted<S::Response> + Clone,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = ResponseFuture<S, Req, St, H>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        let policy = &*self.policy;
+        let on_admitted = policy.on_admitted.clone();
+        let key = policy.extractor.extract(&request);
+        if key.is_none() && policy.when_key_missing == WhenKeyMissing::Reject {
+            return ResponseFuture::failed(MissingKey.into(), on_admitted);
+        }
+        let cost = policy.cost.cost(&request);
+        let with_status = H::ACTIVE;
+        let mut decision = self
+            .store
+            .acquire(key.as_ref(), cost, policy.max_wait, with_status);
+        // The in-process store answers at once: then the service polled ready is called
+        // right here, with no clone.
+        let answer = Pin::new(&mut decision).poll(&mut Context::from_waker(Waker::noop()));
+        let Poll::Ready(result) = answer else {
+            let ready = take_ready(&mut self.inner);
+            return ResponseFuture::deciding(
+                decision,
+                ready,
+                request,
+                self.store.clone(),
+                on_admitted,
+            );
+        };
+        match Next::resolve(&self.store, result) {
+            Next::Go(status) => {
+                ResponseFuture::calling(self.inner.call(request), status, on_admitted)
+            }
+            Next::Wait(wait, guard) => {
+                let ready = take_ready(&mut self.inner);
+                ResponseFuture::waiting(wait, guard, ready, request, on_admitted)
+            }
+            Next::Fail(error) => ResponseFuture::failed(error, on_admitted),
+        }
+    }
+}
+
+/// Swaps the service that was polled ready for a clone, so that the ready one goes into
+/// the future.
+fn take_ready<S: Clone>(inner: &mut S) -> S {
+    let clone = inner.clone();
+    std::mem::replace(inner, clone)
+}
+
+impl<S: Clone, X, C, St, H> Clone for RateLimit<S, X, C, St, H> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            store: self.store.clone(),
+            policy: self.policy.clone(),
+        }
+    }
+}
+
+impl<S: std::fmt::Debug, X, C, St: std::fmt::Debug, H> std::fmt::Debug
+    for RateLimit<S, X, C, St, H>
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RateLimit")
+            .field("inner", &self.inner)
+            .field("store", &self.store)
+            .finish_non_exhaustive()
+    }
+}

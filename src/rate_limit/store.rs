@@ -1,0 +1,235 @@
+//! Where bucket state lives: the [`Store`] trait and the in-process [`LocalStore`].
+
+use std::future::{Ready, ready};
+use std::hash::Hash;
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tower::BoxError;
+
+use super::bucket::{Claim, Denied, Quota, TokenBucket, Verdict};
+use super::error::ConfigError;
+use super::keyed::{KeyedBuckets, KeyedClaim};
+use super::layer::RateLimitStatus;
+
+/// The bucket state behind a [`RateLimitLayer`](super::RateLimitLayer).
+///
+/// The layer asks the store for one decision per request and otherwise knows nothing of
+/// where the buckets live. The in-process [`LocalStore`] is the default; a fleet-wide
+/// store (Redis) implements the same trait with one round trip per decision and its own
+/// clock.
+///
+/// `key` is `None` for the shared bucket: the only bucket of a global limiter, and the
+/// fallback bucket of a keyed one.
+pub trait Store: Send + Sync + 'static {
+    /// The key type of a keyed limiter (`()` for a global one).
+    type Key;
+    /// A slot a waiting request holds; handed to [`cancel`](Store::cancel) when the
+    /// request is dropped before its turn.
+    type Reservation: Send + 'static;
+    /// The decision. `Unpin` so that the layer can poll it once in `call` and, when it is
+    /// ready at once (the in-process store's `std::future::Ready` always is), call the
+    /// inner service without cloning it. A remote store may box its future.
+    type Future: Future<Output = Result<Decision<Self::Reservation>, BoxError>> + Unpin;
+
+    /// Charges `cost` tokens to `key`'s bucket, or reserves them within `max_wait`.
+    /// `with_status` asks for the bucket's [`RateLimitStatus`] on admission (the layer
+    /// asks only when it adds the `RateLimit` fields to responses).
+    fn acquire(
+        &self,
+        key: Option<&Self::Key>,
+        cost: u64,
+        max_wait: Duration,
+        with_status: bool,
+    ) -> Self::Future;
+
+    /// Hands back the slot of a request that gave up waiting (best effort).
+    fn cancel(&self, reservation: Self::Reservation);
+
+    /// The quota in force.
+    fn quota(&self) -> Quota;
+
+    /// Replaces the quota with `change(current)`; buckets keep the tokens they hold,
+    /// clamped to the new capacity.
+    fn update_quota<F>(&self, change: F) -> Result<(), ConfigError>
+    where
+        F: FnOnce(Quota) -> Result<Quota, ConfigError>;
+
+    /// The tokens `key`'s bucket holds now (a remote store may answer from what it last
+    /// saw).
+    fn available(&self, key: Option<&Self::Key>) -> u64;
+
+    /// How many per-key buckets the store holds (zero for a global limiter).
+    fn tracked_keys(&self) -> usize;
+}
+
+/// A [`Store`]'s answer for one request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Decision<R> {
+    /// Go ahead now.
+    Admitted {
+        /// The bucket's state after the request, if asked for.
+        status: Option<RateLimitStatus>,
+    },
+    /// Go ahead after `wait`; the slot is held by `reservation` until then.
+    Reserved {
+        /// How long to wait.
+        wait: Duration,
+        /// The slot, to hand back if the request gives up.
+        reservation: R,
+    },
+    /// Refused.
+    Denied(Denied),
+}
+
+impl<R> Decision<R> {
+    fn from_verdict(
+        verdict: Verdict,
+        now: u64,
+        with_status: bool,
+        reserve: impl FnOnce() -> R,
+    ) -> Self {
+        match verdict {
+            Verdict::Admit {
+                wait: 0,
+                tat,
+                quota,
+                ..
+            } => Decision::Admitted {
+                status: with_status.then(|| RateLimitStatus {
+                    quota,
+                    remaining: quota.available(tat, now),
+                    reset: Duration::from_nanos(tat - now),
+                }),
+            },
+            Verdict::Admit { wait, .. } => Decision::Reserved {
+                wait: Duration::from_nanos(wait),
+                reservation: reserve(),
+            },
+            Verdict::Deny(denied) => Decision::Denied(denied),
+        }
+    }
+}
+
+/// The in-process store: one lock-free bucket, plus (for a keyed limiter) a sharded table
+/// of per-key buckets bounded by `max_keys` (see the [module docs](super#memory)).
+///
+/// The shared bucket is the whole limiter when it is global; for a keyed limiter it is
+/// the bucket of requests without a key (when so configured) and of new keys beyond
+/// `max_keys`.
+pub struct LocalStore<K = ()> {
+    shared: TokenBucket,
+    keyed: Option<KeyedBuckets<K>>,
+}
+
+/// A slot held in a [`LocalStore`].
+#[derive(Debug)]
+pub struct LocalReservation<K> {
+    held: Held<K>,
+}
+
+#[derive(Debug)]
+enum Held<K> {
+    Shared(Claim),
+    Keyed(K, KeyedClaim),
+}
+
+impl<K: Hash + Eq + Clone> LocalStore<K> {
+    pub(crate) fn global(quota: Quota) -> Self {
+        Self {
+            shared: TokenBucket::new(quota, Instant::now()),
+            keyed: None,
+        }
+    }
+
+    pub(crate) fn keyed(quota: Quota, max_keys: usize) -> Self {
+        Self {
+            shared: TokenBucket::new(quota, Instant::now()),
+            keyed: Some(KeyedBuckets::new(max_keys)),
+        }
+    }
+
+    fn decide(
+        &self,
+        key: Option<&K>,
+        cost: u64,
+        max_wait: u64,
+        with_status: bool,
+    ) -> Decision<LocalReservation<K>> {
+        let now = self.shared.nanos(Instant::now());
+        if let (Some(key), Some(keyed)) = (key, &self.keyed)
+            && let Some((verdict, claim)) =
+                keyed.acquire(key, self.shared.quota(), now, cost, max_wait)
+        {
+            return Decision::from_verdict(verdict, now, with_status, || LocalReservation {
+                held: Held::Keyed(key.clone(), claim),
+            });
+        }
+        let (verdict, claim) = self.shared.take(cost, max_wait, now);
+        Decision::from_verdict(verdict, now, with_status, || LocalReservation {
+            held: Held::Shared(claim),
+        })
+    }
+}
+
+impl<K> Store for LocalStore<K>
+where
+    K: Hash + Eq + Clone + Send + Sync + 'static,
+{
+    type Key = K;
+    type Reservation = LocalReservation<K>;
+    type Future = Ready<Result<Decision<LocalReservation<K>>, BoxError>>;
+
+    fn acquire(
+        &self,
+        key: Option<&K>,
+        cost: u64,
+        max_wait: Duration,
+        with_status: bool,
+    ) -> Self::Future {
+        let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
+        ready(Ok(self.decide(key, cost, max_wait, with_status)))
+    }
+
+    fn cancel(&self, reservation: LocalReservation<K>) {
+        match (reservation.held, &self.keyed) {
+            (Held::Keyed(key, claim), Some(keyed)) => keyed.cancel(&key, claim),
+            (Held::Shared(claim), _) => self.shared.give_back(claim),
+            (Held::Keyed(..), None) => {}
+        }
+    }
+
+    fn quota(&self) -> Quota {
+        self.shared.quota()
+    }
+
+    fn update_quota<F>(&self, change: F) -> Result<(), ConfigError>
+    where
+        F: FnOnce(Quota) -> Result<Quota, ConfigError>,
+    {
+        // Keyed buckets remember the quota they were measured in and move on their next
+        // request; only the shared bucket must move now.
+        self.shared.update(Instant::now(), change)
+    }
+
+    fn available(&self, key: Option<&K>) -> u64 {
+        let now = self.shared.nanos(Instant::now());
+        match (key, &self.keyed) {
+            (Some(key), Some(keyed)) => keyed.available(key, self.shared.quota(), now),
+            _ => self.shared.available_at(now),
+        }
+    }
+
+    fn tracked_keys(&self) -> usize {
+        self.keyed.as_ref().map_or(0, KeyedBuckets::len)
+    }
+}
+
+impl<K> std::fmt::Debug for LocalStore<K> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LocalStore")
+            .field("quota", &self.shared.quota())
+            .field("keyed", &self.keyed.is_some())
+            .finish()
+    }
+}

@@ -1,0 +1,298 @@
+//! The sans-io token bucket against a reference model, and under threads.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::Duration;
+
+use palisade::rate_limit::{ConfigError, Denied, Quota, TokenBucket};
+use proptest::prelude::*;
+use tokio::time::Instant;
+
+/// The textbook token bucket, in exact integer arithmetic: `credit` is the time-worth of
+/// tokens held (one token = `interval` nanoseconds), capped at `capacity * interval`.
+struct Model {
+    capacity: u64,
+    interval: u64,
+    credit: u64,
+    last: u64,
+}
+
+impl Model {
+    fn new(capacity: u64, interval: u64) -> Self {
+        Self {
+            capacity,
+            interval,
+            credit: capacity * interval,
+            last: 0,
+        }
+    }
+
+    /// `Ok(())` if admitted, else how long until the request would be.
+    fn acquire(&mut self, cost: u64, now: u64) -> Result<(), u64> {
+        self.credit = (self.credit + (now - self.last)).min(self.capacity * self.interval);
+        self.last = now;
+        let price = cost * self.interval;
+        if self.credit >= price {
+            self.credit -= price;
+            Ok(())
+        } else {
+            Err(price - self.credit)
+        }
+    }
+}
+
+fn at(start: Instant, nanos: u64) -> Instant {
+    start + Duration::from_nanos(nanos)
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(96))]
+
+    /// Same decisions and same retry_after as the model, for random arrivals and costs.
+    #[test]
+    fn matches_the_reference_model(
+        capacity in 1u64..8,
+        interval in 1u64..5_000,
+        arrivals in prop::collection::vec((0u64..3_000, 1u64..4), 1..200),
+    ) {
+        let start = Instant::now();
+        let bucket = TokenBucket::new(Quota::new(capacity, 1, Duration::from_nanos(interval))?, start);
+        let mut model = Model::new(capacity, interval);
+        let mut now = 0;
+        for (gap, cost) in arrivals {
+            now += gap;
+            let expected = model.acquire(cost, now);
+            match bucket.acquire(cost, at(start, now)) {
+                Ok(_) => prop_assert_eq!(expected, Ok(())),
+                Err(Denied::Limited { retry_after, .. }) => {
+                    prop_assert_eq!(expected, Err(retry_after.as_nanos() as u64));
+                }
+                Err(Denied::CostExceedsCapacity { .. }) => prop_assert!(cost > capacity),
+            }
+        }
+    }
+
+    /// Over any window of length t the admitted cost is at most capacity + rate * t,
+    /// including rates that do not divide the period evenly.
+    #[test]
+    fn never_exceeds_capacity_plus_rate_times_t(
+        capacity in 1u64..6,
+        tokens in 1u64..7,
+        period in 1_000u64..20_000,
+        arrivals in prop::collection::vec((0u64..2_000, 1u64..3), 1..250),
+    ) {
+        let start = Instant::now();
+        let bucket = TokenBucket::new(Quota::new(capacity, tokens, Duration::from_nanos(period))?, start);
+        let mut admitted = Vec::new();
+        let mut now = 0;
+        for (gap, cost) in arrivals {
+            now += gap;
+            if bucket.acquire(cost, at(start, now)).is_ok() {
+                admitted.push((now, cost));
+            }
+        }
+        for (i, &(from, _)) in admitted.iter().enumerate() {
+            let mut spent = 0u128;
+            for &(to, cost) in &admitted[i..] {
+                spent += u128::from(cost);
+                // spent <= capacity + tokens * (to - from) / period, without division.
+                let allowed = u128::from(capacity) * u128::from(period)
+                    + u128::from(tokens) * u128::from(to - from);
+                prop_assert!(spent * u128::from(period) <= allowed,
+                    "{spent} admitted in {} ns", to - from);
+            }
+        }
+    }
+
+    /// A client whose requests are each at least period / tokens apart is never refused,
+    /// whatever it did before (starting from a drained bucket).
+    #[test]
+    fn steady_client_is_never_refused(
+        capacity in 1u64..6,
+        tokens in 1u64..7,
+        period in 1_000u64..20_000,
+        extra in prop::collection::vec(0u64..500, 1..200),
+    ) {
+        let start = Instant::now();
+        let bucket = TokenBucket::new(Quota::new(capacity, tokens, Duration::from_nanos(period))?, start);
+        while bucket.acquire(1, start).is_ok() {}
+        let spacing = period.div_ceil(tokens);
+        let mut now = 0;
+        for extra in extra {
+            now += spacing + extra;
+            prop_assert!(bucket.acquire(1, at(start, now)).is_ok(), "refused at {now}");
+        }
+    }
+
+    /// A retry after exactly retry_after succeeds; one a nanosecond earlier does not.
+    #[test]
+    fn retry_after_is_exact(
+        capacity in 1u64..6,
+        tokens in 1u64..7,
+        period in 1_000u64..20_000,
+        arrivals in prop::collection::vec((0u64..1_000, 1u64..3), 1..60),
+        cost in 1u64..3,
+    ) {
+        prop_assume!(cost <= capacity);
+        let start = Instant::now();
+        let bucket = TokenBucket::new(Quota::new(capacity, tokens, Duration::from_nanos(period))?, start);
+        let mut now = 0;
+        for (gap, cost) in arrivals {
+            now += gap;
+            let _ = bucket.acquire(cost, at(start, now));
+        }
+        while bucket.acquire(cost, at(start, now)).is_ok() {}
+        let Err(Denied::Limited { retry_after, .. }) = bucket.acquire(cost, at(start, now)) else {
+            return Err(TestCaseError::fail("expected a denial"));
+        };
+        let retry = now + retry_after.as_nanos() as u64;
+        prop_assert!(bucket.acquire(cost, at(start, retry - 1)).is_err());
+        prop_assert!(bucket.acquire(cost, at(start, retry)).is_ok());
+    }
+}
+
+#[test]
+fn reservations_queue_in_order_and_give_back_only_the_last() {
+    let start = Instant::now();
+    let bucket = TokenBucket::new(Quota::new(1, 1, Duration::from_secs(1)).unwrap(), start);
+    let max_wait = Duration::from_secs(10);
+    assert_eq!(
+        bucket.reserve(1, max_wait, start).unwrap().wait(),
+        Duration::ZERO
+    );
+    let first = bucket.reserve(1, max_wait, start).unwrap();
+    let second = bucket.reserve(1, max_wait, start).unwrap();
+    assert_eq!(first.wait(), Duration::from_secs(1));
+    assert_eq!(second.wait(), Duration::from_secs(2));
+
+    // The first is not the last reservation: its slot stays spent.
+    bucket.cancel(first);
+    assert_eq!(
+        bucket.reserve(1, max_wait, start).unwrap().wait(),
+        Duration::from_secs(3)
+    );
+}
+
+#[test]
+fn cancelling_the_last_reservation_restores_the_bucket() {
+    let start = Instant::now();
+    let bucket = TokenBucket::new(Quota::new(2, 1, Duration::from_secs(1)).unwrap(), start);
+    let max_wait = Duration::from_secs(10);
+    bucket.acquire(2, start).unwrap();
+    let reserved = bucket.reserve(1, max_wait, start).unwrap();
+    assert_eq!(reserved.wait(), Duration::from_secs(1));
+    bucket.cancel(reserved);
+    assert_eq!(
+        bucket.reserve(1, max_wait, start).unwrap().wait(),
+        Duration::from_secs(1)
+    );
+}
+
+#[test]
+fn a_reservation_beyond_max_wait_is_refused_without_spending() {
+    let start = Instant::now();
+    let bucket = TokenBucket::new(Quota::new(1, 1, Duration::from_secs(1)).unwrap(), start);
+    bucket.acquire(1, start).unwrap();
+    let refused = bucket
+        .reserve(1, Duration::from_millis(999), start)
+        .unwrap_err();
+    assert_eq!(
+        refused,
+        Denied::Limited {
+            retry_after: Duration::from_secs(1),
+            remaining: 0
+        }
+    );
+    assert_eq!(
+        bucket
+            .reserve(1, Duration::from_secs(1), start)
+            .unwrap()
+            .wait(),
+        Duration::from_secs(1)
+    );
+}
+
+#[test]
+fn cost_above_capacity_is_refused_for_good() {
+    let start = Instant::now();
+    let bucket = TokenBucket::new(Quota::new(3, 1, Duration::from_secs(1)).unwrap(), start);
+    assert_eq!(
+        bucket.reserve(4, Duration::from_secs(3600), start),
+        Err(Denied::CostExceedsCapacity {
+            cost: 4,
+            capacity: 3
+        })
+    );
+    assert_eq!(bucket.available(start), 3);
+}
+
+#[test]
+fn quota_changes_keep_the_tokens_held() {
+    let start = Instant::now();
+    let bucket = TokenBucket::new(Quota::new(10, 10, Duration::from_secs(1)).unwrap(), start);
+    bucket.acquire(10, start).unwrap();
+    assert_eq!(bucket.available(start), 0);
+
+    // Slower refill: the empty bucket stays empty, and refills at the new rate.
+    bucket.set_quota(Quota::new(10, 1, Duration::from_secs(1)).unwrap(), start);
+    assert_eq!(bucket.available(start), 0);
+    assert_eq!(bucket.available(at(start, 999_999_999)), 0);
+    assert_eq!(bucket.available(start + Duration::from_secs(1)), 1);
+
+    // Half full, then a smaller capacity: clamped, not emptied.
+    let later = start + Duration::from_secs(5);
+    assert_eq!(bucket.available(later), 5);
+    bucket.set_quota(Quota::new(3, 1, Duration::from_secs(1)).unwrap(), later);
+    assert_eq!(bucket.available(later), 3);
+
+    // A larger capacity is not a free burst: the new room fills at the refill rate.
+    bucket.set_quota(Quota::new(6, 1, Duration::from_secs(1)).unwrap(), later);
+    assert_eq!(bucket.available(later), 3);
+    assert_eq!(bucket.available(later + Duration::from_secs(3)), 6);
+    assert_eq!(bucket.quota().capacity(), 6);
+}
+
+#[test]
+fn invalid_quotas_are_errors() {
+    let second = Duration::from_secs(1);
+    assert_eq!(Quota::new(0, 1, second), Err(ConfigError::ZeroCapacity));
+    assert_eq!(Quota::new(1, 0, second), Err(ConfigError::ZeroRefillTokens));
+    assert_eq!(
+        Quota::new(1, 1, Duration::ZERO),
+        Err(ConfigError::ZeroRefillPeriod)
+    );
+    assert_eq!(
+        Quota::new(1, 2, Duration::from_nanos(1)),
+        Err(ConfigError::RateTooHigh)
+    );
+    assert_eq!(Quota::new(u64::MAX, 1, second), Err(ConfigError::TooLarge));
+}
+
+#[test]
+fn threads_sharing_one_bucket_never_over_admit() {
+    let start = Instant::now();
+    let bucket = Arc::new(TokenBucket::new(
+        Quota::new(1_000, 1, Duration::from_secs(3600)).unwrap(),
+        start,
+    ));
+    let admitted = Arc::new(AtomicU64::new(0));
+    let threads: Vec<_> = (0..8)
+        .map(|thread| {
+            let bucket = bucket.clone();
+            let admitted = admitted.clone();
+            std::thread::spawn(move || {
+                // Time moves a little per thread, never enough for a token (1 per hour).
+                for step in 0..500u64 {
+                    let now = at(start, thread * 1_000 + step);
+                    if bucket.acquire(1, now).is_ok() {
+                        admitted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for thread in threads {
+        thread.join().unwrap();
+    }
+    assert_eq!(admitted.load(Ordering::Relaxed), 1_000);
+}
