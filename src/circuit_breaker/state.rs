@@ -443,8 +443,13 @@ impl Core {
             }
             Some(_) => self.open(half_open.encode(), TransitionReason::ProbesSlow, now),
             None => {
-                // The decider is alone here, so the window can be emptied before the
-                // closed phase starts recording into it.
+                // Empty the window before the closed phase starts recording into it, or
+                // the first closed call would be judged with the failures that tripped
+                // the breaker. The decider is alone here, unless the breaker was moved
+                // by hand meanwhile; then the window is not ours to clear.
+                if self.state.load(Ordering::Acquire) != half_open.encode() {
+                    return;
+                }
                 self.window.clear();
                 let closed = half_open.next(State::Closed, 0);
                 if self.transition(half_open.encode(), closed, TransitionReason::ProbesSucceeded, now) {
