@@ -75,8 +75,11 @@ pub trait Classify<Res, E> {
     type Response<R: Report>;
 
     /// Classifies `result`, calling `report` once the outcome is known.
-    fn classify<R: Report>(&self, result: Result<Res, E>, report: R)
-    -> Result<Self::Response<R>, E>;
+    fn classify<R: Report>(
+        &self,
+        result: Result<Res, E>,
+        report: R,
+    ) -> Result<Self::Response<R>, E>;
 }
 
 impl<F, Res, E> Classify<Res, E> for F

@@ -1,8 +1,8 @@
 //! The circuit breaker through its public API, on paused time.
 
 use palisade::circuit_breaker::{
-    CircuitBreakerLayer, CircuitOpen, ConfigError, OpenBackoff, SlidingWindow, State,
-    Transition, TransitionReason,
+    CircuitBreakerLayer, CircuitOpen, ConfigError, OpenBackoff, SlidingWindow, State, Transition,
+    TransitionReason,
 };
 use palisade::classify::Outcome;
 use std::future::Future;
@@ -136,8 +136,16 @@ async fn trips_on_failure_rate_rejects_half_opens_and_closes() {
         reasons(&seen),
         [
             (State::Closed, State::Open, TransitionReason::FailureRate),
-            (State::Open, State::HalfOpen, TransitionReason::OpenTimeElapsed),
-            (State::HalfOpen, State::Closed, TransitionReason::ProbesSucceeded),
+            (
+                State::Open,
+                State::HalfOpen,
+                TransitionReason::OpenTimeElapsed
+            ),
+            (
+                State::HalfOpen,
+                State::Closed,
+                TransitionReason::ProbesSucceeded
+            ),
         ]
     );
     assert!(handle.metrics().last_transition.is_some());
@@ -177,7 +185,11 @@ async fn failed_probes_reopen_for_longer_each_time_up_to_the_cap() {
     send(&mut service, Call::Fail).await.unwrap_err();
     let open_for = rejected(&send(&mut service, Call::Succeed).await).expect("open");
     assert_eq!(open_for, Duration::from_secs(1));
-    assert!(reasons(&seen).contains(&(State::HalfOpen, State::Open, TransitionReason::ProbesFailed)));
+    assert!(reasons(&seen).contains(&(
+        State::HalfOpen,
+        State::Open,
+        TransitionReason::ProbesFailed
+    )));
 }
 
 #[tokio::test(start_paused = true)]
@@ -226,7 +238,10 @@ async fn count_window_slides_so_failures_after_many_successes_trip_within_the_wi
     while handle.state() == State::Closed {
         send(&mut service, Call::Fail).await.unwrap_err();
         failures += 1;
-        assert!(failures <= 100, "a window of 100 must trip within 100 failures");
+        assert!(
+            failures <= 100,
+            "a window of 100 must trip within 100 failures"
+        );
     }
     // The 50th failure makes 50 of the last 100 calls failures.
     assert_eq!(failures, 50);
@@ -290,19 +305,29 @@ async fn slow_calls_trip_the_breaker_and_a_slow_probe_reopens_it() {
     send(&mut service, Call::Slow(100)).await.expect("ok");
     send(&mut service, Call::Slow(150)).await.expect("ok");
     send(&mut service, Call::Succeed).await.expect("ok");
-    assert_eq!(handle.metrics().slow_calls, 1, "100ms is not slower than 100ms");
+    assert_eq!(
+        handle.metrics().slow_calls,
+        1,
+        "100ms is not slower than 100ms"
+    );
     assert_eq!(handle.state(), State::Closed);
     send(&mut service, Call::Slow(150)).await.expect("ok");
     assert_eq!(handle.state(), State::Open);
 
     advance(Duration::from_secs(5)).await;
-    send(&mut service, Call::Slow(500)).await.expect("a slow success");
+    send(&mut service, Call::Slow(500))
+        .await
+        .expect("a slow success");
     assert_eq!(handle.state(), State::Open);
     assert_eq!(
         reasons(&seen),
         [
             (State::Closed, State::Open, TransitionReason::SlowCallRate),
-            (State::Open, State::HalfOpen, TransitionReason::OpenTimeElapsed),
+            (
+                State::Open,
+                State::HalfOpen,
+                TransitionReason::OpenTimeElapsed
+            ),
             (State::HalfOpen, State::Open, TransitionReason::ProbesSlow),
         ]
     );
@@ -368,7 +393,11 @@ async fn dropped_probes_give_their_slots_back_and_the_breaker_recovers() {
         drop(hanging);
     }
     assert_eq!(handle.state(), State::HalfOpen);
-    assert_eq!(handle.metrics().calls, window_before.calls, "abandoned probes recorded nothing");
+    assert_eq!(
+        handle.metrics().calls,
+        window_before.calls,
+        "abandoned probes recorded nothing"
+    );
 
     send(&mut service, Call::Succeed).await.expect("probe");
     send(&mut service, Call::Succeed).await.expect("probe");
@@ -433,7 +462,11 @@ async fn the_handle_forces_and_resets() {
     assert_eq!(handle.state(), State::Closed);
     assert_eq!(handle.metrics().calls, 0);
     send(&mut service, Call::Fail).await.unwrap_err();
-    assert_eq!(handle.state(), State::Closed, "the failure before the reset is gone");
+    assert_eq!(
+        handle.state(),
+        State::Closed,
+        "the failure before the reset is gone"
+    );
     send(&mut service, Call::Fail).await.unwrap_err();
     assert_eq!(handle.state(), State::Open);
 
@@ -489,38 +522,76 @@ async fn an_open_breaker_stays_ready_and_rejects_in_call() {
 fn build_rejects_every_invalid_configuration() {
     let builder = CircuitBreakerLayer::builder;
     let cases: Vec<(Result<_, ConfigError>, ConfigError)> = vec![
-        (builder().failure_rate_threshold(0.0).build(), ConfigError::FailureRate(0.0)),
-        (builder().failure_rate_threshold(1.5).build(), ConfigError::FailureRate(1.5)),
+        (
+            builder().failure_rate_threshold(0.0).build(),
+            ConfigError::FailureRate(0.0),
+        ),
+        (
+            builder().failure_rate_threshold(1.5).build(),
+            ConfigError::FailureRate(1.5),
+        ),
         (
             builder().slow_calls(Duration::from_secs(1), -0.1).build(),
             ConfigError::SlowCallRate(-0.1),
         ),
-        (builder().slow_calls(Duration::ZERO, 0.5).build(), ConfigError::ZeroSlowCallDuration),
-        (builder().minimum_calls(0).build(), ConfigError::ZeroMinimumCalls),
         (
-            builder().minimum_calls(11).sliding_window(SlidingWindow::count(10)).build(),
-            ConfigError::MinimumCallsAboveWindow { minimum_calls: 11, window: 10 },
+            builder().slow_calls(Duration::ZERO, 0.5).build(),
+            ConfigError::ZeroSlowCallDuration,
         ),
         (
-            builder().minimum_calls(1).sliding_window(SlidingWindow::count(0)).build(),
+            builder().minimum_calls(0).build(),
+            ConfigError::ZeroMinimumCalls,
+        ),
+        (
+            builder()
+                .minimum_calls(11)
+                .sliding_window(SlidingWindow::count(10))
+                .build(),
+            ConfigError::MinimumCallsAboveWindow {
+                minimum_calls: 11,
+                window: 10,
+            },
+        ),
+        (
+            builder()
+                .minimum_calls(1)
+                .sliding_window(SlidingWindow::count(0))
+                .build(),
             ConfigError::EmptyWindow,
         ),
         (
-            builder().sliding_window(SlidingWindow::count(1 << 24)).build(),
-            ConfigError::WindowTooLarge { size: 1 << 24, max: (1 << 20) - 1 },
+            builder()
+                .sliding_window(SlidingWindow::count(1 << 24))
+                .build(),
+            ConfigError::WindowTooLarge {
+                size: 1 << 24,
+                max: (1 << 20) - 1,
+            },
         ),
         (
-            builder().sliding_window(SlidingWindow::time(Duration::from_secs(1)).buckets(0)).build(),
+            builder()
+                .sliding_window(SlidingWindow::time(Duration::from_secs(1)).buckets(0))
+                .build(),
             ConfigError::NoBuckets,
         ),
         (
-            builder().sliding_window(SlidingWindow::time(Duration::from_millis(5))).build(),
-            ConfigError::BucketTooShort { span: Duration::from_millis(5), buckets: 10 },
+            builder()
+                .sliding_window(SlidingWindow::time(Duration::from_millis(5)))
+                .build(),
+            ConfigError::BucketTooShort {
+                span: Duration::from_millis(5),
+                buckets: 10,
+            },
         ),
-        (builder().open_for(Duration::ZERO).build(), ConfigError::ZeroOpenDuration),
+        (
+            builder().open_for(Duration::ZERO).build(),
+            ConfigError::ZeroOpenDuration,
+        ),
         (
             builder()
-                .open_backoff(OpenBackoff::exponential(Duration::from_secs(2)).max(Duration::from_secs(1)))
+                .open_backoff(
+                    OpenBackoff::exponential(Duration::from_secs(2)).max(Duration::from_secs(1)),
+                )
                 .build(),
             ConfigError::MaxOpenBelowInitial {
                 initial: Duration::from_secs(2),
@@ -539,8 +610,20 @@ fn build_rejects_every_invalid_configuration() {
                 .build(),
             ConfigError::Jitter(1.0),
         ),
-        (builder().half_open_probes(0).build(), ConfigError::Probes { probes: 0, max: 4095 }),
-        (builder().half_open_probes(5000).build(), ConfigError::Probes { probes: 5000, max: 4095 }),
+        (
+            builder().half_open_probes(0).build(),
+            ConfigError::Probes {
+                probes: 0,
+                max: 4095,
+            },
+        ),
+        (
+            builder().half_open_probes(5000).build(),
+            ConfigError::Probes {
+                probes: 5000,
+                max: 4095,
+            },
+        ),
     ];
     for (result, expected) in cases {
         assert_eq!(result.map(|_| ()).unwrap_err(), expected);

@@ -36,7 +36,11 @@ where
 fn flaky() -> impl Service<bool, Response = (), Error = BoxError, Future: Send> + Clone + Send {
     service_fn(|fail: bool| async move {
         tokio::task::yield_now().await;
-        if fail { Err(BoxError::from("failed")) } else { Ok(()) }
+        if fail {
+            Err(BoxError::from("failed"))
+        } else {
+            Ok(())
+        }
     })
 }
 
@@ -172,18 +176,36 @@ async fn half_open_admits_at_most_the_probe_limit_concurrently() {
             most.fetch_max(current, Ordering::SeqCst);
             tokio::time::sleep(Duration::from_millis(2)).await;
             now.fetch_sub(1, Ordering::SeqCst);
-            if fail { Err::<(), BoxError>("down".into()) } else { Ok(()) }
+            if fail {
+                Err::<(), BoxError>("down".into())
+            } else {
+                Ok(())
+            }
         }
     });
     let mut service = layer.layer(backend);
-    service.ready().await.expect("ready").call(true).await.unwrap_err();
+    service
+        .ready()
+        .await
+        .expect("ready")
+        .call(true)
+        .await
+        .unwrap_err();
     assert_eq!(handle.state(), State::Open);
     tokio::time::sleep(Duration::from_millis(2)).await;
 
     let tasks: Vec<_> = (0..16)
         .map(|_| {
             let mut service = service.clone();
-            tokio::spawn(async move { service.ready().await.expect("ready").call(false).await.is_ok() })
+            tokio::spawn(async move {
+                service
+                    .ready()
+                    .await
+                    .expect("ready")
+                    .call(false)
+                    .await
+                    .is_ok()
+            })
         })
         .collect();
     let mut passed = 0;

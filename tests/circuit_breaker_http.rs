@@ -8,8 +8,8 @@ use axum::error_handling::HandleErrorLayer;
 use axum::http::{HeaderMap, HeaderValue, Request, Response, StatusCode, header};
 use axum::response::IntoResponse;
 use axum::routing::get;
-use http_body_util::{BodyExt, Empty, StreamBody};
 use http_body::Frame;
+use http_body_util::{BodyExt, Empty, StreamBody};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use palisade::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, SlidingWindow, State};
@@ -73,7 +73,9 @@ async fn an_axum_server_opens_rejects_half_opens_and_closes() {
                 .layer(HandleErrorLayer::new(answer))
                 .layer(breaker),
         );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+        .await
+        .expect("bind");
     let address = listener.local_addr().expect("address");
     tokio::spawn(async move { axum::serve(listener, app).await.expect("serve") });
 
@@ -149,13 +151,19 @@ async fn grpc_status_in_trailers_is_classified_at_the_end_of_the_body() {
     advance(Duration::from_secs(2)).await;
     response.into_body().collect().await.expect("body");
     let metrics = handle.metrics();
-    assert_eq!((metrics.calls, metrics.failures, metrics.slow_calls), (1, 1, 1));
+    assert_eq!(
+        (metrics.calls, metrics.failures, metrics.slow_calls),
+        (1, 1, 1)
+    );
 
     // NOT_FOUND is an answer, not an outage; and it was quick.
     let response = service.clone().oneshot("5").await.expect("response");
     response.into_body().collect().await.expect("body");
     let metrics = handle.metrics();
-    assert_eq!((metrics.calls, metrics.failures, metrics.slow_calls), (2, 1, 1));
+    assert_eq!(
+        (metrics.calls, metrics.failures, metrics.slow_calls),
+        (2, 1, 1)
+    );
     assert_eq!(handle.state(), State::Open, "1 failure in 2 calls is 50%");
 }
 

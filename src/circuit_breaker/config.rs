@@ -65,10 +65,12 @@ impl SlidingWindow {
     fn validate(&self) -> Result<(), ConfigError> {
         match self.kind {
             WindowKind::Count(0) => Err(ConfigError::EmptyWindow),
-            WindowKind::Count(size) if size > MAX_COUNT_WINDOW => Err(ConfigError::WindowTooLarge {
-                size,
-                max: MAX_COUNT_WINDOW,
-            }),
+            WindowKind::Count(size) if size > MAX_COUNT_WINDOW => {
+                Err(ConfigError::WindowTooLarge {
+                    size,
+                    max: MAX_COUNT_WINDOW,
+                })
+            }
             WindowKind::Count(_) => Ok(()),
             WindowKind::Time { buckets: 0, .. } => Err(ConfigError::NoBuckets),
             WindowKind::Time { span, buckets } if span / buckets < MIN_BUCKET_WIDTH => {
@@ -264,5 +266,9 @@ impl Config {
 }
 
 fn check_rate(rate: f64) -> Result<(), f64> {
-    if rate > 0.0 && rate <= 1.0 { Ok(()) } else { Err(rate) }
+    if rate > 0.0 && rate <= 1.0 {
+        Ok(())
+    } else {
+        Err(rate)
+    }
 }

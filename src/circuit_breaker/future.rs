@@ -56,7 +56,9 @@ impl<F, C> fmt::Debug for ResponseFuture<F, C> {
             Kind::Called { .. } => "called",
             Kind::Rejected { .. } => "rejected",
         };
-        f.debug_struct("ResponseFuture").field("state", &state).finish()
+        f.debug_struct("ResponseFuture")
+            .field("state", &state)
+            .finish()
     }
 }
 

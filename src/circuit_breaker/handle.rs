@@ -28,8 +28,11 @@ impl CircuitBreakerHandle {
     /// Rejects every call until [`force_closed`](Self::force_closed) or
     /// [`reset`](Self::reset).
     pub fn force_open(&self) {
-        self.core
-            .force(State::ForcedOpen, TransitionReason::ForcedOpen, Instant::now());
+        self.core.force(
+            State::ForcedOpen,
+            TransitionReason::ForcedOpen,
+            Instant::now(),
+        );
     }
 
     /// Lets every call through and records nothing until

@@ -142,10 +142,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
 
     /// Calls `observer` on every state change. It runs on the thread that made the
     /// change, inside a call: keep it short.
-    pub fn on_transition(
-        mut self,
-        observer: impl Fn(&Transition) + Send + Sync + 'static,
-    ) -> Self {
+    pub fn on_transition(mut self, observer: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
         self.observer = Some(Arc::new(observer));
         self
     }

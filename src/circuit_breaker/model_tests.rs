@@ -36,7 +36,8 @@ impl Setup {
         let window = match self.window {
             ModelWindow::Count(size) => SlidingWindow::count(size),
             ModelWindow::Time { width_ms, buckets } => {
-                SlidingWindow::time(Duration::from_millis(width_ms * buckets)).buckets(buckets as u32)
+                SlidingWindow::time(Duration::from_millis(width_ms * buckets))
+                    .buckets(buckets as u32)
             }
         };
         Config {
@@ -208,7 +209,8 @@ impl Model {
     }
 
     fn open(&mut self, now_ms: u64) {
-        let nominal = self.setup.open_ms * self.setup.multiplier.pow(self.consecutive_trips.min(10));
+        let nominal =
+            self.setup.open_ms * self.setup.multiplier.pow(self.consecutive_trips.min(10));
         self.open_until_ms = now_ms + nominal.min(self.setup.max_open_ms());
         self.consecutive_trips += 1;
         self.enter(State::Open);
@@ -236,7 +238,8 @@ impl Model {
                 };
                 self.window.push_back((stamp, failed, slow));
                 let (calls, failures, slows) = self.counts(now_ms);
-                if calls as u64 >= self.setup.minimum_calls && self.tripped(calls, failures, slows) {
+                if calls as u64 >= self.setup.minimum_calls && self.tripped(calls, failures, slows)
+                {
                     self.open(now_ms);
                 }
             }
@@ -299,25 +302,39 @@ fn run(setup: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Call(outcome, took_ms) => {
                 let real = core.admit(|| at(now_ms));
                 let expected = model.admit(now_ms);
-                prop_assert_eq!(real.as_ref().err().map(|open| open.retry_after()), expected.err());
+                prop_assert_eq!(
+                    real.as_ref().err().map(|open| open.retry_after()),
+                    expected.err()
+                );
                 now_ms += took_ms;
                 if let (Ok(permit), Ok(model_permit)) = (real, expected) {
-                    core.record(permit, outcome, Duration::from_millis(took_ms), || at(now_ms));
+                    core.record(permit, outcome, Duration::from_millis(took_ms), || {
+                        at(now_ms)
+                    });
                     model.record(model_permit, outcome, took_ms, now_ms);
                 }
             }
             Op::Start => {
                 let real = core.admit(|| at(now_ms));
                 let expected = model.admit(now_ms);
-                prop_assert_eq!(real.as_ref().err().map(|open| open.retry_after()), expected.err());
+                prop_assert_eq!(
+                    real.as_ref().err().map(|open| open.retry_after()),
+                    expected.err()
+                );
                 if let (Ok(permit), Ok(model)) = (real, expected) {
-                    in_flight.push(InFlight { permit, model, started_ms: now_ms });
+                    in_flight.push(InFlight {
+                        permit,
+                        model,
+                        started_ms: now_ms,
+                    });
                 }
             }
             Op::Finish(index, outcome) if !in_flight.is_empty() => {
                 let call = in_flight.swap_remove(index % in_flight.len());
                 let took_ms = now_ms - call.started_ms;
-                core.record(call.permit, outcome, Duration::from_millis(took_ms), || at(now_ms));
+                core.record(call.permit, outcome, Duration::from_millis(took_ms), || {
+                    at(now_ms)
+                });
                 model.record(call.model, outcome, took_ms, now_ms);
             }
             Op::Drop(index) if !in_flight.is_empty() => {
@@ -328,11 +345,19 @@ fn run(setup: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Finish(..) | Op::Drop(_) => {}
             Op::Advance(ms) => now_ms += ms,
             Op::ForceOpen => {
-                core.force(State::ForcedOpen, super::TransitionReason::ForcedOpen, at(now_ms));
+                core.force(
+                    State::ForcedOpen,
+                    super::TransitionReason::ForcedOpen,
+                    at(now_ms),
+                );
                 model.force(State::ForcedOpen);
             }
             Op::ForceClosed => {
-                core.force(State::ForcedClosed, super::TransitionReason::ForcedClosed, at(now_ms));
+                core.force(
+                    State::ForcedClosed,
+                    super::TransitionReason::ForcedClosed,
+                    at(now_ms),
+                );
                 model.force(State::ForcedClosed);
             }
             Op::Reset => {

@@ -129,8 +129,9 @@ impl Report for CallReport {
             (Some(started), Some(now)) => now.saturating_duration_since(started),
             _ => Default::default(),
         };
-        self.core
-            .record(permit, outcome, duration, || now.unwrap_or_else(Instant::now));
+        self.core.record(permit, outcome, duration, || {
+            now.unwrap_or_else(Instant::now)
+        });
     }
 }
 

@@ -9,7 +9,7 @@
 
 use super::config::{Config, MAX_PROBES};
 use super::error::CircuitOpen;
-use super::window::{Counts, Sample, Window};
+use super::window::{Counts, Padded, Sample, Window};
 use crate::classify::Outcome;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use std::collections::hash_map::RandomState;
@@ -210,7 +210,7 @@ impl Probes {
 
 /// The shared state of one breaker.
 pub(crate) struct Core {
-    state: AtomicU64,
+    state: Padded<AtomicU64>,
     probes: AtomicU64,
     consecutive_trips: AtomicU32,
     jitter_seed: AtomicU64,
@@ -239,14 +239,14 @@ impl Core {
         // hasher) so that a fleet of breakers built at the same moment still spreads out.
         let seed = RandomState::new().build_hasher().finish();
         Self {
-            state: AtomicU64::new(
+            state: Padded(AtomicU64::new(
                 Word {
                     state: State::Closed,
                     generation: 0,
                     open_until_ms: 0,
                 }
                 .encode(),
-            ),
+            )),
             probes: AtomicU64::new(Probes::fresh(0).encode()),
             consecutive_trips: AtomicU32::new(0),
             jitter_seed: AtomicU64::new(seed),
@@ -452,7 +452,12 @@ impl Core {
                 }
                 self.window.clear();
                 let closed = half_open.next(State::Closed, 0);
-                if self.transition(half_open.encode(), closed, TransitionReason::ProbesSucceeded, now) {
+                if self.transition(
+                    half_open.encode(),
+                    closed,
+                    TransitionReason::ProbesSucceeded,
+                    now,
+                ) {
                     self.consecutive_trips.store(0, Ordering::Release);
                 }
             }

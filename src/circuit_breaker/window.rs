@@ -2,9 +2,25 @@
 //! build time.
 
 use super::config::{SlidingWindow, WindowKind};
-use crate::sync::{AtomicU32, AtomicU64, AtomicUsize, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
+
+/// Keeps a hot atomic on a cache line (and the adjacent-line prefetch pair) of its
+/// own, so that threads hammering it do not also evict their neighbours: the `Arc`
+/// reference count, the state word and the ring cursor are each written or read on
+/// every call.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
 
 /// What the window holds: the number of calls recorded, and how many of them failed
 /// or were slow.
@@ -31,7 +47,9 @@ impl Window {
     pub(crate) fn new(window: SlidingWindow, base: Instant) -> Self {
         match window.kind {
             WindowKind::Count(size) => Window::Count(CountWindow::new(size)),
-            WindowKind::Time { span, buckets } => Window::Time(TimeWindow::new(span, buckets, base)),
+            WindowKind::Time { span, buckets } => {
+                Window::Time(TimeWindow::new(span, buckets, base))
+            }
         }
     }
 
@@ -64,7 +82,11 @@ impl Window {
 /// counts packed in one word so that one `fetch_add` both updates and reads them.
 pub(crate) struct CountWindow {
     slots: Box<[AtomicU32]>,
-    cursor: AtomicUsize,
+    /// Wraps at 2^32: once every four billion calls one slot is written twice and one
+    /// skipped, which the counts stay consistent through.
+    cursor: Padded<AtomicU32>,
+    /// `u64::MAX / len + 1`, for a remainder without a division (Lemire's fastmod).
+    magic: u64,
     counts: AtomicU64,
 }
 
@@ -82,14 +104,16 @@ impl CountWindow {
     fn new(size: usize) -> Self {
         Self {
             slots: (0..size).map(|_| AtomicU32::new(0)).collect(),
-            cursor: AtomicUsize::new(0),
+            cursor: Padded(AtomicU32::new(0)),
+            magic: (u64::MAX / size as u64).wrapping_add(1),
             counts: AtomicU64::new(0),
         }
     }
 
     fn record(&self, sample: Sample) -> Option<Counts> {
-        let slot = &self.slots[self.cursor.fetch_add(1, Ordering::Relaxed) % self.slots.len()];
-        let new = RECORDED | if sample.failure { FAILED } else { 0 } | if sample.slow { SLOW } else { 0 };
+        let slot = &self.slots[self.slot_index(self.cursor.fetch_add(1, Ordering::Relaxed))];
+        let new =
+            RECORDED | if sample.failure { FAILED } else { 0 } | if sample.slow { SLOW } else { 0 };
         // The common case, a success replacing a success, writes nothing shared but the
         // cursor, so threads sharing the breaker do not fight over the ring.
         if slot.load(Ordering::Relaxed) == new {
@@ -97,6 +121,12 @@ impl CountWindow {
         }
         let old = slot.swap(new, Ordering::AcqRel);
         self.apply(old, new)
+    }
+
+    /// `cursor % len`: a hardware division would cost more than the rest of the call.
+    fn slot_index(&self, cursor: u32) -> usize {
+        let low = self.magic.wrapping_mul(u64::from(cursor));
+        ((u128::from(low) * self.slots.len() as u128) >> 64) as usize
     }
 
     /// Moves the counts from `old`'s contribution to `new`'s.
@@ -211,11 +241,13 @@ impl TimeWindow {
                 0
             }
         };
-        self.buckets.iter().fold(Counts::default(), |sum, bucket| Counts {
-            calls: sum.calls + read(&bucket.calls),
-            failures: sum.failures + read(&bucket.failures),
-            slow: sum.slow + read(&bucket.slow),
-        })
+        self.buckets
+            .iter()
+            .fold(Counts::default(), |sum, bucket| Counts {
+                calls: sum.calls + read(&bucket.calls),
+                failures: sum.failures + read(&bucket.failures),
+                slow: sum.slow + read(&bucket.slow),
+            })
     }
 
     fn clear(&self) {
@@ -259,20 +291,57 @@ mod tests {
     #[test]
     fn packed_counts_survive_a_transiently_negative_field() {
         let word = packed(RECORDED | FAILED).wrapping_sub(packed(RECORDED | SLOW));
-        assert_eq!(unpack(word), Counts { calls: 0, failures: 1, slow: 0 });
+        assert_eq!(
+            unpack(word),
+            Counts {
+                calls: 0,
+                failures: 1,
+                slow: 0
+            }
+        );
         let restored = word.wrapping_add(packed(RECORDED | SLOW));
-        assert_eq!(unpack(restored), Counts { calls: 1, failures: 1, slow: 0 });
+        assert_eq!(
+            unpack(restored),
+            Counts {
+                calls: 1,
+                failures: 1,
+                slow: 0
+            }
+        );
+    }
+
+    #[test]
+    fn slot_index_is_the_remainder() {
+        for size in [1, 2, 3, 7, 100, 1000, MAX_COUNT_WINDOW] {
+            let window = CountWindow::new(size);
+            for cursor in (0..5000).chain([u32::MAX - 1, u32::MAX, 1 << 31, 123_456_789]) {
+                assert_eq!(window.slot_index(cursor), cursor as usize % size);
+            }
+        }
     }
 
     #[test]
     fn count_window_keeps_exactly_the_last_n() {
         let window = CountWindow::new(3);
-        let fail = Sample { failure: true, slow: false };
-        let ok = Sample { failure: false, slow: false };
+        let fail = Sample {
+            failure: true,
+            slow: false,
+        };
+        let ok = Sample {
+            failure: false,
+            slow: false,
+        };
         for sample in [fail, fail, fail, ok, ok] {
             window.record(sample);
         }
-        assert_eq!(window.counts(), Counts { calls: 3, failures: 1, slow: 0 });
+        assert_eq!(
+            window.counts(),
+            Counts {
+                calls: 3,
+                failures: 1,
+                slow: 0
+            }
+        );
         window.clear();
         assert_eq!(window.counts(), Counts::default());
     }
@@ -281,7 +350,10 @@ mod tests {
     fn time_window_forgets_old_buckets() {
         let base = Instant::now();
         let window = TimeWindow::new(Duration::from_secs(10), 10, base);
-        let fail = Sample { failure: true, slow: true };
+        let fail = Sample {
+            failure: true,
+            slow: true,
+        };
         window.record(fail, base);
         window.record(fail, base + Duration::from_secs(5));
         assert_eq!(window.counts(base + Duration::from_secs(9)).calls, 2);
@@ -289,6 +361,13 @@ mod tests {
         assert_eq!(window.counts(base + Duration::from_secs(15)).calls, 0);
         // The bucket of epoch 0 is recycled for epoch 20 without leftovers.
         let counts = window.record(fail, base + Duration::from_secs(20));
-        assert_eq!(counts, Counts { calls: 1, failures: 1, slow: 1 });
+        assert_eq!(
+            counts,
+            Counts {
+                calls: 1,
+                failures: 1,
+                slow: 1
+            }
+        );
     }
 }
