@@ -246,13 +246,13 @@ impl Config {
             return Err(ConfigError::ZeroMinimumCalls);
         }
         self.window.validate()?;
-        if let Some(size) = self.window.capacity() {
-            if self.minimum_calls > size as u64 {
-                return Err(ConfigError::MinimumCallsAboveWindow {
-                    minimum_calls: self.minimum_calls,
-                    window: size,
-                });
-            }
+        if let Some(size) = self.window.capacity()
+            && self.minimum_calls > size as u64
+        {
+            return Err(ConfigError::MinimumCallsAboveWindow {
+                minimum_calls: self.minimum_calls,
+                window: size,
+            });
         }
         self.open.validate()?;
         if self.probes == 0 || self.probes > MAX_PROBES {

@@ -492,8 +492,9 @@ impl Core {
         let trips = self.consecutive_trips.load(Ordering::Acquire);
         let open_for = self.config.open.duration(trips, self.random());
         let until = now.saturating_duration_since(self.base) + open_for;
-        // Round up so that the breaker never half-opens before the open time passed.
-        let until_ms = until.as_nanos().div_ceil(1_000_000) as u64;
+        // Round down so that `retry_after` never exceeds the open time; the breaker may
+        // half-open up to a millisecond early.
+        let until_ms = until.as_millis() as u64;
         let open = Word::decode(from).next(State::Open, until_ms);
         if self.transition(from, open, reason, now) {
             self.consecutive_trips
