@@ -1,8 +1,8 @@
 //! The circuit breaker through its public API, on paused time.
 
 use palisade::circuit_breaker::{
-    CircuitBreakerLayer, CircuitOpen, ConfigError, OpenBackoff, SlidingWindow, State, Transition,
-    TransitionReason,
+    CircuitBreaker, CircuitBreakerHandle, CircuitBreakerLayer, CircuitBreakerLayerBuilder,
+    CircuitOpen, ConfigError, OpenBackoff, SlidingWindow, State, Transition, TransitionReason,
 };
 use palisade::classify::Outcome;
 use std::future::Future;
@@ -41,6 +41,24 @@ fn backend(
             }
         }
     })
+}
+
+/// A builder with a count window of `size` calls and `minimum_calls` (the default
+/// failure rate threshold is 50%).
+fn counting(minimum_calls: u64, size: usize) -> CircuitBreakerLayerBuilder {
+    CircuitBreakerLayer::builder()
+        .minimum_calls(minimum_calls)
+        .sliding_window(SlidingWindow::count(size))
+}
+
+/// The layer's handle, and the layer around a backend nobody counts.
+fn wire<C: Clone>(
+    layer: CircuitBreakerLayer<C>,
+) -> (
+    CircuitBreakerHandle,
+    CircuitBreaker<impl Service<Call, Response = &'static str, Error = BoxError> + Clone, C>,
+) {
+    (layer.handle(), layer.layer(backend(Arc::default())))
 }
 
 async fn send<S>(service: &mut S, call: Call) -> Result<S::Response, BoxError>
@@ -82,10 +100,7 @@ fn reasons(seen: &Mutex<Vec<Transition>>) -> Vec<(State, State, TransitionReason
 #[tokio::test(start_paused = true)]
 async fn trips_on_failure_rate_rejects_half_opens_and_closes() {
     let (seen, observer) = recorder();
-    let layer = CircuitBreakerLayer::builder()
-        .failure_rate_threshold(0.5)
-        .minimum_calls(4)
-        .sliding_window(SlidingWindow::count(10))
+    let layer = counting(4, 10)
         .open_for(Duration::from_secs(10))
         .half_open_probes(2)
         .on_transition(observer)
@@ -154,16 +169,13 @@ async fn trips_on_failure_rate_rejects_half_opens_and_closes() {
 #[tokio::test(start_paused = true)]
 async fn failed_probes_reopen_for_longer_each_time_up_to_the_cap() {
     let (seen, observer) = recorder();
-    let layer = CircuitBreakerLayer::builder()
-        .minimum_calls(1)
-        .sliding_window(SlidingWindow::count(1))
+    let layer = counting(1, 1)
         .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)).max(Duration::from_secs(5)))
         .half_open_probes(1)
         .on_transition(observer)
         .build()
         .expect("valid");
-    let handle = layer.handle();
-    let mut service = layer.layer(backend(Arc::default()));
+    let (handle, mut service) = wire(layer);
 
     send(&mut service, Call::Fail).await.unwrap_err();
     let mut open_times = Vec::new();
@@ -194,9 +206,7 @@ async fn failed_probes_reopen_for_longer_each_time_up_to_the_cap() {
 
 #[tokio::test(start_paused = true)]
 async fn jitter_shortens_the_open_time_within_its_bounds() {
-    let layer = CircuitBreakerLayer::builder()
-        .minimum_calls(1)
-        .sliding_window(SlidingWindow::count(1))
+    let layer = counting(1, 1)
         .open_backoff(
             OpenBackoff::exponential(Duration::from_secs(8))
                 .max(Duration::from_secs(8))
@@ -222,14 +232,8 @@ async fn jitter_shortens_the_open_time_within_its_bounds() {
 
 #[tokio::test(start_paused = true)]
 async fn count_window_slides_so_failures_after_many_successes_trip_within_the_window() {
-    let layer = CircuitBreakerLayer::builder()
-        .failure_rate_threshold(0.5)
-        .minimum_calls(20)
-        .sliding_window(SlidingWindow::count(100))
-        .build()
-        .expect("valid");
-    let handle = layer.handle();
-    let mut service = layer.layer(backend(Arc::default()));
+    let layer = counting(20, 100).build().expect("valid");
+    let (handle, mut service) = wire(layer);
     for _ in 0..1000 {
         send(&mut service, Call::Succeed).await.expect("ok");
     }
@@ -249,14 +253,8 @@ async fn count_window_slides_so_failures_after_many_successes_trip_within_the_wi
 
 #[tokio::test(start_paused = true)]
 async fn minimum_calls_below_the_window_size_trips_early() {
-    let layer = CircuitBreakerLayer::builder()
-        .failure_rate_threshold(0.5)
-        .minimum_calls(10)
-        .sliding_window(SlidingWindow::count(100))
-        .build()
-        .expect("valid");
-    let handle = layer.handle();
-    let mut service = layer.layer(backend(Arc::default()));
+    let layer = counting(10, 100).build().expect("valid");
+    let (handle, mut service) = wire(layer);
     for _ in 0..9 {
         send(&mut service, Call::Fail).await.unwrap_err();
     }
@@ -273,8 +271,7 @@ async fn time_window_forgets_calls_older_than_its_span() {
         .sliding_window(SlidingWindow::time(Duration::from_secs(10)))
         .build()
         .expect("valid");
-    let handle = layer.handle();
-    let mut service = layer.layer(backend(Arc::default()));
+    let (handle, mut service) = wire(layer);
     for _ in 0..3 {
         send(&mut service, Call::Fail).await.unwrap_err();
     }
@@ -300,8 +297,7 @@ async fn slow_calls_trip_the_breaker_and_a_slow_probe_reopens_it() {
         .on_transition(observer)
         .build()
         .expect("valid");
-    let handle = layer.handle();
-    let mut service = layer.layer(backend(Arc::default()));
+    let (handle, mut service) = wire(layer);
     send(&mut service, Call::Slow(100)).await.expect("ok");
     send(&mut service, Call::Slow(150)).await.expect("ok");
     send(&mut service, Call::Succeed).await.expect("ok");
@@ -335,9 +331,7 @@ async fn slow_calls_trip_the_breaker_and_a_slow_probe_reopens_it() {
 
 #[tokio::test(start_paused = true)]
 async fn ignored_outcomes_count_for_nothing() {
-    let layer = CircuitBreakerLayer::builder()
-        .minimum_calls(1)
-        .sliding_window(SlidingWindow::count(10))
+    let layer = counting(1, 10)
         .half_open_probes(1)
         .open_for(Duration::from_secs(1))
         .classify(|result: &Result<&'static str, BoxError>| match result {
@@ -347,8 +341,7 @@ async fn ignored_outcomes_count_for_nothing() {
         })
         .build()
         .expect("valid");
-    let handle = layer.handle();
-    let mut service = layer.layer(backend(Arc::default()));
+    let (handle, mut service) = wire(layer);
     for _ in 0..20 {
         send(&mut service, Call::Ignore).await.unwrap_err();
     }
@@ -366,9 +359,7 @@ async fn ignored_outcomes_count_for_nothing() {
 
 #[tokio::test(start_paused = true)]
 async fn dropped_probes_give_their_slots_back_and_the_breaker_recovers() {
-    let layer = CircuitBreakerLayer::builder()
-        .minimum_calls(1)
-        .sliding_window(SlidingWindow::count(5))
+    let layer = counting(1, 5)
         .open_for(Duration::from_secs(1))
         .half_open_probes(2)
         .build()
@@ -408,8 +399,7 @@ async fn dropped_probes_give_their_slots_back_and_the_breaker_recovers() {
 #[tokio::test(start_paused = true)]
 async fn a_dropped_closed_call_records_nothing() {
     let layer = CircuitBreakerLayer::builder().build().expect("valid");
-    let handle = layer.handle();
-    let mut service = layer.layer(backend(Arc::default()));
+    let (handle, mut service) = wire(layer);
     let mut call = Box::pin(service.ready().await.expect("ready").call(Call::Slow(1000)));
     assert!(futures_poll_once(&mut call).await.is_none());
     drop(call);
@@ -432,9 +422,7 @@ async fn futures_poll_once<F: Future + Unpin>(future: &mut F) -> Option<F::Outpu
 #[tokio::test(start_paused = true)]
 async fn the_handle_forces_and_resets() {
     let (seen, observer) = recorder();
-    let layer = CircuitBreakerLayer::builder()
-        .minimum_calls(2)
-        .sliding_window(SlidingWindow::count(4))
+    let layer = counting(2, 4)
         .open_for(Duration::from_secs(7))
         .on_transition(observer)
         .build()
@@ -486,11 +474,7 @@ async fn the_handle_forces_and_resets() {
 
 #[tokio::test(start_paused = true)]
 async fn every_service_and_clone_shares_one_breaker() {
-    let layer = CircuitBreakerLayer::builder()
-        .minimum_calls(2)
-        .sliding_window(SlidingWindow::count(2))
-        .build()
-        .expect("valid");
+    let layer = counting(2, 2).build().expect("valid");
     let handle = layer.handle();
     let mut first = layer.layer(backend(Arc::default()));
     let mut second = layer.clone().layer(backend(Arc::default()));
@@ -503,11 +487,7 @@ async fn every_service_and_clone_shares_one_breaker() {
 
 #[tokio::test(start_paused = true)]
 async fn an_open_breaker_stays_ready_and_rejects_in_call() {
-    let layer = CircuitBreakerLayer::builder()
-        .minimum_calls(1)
-        .sliding_window(SlidingWindow::count(1))
-        .build()
-        .expect("valid");
+    let layer = counting(1, 1).build().expect("valid");
     let mut service = layer.layer(backend(Arc::default()));
     send(&mut service, Call::Fail).await.unwrap_err();
     // poll_ready is the inner service's: a rejection must not poison a Buffer.

@@ -130,6 +130,16 @@ fn grpc_response(status: &'static str) -> Response<StreamBody<GrpcFrames>> {
     Response::new(StreamBody::new(futures_util::stream::iter(frames)))
 }
 
+/// A backend answering with the gRPC status it is asked for, in the trailers.
+fn grpc_backend() -> impl tower::Service<
+    &'static str,
+    Response = Response<StreamBody<GrpcFrames>>,
+    Error = Infallible,
+    Future: Send,
+> + Clone {
+    service_fn(|status: &'static str| async move { Ok(grpc_response(status)) })
+}
+
 #[tokio::test(start_paused = true)]
 async fn grpc_status_in_trailers_is_classified_at_the_end_of_the_body() {
     let breaker = CircuitBreakerLayer::builder()
@@ -140,9 +150,7 @@ async fn grpc_status_in_trailers_is_classified_at_the_end_of_the_body() {
         .build()
         .expect("valid");
     let handle = breaker.handle();
-    let service = breaker.layer(service_fn(|status: &'static str| async move {
-        Ok::<_, Infallible>(grpc_response(status))
-    }));
+    let service = breaker.layer(grpc_backend());
 
     // The head says nothing: the outcome is known only once the trailers are read.
     let response = service.clone().oneshot("14").await.expect("response");
@@ -176,9 +184,7 @@ async fn a_grpc_body_dropped_before_its_trailers_records_nothing() {
         .build()
         .expect("valid");
     let handle = breaker.handle();
-    let service = breaker.layer(service_fn(|status: &'static str| async move {
-        Ok::<_, Infallible>(grpc_response(status))
-    }));
+    let service = breaker.layer(grpc_backend());
     for _ in 0..3 {
         drop(service.clone().oneshot("14").await.expect("response"));
     }
