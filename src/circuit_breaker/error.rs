@@ -14,7 +14,8 @@ impl CircuitOpen {
     }
 
     /// How long until the breaker lets a probe through: zero when it is half-open and
-    /// only waiting for a probe slot.
+    /// only waiting for a probe slot; the configured (initial) open time, as a hint,
+    /// when it was forced open by hand.
     pub fn retry_after(&self) -> Duration {
         self.retry_after
     }

@@ -1,6 +1,6 @@
 use super::future::ResponseFuture;
 use super::state::{Core, Permit};
-use crate::classify::{Classify, Outcome, Report};
+use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -10,7 +10,7 @@ use tower_service::Service;
 
 /// A service behind a circuit breaker; made by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
-pub struct CircuitBreaker<S, C> {
+pub struct CircuitBreaker<S, C = ErrorsAsFailures> {
     inner: S,
     core: Arc<Core>,
     classify: C,

@@ -81,6 +81,27 @@ impl Window {
     }
 }
 
+/// Positions in a ring of `len` slots: `n % len` without a hardware division, which
+/// would cost more than the rest of a call (Lemire's fastmod, exact for every `u32`).
+struct Ring {
+    len: usize,
+    magic: u64,
+}
+
+impl Ring {
+    fn new(len: usize) -> Self {
+        Self {
+            len,
+            magic: (u64::MAX / len as u64).wrapping_add(1),
+        }
+    }
+
+    fn index(&self, n: u32) -> usize {
+        let low = self.magic.wrapping_mul(u64::from(n));
+        ((u128::from(low) * self.len as u128) >> 64) as usize
+    }
+}
+
 /// The last `N` outcomes, as a ring of slots with an atomic cursor, plus the running
 /// counts packed in one word so that one `fetch_add` both updates and reads them.
 pub(crate) struct CountWindow {
@@ -88,8 +109,7 @@ pub(crate) struct CountWindow {
     /// Wraps at 2^32: once every four billion calls one slot is written twice and one
     /// skipped, which the counts stay consistent through.
     cursor: Padded<AtomicU32>,
-    /// `u64::MAX / len + 1`, for a remainder without a division (Lemire's fastmod).
-    magic: u64,
+    ring: Ring,
     counts: AtomicU64,
 }
 
@@ -108,13 +128,13 @@ impl CountWindow {
         Self {
             slots: (0..size).map(|_| AtomicU32::new(0)).collect(),
             cursor: Padded(AtomicU32::new(0)),
-            magic: (u64::MAX / size as u64).wrapping_add(1),
+            ring: Ring::new(size),
             counts: AtomicU64::new(0),
         }
     }
 
     fn record(&self, sample: Sample) -> Option<Counts> {
-        let slot = &self.slots[self.slot_index(self.cursor.fetch_add(1, Ordering::Relaxed))];
+        let slot = &self.slots[self.ring.index(self.cursor.fetch_add(1, Ordering::Relaxed))];
         let new =
             RECORDED | if sample.failure { FAILED } else { 0 } | if sample.slow { SLOW } else { 0 };
         // The common case, a success replacing a success, writes nothing shared but the
@@ -124,12 +144,6 @@ impl CountWindow {
         }
         let old = slot.swap(new, Ordering::AcqRel);
         self.apply(old, new)
-    }
-
-    /// `cursor % len`: a hardware division would cost more than the rest of the call.
-    fn slot_index(&self, cursor: u32) -> usize {
-        let low = self.magic.wrapping_mul(u64::from(cursor));
-        ((u128::from(low) * self.slots.len() as u128) >> 64) as usize
     }
 
     /// Moves the counts from `old`'s contribution to `new`'s.
@@ -187,7 +201,8 @@ fn unpack(mut word: u64) -> Counts {
 /// same compare-and-swap that counts into it, without losing a concurrent record.
 pub(crate) struct TimeWindow {
     buckets: Box<[Bucket]>,
-    width: Duration,
+    ring: Ring,
+    width_nanos: u64,
     base: Instant,
 }
 
@@ -206,20 +221,23 @@ impl TimeWindow {
     fn new(span: Duration, buckets: u32, base: Instant) -> Self {
         Self {
             buckets: (0..buckets).map(|_| Bucket::default()).collect(),
-            width: span / buckets,
+            ring: Ring::new(buckets as usize),
+            width_nanos: (span / buckets).as_nanos() as u64,
             base,
         }
     }
 
     fn epoch(&self, now: Instant) -> u32 {
-        let elapsed = now.saturating_duration_since(self.base).as_nanos();
-        (elapsed / self.width.as_nanos()) as u32
+        // 64-bit nanoseconds last 584 years, and a 64-bit division is several times
+        // cheaper than Duration's 128-bit one.
+        let elapsed = now.saturating_duration_since(self.base).as_nanos() as u64;
+        (elapsed / self.width_nanos) as u32
     }
 
     fn record(&self, sample: Sample, now: Instant) -> Counts {
         let epoch = self.epoch(now);
         let live = self.buckets.len() as u32;
-        let bucket = &self.buckets[epoch as usize % self.buckets.len()];
+        let bucket = &self.buckets[self.ring.index(epoch)];
         add(&bucket.calls, epoch, live);
         if sample.failure {
             add(&bucket.failures, epoch, live);
@@ -314,11 +332,11 @@ mod tests {
     }
 
     #[test]
-    fn slot_index_is_the_remainder() {
+    fn ring_index_is_the_remainder() {
         for size in [1, 2, 3, 7, 100, 1000, MAX_COUNT_WINDOW] {
-            let window = CountWindow::new(size);
-            for cursor in (0..5000).chain([u32::MAX - 1, u32::MAX, 1 << 31, 123_456_789]) {
-                assert_eq!(window.slot_index(cursor), cursor as usize % size);
+            let ring = Ring::new(size);
+            for n in (0..5000).chain([u32::MAX - 1, u32::MAX, 1 << 31, 123_456_789]) {
+                assert_eq!(ring.index(n), n as usize % size);
             }
         }
     }
