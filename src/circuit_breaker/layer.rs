@@ -1,7 +1,7 @@
 use super::config::{Config, OpenBackoff, SlidingWindow, SlowCalls};
 use super::error::ConfigError;
 use super::handle::CircuitBreakerHandle;
-use super::service::CircuitBreaker;
+use super::service::{CircuitBreaker, Lanes};
 use super::state::{Core, Observer, Transition};
 use crate::classify::ErrorsAsFailures;
 use std::fmt;
@@ -17,6 +17,7 @@ use tower_layer::Layer;
 /// See the [module documentation](super) for the semantics.
 pub struct CircuitBreakerLayer<C = ErrorsAsFailures> {
     core: Arc<Core>,
+    lanes: Arc<Lanes>,
     classify: C,
 }
 
@@ -24,6 +25,7 @@ impl<C: Clone> Clone for CircuitBreakerLayer<C> {
     fn clone(&self) -> Self {
         Self {
             core: Arc::clone(&self.core),
+            lanes: Arc::clone(&self.lanes),
             classify: self.classify.clone(),
         }
     }
@@ -61,7 +63,7 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreaker<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::new(inner, Arc::clone(&self.core), self.classify.clone())
+        CircuitBreaker::new(inner, Arc::clone(&self.lanes), self.classify.clone())
     }
 }
 
@@ -150,8 +152,10 @@ impl<C> CircuitBreakerLayerBuilder<C> {
     /// Checks the configuration and creates the breaker's state.
     pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
         let config = self.config.validate()?;
+        let core = Arc::new(Core::new(config, self.observer, Instant::now()));
         Ok(CircuitBreakerLayer {
-            core: Arc::new(Core::new(config, self.observer, Instant::now())),
+            lanes: Arc::new(Lanes::new(&core)),
+            core,
             classify: self.classify,
         })
     }

@@ -12,15 +12,60 @@ use tower_service::Service;
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 pub struct CircuitBreaker<S, C = ErrorsAsFailures> {
     inner: S,
-    core: Arc<Core>,
+    lanes: Arc<Lanes>,
     classify: C,
 }
 
+/// The breaker as its services hold it: one core behind several reference-counted
+/// lanes. Every call holds a reference to its breaker until its outcome is known (a
+/// gRPC body may outlive the service), and with one shared count those increments
+/// would be the most contended write of the call; each thread takes its reference from
+/// its own lane instead.
+pub(crate) struct Lanes {
+    lanes: Box<[Arc<Lane>]>,
+}
+
+#[repr(align(128))] // a cache line pair of its own: the count in front of it is hot
+struct Lane {
+    core: Arc<Core>,
+}
+
+impl Lanes {
+    pub(crate) fn new(core: &Arc<Core>) -> Self {
+        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let lanes = threads.min(32).next_power_of_two();
+        Self {
+            lanes: (0..lanes)
+                .map(|_| {
+                    Arc::new(Lane {
+                        core: Arc::clone(core),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    fn core(&self) -> &Core {
+        &self.lanes[0].core
+    }
+
+    fn pick(&self) -> Arc<Lane> {
+        thread_local! {
+            static LANE: usize = {
+                static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+            };
+        }
+        let lane = LANE.with(|lane| *lane) & (self.lanes.len() - 1);
+        Arc::clone(&self.lanes[lane])
+    }
+}
+
 impl<S, C> CircuitBreaker<S, C> {
-    pub(crate) fn new(inner: S, core: Arc<Core>, classify: C) -> Self {
+    pub(crate) fn new(inner: S, lanes: Arc<Lanes>, classify: C) -> Self {
         Self {
             inner,
-            core,
+            lanes,
             classify,
         }
     }
@@ -45,7 +90,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            core: Arc::clone(&self.core),
+            lanes: Arc::clone(&self.lanes),
             classify: self.classify.clone(),
         }
     }
@@ -55,7 +100,7 @@ impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreaker")
             .field("inner", &self.inner)
-            .field("core", &self.core)
+            .field("core", self.lanes.core())
             .finish_non_exhaustive()
     }
 }
@@ -75,9 +120,9 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
-        match self.core.admit(Instant::now) {
+        match self.lanes.core().admit(Instant::now) {
             Ok(permit) => {
-                let report = CallReport::new(Arc::clone(&self.core), permit);
+                let report = CallReport::new(self.lanes.pick(), permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
             Err(open) => ResponseFuture::rejected(open),
@@ -93,17 +138,17 @@ where
 /// gRPC body dropped before the outcome was known), it records nothing and gives back
 /// the half-open probe slot it may hold.
 pub struct CallReport {
-    core: Arc<Core>,
+    lane: Arc<Lane>,
     permit: Option<Permit>,
     started: Option<Instant>,
 }
 
 impl CallReport {
-    fn new(core: Arc<Core>, permit: Permit) -> Self {
+    fn new(lane: Arc<Lane>, permit: Permit) -> Self {
         // Only slow-call detection needs the start; the closed fast path reads no clock.
-        let started = core.config().slow.map(|_| Instant::now());
+        let started = lane.core.config().slow.map(|_| Instant::now());
         Self {
-            core,
+            lane,
             permit: Some(permit),
             started,
         }
@@ -129,7 +174,7 @@ impl Report for CallReport {
             (Some(started), Some(now)) => now.saturating_duration_since(started),
             _ => Default::default(),
         };
-        self.core.record(permit, outcome, duration, || {
+        self.lane.core.record(permit, outcome, duration, || {
             now.unwrap_or_else(Instant::now)
         });
     }
@@ -138,7 +183,7 @@ impl Report for CallReport {
 impl Drop for CallReport {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
-            self.core.release(permit);
+            self.lane.core.release(permit);
         }
     }
 }
