@@ -611,3 +611,60 @@ fn build_rejects_every_invalid_configuration() {
     assert!(builder().failure_rate_threshold(f64::NAN).build().is_err());
     assert!(builder().failure_rate_threshold(1.0).build().is_ok());
 }
+
+#[cfg(feature = "tracing")]
+#[tokio::test(start_paused = true)]
+async fn each_transition_emits_a_tracing_event() {
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    /// Collects the `to` field of the breaker's events.
+    struct Targets(Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Targets {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            struct To(Option<String>);
+            impl tracing::field::Visit for To {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "to" {
+                        self.0 = Some(format!("{value:?}"));
+                    }
+                }
+            }
+            if event.metadata().target() == "palisade::circuit_breaker" {
+                let mut to = To(None);
+                event.record(&mut to);
+                self.0
+                    .lock()
+                    .expect("not poisoned")
+                    .push(to.0.unwrap_or_default());
+            }
+        }
+    }
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Targets(Arc::clone(&seen)));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let layer = counting(1, 1)
+        .open_for(Duration::from_secs(1))
+        .half_open_probes(1)
+        .build()
+        .expect("valid");
+    let (_handle, mut service) = wire(layer);
+    for _ in 0..5 {
+        send(&mut service, Call::Succeed)
+            .await
+            .expect("closed calls emit nothing");
+    }
+    send(&mut service, Call::Fail).await.unwrap_err();
+    advance(Duration::from_secs(1)).await;
+    send(&mut service, Call::Succeed).await.expect("probe");
+    assert_eq!(
+        *seen.lock().expect("not poisoned"),
+        ["Open", "HalfOpen", "Closed"]
+    );
+}
