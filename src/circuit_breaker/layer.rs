@@ -1,7 +1,8 @@
 use super::config::{Config, OpenBackoff, SlidingWindow, SlowCalls};
 use super::error::ConfigError;
 use super::handle::CircuitBreakerHandle;
-use super::service::{CircuitBreaker, Lanes};
+use super::lanes::CoreRefs;
+use super::service::CircuitBreaker;
 use super::state::{Core, Observer, Transition};
 use crate::classify::ErrorsAsFailures;
 use std::fmt;
@@ -17,7 +18,7 @@ use tower_layer::Layer;
 /// See the [module documentation](super) for the semantics.
 pub struct CircuitBreakerLayer<C = ErrorsAsFailures> {
     core: Arc<Core>,
-    lanes: Arc<Lanes>,
+    lanes: Arc<CoreRefs>,
     classify: C,
 }
 
@@ -154,7 +155,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         let config = self.config.validate()?;
         let core = Arc::new(Core::new(config, self.observer, Instant::now()));
         Ok(CircuitBreakerLayer {
-            lanes: Arc::new(Lanes::new(&core)),
+            lanes: Arc::new(CoreRefs::new(&core)),
             core,
             classify: self.classify,
         })

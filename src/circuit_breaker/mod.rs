@@ -66,6 +66,7 @@ mod config;
 mod error;
 mod future;
 mod handle;
+mod lanes;
 mod layer;
 mod service;
 mod state;

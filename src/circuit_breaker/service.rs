@@ -1,5 +1,6 @@
 use super::future::ResponseFuture;
-use super::state::{Core, Permit};
+use super::lanes::{CoreRef, CoreRefs};
+use super::state::Permit;
 use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
 use std::fmt;
 use std::sync::Arc;
@@ -12,57 +13,12 @@ use tower_service::Service;
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
 pub struct CircuitBreaker<S, C = ErrorsAsFailures> {
     inner: S,
-    lanes: Arc<Lanes>,
+    lanes: Arc<CoreRefs>,
     classify: C,
 }
 
-/// The breaker as its services hold it: one core behind several reference-counted
-/// lanes. Every call holds a reference to its breaker until its outcome is known (a
-/// gRPC body may outlive the service), and with one shared count those increments
-/// would be the most contended write of the call; each thread takes its reference from
-/// its own lane instead.
-pub(crate) struct Lanes {
-    lanes: Box<[Arc<Lane>]>,
-}
-
-#[repr(align(128))] // a cache line pair of its own: the count in front of it is hot
-struct Lane {
-    core: Arc<Core>,
-}
-
-impl Lanes {
-    pub(crate) fn new(core: &Arc<Core>) -> Self {
-        let threads = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let lanes = threads.min(32).next_power_of_two();
-        Self {
-            lanes: (0..lanes)
-                .map(|_| {
-                    Arc::new(Lane {
-                        core: Arc::clone(core),
-                    })
-                })
-                .collect(),
-        }
-    }
-
-    fn core(&self) -> &Core {
-        &self.lanes[0].core
-    }
-
-    fn pick(&self) -> Arc<Lane> {
-        thread_local! {
-            static LANE: usize = {
-                static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
-                NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
-            };
-        }
-        let lane = LANE.with(|lane| *lane) & (self.lanes.len() - 1);
-        Arc::clone(&self.lanes[lane])
-    }
-}
-
 impl<S, C> CircuitBreaker<S, C> {
-    pub(crate) fn new(inner: S, lanes: Arc<Lanes>, classify: C) -> Self {
+    pub(crate) fn new(inner: S, lanes: Arc<CoreRefs>, classify: C) -> Self {
         Self {
             inner,
             lanes,
@@ -122,7 +78,7 @@ where
     fn call(&mut self, request: Request) -> Self::Future {
         match self.lanes.core().admit(Instant::now) {
             Ok(permit) => {
-                let report = CallReport::new(self.lanes.pick(), permit);
+                let report = CallReport::new(self.lanes.take(), permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
             Err(open) => ResponseFuture::rejected(open),
@@ -138,13 +94,13 @@ where
 /// gRPC body dropped before the outcome was known), it records nothing and gives back
 /// the half-open probe slot it may hold.
 pub struct CallReport {
-    lane: Arc<Lane>,
+    lane: Arc<CoreRef>,
     permit: Option<Permit>,
     started: Option<Instant>,
 }
 
 impl CallReport {
-    fn new(lane: Arc<Lane>, permit: Permit) -> Self {
+    fn new(lane: Arc<CoreRef>, permit: Permit) -> Self {
         // Only slow-call detection needs the start; the closed fast path reads no clock.
         let started = lane.core.config().slow.map(|_| Instant::now());
         Self {

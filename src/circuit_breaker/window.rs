@@ -2,6 +2,7 @@
 //! build time.
 
 use super::config::{SlidingWindow, WindowKind};
+use super::lanes::Cursor;
 use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -102,13 +103,13 @@ impl Ring {
     }
 }
 
-/// The last `N` outcomes, as a ring of slots with an atomic cursor, plus the running
+/// The last `N` outcomes, as a ring of slots filled in cursor order, plus the running
 /// counts packed in one word so that one `fetch_add` both updates and reads them.
 pub(crate) struct CountWindow {
     slots: Box<[AtomicU32]>,
     /// Wraps at 2^32: once every four billion calls one slot is written twice and one
     /// skipped, which the counts stay consistent through.
-    cursor: Padded<AtomicU32>,
+    cursor: Cursor,
     ring: Ring,
     counts: AtomicU64,
 }
@@ -127,14 +128,14 @@ impl CountWindow {
     fn new(size: usize) -> Self {
         Self {
             slots: (0..size).map(|_| AtomicU32::new(0)).collect(),
-            cursor: Padded(AtomicU32::new(0)),
+            cursor: Cursor::new(size),
             ring: Ring::new(size),
             counts: AtomicU64::new(0),
         }
     }
 
     fn record(&self, sample: Sample) -> Option<Counts> {
-        let slot = &self.slots[self.ring.index(self.cursor.fetch_add(1, Ordering::Relaxed))];
+        let slot = &self.slots[self.ring.index(self.cursor.next())];
         let new =
             RECORDED | if sample.failure { FAILED } else { 0 } | if sample.slow { SLOW } else { 0 };
         // The common case, a success replacing a success, writes nothing shared but the
