@@ -23,9 +23,14 @@
 //! [`on_transition`](CircuitBreakerLayerBuilder::on_transition) callback, and a
 //! `tracing` event with the `tracing` feature, report every state change.
 //!
-//! The closed path is lock-free: a count window is a ring of atomic slots with an
-//! atomic cursor, a time window a fixed set of buckets stamped with their epoch, and
-//! the state one atomic word changed by compare-and-swap. A call allocates nothing.
+//! The closed path is lock-free and allocates nothing: a count window is a ring of
+//! atomic slots, a time window a fixed set of buckets stamped with their epoch, and the
+//! state one atomic word changed by compare-and-swap. So that threads sharing a breaker
+//! do not all write one cache line per call, each thread takes ring positions a block
+//! at a time and its per-call reference to the breaker from a lane of its own. One
+//! thread fills a count window in exact call order; with several, the ring's last
+//! positions may still hold outcomes from its previous lap, at most an eighth of the
+//! window.
 //!
 //! # Example
 //!
