@@ -9,14 +9,88 @@ pub struct CircuitOpen {
 }
 
 impl CircuitOpen {
-    #[allow(dead_code)] // constructed by the layer, which is being written
     pub(crate) fn new(retry_after: Duration) -> Self {
         Self { retry_after }
     }
 
     /// How long until the breaker lets a probe through: zero when it is half-open and
-    /// only waiting for a probe slot.
+    /// only waiting for a probe slot; the configured (initial) open time, as a hint,
+    /// when it was forced open by hand.
     pub fn retry_after(&self) -> Duration {
         self.retry_after
     }
+}
+
+/// Why [`CircuitBreakerLayerBuilder::build`](super::CircuitBreakerLayerBuilder::build)
+/// refused a configuration.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[non_exhaustive]
+pub enum ConfigError {
+    /// The failure rate threshold is outside `(0, 1]`.
+    #[error("failure rate threshold must be in (0, 1], got {0}")]
+    FailureRate(f64),
+    /// The slow-call rate threshold is outside `(0, 1]`.
+    #[error("slow-call rate threshold must be in (0, 1], got {0}")]
+    SlowCallRate(f64),
+    /// The slow-call duration is zero: every call would be slow.
+    #[error("slow-call duration must be above zero")]
+    ZeroSlowCallDuration,
+    /// `minimum_calls` is zero.
+    #[error("minimum_calls must be at least 1")]
+    ZeroMinimumCalls,
+    /// `minimum_calls` exceeds what the count window can hold, so it could never trip.
+    #[error("minimum_calls ({minimum_calls}) exceeds the count window ({window} calls)")]
+    MinimumCallsAboveWindow {
+        /// The configured minimum.
+        minimum_calls: u64,
+        /// The window size.
+        window: usize,
+    },
+    /// A count window of zero calls.
+    #[error("the sliding window must hold at least one call")]
+    EmptyWindow,
+    /// A count window above the supported size.
+    #[error("a count window holds at most {max} calls, got {size}")]
+    WindowTooLarge {
+        /// The requested size.
+        size: usize,
+        /// The largest supported size.
+        max: usize,
+    },
+    /// A time window with zero buckets.
+    #[error("a time window needs at least one bucket")]
+    NoBuckets,
+    /// A time window whose buckets would be shorter than a millisecond.
+    #[error("a time window of {span:?} in {buckets} buckets has buckets under 1ms")]
+    BucketTooShort {
+        /// The window span.
+        span: Duration,
+        /// The number of buckets.
+        buckets: u32,
+    },
+    /// The open time is zero.
+    #[error("the open duration must be above zero")]
+    ZeroOpenDuration,
+    /// The backoff's cap is below its initial open time.
+    #[error("the maximum open duration {max:?} is below the initial {initial:?}")]
+    MaxOpenBelowInitial {
+        /// The initial open time.
+        initial: Duration,
+        /// The cap.
+        max: Duration,
+    },
+    /// The backoff multiplier is below 1 or not finite.
+    #[error("the open backoff multiplier must be a finite number >= 1, got {0}")]
+    Multiplier(f64),
+    /// The jitter is outside `[0, 1)`.
+    #[error("the open backoff jitter must be in [0, 1), got {0}")]
+    Jitter(f64),
+    /// Zero half-open probes (the breaker could never close), or too many.
+    #[error("half_open_probes must be in 1..={max}, got {probes}")]
+    Probes {
+        /// The requested number.
+        probes: u32,
+        /// The largest supported number.
+        max: u32,
+    },
 }

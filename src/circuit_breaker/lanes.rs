@@ -1,0 +1,132 @@
+//! Spreading the per-call writes that every thread would otherwise make to one shared
+//! cache line over a few lanes, one per CPU: a thread always uses the same lane.
+
+use super::state::Core;
+use super::window::Padded;
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use std::sync::Arc;
+
+/// How many lanes a breaker has: the CPUs (at most 32), rounded up to a power of two.
+pub(crate) fn count() -> usize {
+    let cpus = std::thread::available_parallelism().map_or(1, |n| n.get());
+    cpus.min(32).next_power_of_two()
+}
+
+/// This thread's lane among `lanes` (a power of two).
+pub(crate) fn current(lanes: usize) -> usize {
+    thread_local! {
+        static THREAD: usize = {
+            static NEXT: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+            NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        };
+    }
+    THREAD.with(|thread| *thread) & (lanes - 1)
+}
+
+/// The breaker as its services hold it: one core behind a reference-counted handle per
+/// lane. Every call holds a reference to its breaker until its outcome is known (a
+/// gRPC body may outlive the service); with one shared count, those increments would
+/// be the most contended write of a call.
+pub(crate) struct CoreRefs {
+    lanes: Box<[Arc<CoreRef>]>,
+}
+
+/// One lane's reference to the core, on cache lines of its own.
+#[repr(align(128))]
+pub(crate) struct CoreRef {
+    pub(crate) core: Arc<Core>,
+}
+
+impl CoreRefs {
+    pub(crate) fn new(core: &Arc<Core>) -> Self {
+        Self {
+            lanes: (0..count())
+                .map(|_| {
+                    Arc::new(CoreRef {
+                        core: Arc::clone(core),
+                    })
+                })
+                .collect(),
+        }
+    }
+
+    pub(crate) fn core(&self) -> &Core {
+        &self.lanes[0].core
+    }
+
+    /// A reference for one call, from this thread's lane.
+    pub(crate) fn take(&self) -> Arc<CoreRef> {
+        Arc::clone(&self.lanes[current(self.lanes.len())])
+    }
+}
+
+/// Hands out ring positions in order. A single cursor would be one contended write per
+/// call, which stops two threads from going faster than one; instead each lane takes a
+/// block of positions from the shared cursor at a time and hands them out itself. One
+/// thread still fills the ring in exact order; with several, the window holds the last
+/// N outcomes give or take the positions reserved but not yet used (at most one block
+/// per lane, an eighth of the window), which keep the outcome of the lap before.
+pub(crate) struct Cursor {
+    shared: Padded<AtomicU32>,
+    /// Per lane: the next position (high half) and the end of its block (low half).
+    blocks: Box<[Padded<AtomicU64>]>,
+    block: u32,
+}
+
+impl Cursor {
+    pub(crate) fn new(window: usize) -> Self {
+        let lanes = count();
+        let block = (window / (8 * lanes)).clamp(1, 64) as u32;
+        Self {
+            shared: Padded(AtomicU32::new(0)),
+            blocks: if block == 1 {
+                Box::new([])
+            } else {
+                (0..lanes).map(|_| Padded(AtomicU64::new(0))).collect()
+            },
+            block,
+        }
+    }
+
+    /// The next position (wrapping at 2^32).
+    pub(crate) fn next(&self) -> u32 {
+        if self.blocks.is_empty() {
+            return self.shared.fetch_add(1, Ordering::Relaxed);
+        }
+        let lane = &self.blocks[current(self.blocks.len())];
+        let mut current = lane.load(Ordering::Relaxed);
+        loop {
+            let (next, end) = ((current >> 32) as u32, current as u32);
+            let has_positions = end.wrapping_sub(next).wrapping_sub(1) < self.block;
+            let (position, end) = if has_positions {
+                (next, end)
+            } else {
+                let start = self.shared.fetch_add(self.block, Ordering::Relaxed);
+                (start, start.wrapping_add(self.block))
+            };
+            let updated = u64::from(position.wrapping_add(1)) << 32 | u64::from(end);
+            match lane.compare_exchange_weak(current, updated, Ordering::Relaxed, Ordering::Relaxed)
+            {
+                Ok(_) => return position,
+                // Another thread on this lane moved it; a block taken meanwhile is lost,
+                // which costs its positions one lap of staleness and nothing else.
+                Err(actual) => current = actual,
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn one_thread_gets_every_position_in_order() {
+        for window in [1, 10, 100, 1000, 100_000] {
+            let cursor = Cursor::new(window);
+            for expected in 0..5000u32 {
+                assert_eq!(cursor.next(), expected);
+            }
+        }
+    }
+}

@@ -1,0 +1,145 @@
+use super::future::ResponseFuture;
+use super::lanes::{CoreRef, CoreRefs};
+use super::state::Permit;
+use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
+use std::fmt;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use tokio::time::Instant;
+use tower::BoxError;
+use tower_service::Service;
+
+/// A service behind a circuit breaker; made by
+/// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
+pub struct CircuitBreaker<S, C = ErrorsAsFailures> {
+    inner: S,
+    lanes: Arc<CoreRefs>,
+    classify: C,
+}
+
+impl<S, C> CircuitBreaker<S, C> {
+    pub(crate) fn new(inner: S, lanes: Arc<CoreRefs>, classify: C) -> Self {
+        Self {
+            inner,
+            lanes,
+            classify,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, consuming the breaker.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            lanes: Arc::clone(&self.lanes),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreaker")
+            .field("inner", &self.inner)
+            .field("core", self.lanes.core())
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, C, Request> Service<Request> for CircuitBreaker<S, C>
+where
+    S: Service<Request>,
+    S::Error: Into<BoxError>,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    type Response = C::Response<CallReport>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        match self.lanes.core().admit(Instant::now) {
+            Ok(permit) => {
+                let report = CallReport::new(self.lanes.take(), permit);
+                ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
+            }
+            Err(open) => ResponseFuture::rejected(open),
+        }
+    }
+}
+
+/// Records one call's outcome into its breaker; the [`Report`] the breaker hands to
+/// the classifier.
+///
+/// The call's time, for slow-call detection, runs from the call until
+/// [`report`](Report::report). Dropped without a report (the response future or a
+/// gRPC body dropped before the outcome was known), it records nothing and gives back
+/// the half-open probe slot it may hold.
+pub struct CallReport {
+    lane: Arc<CoreRef>,
+    permit: Option<Permit>,
+    started: Option<Instant>,
+}
+
+impl CallReport {
+    fn new(lane: Arc<CoreRef>, permit: Permit) -> Self {
+        // Only slow-call detection needs the start; the closed fast path reads no clock.
+        let started = lane.core.config().slow.map(|_| Instant::now());
+        Self {
+            lane,
+            permit: Some(permit),
+            started,
+        }
+    }
+}
+
+impl fmt::Debug for CallReport {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CallReport")
+            .field("permit", &self.permit)
+            .field("started", &self.started)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Report for CallReport {
+    fn report(mut self, outcome: Outcome) {
+        let Some(permit) = self.permit.take() else {
+            return;
+        };
+        let now = self.started.map(|_| Instant::now());
+        let duration = match (self.started, now) {
+            (Some(started), Some(now)) => now.saturating_duration_since(started),
+            _ => Default::default(),
+        };
+        self.lane.core.record(permit, outcome, duration, || {
+            now.unwrap_or_else(Instant::now)
+        });
+    }
+}
+
+impl Drop for CallReport {
+    fn drop(&mut self) {
+        if let Some(permit) = self.permit.take() {
+            self.lane.core.release(permit);
+        }
+    }
+}

@@ -1,0 +1,597 @@
+//! The sans-io state machine: plain atomics, the time passed in by the caller.
+//!
+//! The whole state (which state, a generation that changes on every transition, and
+//! until when the breaker stays open) is one packed word. A transition is a
+//! compare-and-swap from the exact word its decision was based on, so it happens once
+//! however many threads reach the same verdict. The half-open probe bookkeeping is a
+//! second packed word stamped with the generation it belongs to, so a late report from
+//! an earlier half-open phase changes nothing.
+
+use super::config::{Config, MAX_PROBES};
+use super::error::CircuitOpen;
+use super::window::{Counts, Padded, Sample, Window};
+use crate::classify::Outcome;
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use std::collections::hash_map::RandomState;
+use std::fmt;
+use std::hash::{BuildHasher, Hasher};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// The state of a circuit breaker.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum State {
+    /// Calls flow and their outcomes are recorded.
+    Closed,
+    /// Calls are rejected until the open time has passed.
+    Open,
+    /// A few probe calls are let through to test the dependency.
+    HalfOpen,
+    /// Calls are rejected until [`force_closed`] or [`reset`].
+    ///
+    /// [`force_closed`]: super::CircuitBreakerHandle::force_closed
+    /// [`reset`]: super::CircuitBreakerHandle::reset
+    ForcedOpen,
+    /// Calls flow and nothing is recorded until [`force_open`] or [`reset`].
+    ///
+    /// [`force_open`]: super::CircuitBreakerHandle::force_open
+    /// [`reset`]: super::CircuitBreakerHandle::reset
+    ForcedClosed,
+}
+
+impl State {
+    const ALL: [State; 5] = [
+        State::Closed,
+        State::Open,
+        State::HalfOpen,
+        State::ForcedOpen,
+        State::ForcedClosed,
+    ];
+}
+
+/// Why the breaker changed state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum TransitionReason {
+    /// The failure rate in the window reached the threshold.
+    FailureRate,
+    /// The slow-call rate in the window reached its threshold.
+    SlowCallRate,
+    /// The open time passed and a call arrived.
+    OpenTimeElapsed,
+    /// The half-open probes succeeded.
+    ProbesSucceeded,
+    /// Too many half-open probes failed.
+    ProbesFailed,
+    /// Too many half-open probes were slow.
+    ProbesSlow,
+    /// [`CircuitBreakerHandle::force_open`](super::CircuitBreakerHandle::force_open).
+    ForcedOpen,
+    /// [`CircuitBreakerHandle::force_closed`](super::CircuitBreakerHandle::force_closed).
+    ForcedClosed,
+    /// [`CircuitBreakerHandle::reset`](super::CircuitBreakerHandle::reset).
+    Reset,
+}
+
+/// A state change, as given to the
+/// [`on_transition`](super::CircuitBreakerLayerBuilder::on_transition) callback.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Transition {
+    /// The state left.
+    pub from: State,
+    /// The state entered.
+    pub to: State,
+    /// Why.
+    pub reason: TransitionReason,
+    /// When.
+    pub at: Instant,
+}
+
+pub(crate) type Observer = Arc<dyn Fn(&Transition) + Send + Sync>;
+
+/// A snapshot of a breaker, from [`CircuitBreakerHandle::metrics`].
+///
+/// [`CircuitBreakerHandle::metrics`]: super::CircuitBreakerHandle::metrics
+#[derive(Debug, Clone, Copy, PartialEq)]
+#[non_exhaustive]
+pub struct Metrics {
+    /// The current state.
+    pub state: State,
+    /// Calls recorded in the closed-state window (ignored outcomes are not recorded).
+    pub calls: u64,
+    /// Failed calls in the window.
+    pub failures: u64,
+    /// Slow calls in the window.
+    pub slow_calls: u64,
+    /// `failures / calls`, or 0 for an empty window.
+    pub failure_rate: f64,
+    /// `slow_calls / calls`, or 0 for an empty window.
+    pub slow_call_rate: f64,
+    /// How many times in a row the breaker has opened without closing in between.
+    pub consecutive_trips: u32,
+    /// When the breaker last changed state, if it ever did.
+    pub last_transition: Option<Instant>,
+}
+
+/// What [`Core::admit`] grants: the right to call the inner service, and how to record
+/// the call's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Permit {
+    generation: u16,
+    kind: PermitKind,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum PermitKind {
+    /// A closed-state call: its outcome goes into the window.
+    Closed,
+    /// A half-open probe: it holds a probe slot until it reports or is dropped.
+    Probe,
+    /// A forced-closed call: nothing is recorded.
+    Unrecorded,
+}
+
+/// The packed state word: 3 bits of state, 16 bits of generation, 45 bits of "open
+/// until" in milliseconds since the core's base instant (a thousand years).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Word {
+    state: State,
+    generation: u16,
+    open_until_ms: u64,
+}
+
+impl Word {
+    fn encode(self) -> u64 {
+        self.state as u64 | u64::from(self.generation) << 3 | self.open_until_ms << 19
+    }
+
+    fn decode(word: u64) -> Self {
+        Self {
+            state: State::ALL[(word & 0b111) as usize % State::ALL.len()],
+            generation: (word >> 3) as u16,
+            open_until_ms: word >> 19,
+        }
+    }
+
+    /// The word of the next state: a new generation.
+    fn next(self, state: State, open_until_ms: u64) -> Self {
+        Self {
+            state,
+            generation: self.generation.wrapping_add(1),
+            open_until_ms,
+        }
+    }
+}
+
+/// The packed half-open bookkeeping: the generation it belongs to, then 12 bits each
+/// of slots taken, probes completed, failed and slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Probes {
+    generation: u16,
+    taken: u32,
+    completed: u32,
+    failed: u32,
+    slow: u32,
+}
+
+impl Probes {
+    fn fresh(generation: u16) -> Self {
+        Self {
+            generation,
+            taken: 0,
+            completed: 0,
+            failed: 0,
+            slow: 0,
+        }
+    }
+
+    fn encode(self) -> u64 {
+        let field = |value: u32| u64::from(value & MAX_PROBES);
+        u64::from(self.generation)
+            | field(self.taken) << 16
+            | field(self.completed) << 28
+            | field(self.failed) << 40
+            | field(self.slow) << 52
+    }
+
+    fn decode(word: u64) -> Self {
+        let field = |shift: u32| (word >> shift) as u32 & MAX_PROBES;
+        Self {
+            generation: word as u16,
+            taken: field(16),
+            completed: field(28),
+            failed: field(40),
+            slow: field(52),
+        }
+    }
+}
+
+/// The shared state of one breaker.
+pub(crate) struct Core {
+    state: Padded<AtomicU64>,
+    probes: AtomicU64,
+    consecutive_trips: AtomicU32,
+    jitter_seed: AtomicU64,
+    /// Nanoseconds since `base` of the last transition, plus one (0: never).
+    last_transition: AtomicU64,
+    window: Window,
+    config: Config,
+    base: Instant,
+    observer: Option<Observer>,
+}
+
+impl fmt::Debug for Core {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Core")
+            .field("state", &self.state())
+            .field("config", &self.config)
+            .field("observer", &self.observer.is_some())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Core {
+    /// A closed breaker. `now` is the base all later instants are measured from.
+    pub(crate) fn new(config: Config, observer: Option<Observer>, now: Instant) -> Self {
+        // Seed the jitter per breaker (std's hasher keys are random per process and per
+        // hasher) so that a fleet of breakers built at the same moment still spreads out.
+        let seed = RandomState::new().build_hasher().finish();
+        Self {
+            state: Padded(AtomicU64::new(
+                Word {
+                    state: State::Closed,
+                    generation: 0,
+                    open_until_ms: 0,
+                }
+                .encode(),
+            )),
+            probes: AtomicU64::new(Probes::fresh(0).encode()),
+            consecutive_trips: AtomicU32::new(0),
+            jitter_seed: AtomicU64::new(seed),
+            last_transition: AtomicU64::new(0),
+            window: Window::new(config.window, now),
+            config,
+            base: now,
+            observer,
+        }
+    }
+
+    pub(crate) fn config(&self) -> &Config {
+        &self.config
+    }
+
+    pub(crate) fn state(&self) -> State {
+        Word::decode(self.state.load(Ordering::Acquire)).state
+    }
+
+    /// Lets a call through, or says why not. `now` is read only when the breaker is
+    /// open, so the closed path never reads the clock.
+    pub(crate) fn admit(&self, now: impl Fn() -> Instant) -> Result<Permit, CircuitOpen> {
+        loop {
+            let raw = self.state.load(Ordering::Acquire);
+            let word = Word::decode(raw);
+            let kind = match word.state {
+                State::Closed => PermitKind::Closed,
+                State::ForcedClosed => PermitKind::Unrecorded,
+                State::ForcedOpen => return Err(CircuitOpen::new(self.config.open.initial())),
+                State::Open => {
+                    let now = now();
+                    let until = self.base + Duration::from_millis(word.open_until_ms);
+                    if now < until {
+                        return Err(CircuitOpen::new(until - now));
+                    }
+                    let half_open = word.next(State::HalfOpen, 0);
+                    self.transition(raw, half_open, TransitionReason::OpenTimeElapsed, now);
+                    continue;
+                }
+                State::HalfOpen => match self.take_probe(word.generation) {
+                    ProbeSlot::Taken if self.state.load(Ordering::Acquire) == raw => {
+                        PermitKind::Probe
+                    }
+                    ProbeSlot::Taken => {
+                        self.return_probe(word.generation);
+                        continue;
+                    }
+                    ProbeSlot::Full => return Err(CircuitOpen::new(Duration::ZERO)),
+                    ProbeSlot::Stale => continue,
+                },
+            };
+            return Ok(Permit {
+                generation: word.generation,
+                kind,
+            });
+        }
+    }
+
+    /// Records a call's outcome. `duration` is how long the call took (only looked at
+    /// when slow calls are detected); `now` is read only if a time window or a
+    /// transition needs it.
+    pub(crate) fn record(
+        &self,
+        permit: Permit,
+        outcome: Outcome,
+        duration: Duration,
+        now: impl Fn() -> Instant,
+    ) {
+        let sample = match outcome {
+            Outcome::Ignored => return self.release(permit),
+            Outcome::Success | Outcome::Failure => Sample {
+                failure: outcome == Outcome::Failure,
+                slow: self
+                    .config
+                    .slow
+                    .is_some_and(|slow| duration > slow.threshold),
+            },
+        };
+        match permit.kind {
+            PermitKind::Unrecorded => {}
+            PermitKind::Closed => self.record_closed(permit.generation, sample, now),
+            PermitKind::Probe => self.complete_probe(permit.generation, sample, now),
+        }
+    }
+
+    /// Gives back what a permit holds without recording anything: the call was
+    /// abandoned (or ignored).
+    pub(crate) fn release(&self, permit: Permit) {
+        if permit.kind == PermitKind::Probe {
+            self.return_probe(permit.generation);
+        }
+    }
+
+    fn record_closed(&self, generation: u16, sample: Sample, now: impl Fn() -> Instant) {
+        let raw = self.state.load(Ordering::Acquire);
+        let word = Word::decode(raw);
+        // A call admitted before the breaker moved on says nothing about the new phase.
+        if word.state != State::Closed || word.generation != generation {
+            return;
+        }
+        let Some(counts) = self.window.record(sample, &now) else {
+            return;
+        };
+        if counts.calls < self.config.minimum_calls {
+            return;
+        }
+        if let Some(reason) = self.verdict(counts) {
+            self.open(raw, reason, now());
+        }
+    }
+
+    /// Whether `counts` call for opening, and why.
+    fn verdict(&self, counts: Counts) -> Option<TransitionReason> {
+        let calls = counts.calls as f64;
+        if counts.calls > 0 && counts.failures as f64 >= self.config.failure_rate * calls {
+            Some(TransitionReason::FailureRate)
+        } else if counts.calls > 0
+            && self
+                .config
+                .slow
+                .is_some_and(|slow| counts.slow as f64 >= slow.rate * calls)
+        {
+            Some(TransitionReason::SlowCallRate)
+        } else {
+            None
+        }
+    }
+
+    fn take_probe(&self, generation: u16) -> ProbeSlot {
+        let mut raw = self.probes.load(Ordering::Acquire);
+        loop {
+            let current = Probes::decode(raw);
+            let probes = if current.generation == generation {
+                current
+            } else if (current.generation.wrapping_sub(generation) as i16) > 0 {
+                return ProbeSlot::Stale;
+            } else {
+                // The first probe of this half-open phase starts the bookkeeping.
+                Probes::fresh(generation)
+            };
+            if probes.taken >= self.config.probes {
+                return ProbeSlot::Full;
+            }
+            let next = Probes {
+                taken: probes.taken + 1,
+                ..probes
+            };
+            match self.probes.compare_exchange_weak(
+                raw,
+                next.encode(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return ProbeSlot::Taken,
+                Err(actual) => raw = actual,
+            }
+        }
+    }
+
+    fn return_probe(&self, generation: u16) {
+        self.update_probes(generation, |probes| Probes {
+            taken: probes.taken.saturating_sub(1),
+            ..probes
+        });
+    }
+
+    fn complete_probe(&self, generation: u16, sample: Sample, now: impl Fn() -> Instant) {
+        let Some(probes) = self.update_probes(generation, |probes| Probes {
+            completed: probes.completed + 1,
+            failed: probes.failed + u32::from(sample.failure),
+            slow: probes.slow + u32::from(sample.slow),
+            ..probes
+        }) else {
+            return;
+        };
+        // Exactly one report completes the last probe: it decides.
+        if probes.completed != self.config.probes {
+            return;
+        }
+        let half_open = Word {
+            state: State::HalfOpen,
+            generation,
+            open_until_ms: 0,
+        };
+        let counts = Counts {
+            calls: u64::from(probes.completed),
+            failures: u64::from(probes.failed),
+            slow: u64::from(probes.slow),
+        };
+        let now = now();
+        match self.verdict(counts) {
+            Some(TransitionReason::FailureRate) => {
+                self.open(half_open.encode(), TransitionReason::ProbesFailed, now)
+            }
+            Some(_) => self.open(half_open.encode(), TransitionReason::ProbesSlow, now),
+            None => {
+                // Empty the window before the closed phase starts recording into it, or
+                // the first closed call would be judged with the failures that tripped
+                // the breaker. The decider is alone here, unless the breaker was moved
+                // by hand meanwhile; then the window is not ours to clear.
+                if self.state.load(Ordering::Acquire) != half_open.encode() {
+                    return;
+                }
+                self.window.clear();
+                let closed = half_open.next(State::Closed, 0);
+                if self.transition(
+                    half_open.encode(),
+                    closed,
+                    TransitionReason::ProbesSucceeded,
+                    now,
+                ) {
+                    self.consecutive_trips.store(0, Ordering::Release);
+                }
+            }
+        }
+    }
+
+    /// Applies `change` to this generation's probe bookkeeping; `None` if it belongs to
+    /// another generation (a report from an earlier half-open phase).
+    fn update_probes(&self, generation: u16, change: impl Fn(Probes) -> Probes) -> Option<Probes> {
+        let mut raw = self.probes.load(Ordering::Acquire);
+        loop {
+            let current = Probes::decode(raw);
+            if current.generation != generation {
+                return None;
+            }
+            let next = change(current);
+            match self.probes.compare_exchange_weak(
+                raw,
+                next.encode(),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return Some(next),
+                Err(actual) => raw = actual,
+            }
+        }
+    }
+
+    /// Opens the breaker from the state word `from`, for the open time of the next
+    /// consecutive trip.
+    fn open(&self, from: u64, reason: TransitionReason, now: Instant) {
+        let trips = self.consecutive_trips.load(Ordering::Acquire);
+        let open_for = self.config.open.duration(trips, self.random());
+        let until = now.saturating_duration_since(self.base) + open_for;
+        // Round down so that `retry_after` never exceeds the open time; the breaker may
+        // half-open up to a millisecond early.
+        let until_ms = until.as_millis() as u64;
+        let open = Word::decode(from).next(State::Open, until_ms);
+        if self.transition(from, open, reason, now) {
+            self.consecutive_trips
+                .store(trips.saturating_add(1), Ordering::Release);
+        }
+    }
+
+    /// A uniform number in `[0, 1)` from a splitmix64 sequence: only used on trips.
+    fn random(&self) -> f64 {
+        let mut z = self
+            .jitter_seed
+            .fetch_add(0x9E37_79B9_7F4A_7C15, Ordering::Relaxed)
+            .wrapping_add(0x9E37_79B9_7F4A_7C15);
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        (z >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    /// Moves from the exact word `from` to `to`; false if another thread moved first.
+    fn transition(&self, from: u64, to: Word, reason: TransitionReason, now: Instant) -> bool {
+        if self
+            .state
+            .compare_exchange(from, to.encode(), Ordering::AcqRel, Ordering::Acquire)
+            .is_err()
+        {
+            return false;
+        }
+        let since_base = now.saturating_duration_since(self.base).as_nanos() as u64;
+        self.last_transition
+            .store(since_base.saturating_add(1), Ordering::Release);
+        self.notify(Transition {
+            from: Word::decode(from).state,
+            to: to.state,
+            reason,
+            at: now,
+        });
+        true
+    }
+
+    fn notify(&self, transition: Transition) {
+        #[cfg(feature = "tracing")]
+        tracing::info!(
+            target: "palisade::circuit_breaker",
+            from = ?transition.from,
+            to = ?transition.to,
+            reason = ?transition.reason,
+            "circuit breaker changed state"
+        );
+        if let Some(observer) = &self.observer {
+            observer(&transition);
+        }
+    }
+
+    /// Moves to `state` from whatever state the breaker is in (manual control).
+    pub(crate) fn force(&self, state: State, reason: TransitionReason, now: Instant) {
+        if reason == TransitionReason::Reset {
+            self.window.clear();
+            self.consecutive_trips.store(0, Ordering::Release);
+        }
+        loop {
+            let raw = self.state.load(Ordering::Acquire);
+            let next = Word::decode(raw).next(state, 0);
+            if self.transition(raw, next, reason, now) {
+                return;
+            }
+        }
+    }
+
+    pub(crate) fn metrics(&self, now: Instant) -> Metrics {
+        let counts = self.window.counts(now);
+        let rate = |part: u64| {
+            if counts.calls == 0 {
+                0.0
+            } else {
+                part as f64 / counts.calls as f64
+            }
+        };
+        let last = self.last_transition.load(Ordering::Acquire);
+        Metrics {
+            state: self.state(),
+            calls: counts.calls,
+            failures: counts.failures,
+            slow_calls: counts.slow,
+            failure_rate: rate(counts.failures),
+            slow_call_rate: rate(counts.slow),
+            consecutive_trips: self.consecutive_trips.load(Ordering::Acquire),
+            last_transition: last
+                .checked_sub(1)
+                .map(|nanos| self.base + Duration::from_nanos(nanos)),
+        }
+    }
+}
+
+enum ProbeSlot {
+    Taken,
+    Full,
+    /// The breaker left this half-open phase while we looked.
+    Stale,
+}

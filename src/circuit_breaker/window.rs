@@ -1,0 +1,395 @@
+//! The sliding windows of the closed state: lock-free, O(1) per call, memory fixed at
+//! build time.
+
+use super::config::{SlidingWindow, WindowKind};
+use super::lanes::Cursor;
+use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use std::time::Duration;
+use tokio::time::Instant;
+
+/// Keeps a hot atomic on a cache line (and the adjacent-line prefetch pair) of its
+/// own, so that threads hammering it do not also evict their neighbours: the `Arc`
+/// reference count, the state word and the ring cursor are each written or read on
+/// every call.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct Padded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+/// What the window holds: the number of calls recorded, and how many of them failed
+/// or were slow.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub(crate) struct Counts {
+    pub(crate) calls: u64,
+    pub(crate) failures: u64,
+    pub(crate) slow: u64,
+}
+
+/// One recorded call: a failure, a slow call, both or neither.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Sample {
+    pub(crate) failure: bool,
+    pub(crate) slow: bool,
+}
+
+// One per breaker, inside its Arc: the padding that makes the count window large is
+// the point.
+#[allow(clippy::large_enum_variant)]
+pub(crate) enum Window {
+    Count(CountWindow),
+    Time(TimeWindow),
+}
+
+impl Window {
+    pub(crate) fn new(window: SlidingWindow, base: Instant) -> Self {
+        match window.kind {
+            WindowKind::Count(size) => Window::Count(CountWindow::new(size)),
+            WindowKind::Time { span, buckets } => {
+                Window::Time(TimeWindow::new(span, buckets, base))
+            }
+        }
+    }
+
+    /// Records a sample and returns the window's counts afterwards, or `None` when the
+    /// counts did not change (a count window overwriting an identical sample), in
+    /// which case no verdict can have changed either.
+    pub(crate) fn record(&self, sample: Sample, now: impl FnOnce() -> Instant) -> Option<Counts> {
+        match self {
+            Window::Count(window) => window.record(sample),
+            Window::Time(window) => Some(window.record(sample, now())),
+        }
+    }
+
+    pub(crate) fn counts(&self, now: Instant) -> Counts {
+        match self {
+            Window::Count(window) => window.counts(),
+            Window::Time(window) => window.counts(now),
+        }
+    }
+
+    pub(crate) fn clear(&self) {
+        match self {
+            Window::Count(window) => window.clear(),
+            Window::Time(window) => window.clear(),
+        }
+    }
+}
+
+/// Positions in a ring of `len` slots: `n % len` without a hardware division, which
+/// would cost more than the rest of a call (Lemire's fastmod, exact for every `u32`).
+struct Ring {
+    len: usize,
+    magic: u64,
+}
+
+impl Ring {
+    fn new(len: usize) -> Self {
+        Self {
+            len,
+            magic: (u64::MAX / len as u64).wrapping_add(1),
+        }
+    }
+
+    fn index(&self, n: u32) -> usize {
+        let low = self.magic.wrapping_mul(u64::from(n));
+        ((u128::from(low) * self.len as u128) >> 64) as usize
+    }
+}
+
+/// The last `N` outcomes, as a ring of slots filled in cursor order, plus the running
+/// counts packed in one word so that one `fetch_add` both updates and reads them.
+pub(crate) struct CountWindow {
+    slots: Box<[AtomicU32]>,
+    /// Wraps at 2^32: once every four billion calls one slot is written twice and one
+    /// skipped, which the counts stay consistent through.
+    cursor: Cursor,
+    ring: Ring,
+    counts: AtomicU64,
+}
+
+const RECORDED: u32 = 1;
+const FAILED: u32 = 2;
+const SLOW: u32 = 4;
+
+/// Bits per packed count: a count window holds at most `MAX_COUNT_WINDOW` calls, and
+/// one spare bit keeps a field that is briefly negative (two racing writers of one
+/// slot applying their deltas out of order) from corrupting its neighbour.
+const FIELD_BITS: u32 = 21;
+pub(crate) const MAX_COUNT_WINDOW: usize = (1 << (FIELD_BITS - 1)) - 1;
+
+impl CountWindow {
+    fn new(size: usize) -> Self {
+        Self {
+            slots: (0..size).map(|_| AtomicU32::new(0)).collect(),
+            cursor: Cursor::new(size),
+            ring: Ring::new(size),
+            counts: AtomicU64::new(0),
+        }
+    }
+
+    fn record(&self, sample: Sample) -> Option<Counts> {
+        let slot = &self.slots[self.ring.index(self.cursor.next())];
+        let new =
+            RECORDED | if sample.failure { FAILED } else { 0 } | if sample.slow { SLOW } else { 0 };
+        // The common case, a success replacing a success, writes nothing shared but the
+        // cursor, so threads sharing the breaker do not fight over the ring.
+        if slot.load(Ordering::Relaxed) == new {
+            return None;
+        }
+        let old = slot.swap(new, Ordering::AcqRel);
+        self.apply(old, new)
+    }
+
+    /// Moves the counts from `old`'s contribution to `new`'s.
+    fn apply(&self, old: u32, new: u32) -> Option<Counts> {
+        if old == new {
+            return None;
+        }
+        let delta = packed(new).wrapping_sub(packed(old));
+        let previous = self.counts.fetch_add(delta, Ordering::AcqRel);
+        Some(unpack(previous.wrapping_add(delta)))
+    }
+
+    fn counts(&self) -> Counts {
+        unpack(self.counts.load(Ordering::Acquire))
+    }
+
+    /// Empties every slot through the same delta bookkeeping as a record, so that a
+    /// straggler recording while we clear leaves the counts consistent with the slots.
+    fn clear(&self) {
+        for slot in self.slots.iter() {
+            let old = slot.swap(0, Ordering::AcqRel);
+            self.apply(old, 0);
+        }
+    }
+}
+
+fn packed(slot: u32) -> u64 {
+    u64::from(slot & RECORDED)
+        | u64::from((slot & FAILED) >> 1) << FIELD_BITS
+        | u64::from((slot & SLOW) >> 2) << (2 * FIELD_BITS)
+}
+
+/// Reads the three signed fields back, clamping a transiently negative one to zero.
+fn unpack(mut word: u64) -> Counts {
+    let mut fields = [0u64; 3];
+    for field in &mut fields {
+        let low = word & ((1 << FIELD_BITS) - 1);
+        let signed = if low >> (FIELD_BITS - 1) == 1 {
+            low as i64 - (1 << FIELD_BITS)
+        } else {
+            low as i64
+        };
+        word = word.wrapping_sub(signed as u64) >> FIELD_BITS;
+        *field = signed.max(0) as u64;
+    }
+    Counts {
+        calls: fields[0],
+        failures: fields[1],
+        slow: fields[2],
+    }
+}
+
+/// The last `span`, as a fixed number of buckets. Each counter is one word holding the
+/// bucket's epoch next to its count, so a bucket is recycled for a new epoch by the
+/// same compare-and-swap that counts into it, without losing a concurrent record.
+pub(crate) struct TimeWindow {
+    buckets: Box<[Bucket]>,
+    ring: Ring,
+    width_nanos: u64,
+    base: Instant,
+}
+
+#[derive(Default)]
+struct Bucket {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
+}
+
+/// The smallest bucket width: epochs are 32 bits, which at this width last 49 days.
+/// Wider buckets last longer in proportion.
+pub(crate) const MIN_BUCKET_WIDTH: Duration = Duration::from_millis(1);
+
+impl TimeWindow {
+    fn new(span: Duration, buckets: u32, base: Instant) -> Self {
+        Self {
+            buckets: (0..buckets).map(|_| Bucket::default()).collect(),
+            ring: Ring::new(buckets as usize),
+            width_nanos: (span / buckets).as_nanos() as u64,
+            base,
+        }
+    }
+
+    fn epoch(&self, now: Instant) -> u32 {
+        // 64-bit nanoseconds last 584 years, and a 64-bit division is several times
+        // cheaper than Duration's 128-bit one.
+        let elapsed = now.saturating_duration_since(self.base).as_nanos() as u64;
+        (elapsed / self.width_nanos) as u32
+    }
+
+    fn record(&self, sample: Sample, now: Instant) -> Counts {
+        let epoch = self.epoch(now);
+        let live = self.buckets.len() as u32;
+        let bucket = &self.buckets[self.ring.index(epoch)];
+        add(&bucket.calls, epoch, live);
+        if sample.failure {
+            add(&bucket.failures, epoch, live);
+        }
+        if sample.slow {
+            add(&bucket.slow, epoch, live);
+        }
+        self.sum(epoch)
+    }
+
+    fn counts(&self, now: Instant) -> Counts {
+        self.sum(self.epoch(now))
+    }
+
+    fn sum(&self, epoch: u32) -> Counts {
+        let live = self.buckets.len() as u32;
+        let read = |counter: &AtomicU64| {
+            let (stamp, count) = split(counter.load(Ordering::Acquire));
+            if epoch.wrapping_sub(stamp) < live {
+                u64::from(count)
+            } else {
+                0
+            }
+        };
+        self.buckets
+            .iter()
+            .fold(Counts::default(), |sum, bucket| Counts {
+                calls: sum.calls + read(&bucket.calls),
+                failures: sum.failures + read(&bucket.failures),
+                slow: sum.slow + read(&bucket.slow),
+            })
+    }
+
+    fn clear(&self) {
+        for bucket in self.buckets.iter() {
+            for counter in [&bucket.calls, &bucket.failures, &bucket.slow] {
+                counter.store(0, Ordering::Release);
+            }
+        }
+    }
+}
+
+fn split(word: u64) -> (u32, u32) {
+    ((word >> 32) as u32, word as u32)
+}
+
+/// Counts one call into `counter` for `epoch`, recycling the counter if it holds an
+/// older epoch, and dropping the call if a slightly newer epoch already took the bucket
+/// (a racing thread read the clock later; this call is then older than the window).
+fn add(counter: &AtomicU64, epoch: u32, live: u32) {
+    let mut current = counter.load(Ordering::Relaxed);
+    loop {
+        let (stamp, count) = split(current);
+        let next = if stamp == epoch {
+            u64::from(epoch) << 32 | u64::from(count.saturating_add(1))
+        } else if stamp.wrapping_sub(epoch) < live {
+            return;
+        } else {
+            u64::from(epoch) << 32 | 1
+        };
+        match counter.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
+            Ok(_) => return,
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn packed_counts_survive_a_transiently_negative_field() {
+        let word = packed(RECORDED | FAILED).wrapping_sub(packed(RECORDED | SLOW));
+        assert_eq!(
+            unpack(word),
+            Counts {
+                calls: 0,
+                failures: 1,
+                slow: 0
+            }
+        );
+        let restored = word.wrapping_add(packed(RECORDED | SLOW));
+        assert_eq!(
+            unpack(restored),
+            Counts {
+                calls: 1,
+                failures: 1,
+                slow: 0
+            }
+        );
+    }
+
+    #[test]
+    fn ring_index_is_the_remainder() {
+        for size in [1, 2, 3, 7, 100, 1000, MAX_COUNT_WINDOW] {
+            let ring = Ring::new(size);
+            for n in (0..5000).chain([u32::MAX - 1, u32::MAX, 1 << 31, 123_456_789]) {
+                assert_eq!(ring.index(n), n as usize % size);
+            }
+        }
+    }
+
+    #[test]
+    fn count_window_keeps_exactly_the_last_n() {
+        let window = CountWindow::new(3);
+        let fail = Sample {
+            failure: true,
+            slow: false,
+        };
+        let ok = Sample {
+            failure: false,
+            slow: false,
+        };
+        for sample in [fail, fail, fail, ok, ok] {
+            window.record(sample);
+        }
+        assert_eq!(
+            window.counts(),
+            Counts {
+                calls: 3,
+                failures: 1,
+                slow: 0
+            }
+        );
+        window.clear();
+        assert_eq!(window.counts(), Counts::default());
+    }
+
+    #[test]
+    fn time_window_forgets_old_buckets() {
+        let base = Instant::now();
+        let window = TimeWindow::new(Duration::from_secs(10), 10, base);
+        let fail = Sample {
+            failure: true,
+            slow: true,
+        };
+        window.record(fail, base);
+        window.record(fail, base + Duration::from_secs(5));
+        assert_eq!(window.counts(base + Duration::from_secs(9)).calls, 2);
+        assert_eq!(window.counts(base + Duration::from_secs(10)).calls, 1);
+        assert_eq!(window.counts(base + Duration::from_secs(15)).calls, 0);
+        // The bucket of epoch 0 is recycled for epoch 20 without leftovers.
+        let counts = window.record(fail, base + Duration::from_secs(20));
+        assert_eq!(
+            counts,
+            Counts {
+                calls: 1,
+                failures: 1,
+                slow: 1
+            }
+        );
+    }
+}

@@ -1,0 +1,220 @@
+//! Many tasks on a multi-thread runtime sharing one breaker.
+
+use palisade::circuit_breaker::{
+    CircuitBreakerLayer, CircuitOpen, SlidingWindow, State, Transition,
+};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+
+const TASKS: usize = 8;
+const CALLS: usize = 5_000;
+
+/// Every `fail_every`-th call of each task fails.
+async fn hammer<S>(service: S, fail_every: usize)
+where
+    S: Service<bool, Error = BoxError> + Clone + Send + 'static,
+    S::Future: Send,
+{
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let mut service = service.clone();
+            tokio::spawn(async move {
+                for call in 0..CALLS {
+                    let fail = call % fail_every == fail_every - 1;
+                    let _ = service.ready().await.expect("ready").call(fail).await;
+                }
+            })
+        })
+        .collect();
+    for task in tasks {
+        task.await.expect("task");
+    }
+}
+
+fn flaky() -> impl Service<bool, Response = (), Error = BoxError, Future: Send> + Clone + Send {
+    service_fn(|fail: bool| async move {
+        tokio::task::yield_now().await;
+        if fail {
+            Err(BoxError::from("failed"))
+        } else {
+            Ok(())
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counts_add_up_exactly_in_a_count_window() {
+    // Room to spare: each thread reserves ring positions a block at a time, and the
+    // blocks still open at the end would otherwise wrap onto the first calls.
+    let layer = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::count(2 * TASKS * CALLS))
+        .minimum_calls(1)
+        .failure_rate_threshold(0.5)
+        .build()
+        .expect("valid");
+    let handle = layer.handle();
+    hammer(layer.layer(flaky()), 10).await;
+    let metrics = handle.metrics();
+    assert_eq!(metrics.state, State::Closed);
+    assert_eq!(metrics.calls, (TASKS * CALLS) as u64);
+    assert_eq!(metrics.failures, (TASKS * CALLS / 10) as u64);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_full_count_window_keeps_exactly_its_size() {
+    let layer = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::count(1000))
+        .minimum_calls(1000)
+        .failure_rate_threshold(1.0)
+        .build()
+        .expect("valid");
+    let handle = layer.handle();
+    // Every call fails in half the tasks' slots: the ring wraps many times under
+    // contention, and its running counts must still match its slots.
+    hammer(layer.layer(flaky()), 2).await;
+    let metrics = handle.metrics();
+    assert_eq!(metrics.calls, 1000);
+    assert!(metrics.failures > 0 && metrics.failures < 1000);
+    handle.reset();
+    assert_eq!(handle.metrics().calls, 0);
+    assert_eq!(handle.metrics().failures, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn counts_add_up_exactly_in_a_time_window() {
+    let layer = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::time(Duration::from_secs(3600)))
+        .slow_calls(Duration::from_secs(3600), 1.0)
+        .minimum_calls(1)
+        .failure_rate_threshold(0.5)
+        .build()
+        .expect("valid");
+    let handle = layer.handle();
+    hammer(layer.layer(flaky()), 5).await;
+    let metrics = handle.metrics();
+    assert_eq!(metrics.calls, (TASKS * CALLS) as u64);
+    assert_eq!(metrics.failures, (TASKS * CALLS / 5) as u64);
+    assert_eq!(metrics.slow_calls, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn concurrent_failures_trip_exactly_once() {
+    let opened = Arc::new(AtomicUsize::new(0));
+    let tripped_from_closed = Arc::new(AtomicUsize::new(0));
+    let (opens, trips) = (Arc::clone(&opened), Arc::clone(&tripped_from_closed));
+    let layer = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::count(50))
+        .minimum_calls(10)
+        .open_for(Duration::from_millis(1))
+        .half_open_probes(3)
+        .on_transition(move |transition: &Transition| {
+            if transition.to == State::Open {
+                opens.fetch_add(1, Ordering::SeqCst);
+            }
+            if transition.from == State::Closed {
+                trips.fetch_add(1, Ordering::SeqCst);
+            }
+        })
+        .build()
+        .expect("valid");
+    let handle = layer.handle();
+
+    // Every call fails, from all tasks at once: the breaker trips once, and then every
+    // half-open phase reopens it, each time exactly once.
+    let backend = service_fn(|_: bool| async {
+        tokio::task::yield_now().await;
+        Err::<(), BoxError>("down".into())
+    });
+    let service = layer.layer(backend);
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|_| {
+            let mut service = service.clone();
+            tokio::spawn(async move {
+                let mut rejected = 0;
+                for _ in 0..2_000 {
+                    let result = service.ready().await.expect("ready").call(true).await;
+                    if result.is_err_and(|error| error.is::<CircuitOpen>()) {
+                        rejected += 1;
+                    }
+                    if rejected % 64 == 63 {
+                        // Let the open time pass now and then, so probes race too.
+                        tokio::time::sleep(Duration::from_millis(1)).await;
+                    }
+                }
+                rejected
+            })
+        })
+        .collect();
+    let mut rejected = 0;
+    for task in tasks {
+        rejected += task.await.expect("task");
+    }
+    assert!(rejected > 0);
+    assert_eq!(tripped_from_closed.load(Ordering::SeqCst), 1);
+    let trips = handle.metrics().consecutive_trips as usize;
+    assert!(trips > 1, "half-open phases happened and failed");
+    assert_eq!(opened.load(Ordering::SeqCst), trips);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn half_open_admits_at_most_the_probe_limit_concurrently() {
+    let layer = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::count(1))
+        .minimum_calls(1)
+        .open_for(Duration::from_millis(1))
+        .half_open_probes(3)
+        .build()
+        .expect("valid");
+    let handle = layer.handle();
+    let in_flight = Arc::new(AtomicUsize::new(0));
+    let most_in_flight = Arc::new(AtomicUsize::new(0));
+    let (now, most) = (Arc::clone(&in_flight), Arc::clone(&most_in_flight));
+    let backend = service_fn(move |fail: bool| {
+        let (now, most) = (Arc::clone(&now), Arc::clone(&most));
+        async move {
+            let current = now.fetch_add(1, Ordering::SeqCst) + 1;
+            most.fetch_max(current, Ordering::SeqCst);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            now.fetch_sub(1, Ordering::SeqCst);
+            if fail {
+                Err::<(), BoxError>("down".into())
+            } else {
+                Ok(())
+            }
+        }
+    });
+    let mut service = layer.layer(backend);
+    service
+        .ready()
+        .await
+        .expect("ready")
+        .call(true)
+        .await
+        .unwrap_err();
+    assert_eq!(handle.state(), State::Open);
+    tokio::time::sleep(Duration::from_millis(2)).await;
+
+    let tasks: Vec<_> = (0..16)
+        .map(|_| {
+            let mut service = service.clone();
+            tokio::spawn(async move {
+                service
+                    .ready()
+                    .await
+                    .expect("ready")
+                    .call(false)
+                    .await
+                    .is_ok()
+            })
+        })
+        .collect();
+    let mut passed = 0;
+    for task in tasks {
+        passed += usize::from(task.await.expect("task"));
+    }
+    assert_eq!(passed, 3, "exactly the probes got through");
+    assert!(most_in_flight.load(Ordering::SeqCst) <= 3);
+    assert_eq!(handle.state(), State::Closed);
+}
