@@ -19,4 +19,17 @@ pub mod correlation;
 pub mod rate_limit;
 pub mod retry;
 
+#[cfg(feature = "axum")]
+#[cfg_attr(docsrs, doc(cfg(feature = "axum")))]
+pub mod axum;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
+pub mod rejection;
+#[cfg(feature = "tonic")]
+#[cfg_attr(docsrs, doc(cfg(feature = "tonic")))]
+pub mod tonic;
+
+mod builder;
 mod sync;
+
+pub use self::builder::ServiceBuilderExt;

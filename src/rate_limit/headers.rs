@@ -41,9 +41,11 @@ impl<B> OnAdmitted<Response<B>> for AddRateLimitFields {
     }
 }
 
-/// Whole seconds, rounded up: never zero for a positive wait.
+/// Whole seconds, rounded up: never zero for a positive wait, so a client that waits
+/// this long is never early. Saturates at `u64::MAX`.
 pub fn whole_seconds(wait: Duration) -> u64 {
-    wait.as_secs() + u64::from(wait.subsec_nanos() > 0)
+    wait.as_secs()
+        .saturating_add(u64::from(wait.subsec_nanos() > 0))
 }
 
 /// Inserts `RateLimit-Policy` and `RateLimit` describing `status`.

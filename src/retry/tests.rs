@@ -56,7 +56,7 @@ async fn an_open_circuit_is_retried_after_its_retry_after() {
         [Duration::ZERO, Duration::from_secs(2)]
     );
 
-    let (service, calls) = rejecting_once(RateLimited::new(Duration::from_millis(300)).into());
+    let (service, calls) = rejecting_once(rate_limited(Duration::from_millis(300)).into());
     layer
         .layer(service)
         .oneshot(())
@@ -117,7 +117,7 @@ async fn a_rejection_on_the_last_attempt_is_returned() {
         .max_attempts(1)
         .build()
         .expect("config");
-    let (service, calls) = rejecting_once(RateLimited::new(Duration::from_millis(1)).into());
+    let (service, calls) = rejecting_once(rate_limited(Duration::from_millis(1)).into());
     let error = layer
         .layer(service)
         .oneshot(())
@@ -125,4 +125,9 @@ async fn a_rejection_on_the_last_attempt_is_returned() {
         .expect_err("rejected");
     assert!(error.is::<RateLimited>());
     assert_eq!(calls.lock().expect("calls").len(), 1);
+}
+
+fn rate_limited(retry_after: Duration) -> RateLimited {
+    let quota = crate::rate_limit::Quota::new(1, 1, Duration::from_secs(1)).expect("a valid quota");
+    RateLimited::new(retry_after, quota, 0)
 }

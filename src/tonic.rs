@@ -1,0 +1,186 @@
+//! tonic integration: palisade's rejections as gRPC statuses.
+//!
+//! tonic turns an error it does not know into `UNKNOWN`, which tells a client nothing.
+//! [`RejectionsAsStatusLayer`], placed outside palisade's layers, turns each rejection
+//! into the [`Status`] it stands for, with the delay in the metadata:
+//!
+//! | rejection | status | metadata |
+//! |---|---|---|
+//! | [`CircuitOpen`] | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
+//! | [`RateLimited`] | `RESOURCE_EXHAUSTED` | `grpc-retry-pushback-ms`, `retry-after` |
+//!
+//! Other errors pass through unchanged. The same layer serves both sides: on a server
+//! (`Server::builder().layer(...)`) tonic sends the status to the client; on a client
+//! (layers over a `Channel`) the generated client returns it from the call.
+//!
+//! # Example
+//!
+//! ```
+//! use palisade::circuit_breaker::CircuitBreakerLayer;
+//! use palisade::tonic::RejectionsAsStatusLayer;
+//! use tower::ServiceBuilder;
+//!
+//! # fn main() -> Result<(), tower::BoxError> {
+//! let breaker = CircuitBreakerLayer::builder().build()?;
+//! # let channel = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+//! #     Ok::<_, tower::BoxError>(http::Response::new(tonic::body::Body::empty()))
+//! # });
+//! // A client stack over a tonic `Channel`: an open circuit reaches the caller as
+//! // `Status::unavailable`, not `Status::unknown`.
+//! let transport = ServiceBuilder::new()
+//!     .layer(RejectionsAsStatusLayer::new())
+//!     .layer(breaker)
+//!     .service(channel);
+//! # let _ = transport;
+//! # Ok(())
+//! # }
+//! ```
+
+use std::future::Future;
+use std::pin::Pin;
+use std::task::{Context, Poll, ready};
+use std::time::Duration;
+
+use tonic::Status;
+use tonic::metadata::MetadataValue;
+use tower::BoxError;
+use tower_layer::Layer;
+use tower_service::Service;
+
+use crate::circuit_breaker::CircuitOpen;
+use crate::rate_limit::RateLimited;
+use crate::rate_limit::headers::whole_seconds;
+
+/// The status a palisade rejection stands for, or `None` for any other error.
+pub fn rejection_status(error: &(dyn std::error::Error + 'static)) -> Option<Status> {
+    if let Some(open) = error.downcast_ref::<CircuitOpen>() {
+        return Some(with_delay(
+            Status::unavailable(open.to_string()),
+            open.retry_after(),
+        ));
+    }
+    if let Some(limited) = error.downcast_ref::<RateLimited>() {
+        return Some(with_delay(
+            Status::resource_exhausted(limited.to_string()),
+            limited.retry_after(),
+        ));
+    }
+    None
+}
+
+/// Turns a palisade rejection into its [`Status`]; any other error is returned as it is.
+pub fn map_rejection(error: BoxError) -> BoxError {
+    match rejection_status(&*error) {
+        Some(status) => Box::new(status),
+        None => error,
+    }
+}
+
+fn with_delay(mut status: Status, delay: Duration) -> Status {
+    let metadata = status.metadata_mut();
+    let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    metadata.insert("grpc-retry-pushback-ms", MetadataValue::from(millis));
+    metadata.insert("retry-after", MetadataValue::from(whole_seconds(delay)));
+    status
+}
+
+/// Turns a request of any body into the `tonic::body::Body` request a `Channel` takes.
+///
+/// Layers that wrap the request body, such as the retry layer's replayable body, sit
+/// above a `Channel` with this as a `map_request`:
+///
+/// ```
+/// use palisade::retry::RetryLayer;
+/// use tower::ServiceBuilder;
+///
+/// # fn main() -> Result<(), tower::BoxError> {
+/// # let channel = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
+/// #     Ok::<_, tower::BoxError>(http::Response::new(tonic::body::Body::empty()))
+/// # });
+/// let transport = ServiceBuilder::new()
+///     .layer(RetryLayer::builder().replay_bodies().build()?)
+///     .map_request(palisade::tonic::into_channel_request)
+///     .service(channel);
+/// // What a generated tonic client takes:
+/// # fn grpc_transport<T: tonic::client::GrpcService<tonic::body::Body>>(_: T) {}
+/// grpc_transport(transport);
+/// # Ok(())
+/// # }
+/// ```
+pub fn into_channel_request<B>(request: http::Request<B>) -> http::Request<tonic::body::Body>
+where
+    B: http_body::Body<Data = bytes::Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    request.map(tonic::body::Body::new)
+}
+
+/// Maps palisade rejections to gRPC statuses; see the [module docs](self).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct RejectionsAsStatusLayer {
+    _private: (),
+}
+
+impl RejectionsAsStatusLayer {
+    /// The layer.
+    pub const fn new() -> Self {
+        Self { _private: () }
+    }
+}
+
+impl<S> Layer<S> for RejectionsAsStatusLayer {
+    type Service = RejectionsAsStatus<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RejectionsAsStatus { inner }
+    }
+}
+
+/// The service made by [`RejectionsAsStatusLayer`].
+#[derive(Debug, Clone)]
+pub struct RejectionsAsStatus<S> {
+    inner: S,
+}
+
+impl<S, Req> Service<Req> for RejectionsAsStatus<S>
+where
+    S: Service<Req>,
+    S::Error: Into<BoxError>,
+{
+    type Response = S::Response;
+    type Error = BoxError;
+    type Future = RejectionsAsStatusFuture<S::Future>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner
+            .poll_ready(cx)
+            .map_err(|error| map_rejection(error.into()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        RejectionsAsStatusFuture {
+            inner: self.inner.call(request),
+        }
+    }
+}
+
+/// The response future of [`RejectionsAsStatus`].
+#[pin_project::pin_project]
+#[derive(Debug)]
+pub struct RejectionsAsStatusFuture<F> {
+    #[pin]
+    inner: F,
+}
+
+impl<F, T, E> Future for RejectionsAsStatusFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let result = ready!(self.project().inner.poll(cx));
+        Poll::Ready(result.map_err(|error| map_rejection(error.into())))
+    }
+}
