@@ -8,130 +8,19 @@
 //! stop. Periods are kept to a few hundred milliseconds.
 #![cfg(feature = "redis")]
 
-use std::net::TcpListener;
+#[path = "rate_limit_redis/server.rs"]
+mod server;
+
 use std::num::NonZeroU32;
-use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use palisade::rate_limit::{
     RateLimitLayer, RateLimited, RedisOptions, RedisStore, RedisUnavailable, Store, WhenUnavailable,
 };
-use redis::aio::{ConnectionManager, ConnectionManagerConfig, MultiplexedConnection};
 use tokio::time::{Instant, sleep, timeout};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
-/// A `redis-server` of our own; killed (and its directory removed) on drop.
-struct RedisServer {
-    port: u16,
-    dir: PathBuf,
-    child: Option<Child>,
-}
-
-impl RedisServer {
-    async fn start() -> Self {
-        let port = TcpListener::bind("127.0.0.1:0")
-            .and_then(|listener| listener.local_addr())
-            .expect("a free port")
-            .port();
-        let dir =
-            std::env::temp_dir().join(format!("palisade-redis-{}-{port}", std::process::id()));
-        std::fs::create_dir_all(&dir).expect("a temporary directory");
-        let mut server = Self {
-            port,
-            dir,
-            child: None,
-        };
-        server.restart().await;
-        server
-    }
-
-    /// Starts the server (again, on the same port) and waits until it answers PING.
-    async fn restart(&mut self) {
-        let child = Command::new("redis-server")
-            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no", "--dir"])
-            .arg(&self.dir)
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (scripts/test installs it)");
-        self.child = Some(child);
-        let deadline = Instant::now() + Duration::from_secs(10);
-        loop {
-            if let Ok(mut connection) = self.connection().await
-                && redis::cmd("PING")
-                    .query_async::<String>(&mut connection)
-                    .await
-                    .is_ok()
-            {
-                return;
-            }
-            assert!(
-                Instant::now() < deadline,
-                "redis-server did not answer PING"
-            );
-            sleep(Duration::from_millis(10)).await;
-        }
-    }
-
-    fn kill(&mut self) {
-        if let Some(mut child) = self.child.take() {
-            let _ = child.kill();
-            let _ = child.wait();
-        }
-    }
-
-    fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    async fn connection(&self) -> redis::RedisResult<MultiplexedConnection> {
-        redis::Client::open(self.url())?
-            .get_multiplexed_async_connection()
-            .await
-    }
-
-    /// What a store's layer uses: reconnects quickly, so that the tests need not wait.
-    async fn manager(&self) -> ConnectionManager {
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(Duration::from_millis(100)))
-            .set_number_of_retries(1)
-            .set_min_delay(Duration::from_millis(10))
-            .set_max_delay(Duration::from_millis(20));
-        let client = redis::Client::open(self.url()).unwrap();
-        ConnectionManager::new_with_config(client, config)
-            .await
-            .unwrap()
-    }
-
-    async fn keys(&self, pattern: &str) -> Vec<String> {
-        let mut connection = self.connection().await.unwrap();
-        let mut keys: Vec<String> = redis::cmd("KEYS")
-            .arg(pattern)
-            .query_async(&mut connection)
-            .await
-            .unwrap();
-        keys.sort();
-        keys
-    }
-
-    async fn pttl(&self, key: &str) -> i64 {
-        let mut connection = self.connection().await.unwrap();
-        redis::cmd("PTTL")
-            .arg(key)
-            .query_async(&mut connection)
-            .await
-            .unwrap()
-    }
-}
-
-impl Drop for RedisServer {
-    fn drop(&mut self) {
-        self.kill();
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
-}
+use self::server::RedisServer;
 
 /// Options for tests that count admissions exactly: a generous timeout, and an error
 /// rather than a silent admission if Redis is slow on a loaded machine anyway.
