@@ -15,7 +15,8 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use palisade::rate_limit::{
-    RateLimitLayer, RateLimited, RedisOptions, RedisStore, RedisUnavailable, Store, WhenUnavailable,
+    CostExceedsCapacity, RateLimitLayer, RateLimited, RedisOptions, RedisStore, RedisUnavailable,
+    Store, WhenUnavailable,
 };
 use tokio::time::{Instant, sleep, timeout};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
@@ -326,4 +327,78 @@ async fn a_hung_server_costs_a_request_no_more_than_the_timeout() {
     assert!(!store.is_redis_up());
     // Until the next recheck, requests do not wait for Redis at all.
     send(&mut service, 2).await.unwrap();
+}
+
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn admitted_responses_report_the_bucket_on_redis() {
+    use http::{HeaderName, Request, Response};
+    use palisade::rate_limit::key::Header;
+
+    let server = RedisServer::start().await;
+    let manager = server.manager().await;
+    let layer = RateLimitLayer::builder()
+        .capacity(3)
+        .refill(1, Duration::from_secs(10))
+        .keyed(Header::new(HeaderName::from_static("x-client")))
+        .headers_on_success()
+        .build_with(|quota| RedisStore::new(manager, quota, strict("hdr:")))
+        .unwrap();
+    let mut service = layer.layer(service_fn(|_: Request<()>| async {
+        Ok::<_, BoxError>(Response::new(()))
+    }));
+    let request = || {
+        Request::builder()
+            .header("x-client", "ada")
+            .body(())
+            .unwrap()
+    };
+    for (remaining, reset) in [(2, 10), (1, 20), (0, 30)] {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request())
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["ratelimit"],
+            format!("\"default\";r={remaining};t={reset}")
+        );
+        assert_eq!(
+            response.headers()["ratelimit-policy"],
+            "\"default\";q=3;w=30"
+        );
+    }
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request())
+        .await
+        .unwrap_err();
+    let limited = error.downcast_ref::<RateLimited>().unwrap();
+    assert_eq!(limited.remaining(), 0);
+    assert!(limited.retry_after() > Duration::from_secs(9));
+    assert_eq!(server.keys("hdr:*").await, ["hdr:{ada}"]);
+}
+
+#[tokio::test]
+async fn a_request_costing_more_than_the_capacity_is_refused_without_a_round_trip() {
+    let mut server = RedisServer::start().await;
+    let manager = server.manager().await;
+    let layer = RateLimitLayer::builder()
+        .capacity(4)
+        .refill(1, Duration::from_secs(60))
+        .cost(|request: &u32| u64::from(*request))
+        .build_with(|quota| RedisStore::new(manager, quota, strict("cost:")))
+        .unwrap();
+    let mut service = layer.layer(echo::<u32>());
+    server.kill();
+    // Redis is gone, yet the answer needs no Redis.
+    let error = send(&mut service, 5).await.unwrap_err();
+    let too_big = error.downcast_ref::<CostExceedsCapacity>().unwrap();
+    assert_eq!((too_big.cost(), too_big.capacity()), (5, 4));
+    let error = send(&mut service, 1).await.unwrap_err();
+    assert!(error.is::<RedisUnavailable>());
 }
