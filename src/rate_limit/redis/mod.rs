@@ -48,7 +48,7 @@ static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("
 /// let limit = RateLimitLayer::builder()
 ///     .capacity(20)
 ///     .refill(5, Duration::from_secs(1))
-///     .keyed(|client: &String| Some(client.clone()))
+///     .keyed::<_, String>(|client: &String| Some(client.clone()))
 ///     .build_with(|quota| RedisStore::new(redis, quota, options))?;
 /// # drop(limit);
 /// # Ok(())
