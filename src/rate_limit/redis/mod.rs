@@ -141,7 +141,8 @@ pub enum WhenUnavailable {
     Reject,
     /// Decide in process, on buckets with the capacity and the rate divided by
     /// `replicas` (the capacity rounded up), so that the fleet as a whole keeps roughly
-    /// its limit. These buckets start full each time Redis goes away.
+    /// its limit. Only requests decided while Redis is away touch these buckets (full
+    /// at the first outage; later outages find them refilled since the last).
     Local {
         /// How many replicas share the limit.
         replicas: NonZeroU32,
