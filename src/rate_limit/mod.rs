@@ -22,7 +22,8 @@
 //! - **Runtime changes.** [`RateLimitLayer::handle`] gives a [`RateLimitHandle`] to read
 //!   the buckets and change rate and capacity while serving.
 //! - **Pluggable state.** The buckets live in a [`Store`]; the in-process
-//!   [`LocalStore`] is the default.
+//!   [`LocalStore`] is the default; with the `redis` feature, `RedisStore` keeps them on
+//!   a Redis server so that a whole fleet of replicas shares one limit.
 //! - **HTTP answers** (feature `http`): [`headers::too_many_requests`] turns
 //!   [`RateLimited`] into a 429 with `Retry-After` and the IETF `RateLimit-Policy` and
 //!   `RateLimit` fields; [`Builder::headers_on_success`] adds the fields to admitted
@@ -98,6 +99,8 @@ pub mod headers;
 pub mod key;
 mod keyed;
 mod layer;
+#[cfg(feature = "redis")]
+mod redis;
 mod service;
 mod store;
 
@@ -107,6 +110,11 @@ pub use self::future::ResponseFuture;
 pub use self::handle::RateLimitHandle;
 pub use self::layer::{
     Builder, Cost, NoHeaders, OnAdmitted, RateLimitLayer, RateLimitStatus, UnitCost, WhenKeyMissing,
+};
+#[cfg(feature = "redis")]
+pub use self::redis::{
+    RedisDecision, RedisKey, RedisOptions, RedisReservation, RedisStore, RedisUnavailable,
+    WhenUnavailable,
 };
 pub use self::service::RateLimit;
 pub use self::store::{Decision, LocalReservation, LocalStore, Store};

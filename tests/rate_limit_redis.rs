@@ -1,0 +1,404 @@
+//! The Redis store against a real `redis-server` (started by each test on 127.0.0.1 with
+//! a free port and a temporary directory, killed when the test ends): replicas share one
+//! bucket, keyed buckets stay apart, keys expire, and a dead server is survived by each
+//! policy and left again when it is back.
+//!
+//! These tests run in real time, unlike the rest of the suite: the buckets are timed by
+//! the Redis server's clock (`TIME` in the script), which `tokio::time::pause` cannot
+//! stop. Periods are kept to a few hundred milliseconds.
+#![cfg(feature = "redis")]
+
+#[path = "rate_limit_redis/server.rs"]
+mod server;
+
+use std::num::NonZeroU32;
+use std::time::Duration;
+
+use palisade::rate_limit::{
+    CostExceedsCapacity, RateLimitLayer, RateLimited, RedisOptions, RedisStore, RedisUnavailable,
+    Store, WhenUnavailable,
+};
+use tokio::time::{Instant, sleep, timeout};
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+
+use self::server::RedisServer;
+
+/// Options for tests that count admissions exactly: a generous timeout, and an error
+/// rather than a silent admission if Redis is slow on a loaded machine anyway.
+fn strict(prefix: &str) -> RedisOptions {
+    RedisOptions::default()
+        .prefix(prefix)
+        .timeout(Duration::from_secs(2))
+        .when_unavailable(WhenUnavailable::Reject)
+}
+
+fn echo<T: Send + 'static>()
+-> impl Service<T, Response = T, Error = BoxError, Future: Send> + Clone + Send + use<T> {
+    service_fn(|request: T| async move { Ok::<_, BoxError>(request) })
+}
+
+/// Sends `request`, failing the test if the layer takes longer than a second to answer.
+async fn send<S, T>(service: &mut S, request: T) -> Result<T, BoxError>
+where
+    S: Service<T, Response = T, Error = BoxError>,
+{
+    timeout(Duration::from_secs(1), service.ready().await?.call(request))
+        .await
+        .expect("the layer answers within a second")
+}
+
+fn is_limited(result: &Result<impl Sized, BoxError>) -> bool {
+    matches!(result, Err(error) if error.is::<RateLimited>())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_replicas_admit_together_what_one_bucket_allows() {
+    let server = RedisServer::start().await;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let manager = server.manager().await;
+        let layer = RateLimitLayer::builder()
+            .capacity(10)
+            .refill(1, Duration::from_secs(60))
+            .build_with(|quota| RedisStore::new(manager, quota, strict("fleet:")))
+            .unwrap();
+        replicas.push(layer.layer(echo::<u32>()));
+    }
+    // 40 concurrent requests, half through each replica.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let mut service = replicas[i % 2].clone();
+        tasks.push(tokio::spawn(async move {
+            let i = u32::try_from(i).unwrap();
+            send(&mut service, i).await
+        }));
+    }
+    let mut admitted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => admitted += 1,
+            Err(error) => {
+                let limited = error
+                    .downcast_ref::<RateLimited>()
+                    .expect("only rate limited");
+                assert!(limited.retry_after() > Duration::ZERO);
+                assert!(limited.retry_after() <= Duration::from_secs(60));
+                assert_eq!(limited.limit(), 10);
+            }
+        }
+    }
+    assert_eq!(admitted, 10);
+    assert_eq!(server.keys("fleet:*").await, ["fleet:shared"]);
+}
+
+#[tokio::test]
+async fn keyed_buckets_stay_independent_across_replicas() {
+    let server = RedisServer::start().await;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let manager = server.manager().await;
+        let layer = RateLimitLayer::builder()
+            .capacity(2)
+            .refill(1, Duration::from_secs(60))
+            .keyed(|request: &(&'static str, u32)| Some(request.0))
+            .build_with(|quota| RedisStore::new(manager, quota, strict("{api}:")))
+            .unwrap();
+        replicas.push(layer.layer(echo::<(&'static str, u32)>()));
+    }
+    // "ada" spends her two tokens, one on each replica; the third request is refused.
+    assert!(send(&mut replicas[0], ("ada", 1)).await.is_ok());
+    assert!(send(&mut replicas[1], ("ada", 2)).await.is_ok());
+    assert!(is_limited(&send(&mut replicas[0], ("ada", 3)).await));
+    assert!(is_limited(&send(&mut replicas[1], ("ada", 4)).await));
+    // "bob" still has his.
+    assert!(send(&mut replicas[1], ("bob", 1)).await.is_ok());
+    assert!(send(&mut replicas[0], ("bob", 2)).await.is_ok());
+    assert!(is_limited(&send(&mut replicas[1], ("bob", 3)).await));
+    assert_eq!(server.keys("{api}:*").await, ["{api}:{ada}", "{api}:{bob}"]);
+}
+
+#[tokio::test]
+async fn keys_expire_once_their_buckets_are_full_again() {
+    let server = RedisServer::start().await;
+    let manager = server.manager().await;
+    // Two tokens, refilled one every 100 ms: an empty bucket is full after 200 ms.
+    let layer = RateLimitLayer::builder()
+        .capacity(2)
+        .refill(1, Duration::from_millis(100))
+        .keyed(|request: &u32| Some(*request))
+        .when_key_missing(palisade::rate_limit::WhenKeyMissing::Share)
+        .build_with(|quota| RedisStore::new(manager, quota, strict("idle:")))
+        .unwrap();
+    let mut service = layer.layer(echo::<u32>());
+    for client in [7, 7, 8] {
+        send(&mut service, client).await.unwrap();
+    }
+    assert_eq!(server.keys("idle:*").await, ["idle:{7}", "idle:{8}"]);
+    let ttl = server.pttl("idle:{7}").await;
+    assert!(
+        0 < ttl && ttl <= 200,
+        "an empty bucket's key lives 200 ms, not {ttl} ms"
+    );
+    let ttl = server.pttl("idle:{8}").await;
+    assert!(
+        0 < ttl && ttl <= 100,
+        "a bucket one token down lives 100 ms, not {ttl} ms"
+    );
+
+    sleep(Duration::from_millis(300)).await;
+    assert!(server.keys("idle:*").await.is_empty());
+    // A bucket that expired is a full one.
+    for _ in 0..2 {
+        send(&mut service, 7).await.unwrap();
+    }
+    assert!(is_limited(&send(&mut service, 7).await));
+}
+
+#[tokio::test]
+async fn a_waiter_is_served_from_the_servers_clock_and_gives_its_slot_back_when_dropped() {
+    let server = RedisServer::start().await;
+    let manager = server.manager().await;
+    let layer = RateLimitLayer::builder()
+        .capacity(1)
+        .refill(1, Duration::from_millis(200))
+        .max_wait(Duration::from_secs(1))
+        .build_with(|quota| RedisStore::new(manager, quota, strict("wait:")))
+        .unwrap();
+    let mut service = layer.layer(echo::<u32>());
+    send(&mut service, 1).await.unwrap();
+    let start = Instant::now();
+    send(&mut service, 2).await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(150),
+        "the second request waited"
+    );
+
+    // The next one reserves the slot 200 ms ahead, and gives up after 50 ms.
+    let waiter = service.ready().await.unwrap().call(3);
+    assert!(timeout(Duration::from_millis(50), waiter).await.is_err());
+    // Its slot comes back: the bucket is full again within 200 ms of the second request,
+    // not 400 ms.
+    let deadline = Instant::now() + Duration::from_millis(100);
+    while server.pttl("wait:shared").await > 200 {
+        assert!(
+            Instant::now() < deadline,
+            "the dropped waiter's slot came back"
+        );
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+/// A store on `server` with capacity 4 (refilled one a minute), and a clone to watch it.
+async fn survivor(
+    server: &RedisServer,
+    policy: WhenUnavailable,
+) -> (
+    impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone + use<>,
+    RedisStore,
+) {
+    let manager = server.manager().await;
+    let mut watch = None;
+    let options = RedisOptions::default()
+        .prefix("survive:")
+        .timeout(Duration::from_millis(200))
+        .recheck(Duration::from_millis(20))
+        .when_unavailable(policy);
+    let layer = RateLimitLayer::builder()
+        .capacity(4)
+        .refill(1, Duration::from_secs(60))
+        .build_with(|quota| {
+            let store = RedisStore::new(manager, quota, options);
+            watch = Some(store.clone());
+            store
+        })
+        .unwrap();
+    (layer.layer(echo::<u32>()), watch.unwrap())
+}
+
+/// Spends the bucket on Redis: four admitted, the fifth refused.
+async fn spend<S>(service: &mut S)
+where
+    S: Service<u32, Response = u32, Error = BoxError>,
+{
+    for i in 0..4 {
+        send(service, i).await.expect("admitted by Redis");
+    }
+    assert!(is_limited(&send(service, 4).await));
+}
+
+/// Restarts the dead server and waits until the layer decides on Redis again: the
+/// restarted server is empty, so its bucket is full, then spent.
+async fn back_on_redis<S>(server: &mut RedisServer, service: &mut S, store: &RedisStore)
+where
+    S: Service<u32, Response = u32, Error = BoxError>,
+{
+    server.restart().await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while server.keys("survive:*").await.is_empty() {
+        assert!(Instant::now() < deadline, "the layer went back to Redis");
+        let _ = send(service, 0).await;
+        sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.is_redis_up());
+    // The request that found Redis back took the first token.
+    for i in 1..4 {
+        send(service, i).await.expect("admitted by Redis");
+    }
+    assert!(is_limited(&send(service, 4).await));
+}
+
+/// Sends `n` requests to a layer whose server is dead, each answering within `send`'s
+/// bound, and returns their results.
+async fn while_down<S>(service: &mut S, n: u32) -> Vec<Result<u32, BoxError>>
+where
+    S: Service<u32, Response = u32, Error = BoxError>,
+{
+    let mut results = Vec::new();
+    for i in 0..n {
+        results.push(send(service, i).await);
+    }
+    results
+}
+
+#[tokio::test]
+async fn failing_open_admits_while_redis_is_down_and_goes_back_to_it() {
+    let mut server = RedisServer::start().await;
+    let (mut service, store) = survivor(&server, WhenUnavailable::Admit).await;
+    spend(&mut service).await;
+    server.kill();
+    let results = while_down(&mut service, 10).await;
+    assert!(results.iter().all(Result::is_ok));
+    assert!(!store.is_redis_up());
+    back_on_redis(&mut server, &mut service, &store).await;
+}
+
+#[tokio::test]
+async fn failing_closed_rejects_with_a_clear_error_and_goes_back_to_redis() {
+    let mut server = RedisServer::start().await;
+    let (mut service, store) = survivor(&server, WhenUnavailable::Reject).await;
+    spend(&mut service).await;
+    server.kill();
+    for result in while_down(&mut service, 10).await {
+        let error = result.unwrap_err();
+        let unavailable = error
+            .downcast_ref::<RedisUnavailable>()
+            .unwrap_or_else(|| panic!("RedisUnavailable, not {error}"));
+        assert_eq!(unavailable.retry_after(), Duration::from_millis(20));
+    }
+    assert!(!store.is_redis_up());
+    back_on_redis(&mut server, &mut service, &store).await;
+}
+
+#[tokio::test]
+async fn the_local_fallback_enforces_a_replicas_share_and_hands_back_to_redis() {
+    let mut server = RedisServer::start().await;
+    let replicas = NonZeroU32::new(2).unwrap();
+    let (mut service, store) = survivor(&server, WhenUnavailable::Local { replicas }).await;
+    spend(&mut service).await;
+    server.kill();
+    // Half of the capacity of 4, in process.
+    let results = while_down(&mut service, 4).await;
+    assert!(results[..2].iter().all(Result::is_ok));
+    assert!(results[2..].iter().all(is_limited));
+    assert!(!store.is_redis_up());
+    assert_eq!(store.quota().capacity(), 4);
+    back_on_redis(&mut server, &mut service, &store).await;
+}
+
+#[tokio::test]
+async fn a_hung_server_costs_a_request_no_more_than_the_timeout() {
+    let server = RedisServer::start().await;
+    let (mut service, store) = survivor(&server, WhenUnavailable::Admit).await;
+    // Freeze the server: it takes requests but answers them only after 5 s.
+    let mut connection = server.connection().await.unwrap();
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(5000)
+        .query_async::<()>(&mut connection)
+        .await
+        .unwrap();
+    let start = Instant::now();
+    // `send` fails the test if the layer takes a second.
+    send(&mut service, 1).await.unwrap();
+    assert!(
+        start.elapsed() >= Duration::from_millis(200),
+        "waited out the timeout"
+    );
+    assert!(!store.is_redis_up());
+    // Until the next recheck, requests do not wait for Redis at all.
+    send(&mut service, 2).await.unwrap();
+}
+
+#[cfg(feature = "http")]
+#[tokio::test]
+async fn admitted_responses_report_the_bucket_on_redis() {
+    use http::{HeaderName, Request, Response};
+    use palisade::rate_limit::key::Header;
+
+    let server = RedisServer::start().await;
+    let manager = server.manager().await;
+    let layer = RateLimitLayer::builder()
+        .capacity(3)
+        .refill(1, Duration::from_secs(10))
+        .keyed(Header::new(HeaderName::from_static("x-client")))
+        .headers_on_success()
+        .build_with(|quota| RedisStore::new(manager, quota, strict("hdr:")))
+        .unwrap();
+    let mut service = layer.layer(service_fn(|_: Request<()>| async {
+        Ok::<_, BoxError>(Response::new(()))
+    }));
+    let request = || {
+        Request::builder()
+            .header("x-client", "ada")
+            .body(())
+            .unwrap()
+    };
+    for (remaining, reset) in [(2, 10), (1, 20), (0, 30)] {
+        let response = service
+            .ready()
+            .await
+            .unwrap()
+            .call(request())
+            .await
+            .unwrap();
+        assert_eq!(
+            response.headers()["ratelimit"],
+            format!("\"default\";r={remaining};t={reset}")
+        );
+        assert_eq!(
+            response.headers()["ratelimit-policy"],
+            "\"default\";q=3;w=30"
+        );
+    }
+    let error = service
+        .ready()
+        .await
+        .unwrap()
+        .call(request())
+        .await
+        .unwrap_err();
+    let limited = error.downcast_ref::<RateLimited>().unwrap();
+    assert_eq!(limited.remaining(), 0);
+    assert!(limited.retry_after() > Duration::from_secs(9));
+    assert_eq!(server.keys("hdr:*").await, ["hdr:{ada}"]);
+}
+
+#[tokio::test]
+async fn a_request_costing_more_than_the_capacity_is_refused_without_a_round_trip() {
+    let mut server = RedisServer::start().await;
+    let manager = server.manager().await;
+    let layer = RateLimitLayer::builder()
+        .capacity(4)
+        .refill(1, Duration::from_secs(60))
+        .cost(|request: &u32| u64::from(*request))
+        .build_with(|quota| RedisStore::new(manager, quota, strict("cost:")))
+        .unwrap();
+    let mut service = layer.layer(echo::<u32>());
+    server.kill();
+    // Redis is gone, yet the answer needs no Redis.
+    let error = send(&mut service, 5).await.unwrap_err();
+    let too_big = error.downcast_ref::<CostExceedsCapacity>().unwrap();
+    assert_eq!((too_big.cost(), too_big.capacity()), (5, 4));
+    let error = send(&mut service, 1).await.unwrap_err();
+    assert!(error.is::<RedisUnavailable>());
+}
