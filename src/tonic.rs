@@ -9,9 +9,13 @@
 //! | [`CircuitOpen`] | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
 //! | [`RateLimited`] | `RESOURCE_EXHAUSTED` | `grpc-retry-pushback-ms`, `retry-after` |
 //!
-//! Other errors pass through unchanged. The same layer serves both sides: on a server
-//! (`Server::builder().layer(...)`) tonic sends the status to the client; on a client
-//! (layers over a `Channel`) the generated client returns it from the call.
+//! Any other error becomes the status tonic would make of it. The same layer serves both
+//! sides: on a server (`Server::builder().layer(...)`) tonic sends the status to the
+//! client; on a client (layers over a `Channel`) the generated client returns it from
+//! the call. Its error type is the concrete `Status`, not `BoxError`, which also spares
+//! a client stack a compiler limitation: a generated client over a service whose error
+//! is `BoxError` cannot always be proven `Send` inside another async function
+//! ("implementation of `From` is not general enough").
 //!
 //! # Example
 //!
@@ -68,12 +72,10 @@ pub fn rejection_status(error: &(dyn std::error::Error + 'static)) -> Option<Sta
     None
 }
 
-/// Turns a palisade rejection into its [`Status`]; any other error is returned as it is.
-pub fn map_rejection(error: BoxError) -> BoxError {
-    match rejection_status(&*error) {
-        Some(status) => Box::new(status),
-        None => error,
-    }
+/// The [`Status`] for any error: a palisade rejection's (see [`rejection_status`]), else
+/// what tonic makes of it (`Status::from_error`: a `Status` inside stays itself).
+pub fn status_from_error(error: BoxError) -> Status {
+    rejection_status(&*error).unwrap_or_else(|| Status::from_error(error))
 }
 
 fn with_delay(mut status: Status, delay: Duration) -> Status {
@@ -148,13 +150,13 @@ where
     S::Error: Into<BoxError>,
 {
     type Response = S::Response;
-    type Error = BoxError;
+    type Error = Status;
     type Future = RejectionsAsStatusFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
         self.inner
             .poll_ready(cx)
-            .map_err(|error| map_rejection(error.into()))
+            .map_err(|error| status_from_error(error.into()))
     }
 
     fn call(&mut self, request: Req) -> Self::Future {
@@ -177,10 +179,10 @@ where
     F: Future<Output = Result<T, E>>,
     E: Into<BoxError>,
 {
-    type Output = Result<T, BoxError>;
+    type Output = Result<T, Status>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = ready!(self.project().inner.poll(cx));
-        Poll::Ready(result.map_err(|error| map_rejection(error.into())))
+        Poll::Ready(result.map_err(|error| status_from_error(error.into())))
     }
 }

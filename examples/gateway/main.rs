@@ -1,0 +1,477 @@
+//! The gateway demo: the system palisade exists for, in one process on 127.0.0.1.
+//!
+//! ```text
+//!  client ──HTTP──▶ gateway ──HTTP──▶ users
+//!                   (correlation IDs,  └─HTTP──▶ orders ──gRPC──▶ payments
+//!                    JWT check,                  (retry, circuit breaker,
+//!                    per-client limits)           compensating action)
+//! ```
+//!
+//! `cargo run --example gateway --features full` drives a scripted scenario, prints a
+//! report and exits non-zero if any step misbehaved. `-- --serve` keeps the system up
+//! and prints curl commands to try by hand.
+
+mod edge;
+mod logs;
+mod payments;
+mod services;
+
+use std::net::SocketAddr;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use axum::Router;
+use axum::error_handling::HandleErrorLayer;
+use axum::routing::any;
+use http_body_util::{BodyExt, Full};
+use hyper::body::Bytes;
+use hyper::{HeaderMap, Method, Request, StatusCode, http};
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+use palisade::ServiceBuilderExt;
+use palisade::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer, SlidingWindow, State};
+use palisade::classify::GrpcErrorsAsFailures;
+use palisade::correlation::CorrelationIdLayer;
+use palisade::rate_limit::RateLimitLayer;
+use palisade::retry::{Backoff, GrpcRetry, Jitter, RetryLayer};
+use palisade::tonic::RejectionsAsStatusLayer;
+use tokio::net::TcpListener;
+use tonic::transport::Endpoint;
+use tower::{BoxError, ServiceBuilder};
+
+use crate::edge::{Subject, TokenKeys, Upstreams};
+use crate::logs::Logs;
+use crate::payments::{Payments, PaymentsClient, PaymentsServer, Transport};
+use crate::services::Orders;
+
+/// How long the payments breaker stays open before it lets a probe through.
+const OPEN_FOR: Duration = Duration::from_millis(800);
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let serve = std::env::args().any(|arg| arg == "--serve");
+    let logs = Logs::install(serve);
+    let system = match System::start().await {
+        Ok(system) => system,
+        Err(error) => {
+            eprintln!("could not start the system: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    if serve {
+        system.print_curl_commands();
+        let _ = tokio::signal::ctrl_c().await;
+        return ExitCode::SUCCESS;
+    }
+    let mut report = Report::default();
+    scenario(&system, &logs, &mut report).await;
+    report.finish()
+}
+
+/// Every part of the system, started on OS-assigned ports.
+struct System {
+    gateway: SocketAddr,
+    payments: Arc<Payments>,
+    breaker: CircuitBreakerHandle,
+    tokens: TokenKeys,
+    client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+}
+
+impl System {
+    async fn start() -> Result<Self, BoxError> {
+        let secret = b"palisade demo secret";
+        let payments = Arc::new(Payments::default());
+        let payments_addr = serve_grpc(payments.clone()).await?;
+
+        let breaker = CircuitBreakerLayer::builder()
+            .sliding_window(SlidingWindow::count(10))
+            .minimum_calls(4)
+            .failure_rate_threshold(0.5)
+            .open_for(OPEN_FOR)
+            .half_open_probes(1)
+            .classify(GrpcErrorsAsFailures::new())
+            .build()?;
+        let breaker_handle = breaker.handle();
+        let channel = Endpoint::from_shared(format!("http://{payments_addr}"))?.connect_lazy();
+        let transport = Transport::new(
+            ServiceBuilder::new()
+                .map_response(|response: http::Response<_>| response.map(tonic::body::Body::new))
+                .layer(RejectionsAsStatusLayer::new())
+                .retries(
+                    RetryLayer::builder()
+                        .max_attempts(3)
+                        .backoff(
+                            Backoff::exponential(Duration::from_millis(20))
+                                .max(Duration::from_millis(200))
+                                .jitter(Jitter::Full),
+                        )
+                        .retry_if(GrpcRetry::new())
+                        // Waiting out an open breaker is the caller's call, not ours: give up
+                        // on any hint longer than this.
+                        .max_server_delay(Duration::from_millis(200))
+                        .replay_bodies()
+                        .build()?,
+                )
+                .map_request(palisade::tonic::into_channel_request)
+                .circuit_breaker(breaker)
+                .propagate_correlation_id()
+                .service(channel),
+        );
+
+        let orders = Arc::new(Orders::new(PaymentsClient::new(transport)));
+        let orders_addr = serve_http(services::orders(orders)).await?;
+        let users_addr = serve_http(services::users()).await?;
+
+        let tokens = TokenKeys::new(secret);
+        let gateway = serve_http(gateway_router(
+            users_addr,
+            orders_addr,
+            TokenKeys::new(secret),
+        )?)
+        .await?;
+
+        Ok(Self {
+            gateway,
+            payments,
+            breaker: breaker_handle,
+            tokens,
+            client: Client::builder(TokioExecutor::new()).build_http(),
+        })
+    }
+
+    fn print_curl_commands(&self) {
+        let token = self.tokens.issue("alice");
+        let gateway = self.gateway;
+        println!("The system is up. Try:");
+        println!("  curl -i -H 'authorization: Bearer {token}' http://{gateway}/users/1");
+        println!(
+            "  curl -i -H 'authorization: Bearer {token}' -H 'content-type: application/json' \\\n       -d '{{\"item\":\"book\",\"amount_cents\":1200}}' http://{gateway}/orders"
+        );
+        println!(
+            "  curl -i -H 'x-request-id: my-trace-1' -H 'authorization: Bearer {token}' http://{gateway}/users/2"
+        );
+        println!("Press Ctrl-C to stop.");
+    }
+
+    async fn send(&self, call: Call<'_>) -> Reply {
+        let mut request = Request::builder()
+            .method(call.method.clone())
+            .uri(format!("http://{}{}", self.gateway, call.path))
+            .header("content-type", "application/json");
+        if let Some(subject) = call.subject {
+            request = request.header(
+                "authorization",
+                format!("Bearer {}", self.tokens.issue(subject)),
+            );
+        }
+        if let Some(id) = call.request_id {
+            request = request.header("x-request-id", id);
+        }
+        let request = request
+            .body(Full::new(Bytes::from(call.body.to_owned())))
+            .expect("a well-formed request");
+        let started = Instant::now();
+        match self.client.request(request).await {
+            Ok(response) => {
+                let (parts, body) = response.into_parts();
+                let body = body
+                    .collect()
+                    .await
+                    .map(|body| body.to_bytes())
+                    .unwrap_or_default();
+                Reply {
+                    status: parts.status,
+                    headers: parts.headers,
+                    body: String::from_utf8_lossy(&body).into_owned(),
+                    took: started.elapsed(),
+                }
+            }
+            Err(error) => Reply {
+                status: StatusCode::INTERNAL_SERVER_ERROR,
+                headers: HeaderMap::new(),
+                body: format!("request failed: {error}"),
+                took: started.elapsed(),
+            },
+        }
+    }
+}
+
+fn gateway_router(
+    users: SocketAddr,
+    orders: SocketAddr,
+    tokens: TokenKeys,
+) -> Result<Router, BoxError> {
+    let per_client = RateLimitLayer::builder()
+        .capacity(10)
+        .refill(5, Duration::from_secs(1))
+        .keyed(|request: &axum::extract::Request| request.extensions().get::<Subject>().cloned())
+        .build()?;
+    let client = ServiceBuilder::new()
+        .propagate_correlation_id()
+        .map_err(BoxError::from)
+        .service(Client::builder(TokioExecutor::new()).build_http::<axum::body::Body>());
+    let upstreams = Arc::new(Upstreams {
+        users,
+        orders,
+        client,
+    });
+    Ok(Router::new()
+        .route("/users/{*rest}", any(edge::forward))
+        .route("/orders", any(edge::forward))
+        .route("/orders/{*rest}", any(edge::forward))
+        .with_state(upstreams)
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(palisade::axum::handle_error))
+                .layer(per_client),
+        )
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::new(tokens),
+            edge::authenticate,
+        )))
+}
+
+/// Serves `router` on an OS-assigned port, with correlation IDs at its edge.
+async fn serve_http(router: Router) -> Result<SocketAddr, BoxError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let router = router.layer(CorrelationIdLayer::new());
+    tokio::spawn(async move { axum::serve(listener, router).await });
+    Ok(addr)
+}
+
+async fn serve_grpc(payments: Arc<Payments>) -> Result<SocketAddr, BoxError> {
+    let listener = TcpListener::bind("127.0.0.1:0").await?;
+    let addr = listener.local_addr()?;
+    let incoming = tonic::transport::server::TcpIncoming::from(listener);
+    tokio::spawn(
+        tonic::transport::Server::builder()
+            .layer(CorrelationIdLayer::new())
+            .add_service(PaymentsServer::new(payments))
+            .serve_with_incoming(incoming),
+    );
+    Ok(addr)
+}
+
+struct Call<'a> {
+    method: Method,
+    path: &'a str,
+    subject: Option<&'a str>,
+    request_id: Option<&'a str>,
+    body: &'a str,
+}
+
+impl<'a> Call<'a> {
+    fn get(path: &'a str, subject: &'a str) -> Self {
+        Self {
+            method: Method::GET,
+            path,
+            subject: Some(subject),
+            request_id: None,
+            body: "",
+        }
+    }
+
+    fn order(subject: &'a str) -> Self {
+        Self {
+            method: Method::POST,
+            path: "/orders",
+            subject: Some(subject),
+            request_id: None,
+            body: r#"{"item":"book","amount_cents":1200}"#,
+        }
+    }
+
+    fn with_request_id(mut self, id: &'a str) -> Self {
+        self.request_id = Some(id);
+        self
+    }
+}
+
+struct Reply {
+    status: StatusCode,
+    headers: HeaderMap,
+    body: String,
+    took: Duration,
+}
+
+impl Reply {
+    fn header(&self, name: &str) -> &str {
+        self.headers
+            .get(name)
+            .and_then(|value| value.to_str().ok())
+            .unwrap_or("-")
+    }
+}
+
+/// The scenario's verdicts, printed as it goes.
+#[derive(Default)]
+struct Report {
+    failures: usize,
+}
+
+impl Report {
+    fn section(&self, title: &str) {
+        println!("\n== {title}");
+    }
+
+    fn check(&mut self, ok: bool, what: impl std::fmt::Display) {
+        if ok {
+            println!("  ok    {what}");
+        } else {
+            println!("  FAIL  {what}");
+            self.failures += 1;
+        }
+    }
+
+    fn finish(self) -> ExitCode {
+        if self.failures == 0 {
+            println!("\nEvery step behaved as expected.");
+            ExitCode::SUCCESS
+        } else {
+            println!("\n{} step(s) did not behave as expected.", self.failures);
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn scenario(system: &System, logs: &Logs, report: &mut Report) {
+    report.section("1. normal traffic");
+    let user = system.send(Call::get("/users/1", "alice")).await;
+    report.check(
+        user.status == StatusCode::OK,
+        format!("alice reads /users/1: {} {}", user.status, user.body),
+    );
+    let order = system.send(Call::order("bob")).await;
+    report.check(
+        order.status == StatusCode::CREATED && order.body.contains("\"paid\""),
+        format!("bob places an order: {} {}", order.status, order.body),
+    );
+    let anonymous = system
+        .send(Call {
+            subject: None,
+            ..Call::get("/users/1", "")
+        })
+        .await;
+    report.check(
+        anonymous.status == StatusCode::UNAUTHORIZED,
+        format!(
+            "a request without a token is refused at the edge: {}",
+            anonymous.status
+        ),
+    );
+
+    report.section("2. one correlation ID across every hop");
+    let traced = system
+        .send(Call::order("carol").with_request_id("demo-order-42"))
+        .await;
+    report.check(
+        traced.header("x-request-id") == "demo-order-42",
+        format!(
+            "the gateway echoes the caller's ID: x-request-id: {}",
+            traced.header("x-request-id")
+        ),
+    );
+    let trail = logs.lines_with("demo-order-42");
+    for hop in ["gateway:", "orders:", "payments:"] {
+        report.check(
+            trail.iter().any(|line| line.contains(hop)),
+            format!("the ID is in the {} log lines", hop.trim_end_matches(':')),
+        );
+    }
+    for line in &trail {
+        println!("        {line}");
+    }
+    let minted = system.send(Call::get("/users/2", "carol")).await;
+    let minted_id = minted.header("x-request-id").to_owned();
+    report.check(
+        minted_id != "-"
+            && logs
+                .lines_with(&minted_id)
+                .iter()
+                .any(|line| line.contains("users:")),
+        format!(
+            "without an ID the gateway mints one ({minted_id}) and it reaches the users service"
+        ),
+    );
+
+    report.section("3. a noisy client is limited; the others are not");
+    let mut limited = 0;
+    let mut retry_after = String::new();
+    for _ in 0..30 {
+        let reply = system.send(Call::get("/users/1", "mallory")).await;
+        if reply.status == StatusCode::TOO_MANY_REQUESTS {
+            limited += 1;
+            retry_after = format!(
+                "Retry-After: {}, RateLimit: {}",
+                reply.header("retry-after"),
+                reply.header("ratelimit")
+            );
+        }
+    }
+    report.check(
+        limited >= 15,
+        format!("mallory sent 30 requests at once: {limited} got 429 ({retry_after})"),
+    );
+    let alice = system.send(Call::get("/users/1", "alice")).await;
+    report.check(
+        alice.status == StatusCode::OK,
+        format!("alice is unaffected: {}", alice.status),
+    );
+
+    report.section("4. retries absorb a flaky hop");
+    let before = system.payments.calls();
+    system.payments.fail_next(1);
+    let order = system.send(Call::order("alice")).await;
+    let calls = system.payments.calls() - before;
+    report.check(
+        order.status == StatusCode::CREATED && calls == 2,
+        format!(
+            "payments failed once; the order still went through: {} after {calls} payment calls",
+            order.status
+        ),
+    );
+
+    report.section("5. payments goes down: the breaker opens and sheds load");
+    system.payments.set_down(true);
+    let mut cancelled = 0;
+    for _ in 0..3 {
+        let reply = system.send(Call::order("bob")).await;
+        if reply.status == StatusCode::SERVICE_UNAVAILABLE && reply.body.contains("\"cancelled\"") {
+            cancelled += 1;
+        }
+    }
+    report.check(
+        cancelled == 3,
+        format!("orders whose payment failed for good were cancelled again: {cancelled}/3"),
+    );
+    report.check(
+        system.breaker.state() == State::Open,
+        format!("the payments breaker is {:?}", system.breaker.state()),
+    );
+    let before = system.payments.calls();
+    let shed = system.send(Call::order("bob")).await;
+    report.check(
+        shed.status == StatusCode::SERVICE_UNAVAILABLE && system.payments.calls() == before,
+        format!(
+            "while open, an order is answered at once without calling payments: {} in {:?}, Retry-After: {}",
+            shed.status,
+            shed.took,
+            shed.header("retry-after")
+        ),
+    );
+
+    report.section("6. payments recovers: half-open probe, then closed");
+    system.payments.set_down(false);
+    tokio::time::sleep(OPEN_FOR + Duration::from_millis(100)).await;
+    let order = system.send(Call::order("bob")).await;
+    report.check(
+        order.status == StatusCode::CREATED,
+        format!("the probe order succeeds: {}", order.status),
+    );
+    report.check(
+        system.breaker.state() == State::Closed,
+        format!("the payments breaker is {:?} again", system.breaker.state()),
+    );
+}
