@@ -30,6 +30,12 @@ pub mod rejection;
 pub mod tonic;
 
 mod builder;
+mod metrics;
 mod sync;
 
 pub use self::builder::ServiceBuilderExt;
+
+// The README's examples are compiled and run as doc tests.
+#[cfg(all(doctest, feature = "full"))]
+#[doc = include_str!("../README.md")]
+struct ReadmeDoctests;

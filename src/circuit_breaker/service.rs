@@ -81,7 +81,10 @@ where
                 let report = CallReport::new(self.lanes.take(), permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
-            Err(open) => ResponseFuture::rejected(open),
+            Err(open) => {
+                crate::metrics::circuit_rejected();
+                ResponseFuture::rejected(open)
+            }
         }
     }
 }

@@ -544,6 +544,7 @@ impl Core {
             reason = ?transition.reason,
             "circuit breaker changed state"
         );
+        crate::metrics::circuit_transition(transition.from, transition.to);
         if let Some(observer) = &self.observer {
             observer(&transition);
         }

@@ -1,0 +1,45 @@
+//! Counters through the [`metrics`](https://docs.rs/metrics) facade (feature `metrics`).
+//!
+//! Emitted only where something noteworthy happens (a transition, a rejection, a retry),
+//! never on the success path; without the feature these functions are empty and vanish.
+//!
+//! | counter | labels | when |
+//! |---|---|---|
+//! | `palisade_circuit_breaker_transitions_total` | `from`, `to` | a breaker changes state |
+//! | `palisade_circuit_breaker_rejected_total` | | a call is refused by an open breaker |
+//! | `palisade_rate_limit_rejected_total` | | a request is refused by a rate limiter |
+//! | `palisade_retry_attempts_total` | `reason` | a request is retried |
+//! | `palisade_retry_budget_exhausted_total` | | a retry is refused by the budget |
+
+#[cfg(feature = "metrics")]
+use crate::circuit_breaker::State;
+
+#[cfg(feature = "metrics")]
+fn state_label(state: State) -> &'static str {
+    match state {
+        State::Closed => "closed",
+        State::Open => "open",
+        State::HalfOpen => "half_open",
+        State::ForcedOpen => "forced_open",
+        State::ForcedClosed => "forced_closed",
+    }
+}
+
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn circuit_transition(
+    from: crate::circuit_breaker::State,
+    to: crate::circuit_breaker::State,
+) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!(
+        "palisade_circuit_breaker_transitions_total",
+        "from" => state_label(from),
+        "to" => state_label(to),
+    )
+    .increment(1);
+}
+
+pub(crate) fn circuit_rejected() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("palisade_circuit_breaker_rejected_total").increment(1);
+}
