@@ -7,8 +7,11 @@ use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use palisade::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, SlidingWindow};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
+/// A counter's name, labels and count.
+type Counter = (String, Vec<(String, String)>, u64);
+
 /// The counters of a snapshot (taking one resets them), by name and labels.
-fn counters(snapshotter: &Snapshotter) -> Vec<(String, Vec<(String, String)>, u64)> {
+fn counters(snapshotter: &Snapshotter) -> Vec<Counter> {
     snapshotter
         .snapshot()
         .into_vec()
@@ -27,11 +30,7 @@ fn counters(snapshotter: &Snapshotter) -> Vec<(String, Vec<(String, String)>, u6
         .collect()
 }
 
-fn counter(
-    counters: &[(String, Vec<(String, String)>, u64)],
-    name: &str,
-    labels: &[(&str, &str)],
-) -> u64 {
+fn counter(counters: &[Counter], name: &str, labels: &[(&str, &str)]) -> u64 {
     counters
         .iter()
         .filter(|(counter, counter_labels, _)| {
