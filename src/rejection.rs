@@ -3,16 +3,15 @@
 //! | error | status | headers |
 //! |---|---|---|
 //! | [`CircuitOpen`] | 503 Service Unavailable | `Retry-After` |
-//! | [`RateLimited`] | 429 Too Many Requests | `Retry-After`, `RateLimit-Policy`, `RateLimit` |
+//! | [`RateLimited`](crate::rate_limit::RateLimited) | 429 Too Many Requests | `Retry-After`, `RateLimit-Policy`, `RateLimit` |
 //! | [`CostExceedsCapacity`](crate::rate_limit::CostExceedsCapacity) | 429 Too Many Requests | |
 //! | [`MissingKey`](crate::rate_limit::MissingKey) | 400 Bad Request | |
 //! | [`AttemptTimedOut`], [`DeadlineExceeded`], tower's `Elapsed` | 504 Gateway Timeout | |
 //! | anything else | 500 Internal Server Error | |
 //!
 //! `Retry-After` is in whole seconds, rounded up. The body is empty: an inner error's
-//! text is never sent to the client. The axum integration
-//! ([`palisade::axum::handle_error`](crate)) is this function behind axum's
-//! `HandleErrorLayer`.
+//! text is never sent to the client. The axum integration (`palisade::axum::handle_error`,
+//! feature `axum`) is this function behind axum's `HandleErrorLayer`.
 //!
 //! # Example
 //!
