@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use hashbrown::HashTable;
 
-use super::bucket::{Quota, Verdict};
+use super::bucket::{CachePadded, Quota, Verdict};
 
 const MAX_SHARDS: usize = 64;
 const MIN_SWEEP: usize = 64;
@@ -74,7 +74,8 @@ pub(crate) struct KeyedClaim {
 
 /// The per-key buckets of a keyed limiter.
 pub(crate) struct KeyedBuckets<K> {
-    shards: Box<[Mutex<Shard<K>>]>,
+    /// Padded so that threads working on different shards do not share cache lines.
+    shards: Box<[CachePadded<Mutex<Shard<K>>>]>,
     hasher: RandomState,
     shard_cap: usize,
 }
@@ -86,11 +87,11 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         Self {
             shards: (0..shards)
                 .map(|_| {
-                    Mutex::new(Shard {
+                    CachePadded(Mutex::new(Shard {
                         buckets: HashTable::new(),
                         sweep_at: MIN_SWEEP,
                         next_full_sweep: 0,
-                    })
+                    }))
                 })
                 .collect(),
             hasher: RandomState::new(),
