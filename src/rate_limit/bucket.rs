@@ -241,6 +241,7 @@ impl QuotaRing {
     }
 
     /// The quota in force now.
+    #[inline]
     pub(crate) fn current(&self) -> Quota {
         loop {
             let generation = self.generation.load(Ordering::Acquire);
@@ -531,6 +532,7 @@ impl TokenBucket {
     }
 
     /// The quota in force.
+    #[inline]
     pub fn quota(&self) -> Quota {
         self.ring.current()
     }

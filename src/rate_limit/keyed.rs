@@ -25,6 +25,7 @@ impl Entry {
         Self { tat: 0, quota }
     }
 
+    #[inline]
     fn moved_to(self, quota: Quota, now: u64) -> Self {
         if self.quota == quota {
             return self;
@@ -100,6 +101,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
     }
 
     /// The key's hash and its locked shard.
+    #[inline]
     fn shard(&self, key: &K) -> (u64, MutexGuard<'_, Shard<K>>) {
         let hash = self.hasher.hash_one(key);
         // The shard takes bits the table does not lean on: it indexes with the low bits
@@ -114,6 +116,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
 
     /// Charges `key`'s bucket; `None` when the key is new and the table is at its cap
     /// (the caller charges the overflow bucket instead).
+    #[inline]
     pub(crate) fn acquire(
         &self,
         key: &K,
@@ -182,6 +185,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
 }
 
 /// Decides on `entry`; the claim is the entry to store when admitted (`increment > 0`).
+#[inline]
 fn charge(entry: Entry, now: u64, cost: u64, max_wait: u64) -> (Verdict, KeyedClaim) {
     let verdict = entry.quota.decide(entry.tat, now, cost, max_wait);
     let claim = match verdict {
