@@ -104,9 +104,10 @@ where
                                 future: service.call(request),
                             });
                         }
-                        Next::Wait(wait, guard) => self
-                            .as_mut()
-                            .set(Slow::waiting(wait, guard, (service, request))),
+                        Next::Wait(wait, guard) => {
+                            self.as_mut()
+                                .set(Slow::waiting(wait, guard, (service, request)))
+                        }
                         Next::Fail(error) => return Poll::Ready(State::failed(error)),
                     }
                 }
@@ -268,7 +269,9 @@ where
             let next = match this.state.project() {
                 StateProj::Calling { future } => {
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if H::ACTIVE && let Some(status) = this.status.take() {
+                    if H::ACTIVE
+                        && let Some(status) = this.status.take()
+                    {
                         this.on_admitted.on_admitted(&mut response, &status);
                     }
                     return Poll::Ready(Ok(response));
