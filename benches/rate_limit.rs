@@ -281,7 +281,9 @@ where
 
 /// The clock read every limiter decision starts with. With tokio's `test-util` feature
 /// (on in this crate's dev-dependencies, so in these benches) tokio's `Instant::now()`
-/// consults the runtime's pausable clock; without it, it is std's.
+/// first checks a global "was any clock ever paused" flag and, as none was here, reads
+/// std's clock: one atomic load more than a user's build without `test-util`.
+/// governor reads the TSC through quanta instead.
 fn clocks(c: &mut Criterion) {
     let runtime = runtime();
     let _context = runtime.enter();
@@ -300,6 +302,12 @@ fn clocks(c: &mut Criterion) {
     );
     group.bench_function("ours_token_bucket_acquire", |b| {
         b.iter(|| black_box(bucket.acquire(1, tokio::time::Instant::now())).is_ok())
+    });
+    group.bench_function("ours_token_bucket_acquire_std_clock", |b| {
+        b.iter(|| {
+            let now = tokio::time::Instant::from_std(Instant::now());
+            black_box(bucket.acquire(1, now)).is_ok()
+        })
     });
     let limiter = DefaultDirectRateLimiter::direct(never_throttled());
     group.bench_function("governor_check", |b| {

@@ -85,11 +85,13 @@ impl Quota {
         Duration::from_nanos(self.tolerance())
     }
 
+    #[inline]
     fn tolerance(&self) -> u64 {
         self.capacity * self.interval
     }
 
     /// The tokens a bucket whose TAT is `tat` holds at `now`.
+    #[inline]
     pub(crate) fn available(&self, tat: u64, now: u64) -> u64 {
         let debt = tat.saturating_sub(now).min(self.tolerance());
         (self.tolerance() - debt) / self.interval
@@ -97,6 +99,7 @@ impl Quota {
 
     /// The GCRA decision for a request of `cost` tokens arriving at `now`, willing to wait
     /// up to `max_wait` nanoseconds.
+    #[inline]
     pub(crate) fn decide(&self, tat: u64, now: u64, cost: u64, max_wait: u64) -> Verdict {
         let tolerance = self.tolerance();
         let increment = match cost.checked_mul(self.interval) {
@@ -185,6 +188,7 @@ pub(crate) enum Verdict {
 }
 
 /// Nanoseconds from `base` to `now`, saturating at both ends.
+#[inline]
 pub(crate) fn nanos_since(base: Instant, now: Instant) -> u64 {
     u64::try_from(now.saturating_duration_since(base).as_nanos())
         .unwrap_or(MAX_NOW)
@@ -228,6 +232,7 @@ impl QuotaRing {
             .store(quota.interval, Ordering::Release);
     }
 
+    #[inline]
     fn load(&self, tag: usize) -> Quota {
         Quota {
             capacity: self.slots[tag].capacity.load(Ordering::Acquire),
@@ -236,6 +241,7 @@ impl QuotaRing {
     }
 
     /// The quota in force now.
+    #[inline]
     pub(crate) fn current(&self) -> Quota {
         loop {
             let generation = self.generation.load(Ordering::Acquire);
@@ -288,17 +294,35 @@ pub(crate) struct Migration {
     to_tag: u64,
 }
 
+#[inline]
 fn pack(tag: u64, tat: u64) -> u64 {
     (tag << TAT_BITS) | tat
 }
 
+#[inline]
 fn unpack(word: u64) -> (u64, u64) {
     (word >> TAT_BITS, word & TAT_MASK)
 }
 
 /// One lock-free bucket measured in a [`QuotaRing`]'s quotas.
+///
+/// Every admission writes the word, so it gets a cache line (a pair: adjacent-line
+/// prefetchers pull lines in twos) to itself: threads that read the quota ring or the
+/// clock base do not steal it from the thread about to compare-and-swap it.
 pub(crate) struct AtomicBucket {
-    word: AtomicU64,
+    word: CachePadded<AtomicU64>,
+}
+
+/// Aligns (and so pads) a value to a pair of cache lines.
+#[repr(align(128))]
+pub(crate) struct CachePadded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
 }
 
 /// A slot a waiting request holds in an [`AtomicBucket`] or a keyed bucket.
@@ -312,11 +336,12 @@ impl AtomicBucket {
     /// A full bucket measured in the ring's first quota.
     pub(crate) fn new() -> Self {
         Self {
-            word: AtomicU64::new(pack(0, 0)),
+            word: CachePadded(AtomicU64::new(pack(0, 0))),
         }
     }
 
     /// Takes `cost` tokens now, or reserves them within `max_wait`.
+    #[inline]
     pub(crate) fn acquire(
         &self,
         ring: &QuotaRing,
@@ -476,10 +501,12 @@ impl TokenBucket {
         }
     }
 
+    #[inline]
     pub(crate) fn take(&self, cost: u64, max_wait: u64, now: u64) -> (Verdict, Claim) {
         self.bucket.acquire(&self.ring, now, cost, max_wait)
     }
 
+    #[inline]
     pub(crate) fn nanos(&self, now: Instant) -> u64 {
         nanos_since(self.base, now)
     }
@@ -505,6 +532,7 @@ impl TokenBucket {
     }
 
     /// The quota in force.
+    #[inline]
     pub fn quota(&self) -> Quota {
         self.ring.current()
     }

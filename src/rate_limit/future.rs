@@ -27,18 +27,15 @@ where
     on_admitted: H,
 }
 
-/// The throttled and remote-store states are boxed so that the future of an admitted
-/// request stays as small as the inner service's.
+/// An admitted request's state is the first: the throttled and remote-store states are
+/// boxed together, so that the future of an admitted request stays as small as the inner
+/// service's and its poll and drop stay short.
 #[pin_project(project = StateProj)]
 enum State<S, Req, St>
 where
     S: Service<Req>,
     St: Store,
 {
-    /// A remote store is deciding.
-    Deciding(Box<Deciding<S, Req, St>>),
-    /// Admitted for later: waiting for the reserved slot.
-    Waiting(Pin<Box<Waiting<S, Req, St>>>),
     Calling {
         #[pin]
         future: S::Future,
@@ -46,29 +43,100 @@ where
     Failed {
         error: Option<BoxError>,
     },
+    Slow(Pin<Box<Slow<S, Req, St>>>),
 }
 
-struct Deciding<S, Req, St: Store> {
-    decision: St::Future,
-    ready: Option<(S, Req)>,
-    store: Arc<St>,
+#[pin_project(project = SlowProj)]
+enum Slow<S, Req, St: Store> {
+    /// A remote store is deciding.
+    Deciding {
+        decision: St::Future,
+        ready: Option<(S, Req)>,
+        store: Arc<St>,
+    },
+    /// Admitted for later: waiting for the reserved slot.
+    Waiting {
+        #[pin]
+        sleep: Sleep,
+        guard: ReservationGuard<St>,
+        ready: Option<(S, Req)>,
+    },
 }
 
-#[pin_project]
-struct Waiting<S, Req, St: Store> {
-    #[pin]
-    sleep: Sleep,
-    guard: ReservationGuard<St>,
-    ready: Option<(S, Req)>,
-}
-
-impl<S, Req, St: Store> Waiting<S, Req, St> {
-    fn boxed(wait: Duration, guard: ReservationGuard<St>, ready: (S, Req)) -> Pin<Box<Self>> {
-        Box::pin(Self {
+impl<S, Req, St: Store> Slow<S, Req, St> {
+    fn waiting(wait: Duration, guard: ReservationGuard<St>, ready: (S, Req)) -> Self {
+        Self::Waiting {
             sleep: sleep(wait),
             guard,
             ready: Some(ready),
-        })
+        }
+    }
+}
+
+impl<S, Req, St> Slow<S, Req, St>
+where
+    S: Service<Req>,
+    St: Store,
+{
+    /// Drives a deciding or waiting request until it is called or refused. Out of line:
+    /// the admitted request's poll stays small.
+    #[inline(never)]
+    fn advance(
+        mut self: Pin<&mut Self>,
+        status: &mut Option<RateLimitStatus>,
+        cx: &mut Context<'_>,
+    ) -> Poll<State<S, Req, St>> {
+        loop {
+            match self.as_mut().project() {
+                SlowProj::Deciding {
+                    decision,
+                    ready,
+                    store,
+                } => {
+                    let decision = ready!(Pin::new(decision).poll(cx));
+                    let Some((mut service, request)) = ready.take() else {
+                        return Poll::Ready(State::failed(completed()));
+                    };
+                    match Next::resolve(store, decision) {
+                        Next::Go(admitted) => {
+                            *status = admitted;
+                            return Poll::Ready(State::Calling {
+                                future: service.call(request),
+                            });
+                        }
+                        Next::Wait(wait, guard) => {
+                            self.as_mut()
+                                .set(Slow::waiting(wait, guard, (service, request)))
+                        }
+                        Next::Fail(error) => return Poll::Ready(State::failed(error)),
+                    }
+                }
+                SlowProj::Waiting {
+                    sleep,
+                    guard,
+                    ready,
+                } => {
+                    ready!(sleep.poll(cx));
+                    let Some((mut service, request)) = ready.take() else {
+                        return Poll::Ready(State::failed(completed()));
+                    };
+                    guard.used();
+                    return Poll::Ready(State::Calling {
+                        future: service.call(request),
+                    });
+                }
+            }
+        }
+    }
+}
+
+impl<S, Req, St> State<S, Req, St>
+where
+    S: Service<Req>,
+    St: Store,
+{
+    fn failed(error: BoxError) -> Self {
+        Self::Failed { error: Some(error) }
     }
 }
 
@@ -101,6 +169,7 @@ pub(crate) enum Next<St: Store> {
 }
 
 impl<St: Store> Next<St> {
+    #[inline]
     pub(crate) fn resolve(
         store: &Arc<St>,
         decision: Result<Decision<St::Reservation>, BoxError>,
@@ -135,6 +204,7 @@ where
     S: Service<Req>,
     St: Store,
 {
+    #[inline]
     fn new(state: State<S, Req, St>, status: Option<RateLimitStatus>, on_admitted: H) -> Self {
         Self {
             state,
@@ -143,6 +213,7 @@ where
         }
     }
 
+    #[inline]
     pub(crate) fn calling(
         future: S::Future,
         status: Option<RateLimitStatus>,
@@ -152,7 +223,7 @@ where
     }
 
     pub(crate) fn failed(error: BoxError, on_admitted: H) -> Self {
-        Self::new(State::Failed { error: Some(error) }, None, on_admitted)
+        Self::new(State::failed(error), None, on_admitted)
     }
 
     pub(crate) fn waiting(
@@ -162,8 +233,8 @@ where
         request: Req,
         on_admitted: H,
     ) -> Self {
-        let state = State::Waiting(Waiting::boxed(wait, guard, (service, request)));
-        Self::new(state, None, on_admitted)
+        let slow = Slow::waiting(wait, guard, (service, request));
+        Self::new(State::Slow(Box::pin(slow)), None, on_admitted)
     }
 
     pub(crate) fn deciding(
@@ -173,12 +244,12 @@ where
         store: Arc<St>,
         on_admitted: H,
     ) -> Self {
-        let state = State::Deciding(Box::new(Deciding {
+        let slow = Slow::Deciding {
             decision,
             ready: Some((service, request)),
             store,
-        }));
-        Self::new(state, None, on_admitted)
+        };
+        Self::new(State::Slow(Box::pin(slow)), None, on_admitted)
     }
 }
 
@@ -191,13 +262,16 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
+    #[inline]
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         loop {
-            let next = match this.state.as_mut().project() {
+            let this = self.as_mut().project();
+            let next = match this.state.project() {
                 StateProj::Calling { future } => {
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if let Some(status) = this.status.take() {
+                    if H::ACTIVE
+                        && let Some(status) = this.status.take()
+                    {
                         this.on_admitted.on_admitted(&mut response, &status);
                     }
                     return Poll::Ready(Ok(response));
@@ -205,37 +279,9 @@ where
                 StateProj::Failed { error } => {
                     return Poll::Ready(Err(error.take().unwrap_or_else(completed)));
                 }
-                StateProj::Deciding(deciding) => {
-                    let decision = ready!(Pin::new(&mut deciding.decision).poll(cx));
-                    let Some((mut service, request)) = deciding.ready.take() else {
-                        return Poll::Ready(Err(completed()));
-                    };
-                    match Next::resolve(&deciding.store, decision) {
-                        Next::Go(status) => {
-                            *this.status = status;
-                            State::Calling {
-                                future: service.call(request),
-                            }
-                        }
-                        Next::Wait(wait, guard) => {
-                            State::Waiting(Waiting::boxed(wait, guard, (service, request)))
-                        }
-                        Next::Fail(error) => State::Failed { error: Some(error) },
-                    }
-                }
-                StateProj::Waiting(waiting) => {
-                    let waiting = waiting.as_mut().project();
-                    ready!(waiting.sleep.poll(cx));
-                    let Some((mut service, request)) = waiting.ready.take() else {
-                        return Poll::Ready(Err(completed()));
-                    };
-                    waiting.guard.used();
-                    State::Calling {
-                        future: service.call(request),
-                    }
-                }
+                StateProj::Slow(slow) => ready!(slow.as_mut().advance(this.status, cx)),
             };
-            this.state.set(next);
+            self.as_mut().project().state.set(next);
         }
     }
 }

@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use hashbrown::HashTable;
 
-use super::bucket::{Quota, Verdict};
+use super::bucket::{CachePadded, Quota, Verdict};
 
 const MAX_SHARDS: usize = 64;
 const MIN_SWEEP: usize = 64;
@@ -25,6 +25,7 @@ impl Entry {
         Self { tat: 0, quota }
     }
 
+    #[inline]
     fn moved_to(self, quota: Quota, now: u64) -> Self {
         if self.quota == quota {
             return self;
@@ -74,7 +75,8 @@ pub(crate) struct KeyedClaim {
 
 /// The per-key buckets of a keyed limiter.
 pub(crate) struct KeyedBuckets<K> {
-    shards: Box<[Mutex<Shard<K>>]>,
+    /// Padded so that threads working on different shards do not share cache lines.
+    shards: Box<[CachePadded<Mutex<Shard<K>>>]>,
     hasher: RandomState,
     shard_cap: usize,
 }
@@ -86,11 +88,11 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         Self {
             shards: (0..shards)
                 .map(|_| {
-                    Mutex::new(Shard {
+                    CachePadded(Mutex::new(Shard {
                         buckets: HashTable::new(),
                         sweep_at: MIN_SWEEP,
                         next_full_sweep: 0,
-                    })
+                    }))
                 })
                 .collect(),
             hasher: RandomState::new(),
@@ -99,6 +101,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
     }
 
     /// The key's hash and its locked shard.
+    #[inline]
     fn shard(&self, key: &K) -> (u64, MutexGuard<'_, Shard<K>>) {
         let hash = self.hasher.hash_one(key);
         // The shard takes bits the table does not lean on: it indexes with the low bits
@@ -113,6 +116,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
 
     /// Charges `key`'s bucket; `None` when the key is new and the table is at its cap
     /// (the caller charges the overflow bucket instead).
+    #[inline]
     pub(crate) fn acquire(
         &self,
         key: &K,
@@ -181,6 +185,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
 }
 
 /// Decides on `entry`; the claim is the entry to store when admitted (`increment > 0`).
+#[inline]
 fn charge(entry: Entry, now: u64, cost: u64, max_wait: u64) -> (Verdict, KeyedClaim) {
     let verdict = entry.quota.decide(entry.tat, now, cost, max_wait);
     let claim = match verdict {

@@ -83,6 +83,7 @@ pub enum Decision<R> {
 }
 
 impl<R> Decision<R> {
+    #[inline]
     fn from_verdict(
         verdict: Verdict,
         now: u64,
@@ -149,6 +150,7 @@ impl<K: Hash + Eq + Clone> LocalStore<K> {
         }
     }
 
+    #[inline]
     fn decide(
         &self,
         key: Option<&K>,
@@ -180,6 +182,7 @@ where
     type Reservation = LocalReservation<K>;
     type Future = Ready<Result<Decision<LocalReservation<K>>, BoxError>>;
 
+    #[inline]
     fn acquire(
         &self,
         key: Option<&K>,
