@@ -43,3 +43,8 @@ pub(crate) fn circuit_rejected() {
     #[cfg(feature = "metrics")]
     metrics::counter!("palisade_circuit_breaker_rejected_total").increment(1);
 }
+
+pub(crate) fn rate_limited() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("palisade_rate_limit_rejected_total").increment(1);
+}

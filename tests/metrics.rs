@@ -5,6 +5,7 @@ use std::time::Duration;
 
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use palisade::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, SlidingWindow};
+use palisade::rate_limit::{RateLimitLayer, RateLimited};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
 /// A counter's name, labels and count.
@@ -80,5 +81,30 @@ async fn a_breaker_counts_its_transitions_and_rejections() {
     assert_eq!(
         counter(&counters, "palisade_circuit_breaker_rejected_total", &[]),
         1
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_rate_limiter_counts_its_rejections() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let layer = RateLimitLayer::builder()
+        .capacity(1)
+        .refill(1, Duration::from_secs(1))
+        .build()
+        .expect("a valid limiter");
+    let mut service = layer.layer(service_fn(|_: ()| async { Ok::<_, BoxError>(()) }));
+    for _ in 0..3 {
+        let _ = service.ready().await.expect("ready").call(()).await;
+    }
+    let refused = service.ready().await.expect("ready").call(()).await;
+    assert!(refused.is_err_and(|error| error.is::<RateLimited>()));
+
+    let counters = counters(&snapshotter);
+    assert_eq!(
+        counter(&counters, "palisade_rate_limit_rejected_total", &[]),
+        3
     );
 }

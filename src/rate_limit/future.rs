@@ -189,6 +189,7 @@ impl<St: Store> Next<St> {
             })) => {
                 #[cfg(feature = "tracing")]
                 tracing::debug!(?retry_after, "request rate limited");
+                crate::metrics::rate_limited();
                 Next::Fail(RateLimited::new(retry_after, store.quota(), remaining).into())
             }
             Ok(Decision::Denied(Denied::CostExceedsCapacity { cost, capacity })) => {
