@@ -8,6 +8,7 @@
 //! |---|---|---|
 //! | [`CircuitOpen`] | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
 //! | [`RateLimited`] | `RESOURCE_EXHAUSTED` | `grpc-retry-pushback-ms`, `retry-after` |
+//! | `RedisUnavailable` (feature `redis`: the Redis store fails closed) | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
 //!
 //! Any other error becomes the status tonic would make of it. The same layer serves both
 //! sides: on a server (`Server::builder().layer(...)`) tonic sends the status to the
@@ -67,6 +68,14 @@ pub fn rejection_status(error: &(dyn std::error::Error + 'static)) -> Option<Sta
         return Some(with_delay(
             Status::resource_exhausted(limited.to_string()),
             limited.retry_after(),
+        ));
+    }
+    #[cfg(feature = "redis")]
+    if let Some(store_down) = error.downcast_ref::<crate::rate_limit::RedisUnavailable>() {
+        // Not the error's text: it names the Redis failure, which is the server's business.
+        return Some(with_delay(
+            Status::unavailable("rate limit store unavailable"),
+            store_down.retry_after(),
         ));
     }
     None
@@ -184,5 +193,30 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = ready!(self.project().inner.poll(cx));
         Poll::Ready(result.map_err(|error| status_from_error(error.into())))
+    }
+}
+
+#[cfg(all(test, feature = "redis"))]
+mod tests {
+    use super::*;
+    use crate::rejection::tests::redis_unavailable;
+
+    #[tokio::test]
+    async fn a_fail_closed_redis_store_is_unavailable_with_the_delay() {
+        let error = redis_unavailable(Duration::from_millis(2500)).await;
+        let status = status_from_error(error);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.message(), "rate limit store unavailable");
+        let metadata = status.metadata();
+        assert_eq!(
+            metadata
+                .get("grpc-retry-pushback-ms")
+                .map(|value| value.to_str().ok()),
+            Some(Some("2500"))
+        );
+        assert_eq!(
+            metadata.get("retry-after").map(|value| value.to_str().ok()),
+            Some(Some("3"))
+        );
     }
 }
