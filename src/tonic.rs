@@ -9,6 +9,9 @@
 //! | [`CircuitOpen`] | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
 //! | [`RateLimited`] | `RESOURCE_EXHAUSTED` | `grpc-retry-pushback-ms`, `retry-after` |
 //! | `RedisUnavailable` (feature `redis`: the Redis store fails closed) | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
+//! | [`CostExceedsCapacity`] | `RESOURCE_EXHAUSTED` | |
+//! | [`MissingKey`] | `INVALID_ARGUMENT` | |
+//! | [`AttemptTimedOut`], [`DeadlineExceeded`], tower's `Elapsed` | `DEADLINE_EXCEEDED` | |
 //!
 //! Any other error becomes the status tonic would make of it. The same layer serves both
 //! sides: on a server (`Server::builder().layer(...)`) tonic sends the status to the
@@ -53,10 +56,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::circuit_breaker::CircuitOpen;
-use crate::rate_limit::RateLimited;
 use crate::rate_limit::headers::whole_seconds;
+use crate::rate_limit::{CostExceedsCapacity, MissingKey, RateLimited};
+use crate::retry::{AttemptTimedOut, DeadlineExceeded};
 
-/// The status a palisade rejection stands for, or `None` for any other error.
+/// The status a palisade error stands for (see the [module docs](self)), or `None` for
+/// any other error.
 pub fn rejection_status(error: &(dyn std::error::Error + 'static)) -> Option<Status> {
     if let Some(open) = error.downcast_ref::<CircuitOpen>() {
         return Some(with_delay(
@@ -77,6 +82,19 @@ pub fn rejection_status(error: &(dyn std::error::Error + 'static)) -> Option<Sta
             Status::unavailable("rate limit store unavailable"),
             store_down.retry_after(),
         ));
+    }
+    // No delay on these: waiting would not help.
+    if error.is::<CostExceedsCapacity>() {
+        return Some(Status::resource_exhausted(error.to_string()));
+    }
+    if error.is::<MissingKey>() {
+        return Some(Status::invalid_argument(error.to_string()));
+    }
+    if error.is::<AttemptTimedOut>()
+        || error.is::<DeadlineExceeded>()
+        || error.is::<tower::timeout::error::Elapsed>()
+    {
+        return Some(Status::deadline_exceeded(error.to_string()));
     }
     None
 }
@@ -196,16 +214,65 @@ where
     }
 }
 
-#[cfg(all(test, feature = "redis"))]
+#[cfg(test)]
 mod tests {
     use super::*;
-    use crate::rejection::tests::redis_unavailable;
+    use tonic::Code;
 
+    fn code_and_delay(error: impl Into<BoxError>) -> (Code, Option<String>) {
+        let status = status_from_error(error.into());
+        let pushback = status
+            .metadata()
+            .get("grpc-retry-pushback-ms")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        (status.code(), pushback)
+    }
+
+    #[test]
+    fn every_palisade_error_has_its_status() {
+        let cases: [(BoxError, Code); 6] = [
+            (
+                CostExceedsCapacity {
+                    cost: 5,
+                    capacity: 4,
+                }
+                .into(),
+                Code::ResourceExhausted,
+            ),
+            (MissingKey.into(), Code::InvalidArgument),
+            (
+                AttemptTimedOut::new(Duration::from_secs(1)).into(),
+                Code::DeadlineExceeded,
+            ),
+            (
+                DeadlineExceeded::new(Duration::from_secs(1)).into(),
+                Code::DeadlineExceeded,
+            ),
+            (
+                tower::timeout::error::Elapsed::new().into(),
+                Code::DeadlineExceeded,
+            ),
+            ("connection reset".into(), Code::Unknown),
+        ];
+        for (error, code) in cases {
+            let shown = error.to_string();
+            assert_eq!(code_and_delay(error), (code, None), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_status_inside_stays_itself() {
+        let status = Status::permission_denied("no");
+        assert_eq!(code_and_delay(status), (Code::PermissionDenied, None));
+    }
+
+    #[cfg(feature = "redis")]
     #[tokio::test]
     async fn a_fail_closed_redis_store_is_unavailable_with_the_delay() {
-        let error = redis_unavailable(Duration::from_millis(2500)).await;
+        let error = crate::rejection::tests::redis_unavailable(Duration::from_millis(2500)).await;
         let status = status_from_error(error);
-        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(status.message(), "rate limit store unavailable");
         let metadata = status.metadata();
         assert_eq!(
