@@ -16,33 +16,109 @@
 //! Any other error becomes the status tonic would make of it. The same layer serves both
 //! sides: on a server (`Server::builder().layer(...)`) tonic sends the status to the
 //! client; on a client (layers over a `Channel`) the generated client returns it from
-//! the call. Its error type is the concrete `Status`, not `BoxError`, which also spares
-//! a client stack a compiler limitation: a generated client over a service whose error
-//! is `BoxError` cannot always be proven `Send` inside another async function
-//! ("implementation of `From` is not general enough").
+//! the call. Without it, a server resets the call (the client sees `INTERNAL`, "h2
+//! protocol error") and a client stack returns `UNKNOWN`. Its error type is the concrete
+//! `Status`, not `BoxError`, which also spares a client stack a compiler limitation: a
+//! generated client over a service whose error is `BoxError` cannot always be proven
+//! `Send` inside another async function ("implementation of `From` is not general
+//! enough").
 //!
 //! # Example
 //!
+//! A server that sheds load and a client that backs off, over a real connection on
+//! 127.0.0.1 (the service is tonic-health's, for brevity):
+//!
 //! ```
+//! use palisade::ServiceBuilderExt;
 //! use palisade::circuit_breaker::CircuitBreakerLayer;
+//! use palisade::classify::{GrpcCode, GrpcErrorsAsFailures};
+//! use palisade::rate_limit::RateLimitLayer;
+//! use palisade::retry::{GrpcRetry, RetryLayer};
 //! use palisade::tonic::RejectionsAsStatusLayer;
+//! use std::time::Duration;
+//! use tonic::transport::{Endpoint, Server, server::TcpIncoming};
+//! use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 //! use tower::ServiceBuilder;
 //!
-//! # fn main() -> Result<(), tower::BoxError> {
-//! let breaker = CircuitBreakerLayer::builder().build()?;
-//! # let channel = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
-//! #     Ok::<_, tower::BoxError>(http::Response::new(tonic::body::Body::empty()))
-//! # });
-//! // A client stack over a tonic `Channel`: an open circuit reaches the caller as
-//! // `Status::unavailable`, not `Status::unknown`.
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! // Server: a rate limit and a breaker; rejections become statuses the client reads.
+//! let (_reporter, health) = tonic_health::server::health_reporter();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let address = listener.local_addr()?;
+//! let server = Server::builder()
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(RejectionsAsStatusLayer::new()) // outermost
+//!             .rate_limiter(RateLimitLayer::builder().capacity(1).refill(1, Duration::from_millis(50)).build()?)
+//!             .circuit_breaker(
+//!                 CircuitBreakerLayer::builder()
+//!                     .classify(GrpcErrorsAsFailures::new()) // tonic errors are HTTP 200s
+//!                     .build()?,
+//!             ),
+//!     )
+//!     .add_service(health)
+//!     .serve_with_incoming(TcpIncoming::from(listener));
+//! tokio::spawn(server);
+//!
+//! // Client: retries that wait out the server's pushback, a breaker of its own, and
+//! // correlation IDs, over a `Channel`.
+//! let channel = Endpoint::from_shared(format!("http://{address}"))?.connect_lazy();
 //! let transport = ServiceBuilder::new()
-//!     .layer(RejectionsAsStatusLayer::new())
-//!     .layer(breaker)
+//!     .layer(RejectionsAsStatusLayer::new()) // outermost: local rejections are statuses too
+//!     .retries(
+//!         RetryLayer::builder()
+//!             .retry_if(GrpcRetry::new().with_code(GrpcCode::ResourceExhausted))
+//!             .max_server_delay(Duration::from_secs(1))
+//!             .replay_bodies() // a `Channel`'s request body is a stream
+//!             .build()?,
+//!     )
+//!     .map_request(palisade::tonic::into_channel_request)
+//!     .circuit_breaker(
+//!         CircuitBreakerLayer::builder()
+//!             .classify(GrpcErrorsAsFailures::new().without_failure(GrpcCode::ResourceExhausted))
+//!             .build()?,
+//!     )
+//!     .propagate_correlation_id()
 //!     .service(channel);
-//! # let _ = transport;
+//! let mut client = HealthClient::new(transport);
+//!
+//! // The second call is refused with RESOURCE_EXHAUSTED and a 50 ms pushback, waits
+//! // and passes.
+//! for _ in 0..2 {
+//!     let request = HealthCheckRequest { service: String::new() };
+//!     client.check(request).await?;
+//! }
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # What to know when composing
+//!
+//! - **`RejectionsAsStatusLayer` goes outermost**, first in the `ServiceBuilder`, on
+//!   both sides.
+//! - **Classify gRPC responses.** tonic answers an error with HTTP 200 and a
+//!   `grpc-status`; a breaker with the default classifier (errors only) never sees it.
+//!   Use [`GrpcErrorsAsFailures`](crate::classify::GrpcErrorsAsFailures). It wraps the
+//!   response body to read the status from the trailers; `Server::builder().layer`
+//!   and generated clients take any body, so nothing else changes. To name the client
+//!   stack's type (to keep the client in a struct), box the body back and the stack
+//!   with it: `.map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))`
+//!   outermost, then `tower::util::BoxCloneSyncService::new(stack)`.
+//! - **On a client, `RESOURCE_EXHAUSTED` is not sickness**: leave it out of the
+//!   breaker's failures (`.without_failure(GrpcCode::ResourceExhausted)`) and let the
+//!   retry layer wait out the pushback instead.
+//! - **Retries over a `Channel`** need `.replay_bodies()` (its request body is a
+//!   stream) and [`into_channel_request`] below the retry layer. Keep the retry layer
+//!   above the breaker: it does not retry an open circuit before its `retry_after()`,
+//!   and gives up at once when that is beyond `max_server_delay`.
+//! - **Per-client limits on a server**: tonic records the peer as `TcpConnectInfo`, not
+//!   `SocketAddr`, so [`PeerIp`](crate::rate_limit::key::PeerIp) finds no key there
+//!   (every call is `INVALID_ARGUMENT`). Key on metadata with
+//!   [`Header`](crate::rate_limit::key::Header) (an API key, a tenant), or on
+//!   `request.extensions().get::<TcpConnectInfo>()` in a closure.
+//! - **Shared state.** `Server::builder().layer` builds the stack per connection; every
+//!   copy shares the layer's breaker and buckets.
 
 use std::future::Future;
 use std::pin::Pin;

@@ -265,6 +265,74 @@ async fn without_the_status_layer_a_server_rejection_resets_the_call() {
     assert_eq!(recorder.calls(), 0);
 }
 
+#[tokio::test]
+async fn per_client_limits_on_a_server_key_on_metadata_or_on_the_peer() {
+    use palisade::rate_limit::key::Header;
+    use tonic::transport::server::TcpConnectInfo;
+
+    let by_tenant = RateLimitLayer::builder()
+        .capacity(1)
+        .refill(1, Duration::from_secs(60))
+        .keyed(Header::new(http::HeaderName::from_static("x-tenant")))
+        .build()
+        .expect("limit config");
+    // tonic records the peer as `TcpConnectInfo`, which `PeerIp` does not read.
+    let by_peer = RateLimitLayer::builder()
+        .capacity(3)
+        .refill(1, Duration::from_secs(60))
+        .keyed(|request: &http::Request<tonic::body::Body>| {
+            request
+                .extensions()
+                .get::<TcpConnectInfo>()
+                .and_then(TcpConnectInfo::remote_addr)
+                .map(|peer| peer.ip())
+        })
+        .build()
+        .expect("limit config");
+    let recorder = Recorder::default();
+    let (incoming, address) = listen().await;
+    tokio::spawn(
+        Server::builder()
+            .layer(
+                ServiceBuilder::new()
+                    .layer(RejectionsAsStatusLayer::new())
+                    .rate_limiter(by_peer)
+                    .rate_limiter(by_tenant),
+            )
+            .add_service(HealthServer::new(recorder.clone()))
+            .serve_with_incoming(incoming),
+    );
+    let mut client = HealthClient::new(channel(address).await);
+    let tenant_check = |tenant: Option<&str>| {
+        let mut request = Request::new(check());
+        if let Some(tenant) = tenant {
+            request
+                .metadata_mut()
+                .insert("x-tenant", tenant.parse().expect("ascii"));
+        }
+        request
+    };
+
+    client
+        .check(tenant_check(Some("a")))
+        .await
+        .expect("a's first call");
+    let code =
+        |result: Result<Response<HealthCheckResponse>, Status>| result.expect_err("refused").code();
+    assert_eq!(
+        code(client.check(tenant_check(Some("a"))).await),
+        Code::ResourceExhausted
+    );
+    let missing = client.check(tenant_check(None)).await;
+    assert_eq!(code(missing), Code::InvalidArgument, "no tenant, no key");
+    // The peer's three tokens are spent (a refused tenant call still cost one).
+    assert_eq!(
+        code(client.check(tenant_check(Some("b"))).await),
+        Code::ResourceExhausted
+    );
+    assert_eq!(recorder.calls(), 1);
+}
+
 // ---------------------------------------------------------------------------------------
 // Client side.
 
