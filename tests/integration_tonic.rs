@@ -80,24 +80,28 @@ impl Health for Recorder {
     }
 }
 
-async fn listen() -> (TcpIncoming, SocketAddr) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-        .await
-        .expect("bind");
-    let address = listener.local_addr().expect("address");
-    (TcpIncoming::from(listener), address)
+/// Serves `recorder` on an OS-assigned loopback port behind `Server::builder().layer(layer)`,
+/// exactly as a user writes it; evaluates to the address. (A macro: the layer types
+/// differ and tonic's bounds on them are long.)
+macro_rules! serve_behind {
+    ($layer:expr, $recorder:expr) => {{
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let address: SocketAddr = listener.local_addr().expect("address");
+        tokio::spawn(
+            Server::builder()
+                .layer($layer)
+                .add_service(HealthServer::new($recorder))
+                .serve_with_incoming(TcpIncoming::from(listener)),
+        );
+        address
+    }};
 }
 
 /// Serves `recorder` with no layers of palisade's.
 async fn serve_plain(recorder: Recorder) -> SocketAddr {
-    let (incoming, address) = listen().await;
-    tokio::spawn(
-        Server::builder()
-            .layer(CorrelationIdLayer::new())
-            .add_service(HealthServer::new(recorder))
-            .serve_with_incoming(incoming),
-    );
-    address
+    serve_behind!(CorrelationIdLayer::new(), recorder)
 }
 
 async fn channel(address: SocketAddr) -> Channel {
@@ -146,17 +150,12 @@ async fn server_rejections_reach_the_client_as_statuses_with_the_delay() {
         .build()
         .expect("breaker config");
     let breaker_handle = breaker.handle();
-    let (incoming, address) = listen().await;
-    tokio::spawn(
-        Server::builder()
-            .layer(
-                ServiceBuilder::new()
-                    .layer(RejectionsAsStatusLayer::new())
-                    .rate_limiter(limit)
-                    .circuit_breaker(breaker),
-            )
-            .add_service(HealthServer::new(recorder.clone()))
-            .serve_with_incoming(incoming),
+    let address = serve_behind!(
+        ServiceBuilder::new()
+            .layer(RejectionsAsStatusLayer::new())
+            .rate_limiter(limit)
+            .circuit_breaker(breaker),
+        recorder.clone()
     );
     let mut client = HealthClient::new(channel(address).await);
 
@@ -204,16 +203,11 @@ async fn a_server_breaker_opens_on_grpc_errors_and_sheds_as_unavailable() {
         .build()
         .expect("breaker config");
     let handle = breaker.handle();
-    let (incoming, address) = listen().await;
-    tokio::spawn(
-        Server::builder()
-            .layer(
-                ServiceBuilder::new()
-                    .layer(RejectionsAsStatusLayer::new())
-                    .circuit_breaker(breaker),
-            )
-            .add_service(HealthServer::new(recorder.clone()))
-            .serve_with_incoming(incoming),
+    let address = serve_behind!(
+        ServiceBuilder::new()
+            .layer(RejectionsAsStatusLayer::new())
+            .circuit_breaker(breaker),
+        recorder.clone()
     );
     let mut client = HealthClient::new(channel(address).await);
 
@@ -250,12 +244,9 @@ async fn without_the_status_layer_a_server_rejection_resets_the_call() {
         .build()
         .expect("breaker config");
     breaker.handle().force_open();
-    let (incoming, address) = listen().await;
-    tokio::spawn(
-        Server::builder()
-            .layer(ServiceBuilder::new().circuit_breaker(breaker))
-            .add_service(HealthServer::new(recorder.clone()))
-            .serve_with_incoming(incoming),
+    let address = serve_behind!(
+        ServiceBuilder::new().circuit_breaker(breaker),
+        recorder.clone()
     );
     let mut client = HealthClient::new(channel(address).await);
     let status = client.check(check()).await.expect_err("rejected");
@@ -290,17 +281,12 @@ async fn per_client_limits_on_a_server_key_on_metadata_or_on_the_peer() {
         .build()
         .expect("limit config");
     let recorder = Recorder::default();
-    let (incoming, address) = listen().await;
-    tokio::spawn(
-        Server::builder()
-            .layer(
-                ServiceBuilder::new()
-                    .layer(RejectionsAsStatusLayer::new())
-                    .rate_limiter(by_peer)
-                    .rate_limiter(by_tenant),
-            )
-            .add_service(HealthServer::new(recorder.clone()))
-            .serve_with_incoming(incoming),
+    let address = serve_behind!(
+        ServiceBuilder::new()
+            .layer(RejectionsAsStatusLayer::new())
+            .rate_limiter(by_peer)
+            .rate_limiter(by_tenant),
+        recorder.clone()
     );
     let mut client = HealthClient::new(channel(address).await);
     let tenant_check = |tenant: Option<&str>| {
@@ -405,17 +391,12 @@ async fn client_retries_honour_the_server_pushback() {
         .refill(1, REFILL)
         .build()
         .expect("limit config");
-    let (incoming, address) = listen().await;
-    tokio::spawn(
-        Server::builder()
-            .layer(
-                ServiceBuilder::new()
-                    .layer(CorrelationIdLayer::new())
-                    .layer(RejectionsAsStatusLayer::new())
-                    .rate_limiter(server_limit),
-            )
-            .add_service(HealthServer::new(recorder.clone()))
-            .serve_with_incoming(incoming),
+    let address = serve_behind!(
+        ServiceBuilder::new()
+            .layer(CorrelationIdLayer::new())
+            .layer(RejectionsAsStatusLayer::new())
+            .rate_limiter(server_limit),
+        recorder.clone()
     );
 
     let delays_seen = Arc::new(Mutex::new(Vec::new()));
