@@ -36,17 +36,37 @@ mod sealed {
 ///
 /// # fn main() -> Result<(), tower::BoxError> {
 /// let service = ServiceBuilder::new()
-///     .correlation_id()
 ///     .rate_limiter(RateLimitLayer::builder().capacity(100).refill(10, Duration::from_secs(1)).build()?)
 ///     .circuit_breaker(CircuitBreakerLayer::builder().build()?)
 ///     .retries(RetryLayer::builder().max_attempts(3).build()?)
-///     .service_fn(|_request: http::Request<String>| async {
-///         Ok::<_, tower::BoxError>(http::Response::new(String::from("hello")))
-///     });
+///     .service_fn(|order: u64| async move { Ok::<_, tower::BoxError>(order * 2) });
 /// # let _ = service;
 /// # Ok(())
 /// # }
 /// ```
+#[cfg_attr(
+    feature = "http",
+    doc = r#"
+With the `http` feature, correlation IDs too, outermost:
+
+```
+use palisade::ServiceBuilderExt;
+use palisade::circuit_breaker::CircuitBreakerLayer;
+use tower::ServiceBuilder;
+
+# fn main() -> Result<(), tower::BoxError> {
+let service = ServiceBuilder::new()
+    .correlation_id()
+    .circuit_breaker(CircuitBreakerLayer::builder().build()?)
+    .service_fn(|_request: http::Request<String>| async {
+        Ok::<_, tower::BoxError>(http::Response::new(String::from("hello")))
+    });
+# let _ = service;
+# Ok(())
+# }
+```
+"#
+)]
 pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
     /// Accepts or mints a correlation ID per request, echoes it and scopes it; see
     /// [`CorrelationIdLayer`].

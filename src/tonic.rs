@@ -8,37 +8,117 @@
 //! |---|---|---|
 //! | [`CircuitOpen`] | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
 //! | [`RateLimited`] | `RESOURCE_EXHAUSTED` | `grpc-retry-pushback-ms`, `retry-after` |
+//! | `RedisUnavailable` (feature `redis`: the Redis store fails closed) | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
+//! | [`CostExceedsCapacity`] | `RESOURCE_EXHAUSTED` | |
+//! | [`MissingKey`] | `INVALID_ARGUMENT` | |
+//! | [`AttemptTimedOut`], [`DeadlineExceeded`], tower's `Elapsed` | `DEADLINE_EXCEEDED` | |
 //!
 //! Any other error becomes the status tonic would make of it. The same layer serves both
 //! sides: on a server (`Server::builder().layer(...)`) tonic sends the status to the
 //! client; on a client (layers over a `Channel`) the generated client returns it from
-//! the call. Its error type is the concrete `Status`, not `BoxError`, which also spares
-//! a client stack a compiler limitation: a generated client over a service whose error
-//! is `BoxError` cannot always be proven `Send` inside another async function
-//! ("implementation of `From` is not general enough").
+//! the call. Without it, a server resets the call (the client sees `INTERNAL`, "h2
+//! protocol error") and a client stack returns `UNKNOWN`. Its error type is the concrete
+//! `Status`, not `BoxError`, which also spares a client stack a compiler limitation: a
+//! generated client over a service whose error is `BoxError` cannot always be proven
+//! `Send` inside another async function ("implementation of `From` is not general
+//! enough").
 //!
 //! # Example
 //!
+//! A server that sheds load and a client that backs off, over a real connection on
+//! 127.0.0.1 (the service is tonic-health's, for brevity):
+//!
 //! ```
+//! use palisade::ServiceBuilderExt;
 //! use palisade::circuit_breaker::CircuitBreakerLayer;
+//! use palisade::classify::{GrpcCode, GrpcErrorsAsFailures};
+//! use palisade::rate_limit::RateLimitLayer;
+//! use palisade::retry::{GrpcRetry, RetryLayer};
 //! use palisade::tonic::RejectionsAsStatusLayer;
+//! use std::time::Duration;
+//! use tonic::transport::{Endpoint, Server, server::TcpIncoming};
+//! use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
 //! use tower::ServiceBuilder;
 //!
-//! # fn main() -> Result<(), tower::BoxError> {
-//! let breaker = CircuitBreakerLayer::builder().build()?;
-//! # let channel = tower::service_fn(|_: http::Request<tonic::body::Body>| async {
-//! #     Ok::<_, tower::BoxError>(http::Response::new(tonic::body::Body::empty()))
-//! # });
-//! // A client stack over a tonic `Channel`: an open circuit reaches the caller as
-//! // `Status::unavailable`, not `Status::unknown`.
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! // Server: a rate limit and a breaker; rejections become statuses the client reads.
+//! let (_reporter, health) = tonic_health::server::health_reporter();
+//! let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+//! let address = listener.local_addr()?;
+//! let server = Server::builder()
+//!     .layer(
+//!         ServiceBuilder::new()
+//!             .layer(RejectionsAsStatusLayer::new()) // outermost
+//!             .rate_limiter(RateLimitLayer::builder().capacity(1).refill(1, Duration::from_millis(50)).build()?)
+//!             .circuit_breaker(
+//!                 CircuitBreakerLayer::builder()
+//!                     .classify(GrpcErrorsAsFailures::new()) // tonic errors are HTTP 200s
+//!                     .build()?,
+//!             ),
+//!     )
+//!     .add_service(health)
+//!     .serve_with_incoming(TcpIncoming::from(listener));
+//! tokio::spawn(server);
+//!
+//! // Client: retries that wait out the server's pushback, a breaker of its own, and
+//! // correlation IDs, over a `Channel`.
+//! let channel = Endpoint::from_shared(format!("http://{address}"))?.connect_lazy();
 //! let transport = ServiceBuilder::new()
-//!     .layer(RejectionsAsStatusLayer::new())
-//!     .layer(breaker)
+//!     .layer(RejectionsAsStatusLayer::new()) // outermost: local rejections are statuses too
+//!     .retries(
+//!         RetryLayer::builder()
+//!             .retry_if(GrpcRetry::new().with_code(GrpcCode::ResourceExhausted))
+//!             .max_server_delay(Duration::from_secs(1))
+//!             .replay_bodies() // a `Channel`'s request body is a stream
+//!             .build()?,
+//!     )
+//!     .map_request(palisade::tonic::into_channel_request)
+//!     .circuit_breaker(
+//!         CircuitBreakerLayer::builder()
+//!             .classify(GrpcErrorsAsFailures::new().without_failure(GrpcCode::ResourceExhausted))
+//!             .build()?,
+//!     )
+//!     .propagate_correlation_id()
 //!     .service(channel);
-//! # let _ = transport;
+//! let mut client = HealthClient::new(transport);
+//!
+//! // The second call is refused with RESOURCE_EXHAUSTED and a 50 ms pushback, waits
+//! // and passes.
+//! for _ in 0..2 {
+//!     let request = HealthCheckRequest { service: String::new() };
+//!     client.check(request).await?;
+//! }
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! # What to know when composing
+//!
+//! - **`RejectionsAsStatusLayer` goes outermost**, first in the `ServiceBuilder`, on
+//!   both sides.
+//! - **Classify gRPC responses.** tonic answers an error with HTTP 200 and a
+//!   `grpc-status`; a breaker with the default classifier (errors only) never sees it.
+//!   Use [`GrpcErrorsAsFailures`](crate::classify::GrpcErrorsAsFailures). It wraps the
+//!   response body to read the status from the trailers; `Server::builder().layer`
+//!   and generated clients take any body, so nothing else changes. To name the client
+//!   stack's type (to keep the client in a struct), box the body back and the stack
+//!   with it: `.map_response(|r: http::Response<_>| r.map(tonic::body::Body::new))`
+//!   outermost, then `tower::util::BoxCloneSyncService::new(stack)`.
+//! - **On a client, `RESOURCE_EXHAUSTED` is not sickness**: leave it out of the
+//!   breaker's failures (`.without_failure(GrpcCode::ResourceExhausted)`) and let the
+//!   retry layer wait out the pushback instead.
+//! - **Retries over a `Channel`** need `.replay_bodies()` (its request body is a
+//!   stream) and [`into_channel_request`] below the retry layer. Keep the retry layer
+//!   above the breaker: it does not retry an open circuit before its `retry_after()`,
+//!   and gives up at once when that is beyond `max_server_delay`.
+//! - **Per-client limits on a server**: tonic records the peer as `TcpConnectInfo`, not
+//!   `SocketAddr`, so [`PeerIp`](crate::rate_limit::key::PeerIp) finds no key there
+//!   (every call is `INVALID_ARGUMENT`). Key on metadata with
+//!   [`Header`](crate::rate_limit::key::Header) (an API key, a tenant), or on
+//!   `request.extensions().get::<TcpConnectInfo>()` in a closure.
+//! - **Shared state.** `Server::builder().layer` builds the stack per connection; every
+//!   copy shares the layer's breaker and buckets.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -52,10 +132,12 @@ use tower_layer::Layer;
 use tower_service::Service;
 
 use crate::circuit_breaker::CircuitOpen;
-use crate::rate_limit::RateLimited;
 use crate::rate_limit::headers::whole_seconds;
+use crate::rate_limit::{CostExceedsCapacity, MissingKey, RateLimited};
+use crate::retry::{AttemptTimedOut, DeadlineExceeded};
 
-/// The status a palisade rejection stands for, or `None` for any other error.
+/// The status a palisade error stands for (see the [module docs](self)), or `None` for
+/// any other error.
 pub fn rejection_status(error: &(dyn std::error::Error + 'static)) -> Option<Status> {
     if let Some(open) = error.downcast_ref::<CircuitOpen>() {
         return Some(with_delay(
@@ -68,6 +150,27 @@ pub fn rejection_status(error: &(dyn std::error::Error + 'static)) -> Option<Sta
             Status::resource_exhausted(limited.to_string()),
             limited.retry_after(),
         ));
+    }
+    #[cfg(feature = "redis")]
+    if let Some(store_down) = error.downcast_ref::<crate::rate_limit::RedisUnavailable>() {
+        // Not the error's text: it names the Redis failure, which is the server's business.
+        return Some(with_delay(
+            Status::unavailable("rate limit store unavailable"),
+            store_down.retry_after(),
+        ));
+    }
+    // No delay on these: waiting would not help.
+    if error.is::<CostExceedsCapacity>() {
+        return Some(Status::resource_exhausted(error.to_string()));
+    }
+    if error.is::<MissingKey>() {
+        return Some(Status::invalid_argument(error.to_string()));
+    }
+    if error.is::<AttemptTimedOut>()
+        || error.is::<DeadlineExceeded>()
+        || error.is::<tower::timeout::error::Elapsed>()
+    {
+        return Some(Status::deadline_exceeded(error.to_string()));
     }
     None
 }
@@ -184,5 +287,79 @@ where
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let result = ready!(self.project().inner.poll(cx));
         Poll::Ready(result.map_err(|error| status_from_error(error.into())))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tonic::Code;
+
+    fn code_and_delay(error: impl Into<BoxError>) -> (Code, Option<String>) {
+        let status = status_from_error(error.into());
+        let pushback = status
+            .metadata()
+            .get("grpc-retry-pushback-ms")
+            .and_then(|value| value.to_str().ok())
+            .map(str::to_owned);
+        (status.code(), pushback)
+    }
+
+    #[test]
+    fn every_palisade_error_has_its_status() {
+        let cases: [(BoxError, Code); 6] = [
+            (
+                CostExceedsCapacity {
+                    cost: 5,
+                    capacity: 4,
+                }
+                .into(),
+                Code::ResourceExhausted,
+            ),
+            (MissingKey.into(), Code::InvalidArgument),
+            (
+                AttemptTimedOut::new(Duration::from_secs(1)).into(),
+                Code::DeadlineExceeded,
+            ),
+            (
+                DeadlineExceeded::new(Duration::from_secs(1)).into(),
+                Code::DeadlineExceeded,
+            ),
+            (
+                tower::timeout::error::Elapsed::new().into(),
+                Code::DeadlineExceeded,
+            ),
+            ("connection reset".into(), Code::Unknown),
+        ];
+        for (error, code) in cases {
+            let shown = error.to_string();
+            assert_eq!(code_and_delay(error), (code, None), "{shown}");
+        }
+    }
+
+    #[test]
+    fn a_status_inside_stays_itself() {
+        let status = Status::permission_denied("no");
+        assert_eq!(code_and_delay(status), (Code::PermissionDenied, None));
+    }
+
+    #[cfg(feature = "redis")]
+    #[tokio::test]
+    async fn a_fail_closed_redis_store_is_unavailable_with_the_delay() {
+        let error = crate::rejection::tests::redis_unavailable(Duration::from_millis(2500)).await;
+        let status = status_from_error(error);
+        assert_eq!(status.code(), Code::Unavailable);
+        assert_eq!(status.message(), "rate limit store unavailable");
+        let metadata = status.metadata();
+        assert_eq!(
+            metadata
+                .get("grpc-retry-pushback-ms")
+                .map(|value| value.to_str().ok()),
+            Some(Some("2500"))
+        );
+        assert_eq!(
+            metadata.get("retry-after").map(|value| value.to_str().ok()),
+            Some(Some("3"))
+        );
     }
 }
