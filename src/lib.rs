@@ -68,6 +68,8 @@
 
 pub mod circuit_breaker;
 pub mod classify;
+#[cfg(feature = "http")]
+#[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod correlation;
 pub mod rate_limit;
 pub mod retry;

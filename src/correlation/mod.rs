@@ -14,7 +14,7 @@
 //! Values from clients are validated (1 to 128 of letters, digits and `-._~+/=:`);
 //! anything else is replaced, never echoed or logged raw.
 //!
-//! The module needs the `http` feature (on by default); without it it is empty.
+//! The module needs the `http` feature (on by default).
 //!
 //! # Example
 //!
@@ -76,24 +76,16 @@
 //! [`WithCorrelationId::with_current_correlation_id`] (or
 //! [`CorrelationId::scope`]).
 
-#[cfg(feature = "http")]
 mod client;
-#[cfg(all(feature = "http", feature = "axum"))]
+#[cfg(feature = "axum")]
 mod extract;
-#[cfg(feature = "http")]
 mod id;
-#[cfg(feature = "http")]
 mod scope;
-#[cfg(feature = "http")]
 mod server;
 
-#[cfg(feature = "http")]
 pub use self::client::{PropagateCorrelationIdLayer, PropagateCorrelationIdService};
-#[cfg(all(feature = "http", feature = "axum"))]
+#[cfg(feature = "axum")]
 pub use self::extract::MissingCorrelationId;
-#[cfg(feature = "http")]
 pub use self::id::{CorrelationId, Generator, InvalidCorrelationId};
-#[cfg(feature = "http")]
 pub use self::scope::{Scoped, WithCorrelationId};
-#[cfg(feature = "http")]
 pub use self::server::{CorrelationIdLayer, CorrelationIdService, ResponseFuture};
