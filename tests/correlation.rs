@@ -115,6 +115,30 @@ async fn the_first_valid_of_several_headers_wins_and_is_echoed_in_its_header() {
     let response = layer.layer(recorder()).oneshot(request).await.unwrap();
     assert_eq!(response.headers()["x-correlation-id"], "second");
     assert_seen_everywhere("second", response.body());
+    let primary: Vec<_> = response
+        .body()
+        .headers
+        .get_all("x-request-id")
+        .iter()
+        .collect();
+    assert_eq!(
+        primary,
+        ["second"],
+        "the invalid primary value never reaches the handler"
+    );
+}
+
+#[tokio::test]
+async fn only_the_settled_id_reaches_the_handler_when_the_header_repeats() {
+    let layer = CorrelationIdLayer::new();
+    let request = request_with(&[
+        ("x-request-id", "first"),
+        ("x-request-id", "a second, hostile value"),
+    ]);
+    let (echoed, seen) = handle(&layer, request).await;
+    assert_eq!(echoed, "first");
+    let values: Vec<_> = seen.headers.get_all("x-request-id").iter().collect();
+    assert_eq!(values, ["first"]);
 }
 
 #[tokio::test]

@@ -129,10 +129,13 @@ impl Config {
             let id = self
                 .trusted_trace_id(request.headers())
                 .unwrap_or_else(|| self.generator.generate());
-            let value = id.header_value().clone();
-            request.headers_mut().insert(self.primary.clone(), value);
             (id, &self.primary)
         });
+        // The primary header now holds exactly the settled ID: an invalid value in it, or
+        // a second value after a valid one, must not reach the handler or be forwarded.
+        request
+            .headers_mut()
+            .insert(self.primary.clone(), id.header_value().clone());
         request.extensions_mut().insert(id.clone());
         (id, header)
     }
