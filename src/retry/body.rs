@@ -30,6 +30,7 @@ impl<Req: Clone> Duplicate<Req> for CloneRequest {
     type Request = Req;
     type Copy = Req;
 
+    #[inline]
     fn first(&self, request: Req, keep: bool) -> (Req, Option<Req>) {
         if keep {
             (request.clone(), Some(request))
