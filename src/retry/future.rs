@@ -53,8 +53,11 @@ enum State<F, R> {
     },
     /// Waiting for the delay, then for the service to be ready, to send `request`.
     /// The request is made when the retry is scheduled, so that a copy that cannot be
-    /// replayed still returns the last result; it shares its space with the attempt.
-    Waiting { request: R },
+    /// replayed still returns the last result, and kept out of line so that it costs
+    /// the future's size nothing on the success path.
+    Waiting {
+        request: Box<R>,
+    },
     Done,
 }
 
@@ -82,7 +85,7 @@ where
     D: Duplicate<Req>,
     S: Service<D::Request>,
 {
-    #[inline]
+    #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
         retry: Option<(S, D::Copy)>,
@@ -115,6 +118,7 @@ where
 impl Progress {
     /// When the attempt starting `now` must end, if ever; notes whether that is the
     /// deadline.
+    #[inline]
     fn attempt_timer(&mut self, now: Instant, timeout: Option<Duration>) -> Option<Instant> {
         let timeout = timeout.and_then(|timeout| now.checked_add(timeout));
         let (at, is_deadline) = match (timeout, self.deadline) {
@@ -276,7 +280,7 @@ where
                     });
                     set_timer(this.timer, scheduled.wake);
                     this.state.set(State::Waiting {
-                        request: scheduled.request,
+                        request: Box::new(scheduled.request),
                     });
                 }
                 StateProj::Waiting { .. } => {
@@ -298,12 +302,13 @@ where
                             false,
                         ));
                     }
-                    let StateOwn::Waiting { request } = this.state.as_mut().project_replace(State::Done)
+                    let StateOwn::Waiting { request } =
+                        this.state.as_mut().project_replace(State::Done)
                     else {
                         unreachable!("in the waiting state");
                     };
                     this.state.set(State::Attempting {
-                        future: service.call(request),
+                        future: service.call(*request),
                     });
                     let now = Instant::now();
                     match this
