@@ -128,33 +128,28 @@ mod replay {
         type Copy = HttpCopy<B>;
 
         #[inline(always)]
-        fn first(&self, request: Request<B>, keep: bool) -> (Self::Request, Option<HttpCopy<B>>) {
-            let (mut parts, body) = request.into_parts();
-            self.stamp(&mut parts.headers, 1);
-            let too_big = body.size_hint().lower() > self.limit as u64;
+        fn first(
+            &self,
+            mut request: Request<B>,
+            keep: bool,
+        ) -> (Self::Request, Option<HttpCopy<B>>) {
+            self.stamp(request.headers_mut(), 1);
+            let too_big = request.body().size_hint().lower() > self.limit as u64;
             if !keep || too_big {
-                return (Request::from_parts(parts, ReplayBody::once(body)), None);
+                return (request.map(ReplayBody::once), None);
             }
-            let (first, source) = ReplayBody::kept(body, self.limit);
-            let mut head = Request::new(());
-            *head.method_mut() = parts.method.clone();
-            *head.uri_mut() = parts.uri.clone();
-            *head.version_mut() = parts.version;
-            *head.headers_mut() = parts.headers.clone();
-            *head.extensions_mut() = parts.extensions.clone();
-            let copy = HttpCopy { head, body: source };
-            (Request::from_parts(parts, first), Some(copy))
+            let head = with_head(&request, ());
+            let mut source = Source::Empty;
+            let request = request.map(|body| {
+                let (first, kept) = ReplayBody::kept(body, self.limit);
+                source = kept;
+                first
+            });
+            (request, Some(HttpCopy { head, body: source }))
         }
 
         fn again(&self, copy: &HttpCopy<B>, attempt: u32) -> Option<Self::Request> {
-            let body = copy.body.replay()?;
-            let head = &copy.head;
-            let mut request = Request::new(body);
-            *request.method_mut() = head.method().clone();
-            *request.uri_mut() = head.uri().clone();
-            *request.version_mut() = head.version();
-            *request.headers_mut() = head.headers().clone();
-            *request.extensions_mut() = head.extensions().clone();
+            let mut request = with_head(&copy.head, copy.body.replay()?);
             let headers = request.headers_mut();
             if is_grpc(headers) {
                 headers.insert(
@@ -165,6 +160,17 @@ mod replay {
             self.stamp(headers, attempt);
             Some(request)
         }
+    }
+
+    /// A request with `body` and a copy of the head of `like`.
+    fn with_head<T, U>(like: &Request<U>, body: T) -> Request<T> {
+        let mut request = Request::new(body);
+        *request.method_mut() = like.method().clone();
+        *request.uri_mut() = like.uri().clone();
+        *request.version_mut() = like.version();
+        *request.headers_mut() = like.headers().clone();
+        *request.extensions_mut() = like.extensions().clone();
+        request
     }
 
     fn is_grpc(headers: &HeaderMap) -> bool {
