@@ -491,19 +491,24 @@ mod replay {
     }
 
     impl<B> Replayer<B> {
-        /// Serves the complete copy.
-        fn poll_complete(&mut self, chunks: &Chunks, trailers: Option<&HeaderMap>) -> PolledFrame {
+        /// Serves the copy once it is published: the complete body, or an error if it
+        /// turned out not to be replayable after this retry was decided.
+        fn poll_published(&mut self) -> Option<PolledFrame> {
+            let (chunks, trailers) = match self.store.ended.get()? {
+                Ended::Complete { chunks, trailers } => (chunks, trailers),
+                Ended::NotReplayable => return Some(Poll::Ready(Some(Err(OriginalInUse.into())))),
+            };
             if let Some(chunk) = chunks.get(self.sent) {
                 self.sent += 1;
-                return Poll::Ready(Some(Ok(Frame::data(chunk.clone()))));
+                return Some(Poll::Ready(Some(Ok(Frame::data(chunk.clone())))));
             }
-            match trailers {
+            Some(Poll::Ready(match trailers {
                 Some(trailers) if !self.trailers_sent => {
                     self.trailers_sent = true;
-                    Poll::Ready(Some(Ok(Frame::trailers(trailers.clone()))))
+                    Some(Ok(Frame::trailers(trailers.clone())))
                 }
-                _ => Poll::Ready(None),
-            }
+                _ => None,
+            }))
         }
 
         /// The rest of the original, if an earlier attempt handed it over.
@@ -542,7 +547,7 @@ mod replay {
             cx: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
             let mut kind = self.project().kind;
-            let reader = match kind.as_mut().project() {
+            let mut reader = match kind.as_mut().project() {
                 KindProj::Once(body) => {
                     return body
                         .poll_frame(cx)
@@ -551,26 +556,24 @@ mod replay {
                 KindProj::Empty => return Poll::Ready(None),
                 KindProj::Reading(reader) => return reader.poll_frame(cx),
                 KindProj::Replaying(replayer) => {
-                    let store = replayer.store.clone();
-                    match store.ended.get() {
-                        Some(Ended::Complete { chunks, trailers }) => {
-                            return replayer.poll_complete(chunks, trailers.as_ref());
+                    if let Some(frame) = replayer.poll_published() {
+                        return frame;
+                    }
+                    match replayer.take_over() {
+                        Some(rest) => Reader::taking_over(replayer.store.clone(), rest),
+                        // The attempt holding the original may have reached its end
+                        // between the two looks: it publishes before it lets go.
+                        None => {
+                            return replayer
+                                .poll_published()
+                                .unwrap_or_else(|| Poll::Ready(Some(Err(OriginalInUse.into()))));
                         }
-                        Some(Ended::NotReplayable) => None,
-                        None => replayer
-                            .take_over()
-                            .map(|rest| Reader::taking_over(store, rest)),
                     }
                 }
             };
-            match reader {
-                Some(mut reader) => {
-                    let frame = reader.poll_frame(cx);
-                    kind.set(Kind::Reading(reader));
-                    frame
-                }
-                None => Poll::Ready(Some(Err(OriginalInUse.into()))),
-            }
+            let frame = reader.poll_frame(cx);
+            kind.set(Kind::Reading(reader));
+            frame
         }
 
         fn is_end_stream(&self) -> bool {
