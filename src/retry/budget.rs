@@ -186,8 +186,17 @@ impl RetryBudget {
         // u64 nanoseconds last 584 years; u128 division would cost more than the rest.
         let elapsed =
             u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
-        let target = elapsed / self.slice_nanos;
         let mut seen = self.epoch.load(Ordering::Acquire);
+        // Nearly every call falls within the newest slice: a multiplication tells,
+        // where the division below would cost more than the rest of a deposit.
+        if seen
+            .checked_add(1)
+            .and_then(|next| next.checked_mul(self.slice_nanos))
+            .is_none_or(|next_start| elapsed < next_start)
+        {
+            return seen;
+        }
+        let target = elapsed / self.slice_nanos;
         while target > seen {
             match self.epoch.compare_exchange_weak(
                 seen,
