@@ -1,6 +1,6 @@
 //! The retry budget: a lock-free, sans-io core shared by every clone of a layer.
 
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -54,9 +54,11 @@ pub struct RetryBudget {
     start: Instant,
     slice_nanos: u64,
     deposit: i64,
-    /// The newest slice seen; whoever moves it forward closes it and expires the
-    /// slices it skips.
+    /// The newest slice; whoever moves it forward closes it and expires the slices it
+    /// skips.
     epoch: AtomicU64,
+    /// Held (never waited for) by the caller moving `epoch` forward.
+    advancing: AtomicBool,
     /// Net amount (deposits − withdrawals) recorded in each closed live slice, and the
     /// withdrawals of the newest; an `i64` stored two's-complement so that wrapping
     /// adds are signed adds.
@@ -102,6 +104,7 @@ impl RetryBudget {
             slice_nanos,
             deposit,
             epoch: AtomicU64::new(0),
+            advancing: AtomicBool::new(false),
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
             baseline: AtomicU64::new(reserve as u64),
             balance: AtomicU64::new(reserve as u64),
@@ -199,7 +202,7 @@ impl RetryBudget {
         // u64 nanoseconds last 584 years; u128 division would cost more than the rest.
         let elapsed =
             u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
-        let mut seen = self.epoch.load(Ordering::Acquire);
+        let seen = self.epoch.load(Ordering::Acquire);
         // Nearly every call falls within the newest slice: a multiplication tells,
         // where the division below would cost more than the rest of a deposit.
         if seen
@@ -210,32 +213,35 @@ impl RetryBudget {
             return seen;
         }
         let target = elapsed / self.slice_nanos;
-        while target > seen {
-            match self.epoch.compare_exchange_weak(
-                seen,
-                target,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    let baseline = self.baseline.load(Ordering::Acquire);
-                    let deposits = self.balance.load(Ordering::Acquire).wrapping_sub(baseline);
-                    self.slots[slot(seen)].fetch_add(deposits, Ordering::AcqRel);
-                    self.baseline.fetch_add(deposits, Ordering::AcqRel);
-                    // The slices of epochs seen+1..=target reuse the slots of the
-                    // epochs a window earlier: those amounts expire now.
-                    let reused = (target - seen).min(SLICES as u64);
-                    for offset in 1..=reused {
-                        let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
-                        self.baseline.fetch_sub(expired, Ordering::AcqRel);
-                        self.balance.fetch_sub(expired, Ordering::AcqRel);
-                    }
-                    return target;
-                }
-                Err(actual) => seen = actual,
-            }
+        // One caller at a time moves the window, and publishes the new slice only once
+        // its slots are ready: nobody records into a slot while it is being expired.
+        // The others never wait; they record into the newest open slice meanwhile.
+        if target <= seen
+            || self
+                .advancing
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return seen;
         }
-        seen
+        let seen = self.epoch.load(Ordering::Acquire);
+        if target > seen {
+            let baseline = self.baseline.load(Ordering::Acquire);
+            let deposits = self.balance.load(Ordering::Acquire).wrapping_sub(baseline);
+            self.slots[slot(seen)].fetch_add(deposits, Ordering::AcqRel);
+            self.baseline.fetch_add(deposits, Ordering::AcqRel);
+            // The slices of epochs seen+1..=target reuse the slots of the epochs a
+            // window earlier: those amounts expire now.
+            let reused = (target - seen).min(SLICES as u64);
+            for offset in 1..=reused {
+                let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
+                self.baseline.fetch_sub(expired, Ordering::AcqRel);
+                self.balance.fetch_sub(expired, Ordering::AcqRel);
+            }
+            self.epoch.store(target, Ordering::Release);
+        }
+        self.advancing.store(false, Ordering::Release);
+        target.max(seen)
     }
 }
 
