@@ -1,6 +1,9 @@
 //! Success-path cost of the retry layer against a bare service, tower's `retry` with a
 //! never-retry policy that clones the request, and tower-resilience's retry; then the
 //! layer replaying a 1 KiB streaming HTTP body against the same bare service.
+//!
+//! The bare service gets `Request::default()` too, so building (and dropping) the
+//! request is part of every line, as is a retry layer's clone of it.
 use bytes::Bytes;
 use criterion::{Criterion, criterion_group, criterion_main};
 use futures_util::FutureExt;
@@ -103,6 +106,21 @@ fn success_path(c: &mut Criterion) {
         &runtime,
         http.layer(bare()),
         Request::default,
+    );
+
+    // A request the policy may not retry is neither copied nor kept: the layer's own
+    // cost without the clone.
+    let post = || {
+        let mut request = Request::default();
+        *request.method_mut() = http::Method::POST;
+        request
+    };
+    bench_service(
+        c,
+        "palisade retry (HTTP preset, POST: not kept)",
+        &runtime,
+        http.layer(bare()),
+        post,
     );
 
     let tower_retry = tower::retry::RetryLayer::new(NeverRetry);

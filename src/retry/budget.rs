@@ -1,6 +1,6 @@
 //! The retry budget: a lock-free, sans-io core shared by every clone of a layer.
 
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -43,9 +43,9 @@ const SLICES: usize = 10;
 /// assert!(budget.withdraw(now + Duration::from_secs(11)).is_none());
 /// ```
 ///
-/// It is lock-free and allocation-free: a deposit is a few atomic operations, and a
-/// withdrawal is a compare-and-swap that never takes the balance below what one retry
-/// costs, however many tasks race for it.
+/// It is lock-free and allocation-free: a deposit is one atomic add (and, once per
+/// slice, closing the slice), and a withdrawal is a compare-and-swap that never takes
+/// the balance below what one retry costs, however many tasks race for it.
 #[derive(Debug)]
 pub struct RetryBudget {
     ttl: Duration,
@@ -54,12 +54,20 @@ pub struct RetryBudget {
     start: Instant,
     slice_nanos: u64,
     deposit: i64,
-    /// The newest slice seen; whoever moves it forward expires the slices it skips.
+    /// The newest slice; whoever moves it forward closes it and expires the slices it
+    /// skips.
     epoch: AtomicU64,
-    /// Net amount (deposits − withdrawals) recorded in each live slice, an `i64` stored
-    /// two's-complement so that wrapping adds are signed adds.
+    /// Held (never waited for) by the caller moving `epoch` forward.
+    advancing: AtomicBool,
+    /// Net amount (deposits − withdrawals) recorded in each closed live slice, and the
+    /// withdrawals of the newest; an `i64` stored two's-complement so that wrapping
+    /// adds are signed adds.
     slots: [AtomicU64; SLICES],
-    /// `reserve + Σ slots` (a two's-complement `i64`): what is available now.
+    /// `reserve + Σ slots`: everything but the newest slice's deposits, which go to
+    /// `balance` alone (one atomic add per request) and move to their slot when the
+    /// slice closes.
+    baseline: AtomicU64,
+    /// `baseline` + the newest slice's deposits: what is available now.
     balance: AtomicU64,
 }
 
@@ -96,7 +104,9 @@ impl RetryBudget {
             slice_nanos,
             deposit,
             epoch: AtomicU64::new(0),
+            advancing: AtomicBool::new(false),
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
+            baseline: AtomicU64::new(reserve as u64),
             balance: AtomicU64::new(reserve as u64),
         }
     }
@@ -129,7 +139,9 @@ impl RetryBudget {
     /// Records one request. Called once per request, on its first attempt.
     pub fn deposit(&self, now: Instant) {
         if self.deposit > 0 {
-            self.record(self.advance(now), self.deposit);
+            self.advance(now);
+            self.balance
+                .fetch_add(self.deposit as u64, Ordering::AcqRel);
         }
     }
 
@@ -152,6 +164,7 @@ impl RetryBudget {
             }
         }
         self.slots[slot(epoch)].fetch_sub(SCALE as u64, Ordering::AcqRel);
+        self.baseline.fetch_sub(SCALE as u64, Ordering::AcqRel);
         Some(Withdrawal { epoch })
     }
 
@@ -164,7 +177,9 @@ impl RetryBudget {
         if epoch - withdrawal.epoch < SLICES as u64 {
             // Racing the expiry of that very slice can leave this refund in the slice
             // that replaced it, for at most one more ttl: one retry of slack, once.
-            self.record(withdrawal.epoch, SCALE);
+            self.slots[slot(withdrawal.epoch)].fetch_add(SCALE as u64, Ordering::AcqRel);
+            self.baseline.fetch_add(SCALE as u64, Ordering::AcqRel);
+            self.balance.fetch_add(SCALE as u64, Ordering::AcqRel);
         }
     }
 
@@ -174,41 +189,59 @@ impl RetryBudget {
         u64::try_from(self.balance.load(Ordering::Acquire) as i64 / SCALE).unwrap_or(0)
     }
 
-    fn record(&self, epoch: u64, amount: i64) {
-        self.slots[slot(epoch)].fetch_add(amount as u64, Ordering::AcqRel);
-        self.balance.fetch_add(amount as u64, Ordering::AcqRel);
-    }
-
-    /// Moves the window to `now`, expiring the slices it leaves behind, and returns the
-    /// current slice. A caller whose clock reading is already behind the window records
-    /// into the current slice, so each amount is expired exactly once.
+    /// Moves the window to `now`, closing the newest slice and expiring the slices it
+    /// leaves behind, and returns the current slice. A caller whose clock reading is
+    /// already behind the window records into the current slice, so each amount is
+    /// expired exactly once.
+    ///
+    /// Closing moves the deposits made since the slice opened (`balance − baseline`)
+    /// into its slot. Every change is an add of the same amount to both sides, so an
+    /// operation racing the boundary can only land in the neighbouring slice, never be
+    /// lost or counted twice.
     fn advance(&self, now: Instant) -> u64 {
         // u64 nanoseconds last 584 years; u128 division would cost more than the rest.
         let elapsed =
             u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
-        let target = elapsed / self.slice_nanos;
-        let mut seen = self.epoch.load(Ordering::Acquire);
-        while target > seen {
-            match self.epoch.compare_exchange_weak(
-                seen,
-                target,
-                Ordering::AcqRel,
-                Ordering::Acquire,
-            ) {
-                Ok(_) => {
-                    // The slices of epochs seen+1..=target reuse the slots of the
-                    // epochs a window earlier: those amounts expire now.
-                    let reused = (target - seen).min(SLICES as u64);
-                    for offset in 1..=reused {
-                        let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
-                        self.balance.fetch_sub(expired, Ordering::AcqRel);
-                    }
-                    return target;
-                }
-                Err(actual) => seen = actual,
-            }
+        let seen = self.epoch.load(Ordering::Acquire);
+        // Nearly every call falls within the newest slice: a multiplication tells,
+        // where the division below would cost more than the rest of a deposit.
+        if seen
+            .checked_add(1)
+            .and_then(|next| next.checked_mul(self.slice_nanos))
+            .is_none_or(|next_start| elapsed < next_start)
+        {
+            return seen;
         }
-        seen
+        let target = elapsed / self.slice_nanos;
+        // One caller at a time moves the window, and publishes the new slice only once
+        // its slots are ready: nobody records into a slot while it is being expired.
+        // The others never wait; they record into the newest open slice meanwhile.
+        if target <= seen
+            || self
+                .advancing
+                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+                .is_err()
+        {
+            return seen;
+        }
+        let seen = self.epoch.load(Ordering::Acquire);
+        if target > seen {
+            let baseline = self.baseline.load(Ordering::Acquire);
+            let deposits = self.balance.load(Ordering::Acquire).wrapping_sub(baseline);
+            self.slots[slot(seen)].fetch_add(deposits, Ordering::AcqRel);
+            self.baseline.fetch_add(deposits, Ordering::AcqRel);
+            // The slices of epochs seen+1..=target reuse the slots of the epochs a
+            // window earlier: those amounts expire now.
+            let reused = (target - seen).min(SLICES as u64);
+            for offset in 1..=reused {
+                let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
+                self.baseline.fetch_sub(expired, Ordering::AcqRel);
+                self.balance.fetch_sub(expired, Ordering::AcqRel);
+            }
+            self.epoch.store(target, Ordering::Release);
+        }
+        self.advancing.store(false, Ordering::Release);
+        target.max(seen)
     }
 }
 
@@ -276,6 +309,52 @@ mod tests {
         assert_eq!(budget.available(now + Duration::from_secs(3600)), 0);
         budget.deposit(now + Duration::from_secs(3600));
         assert_eq!(budget.available(now + Duration::from_secs(3600)), 1);
+    }
+
+    #[test]
+    fn racing_slice_boundaries_loses_and_duplicates_nothing() {
+        let budget = std::sync::Arc::new(RetryBudget::new(Duration::from_secs(10), 1, 0.1));
+        let start = Instant::now();
+        const ROUNDS: u32 = 50_000;
+        let together = std::sync::Arc::new(std::sync::Barrier::new(4));
+        let handles: Vec<_> = (0..4)
+            .map(|_| {
+                let budget = budget.clone();
+                let together = together.clone();
+                std::thread::spawn(move || {
+                    together.wait();
+                    let (mut granted, mut refunded) = (0u64, 0u64);
+                    for round in 0..ROUNDS {
+                        // Every thread sweeps the nine slices of the first window, so
+                        // that boundaries are crossed by several threads at once.
+                        let now = start + Duration::from_secs(9) * round / ROUNDS;
+                        budget.deposit(now);
+                        if round % 3 == 0
+                            && let Some(withdrawal) = budget.withdraw(now)
+                        {
+                            granted += 1;
+                            if round % 2 == 0 {
+                                budget.refund(withdrawal, now);
+                                refunded += 1;
+                            }
+                        }
+                    }
+                    (granted, refunded)
+                })
+            })
+            .collect();
+        let (granted, refunded) = handles
+            .into_iter()
+            .map(|handle| handle.join().expect("thread"))
+            .fold((0, 0), |(g, r), (tg, tr)| (g + tg, r + tr));
+        // 200,000 requests at 10 % and a reserve of 10: nothing has expired yet, so
+        // the balance is exactly what was funded minus what was spent.
+        let funded = 20_000 + 10;
+        assert!(granted - refunded <= funded);
+        let within = start + Duration::from_millis(9_500);
+        assert_eq!(budget.available(within), funded - (granted - refunded));
+        // A window later everything has expired, exactly: only the reserve is left.
+        assert_eq!(budget.available(start + Duration::from_secs(30)), 10);
     }
 
     #[test]

@@ -30,17 +30,14 @@ where
     S: Service<D::Request>,
 {
     #[pin]
-    state: State<S::Future>,
+    state: State<S::Future, D::Request>,
     /// While attempting: the attempt's timeout or the call's deadline, whichever comes
-    /// first. While waiting: the backoff delay. Absent when nothing is timed, so the
-    /// success path without timeouts never touches the timer wheel.
-    #[pin]
-    timer: Option<Sleep>,
+    /// first. While waiting: the backoff delay. Out of line and absent until something
+    /// is timed, so that a call without timeouts neither carries nor touches a timer.
+    timer: Option<Pin<Box<Sleep>>>,
     /// The service to retry with and the kept request; `None` when the request is not
     /// retryable.
     retry: Option<(S, D::Copy)>,
-    /// The next attempt's request, made when its retry was scheduled.
-    next: Option<D::Request>,
     progress: Progress,
     /// The budget taken for the retry in progress, refunded if it never completes.
     withdrawal: Option<Withdrawal>,
@@ -48,14 +45,19 @@ where
     _request: PhantomData<fn(Req)>,
 }
 
-#[pin_project(project = StateProj)]
-enum State<F> {
+#[pin_project(project = StateProj, project_replace = StateOwn)]
+enum State<F, R> {
     Attempting {
         #[pin]
         future: F,
     },
-    /// Waiting for the delay, then for the service to be ready.
-    Waiting,
+    /// Waiting for the delay, then for the service to be ready, to send `request`.
+    /// The request is made when the retry is scheduled, so that a copy that cannot be
+    /// replayed still returns the last result, and kept out of line so that it costs
+    /// the future's size nothing on the success path.
+    Waiting {
+        request: Box<R>,
+    },
     Done,
 }
 
@@ -83,6 +85,7 @@ where
     D: Duplicate<Req>,
     S: Service<D::Request>,
 {
+    #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
         retry: Option<(S, D::Copy)>,
@@ -99,12 +102,11 @@ where
         };
         let timer = progress
             .attempt_timer(now, shared.per_attempt_timeout)
-            .map(sleep_until);
+            .map(|at| Box::pin(sleep_until(at)));
         Self {
             state: State::Attempting { future },
             timer,
             retry,
-            next: None,
             progress,
             withdrawal: None,
             shared,
@@ -116,6 +118,7 @@ where
 impl Progress {
     /// When the attempt starting `now` must end, if ever; notes whether that is the
     /// deadline.
+    #[inline]
     fn attempt_timer(&mut self, now: Instant, timeout: Option<Duration>) -> Option<Instant> {
         let timeout = timeout.and_then(|timeout| now.checked_add(timeout));
         let (at, is_deadline) = match (timeout, self.deadline) {
@@ -201,10 +204,11 @@ where
     policy.decide(result)
 }
 
-fn set_timer(mut timer: Pin<&mut Option<Sleep>>, at: Instant) {
-    match timer.as_mut().as_pin_mut() {
-        Some(sleep) => sleep.reset(at),
-        None => timer.set(Some(sleep_until(at))),
+/// Arms the timer for `at`, reusing its allocation if it has one.
+fn set_timer(timer: &mut Option<Pin<Box<Sleep>>>, at: Instant) {
+    match timer {
+        Some(sleep) => sleep.as_mut().reset(at),
+        None => *timer = Some(Box::pin(sleep_until(at))),
     }
 }
 
@@ -228,8 +232,7 @@ where
                             let expired = this
                                 .timer
                                 .as_mut()
-                                .as_pin_mut()
-                                .is_some_and(|timer| timer.poll(cx).is_ready());
+                                .is_some_and(|timer| timer.as_mut().poll(cx).is_ready());
                             if !expired {
                                 return Poll::Pending;
                             }
@@ -252,14 +255,13 @@ where
                     // for it is spent.
                     this.state.set(State::Done);
                     this.withdrawal.take();
-                    let now = Instant::now();
                     let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
                     let scheduled = match verdict {
                         Decision::Return => None,
                         Decision::Retry { reason, after } => this.progress.schedule(
                             this.shared,
                             this.retry.as_ref().map(|(_, copy)| copy),
-                            now,
+                            Instant::now(),
                             reason,
                             after,
                         ),
@@ -270,20 +272,21 @@ where
                     };
                     this.progress.attempt += 1;
                     this.progress.previous_delay = scheduled.delay;
-                    *this.next = Some(scheduled.request);
                     *this.withdrawal = Some(scheduled.withdrawal);
                     this.shared.notify(RetryEvent {
                         attempt: this.progress.attempt,
                         delay: scheduled.delay,
                         reason: scheduled.reason,
                     });
-                    set_timer(this.timer.as_mut(), scheduled.wake);
-                    this.state.set(State::Waiting);
+                    set_timer(this.timer, scheduled.wake);
+                    this.state.set(State::Waiting {
+                        request: Box::new(scheduled.request),
+                    });
                 }
-                StateProj::Waiting => {
-                    if let Some(timer) = this.timer.as_mut().as_pin_mut() {
-                        ready!(timer.poll(cx));
-                        this.timer.set(None);
+                StateProj::Waiting { .. } => {
+                    if let Some(timer) = this.timer.as_mut() {
+                        // Once elapsed it stays ready while the service gets ready.
+                        ready!(timer.as_mut().poll(cx));
                     }
                     let (service, _) = this
                         .retry
@@ -299,19 +302,21 @@ where
                             false,
                         ));
                     }
-                    let request = this
-                        .next
-                        .take()
-                        .expect("a retry is only scheduled with its request");
+                    let StateOwn::Waiting { request } =
+                        this.state.as_mut().project_replace(State::Done)
+                    else {
+                        unreachable!("in the waiting state");
+                    };
                     this.state.set(State::Attempting {
-                        future: service.call(request),
+                        future: service.call(*request),
                     });
                     let now = Instant::now();
-                    if let Some(at) = this
+                    match this
                         .progress
                         .attempt_timer(now, this.shared.per_attempt_timeout)
                     {
-                        set_timer(this.timer.as_mut(), at);
+                        Some(at) => set_timer(this.timer, at),
+                        None => *this.timer = None,
                     }
                 }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),

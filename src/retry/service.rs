@@ -66,6 +66,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         let shared = &self.shared;
         let now = Instant::now();
