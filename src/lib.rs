@@ -32,4 +32,11 @@ pub mod tonic;
 mod builder;
 mod sync;
 
+// The lock-free cores as the loom model checks in tests/loom.rs drive them.
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod __loom {
+    pub use crate::circuit_breaker::loom_api::*;
+}
+
 pub use self::builder::ServiceBuilderExt;

@@ -123,6 +123,14 @@ pub(crate) struct Permit {
     kind: PermitKind,
 }
 
+#[cfg(loom)]
+impl Permit {
+    /// Whether this permit holds a half-open probe slot (for the loom models).
+    pub(crate) fn is_probe(&self) -> bool {
+        self.kind == PermitKind::Probe
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PermitKind {
     /// A closed-state call: its outcome goes into the window.

@@ -189,6 +189,16 @@ impl RetryBudget {
         let target = elapsed / self.slice_nanos;
         let mut seen = self.epoch.load(Ordering::Acquire);
         while target > seen {
+            // The slices of epochs seen+1..=target reuse the slots of the epochs a
+            // window earlier: those amounts expire. Read them before publishing the new
+            // epoch and take away only what was read: once it is published, others
+            // record into the newest slot, and emptying it wholesale would erase their
+            // fresh withdrawals (found by the loom model in tests/loom.rs).
+            let reused = (target - seen).min(SLICES as u64) as usize;
+            let mut expired = [0u64; SLICES];
+            for (offset, amount) in expired[..reused].iter_mut().enumerate() {
+                *amount = self.slots[slot(seen + 1 + offset as u64)].load(Ordering::Acquire);
+            }
             match self.epoch.compare_exchange_weak(
                 seen,
                 target,
@@ -196,12 +206,10 @@ impl RetryBudget {
                 Ordering::Acquire,
             ) {
                 Ok(_) => {
-                    // The slices of epochs seen+1..=target reuse the slots of the
-                    // epochs a window earlier: those amounts expire now.
-                    let reused = (target - seen).min(SLICES as u64);
-                    for offset in 1..=reused {
-                        let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
-                        self.balance.fetch_sub(expired, Ordering::AcqRel);
+                    for (offset, &amount) in expired[..reused].iter().enumerate() {
+                        self.slots[slot(seen + 1 + offset as u64)]
+                            .fetch_sub(amount, Ordering::AcqRel);
+                        self.balance.fetch_sub(amount, Ordering::AcqRel);
                     }
                     return target;
                 }
