@@ -82,7 +82,7 @@ async fn backend(
     counters.backend_attempts.fetch_add(1, Ordering::Relaxed);
     match started.elapsed().as_millis() % 400 {
         0..200 => Ok(Response::new(Body::from("ok"))),
-        200..300 if n % 2 == 0 => Err("backend failed".into()),
+        200..300 if n.is_multiple_of(2) => Err("backend failed".into()),
         200..300 => Ok(Response::new(Body::from("ok"))),
         _ => {
             tokio::time::sleep(Duration::from_millis(5)).await;

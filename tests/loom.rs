@@ -327,9 +327,9 @@ fn retry_budget_never_overspends() {
             .map(|_| {
                 let (budget, spent) = (budget.clone(), spent.clone());
                 thread::spawn(move || {
-                    if let Some(withdrawal) = budget.withdraw(now) {
+                    // A withdrawal that is not refunded is spent.
+                    if budget.withdraw(now).is_some() {
                         spent.fetch_add(1, Ordering::SeqCst);
-                        std::mem::forget(withdrawal);
                     }
                 })
             })
@@ -367,7 +367,7 @@ fn retry_budget_refund_races_withdrawal_and_expiry() {
         };
         let spender = {
             let budget = budget.clone();
-            thread::spawn(move || budget.withdraw(now).map(std::mem::forget).is_some())
+            thread::spawn(move || budget.withdraw(now).is_some())
         };
         // A third thread moves the window into the next slice (nothing expires yet).
         let mover = {

@@ -4,9 +4,8 @@
 
 use super::config::Config;
 use super::state::{Core, Observer, Permit};
-use super::{OpenBackoff, SlidingWindow, State, Transition};
+use super::{OpenBackoff, SlidingWindow, State};
 use crate::classify::Outcome;
-use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -42,11 +41,7 @@ pub struct Settings {
 
 impl Breaker {
     /// A closed breaker; `observer` sees every transition.
-    pub fn new(
-        settings: Settings,
-        observer: Option<Arc<dyn Fn(&Transition) + Send + Sync>>,
-        now: Instant,
-    ) -> Self {
+    pub fn new(settings: Settings, observer: Option<Observer>, now: Instant) -> Self {
         let config = Config {
             failure_rate: settings.failure_rate,
             minimum_calls: settings.minimum_calls,
@@ -57,7 +52,6 @@ impl Breaker {
         }
         .validate()
         .expect("a valid model configuration");
-        let observer: Option<Observer> = observer;
         Self(Core::new(config, observer, now))
     }
 
