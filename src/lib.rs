@@ -88,6 +88,13 @@ mod builder;
 mod metrics;
 mod sync;
 
+// The lock-free cores as the loom model checks in tests/loom.rs drive them.
+#[cfg(loom)]
+#[doc(hidden)]
+pub mod __loom {
+    pub use crate::circuit_breaker::loom_api::*;
+}
+
 pub use self::builder::ServiceBuilderExt;
 
 // The README's examples are compiled and run as doc tests.

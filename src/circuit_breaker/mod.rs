@@ -73,6 +73,8 @@ mod future;
 mod handle;
 mod lanes;
 mod layer;
+#[cfg(loom)]
+pub(crate) mod loom_api;
 mod service;
 mod state;
 mod window;

@@ -123,6 +123,14 @@ pub(crate) struct Permit {
     kind: PermitKind,
 }
 
+#[cfg(loom)]
+impl Permit {
+    /// Whether this permit holds a half-open probe slot (for the loom models).
+    pub(crate) fn is_probe(&self) -> bool {
+        self.kind == PermitKind::Probe
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum PermitKind {
     /// A closed-state call: its outcome goes into the window.
@@ -452,14 +460,12 @@ impl Core {
                 }
                 self.window.clear();
                 let closed = half_open.next(State::Closed, 0);
-                if self.transition(
+                self.transition(
                     half_open.encode(),
                     closed,
                     TransitionReason::ProbesSucceeded,
                     now,
-                ) {
-                    self.consecutive_trips.store(0, Ordering::Release);
-                }
+                );
             }
         }
     }
@@ -496,10 +502,7 @@ impl Core {
         // half-open up to a millisecond early.
         let until_ms = until.as_millis() as u64;
         let open = Word::decode(from).next(State::Open, until_ms);
-        if self.transition(from, open, reason, now) {
-            self.consecutive_trips
-                .store(trips.saturating_add(1), Ordering::Release);
-        }
+        self.transition(from, open, reason, now);
     }
 
     /// A uniform number in `[0, 1)` from a splitmix64 sequence: only used on trips.
@@ -515,6 +518,10 @@ impl Core {
     }
 
     /// Moves from the exact word `from` to `to`; false if another thread moved first.
+    ///
+    /// The bookkeeping of the move is settled before the observer hears of it, so that
+    /// an observer that panics (the panic goes to the caller whose call made the move)
+    /// leaves the breaker consistent for everyone else.
     fn transition(&self, from: u64, to: Word, reason: TransitionReason, now: Instant) -> bool {
         if self
             .state
@@ -526,6 +533,19 @@ impl Core {
         let since_base = now.saturating_duration_since(self.base).as_nanos() as u64;
         self.last_transition
             .store(since_base.saturating_add(1), Ordering::Release);
+        match reason {
+            TransitionReason::FailureRate
+            | TransitionReason::SlowCallRate
+            | TransitionReason::ProbesFailed
+            | TransitionReason::ProbesSlow => {
+                // The winner of the state word is alone in this: no lost update.
+                let trips = self.consecutive_trips.load(Ordering::Acquire);
+                self.consecutive_trips
+                    .store(trips.saturating_add(1), Ordering::Release);
+            }
+            TransitionReason::ProbesSucceeded => self.consecutive_trips.store(0, Ordering::Release),
+            _ => {}
+        }
         self.notify(Transition {
             from: Word::decode(from).state,
             to: to.state,

@@ -1,0 +1,387 @@
+//! loom model checks of the lock-free cores: every interleaving (up to the preemption
+//! bound) of a few threads driving the breaker's window and state machine, the token
+//! bucket and the retry budget.
+//!
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom` (scripts/test does,
+//! with a target directory of its own).
+#![cfg(loom)]
+
+use loom::sync::Arc;
+use loom::sync::atomic::{AtomicUsize, Ordering};
+use loom::thread;
+use palisade::__loom::{Breaker, Settings};
+use palisade::circuit_breaker::{SlidingWindow, State, Transition};
+use palisade::rate_limit::{Quota, TokenBucket};
+use palisade::retry::RetryBudget;
+use std::time::Duration;
+use tokio::time::Instant;
+
+const OPEN_FOR: Duration = Duration::from_secs(10);
+
+/// Every interleaving with at most `bound` preemptions (all of them for `None`).
+fn model(bound: Option<usize>, body: impl Fn() + Sync + Send + 'static) {
+    let mut builder = loom::model::Builder::new();
+    builder.preemption_bound = bound;
+    builder.check(body);
+}
+
+/// A breaker counting its transitions into `opened` (to Open) and `closed` (to Closed).
+fn breaker(settings: Settings, now: Instant) -> (Arc<Breaker>, Arc<AtomicUsize>, Arc<AtomicUsize>) {
+    let opened = Arc::new(AtomicUsize::new(0));
+    let closed = Arc::new(AtomicUsize::new(0));
+    let observer = {
+        let (opened, closed) = (opened.clone(), closed.clone());
+        std::sync::Arc::new(move |transition: &Transition| match transition.to {
+            State::Open => {
+                opened.fetch_add(1, Ordering::SeqCst);
+            }
+            State::Closed => {
+                closed.fetch_add(1, Ordering::SeqCst);
+            }
+            _ => {}
+        })
+    };
+    (
+        Arc::new(Breaker::new(settings, Some(observer), now)),
+        opened,
+        closed,
+    )
+}
+
+fn count_window(size: usize, probes: u32) -> Settings {
+    Settings {
+        window: SlidingWindow::count(size),
+        minimum_calls: size as u64,
+        failure_rate: 0.5,
+        probes,
+        open_for: OPEN_FOR,
+    }
+}
+
+fn join_all(handles: Vec<thread::JoinHandle<()>>) {
+    for handle in handles {
+        handle.join().unwrap();
+    }
+}
+
+/// Three threads record outcomes into a count window of two while the breaker trips:
+/// it opens exactly once, and the counts stay consistent with what was recorded.
+#[test]
+fn count_window_trips_exactly_once() {
+    model(Some(3), || {
+        let now = Instant::now();
+        let (breaker, opened, _) = breaker(count_window(2, 1), now);
+        let threads = [true, true, false]
+            .into_iter()
+            .map(|failure| {
+                let breaker = breaker.clone();
+                thread::spawn(move || {
+                    if let Some(call) = breaker.admit(now) {
+                        breaker.record(call, failure, now);
+                    }
+                })
+            })
+            .collect();
+        join_all(threads);
+        let opens = opened.load(Ordering::SeqCst);
+        assert!(opens <= 1, "opened {opens} times");
+        let (calls, failures) = breaker.counts(now);
+        assert!(
+            calls <= 2 && failures <= calls,
+            "{calls} calls, {failures} failures"
+        );
+        // Whatever the order, two failures out of a window of two were recorded at
+        // some point unless the success came last and displaced one: then the window
+        // holds one failure and one success, which also trips at 50%.
+        assert_eq!(opens, 1, "the breaker must trip");
+        assert_eq!(breaker.state(), State::Open);
+        assert!(breaker.admit(now).is_none());
+    });
+}
+
+/// Two threads race failures into a time window (two buckets) across a bucket
+/// boundary: at most one trip, and the window never counts more calls than recorded.
+#[test]
+fn time_window_counts_across_a_bucket_boundary() {
+    model(Some(3), || {
+        let now = Instant::now();
+        let settings = Settings {
+            window: SlidingWindow::time(Duration::from_secs(2)).buckets(2),
+            minimum_calls: 2,
+            failure_rate: 1.0,
+            probes: 1,
+            open_for: OPEN_FOR,
+        };
+        let (breaker, opened, _) = breaker(settings, now);
+        let threads = [now, now + Duration::from_secs(1)]
+            .into_iter()
+            .map(|at| {
+                let breaker = breaker.clone();
+                thread::spawn(move || {
+                    let call = breaker.admit(at).expect("closed");
+                    breaker.record(call, true, at);
+                })
+            })
+            .collect();
+        join_all(threads);
+        let later = now + Duration::from_secs(1);
+        let opens = opened.load(Ordering::SeqCst);
+        assert!(opens <= 1, "opened {opens} times");
+        if opens == 0 {
+            // The one interleaving without a verdict: the call that read the clock
+            // first recorded last, and judged the window as of its own (older) epoch,
+            // which does not see the newer bucket. Both failures are in the window,
+            // so the next recorded call trips it.
+            assert_eq!(breaker.counts(later), (2, 2));
+            let call = breaker.admit(later).expect("still closed");
+            breaker.record(call, true, later);
+        }
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+        assert_eq!(breaker.state(), State::Open);
+    });
+}
+
+/// Trips a fresh breaker and lets the open time pass: the next admit half-opens it.
+fn half_open(probes: u32) -> (Arc<Breaker>, Arc<AtomicUsize>, Arc<AtomicUsize>, Instant) {
+    let start = Instant::now();
+    let (breaker, opened, closed) = breaker(count_window(1, probes), start);
+    let call = breaker.admit(start).expect("closed");
+    breaker.record(call, true, start);
+    assert_eq!(breaker.state(), State::Open);
+    (breaker, opened, closed, start + OPEN_FOR)
+}
+
+/// Three threads race for two probe slots; each either reports success or drops its
+/// call. Probes held at once never exceed the slots, the breaker closes at most once,
+/// and no slot is leaked: afterwards a half-open breaker grants exactly its slots.
+#[test]
+fn half_open_admission_never_exceeds_the_slots() {
+    model(Some(2), || {
+        const PROBES: u32 = 2;
+        let (breaker, opened, closed, later) = half_open(PROBES);
+        let held = Arc::new(AtomicUsize::new(0));
+        let completed = Arc::new(AtomicUsize::new(0));
+        let threads = [false, true, false]
+            .into_iter()
+            .map(|drops| {
+                let (breaker, held) = (breaker.clone(), held.clone());
+                let completed = completed.clone();
+                thread::spawn(move || {
+                    let Some(call) = breaker.admit(later) else {
+                        return;
+                    };
+                    if call.is_probe() {
+                        let now_held = held.fetch_add(1, Ordering::SeqCst) + 1;
+                        assert!(now_held <= PROBES as usize, "{now_held} probes at once");
+                        held.fetch_sub(1, Ordering::SeqCst);
+                    }
+                    if drops {
+                        breaker.release(call);
+                    } else {
+                        if call.is_probe() {
+                            completed.fetch_add(1, Ordering::SeqCst);
+                        }
+                        breaker.record(call, false, later);
+                    }
+                })
+            })
+            .collect();
+        join_all(threads);
+        assert_eq!(opened.load(Ordering::SeqCst), 1, "only the setup trip");
+        let closes = closed.load(Ordering::SeqCst);
+        assert!(closes <= 1, "closed {closes} times");
+        match breaker.state() {
+            State::Closed => assert_eq!(closes, 1),
+            State::HalfOpen => {
+                assert_eq!(closes, 0);
+                // A completed probe keeps its slot for the phase; a dropped one gives it
+                // back. So exactly the slots not completed are free, then a rejection.
+                let free = PROBES - completed.load(Ordering::SeqCst) as u32;
+                let calls: Vec<_> = (0..free)
+                    .map(|_| breaker.admit(later).expect("a free probe slot"))
+                    .collect();
+                assert!(calls.iter().all(|call| call.is_probe()));
+                assert!(breaker.admit(later).is_none(), "more probes than slots");
+            }
+            state => panic!("unexpected state {state:?}"),
+        }
+    });
+}
+
+/// Two probes report a failure and a success at once while a third thread asks in:
+/// the breaker re-opens exactly once and the late caller is never a fourth probe.
+#[test]
+fn failed_probe_reopens_exactly_once() {
+    model(Some(2), || {
+        let (breaker, opened, closed, later) = half_open(2);
+        let first = breaker.admit(later).expect("probe");
+        let second = breaker.admit(later).expect("probe");
+        let reporters = [(first, true), (second, false)]
+            .into_iter()
+            .map(|(call, failure)| {
+                let breaker = breaker.clone();
+                thread::spawn(move || breaker.record(call, failure, later))
+            });
+        let asker = {
+            let breaker = breaker.clone();
+            thread::spawn(move || {
+                if let Some(call) = breaker.admit(later) {
+                    panic!("admitted while the probes were out or after re-opening: {call:?}");
+                }
+            })
+        };
+        join_all(reporters.chain([asker]).collect());
+        assert_eq!(
+            opened.load(Ordering::SeqCst),
+            2,
+            "the setup trip and one re-open"
+        );
+        assert_eq!(closed.load(Ordering::SeqCst), 0);
+        assert_eq!(breaker.state(), State::Open);
+    });
+}
+
+/// Three threads take one token each from a bucket of two at the same instant: exactly
+/// two get one. A fourth thread's reservation (handed back) never lets a third through.
+#[test]
+fn token_bucket_never_over_admits() {
+    model(Some(3), || {
+        let now = Instant::now();
+        let quota = Quota::new(2, 1, Duration::from_secs(1)).unwrap();
+        let bucket = Arc::new(TokenBucket::new(quota, now));
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let threads = (0..3)
+            .map(|_| {
+                let (bucket, admitted) = (bucket.clone(), admitted.clone());
+                thread::spawn(move || {
+                    if bucket.acquire(1, now).is_ok() {
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        join_all(threads);
+        assert_eq!(admitted.load(Ordering::SeqCst), 2);
+        assert_eq!(bucket.available(now), 0);
+        assert!(bucket.acquire(1, now).is_err());
+    });
+}
+
+/// Reservations and cancellations race an acquisition: whatever the order, the tokens
+/// handed out by `now + 1s` never exceed capacity plus one refill, and a cancelled
+/// reservation that was the last one gives its token back.
+#[test]
+fn token_bucket_reservations_and_cancellations() {
+    model(Some(3), || {
+        let now = Instant::now();
+        let second = now + Duration::from_secs(1);
+        let quota = Quota::new(1, 1, Duration::from_secs(1)).unwrap();
+        let bucket = Arc::new(TokenBucket::new(quota, now));
+        let granted = Arc::new(AtomicUsize::new(0));
+        let canceller = {
+            let bucket = bucket.clone();
+            thread::spawn(move || {
+                if let Ok(reservation) = bucket.reserve(1, Duration::from_secs(1), now) {
+                    bucket.cancel(reservation);
+                }
+            })
+        };
+        let takers: Vec<_> = (0..2)
+            .map(|_| {
+                let (bucket, granted) = (bucket.clone(), granted.clone());
+                thread::spawn(move || {
+                    if let Ok(reservation) = bucket.reserve(1, Duration::from_secs(1), now) {
+                        assert!(reservation.wait() <= Duration::from_secs(1));
+                        granted.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        join_all(std::iter::once(canceller).chain(takers).collect());
+        let granted = granted.load(Ordering::SeqCst);
+        // Capacity 1 now plus one refill by `second`: at most two kept reservations.
+        assert!((1..=2).contains(&granted), "{granted} reservations kept");
+        // Nothing beyond capacity + refill by `second` either way.
+        let more = usize::from(bucket.acquire(1, second).is_ok());
+        assert!(
+            granted + more <= 2,
+            "{granted} + {more} tokens by one second"
+        );
+    });
+}
+
+/// Concurrent withdrawals against a reserve of one retry and one deposit: successful
+/// withdrawals never exceed what was put in, and the balance never goes negative.
+#[test]
+fn retry_budget_never_overspends() {
+    model(Some(3), || {
+        let now = Instant::now();
+        // ttl 1 s, 1 retry/s reserve (= 1 retry), ratio 1: each deposit adds one retry.
+        let budget = Arc::new(RetryBudget::new(Duration::from_secs(1), 1, 1.0));
+        let spent = Arc::new(AtomicUsize::new(0));
+        let depositor = {
+            let budget = budget.clone();
+            thread::spawn(move || budget.deposit(now))
+        };
+        let spenders: Vec<_> = (0..2)
+            .map(|_| {
+                let (budget, spent) = (budget.clone(), spent.clone());
+                thread::spawn(move || {
+                    // A withdrawal that is not refunded is spent.
+                    if budget.withdraw(now).is_some() {
+                        spent.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        join_all(std::iter::once(depositor).chain(spenders).collect());
+        let spent = spent.load(Ordering::SeqCst) as u64;
+        // At least the reserve was there for the first spender.
+        assert!(
+            (1..=2).contains(&spent),
+            "{spent} withdrawals from 2 retries"
+        );
+        assert_eq!(budget.available(now), 2 - spent);
+        // And the rest is exactly withdrawable, no more.
+        for _ in spent..2 {
+            assert!(budget.withdraw(now).is_some());
+        }
+        assert!(budget.withdraw(now).is_none());
+    });
+}
+
+/// A refund races a withdrawal and a slice expiry: the budget ends exactly where the
+/// arithmetic says, and a withdrawal never succeeds on money that is not there.
+#[test]
+fn retry_budget_refund_races_withdrawal_and_expiry() {
+    model(Some(3), || {
+        let now = Instant::now();
+        // No reserve; each deposit is one retry; ten slices of 100 ms.
+        let budget = Arc::new(RetryBudget::new(Duration::from_secs(1), 0, 1.0));
+        budget.deposit(now);
+        let first = budget.withdraw(now).expect("one deposited retry");
+        assert!(budget.withdraw(now).is_none());
+        let refunder = {
+            let budget = budget.clone();
+            thread::spawn(move || budget.refund(first, now))
+        };
+        let spender = {
+            let budget = budget.clone();
+            thread::spawn(move || budget.withdraw(now).is_some())
+        };
+        // A third thread moves the window into the next slice (nothing expires yet).
+        let mover = {
+            let budget = budget.clone();
+            thread::spawn(move || {
+                budget.available(now + Duration::from_millis(150));
+            })
+        };
+        refunder.join().unwrap();
+        mover.join().unwrap();
+        let spent = spender.join().unwrap();
+        let later = now + Duration::from_millis(150);
+        assert_eq!(budget.available(later), u64::from(!spent));
+        // After the ttl, every deposit and withdrawal has expired: back to zero.
+        assert_eq!(budget.available(now + Duration::from_secs(3)), 0);
+    });
+}
