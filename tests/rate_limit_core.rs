@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use palisade::rate_limit::{ConfigError, Denied, Quota, TokenBucket};
+use palisade::rate_limit::{ConfigError, Denied, Quota, Reservation, TokenBucket};
 use proptest::prelude::*;
 use tokio::time::Instant;
 
@@ -100,6 +100,53 @@ proptest! {
                     + u128::from(tokens) * u128::from(to - from);
                 prop_assert!(spent * u128::from(period) <= allowed,
                     "{spent} admitted in {} ns", to - from);
+            }
+        }
+    }
+
+    /// Reservations given back at random, in any order, never let the requests that do go
+    /// ahead exceed capacity + rate * t over any window of their start times.
+    #[test]
+    fn cancellations_never_exceed_capacity_plus_rate_times_t(
+        capacity in 1u64..6,
+        tokens in 1u64..4,
+        period in 1_000u64..10_000,
+        steps in prop::collection::vec((0u64..1_500, 1u64..3, any::<bool>(), any::<prop::sample::Index>()), 1..150),
+    ) {
+        let start = Instant::now();
+        let bucket = TokenBucket::new(Quota::new(capacity, tokens, Duration::from_nanos(period))?, start);
+        let max_wait = Duration::from_nanos(4 * period);
+        // Every request that holds tokens: (start time, cost, reservation if still pending).
+        let mut held: Vec<(u64, u64, Option<Reservation>)> = Vec::new();
+        let mut now = 0;
+        for (gap, cost, give_up, pick) in steps {
+            now += gap;
+            // Waiters whose turn came went ahead: their tokens are spent for good.
+            for (go, _, reservation) in &mut held {
+                if *go <= now {
+                    *reservation = None;
+                }
+            }
+            let pending: Vec<usize> = (0..held.len()).filter(|&i| held[i].2.is_some()).collect();
+            if give_up && !pending.is_empty() {
+                let index = pending[pick.index(pending.len())];
+                let (_, _, reservation) = held.swap_remove(index);
+                bucket.cancel(reservation.unwrap());
+            } else if let Ok(reservation) = bucket.reserve(cost, max_wait, at(start, now)) {
+                let go = now + reservation.wait().as_nanos() as u64;
+                held.push((go, cost, Some(reservation)));
+            }
+        }
+        let mut went: Vec<(u64, u64)> = held.iter().map(|&(go, cost, _)| (go, cost)).collect();
+        went.sort_unstable();
+        for (i, &(from, _)) in went.iter().enumerate() {
+            let mut spent = 0u128;
+            for &(to, cost) in &went[i..] {
+                spent += u128::from(cost);
+                let allowed = u128::from(capacity) * u128::from(period)
+                    + u128::from(tokens) * u128::from(to - from);
+                prop_assert!(spent * u128::from(period) <= allowed,
+                    "{spent} go ahead in {} ns: {went:?}", to - from);
             }
         }
     }
