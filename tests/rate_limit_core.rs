@@ -343,3 +343,28 @@ fn threads_sharing_one_bucket_never_over_admit() {
     }
     assert_eq!(admitted.load(Ordering::Relaxed), 1_000);
 }
+
+#[test]
+fn an_unbounded_max_wait_cannot_overflow_the_bucket() {
+    let start = Instant::now();
+    // One token per 2^57 ns (4.5 years), the slowest rate a quota allows.
+    let slowest = Duration::from_nanos(1 << 57);
+    let bucket = TokenBucket::new(Quota::new(1, 1, slowest).unwrap(), start);
+    bucket.acquire(1, start).unwrap();
+    let mut reservations = Vec::new();
+    for _ in 0..64 {
+        if let Ok(reservation) = bucket.reserve(1, Duration::MAX, start) {
+            reservations.push(reservation);
+        }
+    }
+    // Waits beyond 2^57 ns are refused as if max_wait were that long.
+    assert_eq!(reservations.len(), 1);
+    assert_eq!(reservations[0].wait(), slowest);
+    assert_eq!(bucket.available(start), 0);
+    assert!(bucket.acquire(1, start).is_err());
+    for reservation in reservations.into_iter().rev() {
+        bucket.cancel(reservation);
+    }
+    assert_eq!(bucket.available(start), 0);
+    assert_eq!(bucket.available(start + slowest), 1);
+}

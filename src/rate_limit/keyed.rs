@@ -154,7 +154,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         if let Some((_, _, entry)) = shard.buckets.find_mut(hash, |(known, ..)| known == key)
             && *entry == claim.claimed
         {
-            entry.tat -= claim.increment;
+            entry.tat = entry.tat.saturating_sub(claim.increment);
         }
     }
 
