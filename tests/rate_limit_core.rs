@@ -45,6 +45,31 @@ fn at(start: Instant, nanos: u64) -> Instant {
     start + Duration::from_nanos(nanos)
 }
 
+/// Checks that the requests that went ahead, as (start time, cost) sorted by time, spent
+/// at most `capacity + tokens * t / period` over every window of length `t`.
+fn within_capacity_plus_rate(
+    went: &[(u64, u64)],
+    capacity: u64,
+    tokens: u64,
+    period: u64,
+) -> Result<(), TestCaseError> {
+    for (i, &(from, _)) in went.iter().enumerate() {
+        let mut spent = 0u128;
+        for &(to, cost) in &went[i..] {
+            spent += u128::from(cost);
+            // spent <= capacity + tokens * (to - from) / period, without division.
+            let allowed = u128::from(capacity) * u128::from(period)
+                + u128::from(tokens) * u128::from(to - from);
+            prop_assert!(
+                spent * u128::from(period) <= allowed,
+                "{spent} went ahead in {} ns: {went:?}",
+                to - from
+            );
+        }
+    }
+    Ok(())
+}
+
 proptest! {
     #![proptest_config(ProptestConfig::with_cases(96))]
 
@@ -91,17 +116,7 @@ proptest! {
                 admitted.push((now, cost));
             }
         }
-        for (i, &(from, _)) in admitted.iter().enumerate() {
-            let mut spent = 0u128;
-            for &(to, cost) in &admitted[i..] {
-                spent += u128::from(cost);
-                // spent <= capacity + tokens * (to - from) / period, without division.
-                let allowed = u128::from(capacity) * u128::from(period)
-                    + u128::from(tokens) * u128::from(to - from);
-                prop_assert!(spent * u128::from(period) <= allowed,
-                    "{spent} admitted in {} ns", to - from);
-            }
-        }
+        within_capacity_plus_rate(&admitted, capacity, tokens, period)?;
     }
 
     /// Reservations given back at random, in any order, never let the requests that do go
@@ -139,16 +154,7 @@ proptest! {
         }
         let mut went: Vec<(u64, u64)> = held.iter().map(|&(go, cost, _)| (go, cost)).collect();
         went.sort_unstable();
-        for (i, &(from, _)) in went.iter().enumerate() {
-            let mut spent = 0u128;
-            for &(to, cost) in &went[i..] {
-                spent += u128::from(cost);
-                let allowed = u128::from(capacity) * u128::from(period)
-                    + u128::from(tokens) * u128::from(to - from);
-                prop_assert!(spent * u128::from(period) <= allowed,
-                    "{spent} go ahead in {} ns: {went:?}", to - from);
-            }
-        }
+        within_capacity_plus_rate(&went, capacity, tokens, period)?;
     }
 
     /// A client whose requests are each at least period / tokens apart is never refused,
