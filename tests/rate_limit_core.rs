@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use palisade::rate_limit::{ConfigError, Denied, Quota, TokenBucket};
+use palisade::rate_limit::{ConfigError, Denied, Quota, Reservation, TokenBucket};
 use proptest::prelude::*;
 use tokio::time::Instant;
 
@@ -43,6 +43,31 @@ impl Model {
 
 fn at(start: Instant, nanos: u64) -> Instant {
     start + Duration::from_nanos(nanos)
+}
+
+/// Checks that the requests that went ahead, as (start time, cost) sorted by time, spent
+/// at most `capacity + tokens * t / period` over every window of length `t`.
+fn within_capacity_plus_rate(
+    went: &[(u64, u64)],
+    capacity: u64,
+    tokens: u64,
+    period: u64,
+) -> Result<(), TestCaseError> {
+    for (i, &(from, _)) in went.iter().enumerate() {
+        let mut spent = 0u128;
+        for &(to, cost) in &went[i..] {
+            spent += u128::from(cost);
+            // spent <= capacity + tokens * (to - from) / period, without division.
+            let allowed = u128::from(capacity) * u128::from(period)
+                + u128::from(tokens) * u128::from(to - from);
+            prop_assert!(
+                spent * u128::from(period) <= allowed,
+                "{spent} went ahead in {} ns: {went:?}",
+                to - from
+            );
+        }
+    }
+    Ok(())
 }
 
 proptest! {
@@ -91,17 +116,45 @@ proptest! {
                 admitted.push((now, cost));
             }
         }
-        for (i, &(from, _)) in admitted.iter().enumerate() {
-            let mut spent = 0u128;
-            for &(to, cost) in &admitted[i..] {
-                spent += u128::from(cost);
-                // spent <= capacity + tokens * (to - from) / period, without division.
-                let allowed = u128::from(capacity) * u128::from(period)
-                    + u128::from(tokens) * u128::from(to - from);
-                prop_assert!(spent * u128::from(period) <= allowed,
-                    "{spent} admitted in {} ns", to - from);
+        within_capacity_plus_rate(&admitted, capacity, tokens, period)?;
+    }
+
+    /// Reservations given back at random, in any order, never let the requests that do go
+    /// ahead exceed capacity + rate * t over any window of their start times.
+    #[test]
+    fn cancellations_never_exceed_capacity_plus_rate_times_t(
+        capacity in 1u64..6,
+        tokens in 1u64..4,
+        period in 1_000u64..10_000,
+        steps in prop::collection::vec((0u64..1_500, 1u64..3, any::<bool>(), any::<prop::sample::Index>()), 1..150),
+    ) {
+        let start = Instant::now();
+        let bucket = TokenBucket::new(Quota::new(capacity, tokens, Duration::from_nanos(period))?, start);
+        let max_wait = Duration::from_nanos(4 * period);
+        // Every request that holds tokens: (start time, cost, reservation if still pending).
+        let mut held: Vec<(u64, u64, Option<Reservation>)> = Vec::new();
+        let mut now = 0;
+        for (gap, cost, give_up, pick) in steps {
+            now += gap;
+            // Waiters whose turn came went ahead: their tokens are spent for good.
+            for (go, _, reservation) in &mut held {
+                if *go <= now {
+                    *reservation = None;
+                }
+            }
+            let pending: Vec<usize> = (0..held.len()).filter(|&i| held[i].2.is_some()).collect();
+            if give_up && !pending.is_empty() {
+                let index = pending[pick.index(pending.len())];
+                let (_, _, reservation) = held.swap_remove(index);
+                bucket.cancel(reservation.unwrap());
+            } else if let Ok(reservation) = bucket.reserve(cost, max_wait, at(start, now)) {
+                let go = now + reservation.wait().as_nanos() as u64;
+                held.push((go, cost, Some(reservation)));
             }
         }
+        let mut went: Vec<(u64, u64)> = held.iter().map(|&(go, cost, _)| (go, cost)).collect();
+        went.sort_unstable();
+        within_capacity_plus_rate(&went, capacity, tokens, period)?;
     }
 
     /// A client whose requests are each at least period / tokens apart is never refused,
@@ -295,4 +348,29 @@ fn threads_sharing_one_bucket_never_over_admit() {
         thread.join().unwrap();
     }
     assert_eq!(admitted.load(Ordering::Relaxed), 1_000);
+}
+
+#[test]
+fn an_unbounded_max_wait_cannot_overflow_the_bucket() {
+    let start = Instant::now();
+    // One token per 2^57 ns (4.5 years), the slowest rate a quota allows.
+    let slowest = Duration::from_nanos(1 << 57);
+    let bucket = TokenBucket::new(Quota::new(1, 1, slowest).unwrap(), start);
+    bucket.acquire(1, start).unwrap();
+    let mut reservations = Vec::new();
+    for _ in 0..64 {
+        if let Ok(reservation) = bucket.reserve(1, Duration::MAX, start) {
+            reservations.push(reservation);
+        }
+    }
+    // Waits beyond 2^57 ns are refused as if max_wait were that long.
+    assert_eq!(reservations.len(), 1);
+    assert_eq!(reservations[0].wait(), slowest);
+    assert_eq!(bucket.available(start), 0);
+    assert!(bucket.acquire(1, start).is_err());
+    for reservation in reservations.into_iter().rev() {
+        bucket.cancel(reservation);
+    }
+    assert_eq!(bucket.available(start), 0);
+    assert_eq!(bucket.available(start + slowest), 1);
 }

@@ -246,6 +246,31 @@ async fn keyed_buckets_are_independent() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_small_max_keys_tracks_that_many_keys_each_on_its_own() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = bucket(1, 60 * SECOND)
+        .keyed(|key: &u32| Some(*key))
+        .max_keys(100)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut service = layer.layer(counting::<u32>(&calls));
+    // Had any of them gone to the one shared overflow bucket, a second key there would
+    // be refused.
+    for key in 0..100 {
+        assert!(send(&mut service, key).await.is_ok(), "key {key} refused");
+    }
+    assert_eq!(handle.tracked_keys(), 100);
+    for key in 0..100 {
+        assert_eq!(handle.available_for(&key), 0, "key {key} not tracked");
+    }
+    // The 101st key is beyond the cap: it charges the overflow bucket, once.
+    assert!(send(&mut service, 100).await.is_ok());
+    assert!(send(&mut service, 101).await.is_err());
+    assert_eq!(handle.tracked_keys(), 100);
+}
+
+#[tokio::test(start_paused = true)]
 async fn missing_keys_are_rejected_or_share_the_fallback_bucket() {
     let calls = Arc::new(AtomicUsize::new(0));
     let builder = || bucket(1, SECOND).keyed(|request: &Option<u32>| *request);

@@ -187,6 +187,13 @@ pub(crate) enum Verdict {
     Deny(Denied),
 }
 
+/// `max_wait` in nanoseconds, capped at [`MAX_SPAN`] so that an admitted TAT always fits
+/// in [`TAT_BITS`] (a longer wait is refused, as if the request had asked for 4.5 years).
+#[inline]
+pub(crate) fn max_wait_nanos(max_wait: Duration) -> u64 {
+    u64::try_from(max_wait.as_nanos()).map_or(MAX_SPAN, |nanos| nanos.min(MAX_SPAN))
+}
+
 /// Nanoseconds from `base` to `now`, saturating at both ends.
 #[inline]
 pub(crate) fn nanos_since(base: Instant, now: Instant) -> u64 {
@@ -296,6 +303,7 @@ pub(crate) struct Migration {
 
 #[inline]
 fn pack(tag: u64, tat: u64) -> u64 {
+    debug_assert!(tat <= TAT_MASK, "a TAT must not spill into the quota tag");
     (tag << TAT_BITS) | tat
 }
 
@@ -383,7 +391,7 @@ impl AtomicBucket {
         let (tag, tat) = unpack(slot.word);
         let _ = self.word.compare_exchange(
             slot.word,
-            pack(tag, tat - slot.increment),
+            pack(tag, tat.saturating_sub(slot.increment)),
             Ordering::AcqRel,
             Ordering::Relaxed,
         );
@@ -484,15 +492,15 @@ impl TokenBucket {
     }
 
     /// Takes `cost` tokens at `now`, or reserves the earliest slot at which they will be
-    /// there if that is no more than `max_wait` away. Reservations are served in order.
+    /// there if that is no more than `max_wait` away (at most 2^57 ns, about 4.5 years:
+    /// a longer `max_wait` counts as that). Reservations are served in order.
     pub fn reserve(
         &self,
         cost: u64,
         max_wait: Duration,
         now: Instant,
     ) -> Result<Reservation, Denied> {
-        let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
-        match self.take(cost, max_wait, self.nanos(now)) {
+        match self.take(cost, max_wait_nanos(max_wait), self.nanos(now)) {
             (Verdict::Admit { wait, .. }, slot) => Ok(Reservation {
                 wait: Duration::from_nanos(wait),
                 slot,

@@ -9,6 +9,10 @@ use hashbrown::HashTable;
 use super::bucket::{CachePadded, Quota, Verdict};
 
 const MAX_SHARDS: usize = 64;
+/// Shards are added only while each keeps at least this many keys: with a few keys per
+/// shard, hashing puts two clients in one shard long before the table is full, and the
+/// second is pushed to the shared overflow bucket.
+const MIN_KEYS_PER_SHARD: usize = 1024;
 const MIN_SWEEP: usize = 64;
 const MIN_FULL_SWEEP_SPACING: u64 = 1_000_000;
 
@@ -82,9 +86,10 @@ pub(crate) struct KeyedBuckets<K> {
 }
 
 impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
-    /// A table that never holds more than `max_keys` keys (`max_keys >= 1`).
+    /// A table that never holds more than `max_keys` keys (`max_keys >= 1`), and holds
+    /// exactly `max_keys` when that is under two shards' worth (one shard then).
     pub(crate) fn new(max_keys: usize) -> Self {
-        let shards = prev_power_of_two(max_keys.clamp(1, MAX_SHARDS));
+        let shards = prev_power_of_two((max_keys / MIN_KEYS_PER_SHARD).clamp(1, MAX_SHARDS));
         Self {
             shards: (0..shards)
                 .map(|_| {
@@ -154,7 +159,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         if let Some((_, _, entry)) = shard.buckets.find_mut(hash, |(known, ..)| known == key)
             && *entry == claim.claimed
         {
-            entry.tat -= claim.increment;
+            entry.tat = entry.tat.saturating_sub(claim.increment);
         }
     }
 

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::BoxError;
 
-use super::bucket::{Claim, Denied, Quota, TokenBucket, Verdict};
+use super::bucket::{Claim, Denied, Quota, TokenBucket, Verdict, max_wait_nanos};
 use super::error::ConfigError;
 use super::keyed::{KeyedBuckets, KeyedClaim};
 use super::layer::RateLimitStatus;
@@ -190,8 +190,12 @@ where
         max_wait: Duration,
         with_status: bool,
     ) -> Self::Future {
-        let max_wait = u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX);
-        ready(Ok(self.decide(key, cost, max_wait, with_status)))
+        ready(Ok(self.decide(
+            key,
+            cost,
+            max_wait_nanos(max_wait),
+            with_status,
+        )))
     }
 
     fn cancel(&self, reservation: LocalReservation<K>) {
@@ -234,5 +238,31 @@ impl<K> std::fmt::Debug for LocalStore<K> {
             .field("quota", &self.shared.quota())
             .field("keyed", &self.keyed.is_some())
             .finish()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Admissions out of 200 requests that would each wait for ever.
+    fn admitted_with_unbounded_wait(store: &LocalStore<u8>, key: Option<&u8>) -> usize {
+        (0..200)
+            .filter(|_| {
+                let decision = store.acquire(key, 1, Duration::MAX, false).into_inner();
+                !matches!(decision, Ok(Decision::Denied(_)))
+            })
+            .count()
+    }
+
+    #[test]
+    fn an_unbounded_max_wait_is_capped_for_shared_and_keyed_buckets() {
+        // One token per 2^57 ns: the first request goes now, one more may wait 2^57 ns.
+        let quota = Quota::new(1, 1, Duration::from_nanos(1 << 57)).unwrap();
+        let global = LocalStore::<u8>::global(quota);
+        assert_eq!(admitted_with_unbounded_wait(&global, None), 2);
+        let keyed = LocalStore::keyed(quota, 10);
+        assert_eq!(admitted_with_unbounded_wait(&keyed, Some(&1)), 2);
+        assert_eq!(keyed.available(Some(&1)), 0);
     }
 }
