@@ -498,6 +498,46 @@ async fn an_open_breaker_stays_ready_and_rejects_in_call() {
     }
 }
 
+/// The longest open time and time-window span `build` accepts: 100 years of 365 days.
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+#[tokio::test(start_paused = true)]
+async fn the_longest_open_time_and_window_span_work() {
+    let layer = CircuitBreakerLayer::builder()
+        .minimum_calls(1)
+        .sliding_window(SlidingWindow::time(CENTURY))
+        .open_backoff(OpenBackoff::exponential(CENTURY))
+        .half_open_probes(1)
+        .build()
+        .expect("the longest open time and span are valid");
+    let (handle, mut service) = wire(layer);
+    for _ in 0..2 {
+        send(&mut service, Call::Fail).await.unwrap_err();
+        assert_eq!(handle.state(), State::Open);
+        let result = send(&mut service, Call::Succeed).await;
+        assert_eq!(
+            rejected(&result),
+            Some(CENTURY),
+            "the backoff is capped at 100 years"
+        );
+        advance(CENTURY - Duration::from_millis(1)).await;
+        assert!(rejected(&send(&mut service, Call::Succeed).await).is_some());
+        advance(Duration::from_millis(1)).await;
+        send(&mut service, Call::Fail).await.unwrap_err();
+        assert_eq!(handle.state(), State::Open, "the probe failed");
+        assert_eq!(handle.metrics().consecutive_trips, 2);
+        let result = send(&mut service, Call::Succeed).await;
+        assert_eq!(rejected(&result), Some(CENTURY), "doubled, then capped");
+        advance(CENTURY).await;
+        send(&mut service, Call::Succeed).await.expect("probe");
+        assert_eq!(handle.state(), State::Closed);
+    }
+    send(&mut service, Call::Succeed).await.expect("closed");
+    assert_eq!(handle.metrics().calls, 1);
+    advance(CENTURY / 2).await;
+    assert_eq!(handle.metrics().calls, 1, "the window still holds the call");
+}
+
 #[test]
 fn build_rejects_every_invalid_configuration() {
     let builder = CircuitBreakerLayer::builder;
@@ -589,6 +629,58 @@ fn build_rejects_every_invalid_configuration() {
                 .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)).jitter(1.0))
                 .build(),
             ConfigError::Jitter(1.0),
+        ),
+        (
+            builder().open_for(Duration::MAX).build(),
+            ConfigError::OpenDurationTooLong {
+                duration: Duration::MAX,
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .open_for(CENTURY + Duration::from_nanos(1))
+                .build(),
+            ConfigError::OpenDurationTooLong {
+                duration: CENTURY + Duration::from_nanos(1),
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)).max(Duration::MAX))
+                .build(),
+            ConfigError::OpenDurationTooLong {
+                duration: Duration::MAX,
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .open_backoff(OpenBackoff::exponential(2 * CENTURY))
+                .build(),
+            ConfigError::OpenDurationTooLong {
+                duration: 2 * CENTURY,
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .sliding_window(SlidingWindow::time(Duration::MAX))
+                .build(),
+            ConfigError::WindowSpanTooLong {
+                span: Duration::MAX,
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .sliding_window(SlidingWindow::time(CENTURY + Duration::from_millis(1)))
+                .build(),
+            ConfigError::WindowSpanTooLong {
+                span: CENTURY + Duration::from_millis(1),
+                max: CENTURY,
+            },
         ),
         (
             builder().half_open_probes(0).build(),

@@ -144,6 +144,9 @@ struct Word {
     open_until_ms: u64,
 }
 
+/// The latest "open until" the state word holds.
+const MAX_OPEN_UNTIL_MS: u64 = (1 << 45) - 1;
+
 impl Word {
     fn encode(self) -> u64 {
         self.state as u64 | u64::from(self.generation) << 3 | self.open_until_ms << 19
@@ -497,10 +500,14 @@ impl Core {
     fn open(&self, from: u64, reason: TransitionReason, now: Instant) {
         let trips = self.consecutive_trips.load(Ordering::Acquire);
         let open_for = self.config.open.duration(trips, self.random());
-        let until = now.saturating_duration_since(self.base) + open_for;
+        let until = now
+            .saturating_duration_since(self.base)
+            .saturating_add(open_for);
         // Round down so that `retry_after` never exceeds the open time; the breaker may
-        // half-open up to a millisecond early.
-        let until_ms = until.as_millis() as u64;
+        // half-open up to a millisecond early. The open time is bounded at build time,
+        // so only a process up for a thousand years would reach the field's end: it then
+        // stays open until the end rather than wrapping around to the past.
+        let until_ms = (until.as_millis().min(u128::from(MAX_OPEN_UNTIL_MS))) as u64;
         let open = Word::decode(from).next(State::Open, until_ms);
         if self.transition(from, open, reason, now) {
             self.consecutive_trips
@@ -629,6 +636,7 @@ enum ProbeSlot {
 
 #[cfg(test)]
 mod tests {
+    use super::super::config::MAX_DURATION;
     use super::*;
     use std::sync::mpsc;
 
@@ -680,6 +688,23 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_trip_after_centuries_of_uptime_stays_open_instead_of_wrapping() {
+        let base = Instant::now();
+        let config = Config {
+            minimum_calls: 1,
+            window: super::super::SlidingWindow::count(1),
+            open: super::super::config::OpenBackoff::fixed(MAX_DURATION),
+            ..Config::default()
+        };
+        let core = Core::new(config.validate().expect("valid"), None, base);
+        let now = base + 11 * MAX_DURATION;
+        fail(&core, now);
+        let retry_after = core.admit(|| now).expect_err("open").retry_after();
+        assert!(retry_after > Duration::ZERO && retry_after <= MAX_DURATION);
+        assert_eq!(core.state(), State::Open);
     }
 
     /// Between two natural half-open phases: the first leaves its probe bookkeeping
