@@ -129,14 +129,14 @@ async fn trips_on_failure_rate_rejects_half_opens_and_closes() {
     assert_eq!(reached.load(Ordering::SeqCst), before);
 
     // Half-open after the open time: two probes in flight, a third call is turned away
-    // with no wait to suggest.
+    // and told the open time, as a hint.
     advance(Duration::from_secs(6)).await;
     let probe_a = tokio::spawn(service.clone().oneshot(Call::Slow(100)));
     let probe_b = tokio::spawn(service.clone().oneshot(Call::Slow(200)));
     tokio::task::yield_now().await;
     assert_eq!(handle.state(), State::HalfOpen);
     let result = send(&mut service, Call::Succeed).await;
-    assert_eq!(rejected(&result), Some(Duration::ZERO));
+    assert_eq!(rejected(&result), Some(Duration::from_secs(10)));
     probe_a.await.expect("joined").expect("probe ok");
     assert_eq!(handle.state(), State::HalfOpen);
     probe_b.await.expect("joined").expect("probe ok");
@@ -380,7 +380,11 @@ async fn dropped_probes_give_their_slots_back_and_the_breaker_recovers() {
             assert!(futures_poll_once(probe).await.is_none(), "still in flight");
         }
         let result = send(&mut service, Call::Succeed).await;
-        assert_eq!(rejected(&result), Some(Duration::ZERO), "both slots taken");
+        assert_eq!(
+            rejected(&result),
+            Some(Duration::from_secs(1)),
+            "both slots taken: the open time as the hint"
+        );
         drop(hanging);
     }
     assert_eq!(handle.state(), State::HalfOpen);
@@ -394,6 +398,33 @@ async fn dropped_probes_give_their_slots_back_and_the_breaker_recovers() {
     send(&mut service, Call::Succeed).await.expect("probe");
     assert_eq!(handle.state(), State::Closed);
     assert_eq!(reached.load(Ordering::SeqCst), 1 + 6 + 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_rejected_behind_hung_probes_are_told_the_latest_open_time() {
+    let layer = counting(1, 5)
+        .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)))
+        .half_open_probes(1)
+        .build()
+        .expect("valid");
+    let (handle, mut service) = wire(layer);
+    send(&mut service, Call::Fail).await.unwrap_err();
+    for open_for in [1, 2, 4].map(Duration::from_secs) {
+        advance(open_for).await;
+        let mut hung = Box::pin(service.clone().oneshot(Call::Slow(3_600_000)));
+        assert!(
+            futures_poll_once(&mut hung).await.is_none(),
+            "still in flight"
+        );
+        assert_eq!(handle.state(), State::HalfOpen);
+        for _ in 0..3 {
+            let result = send(&mut service, Call::Succeed).await;
+            assert_eq!(rejected(&result), Some(open_for));
+        }
+        drop(hung);
+        send(&mut service, Call::Fail).await.unwrap_err();
+        assert_eq!(handle.state(), State::Open, "the probe failed");
+    }
 }
 
 #[tokio::test(start_paused = true)]

@@ -13,9 +13,10 @@ impl CircuitOpen {
         Self { retry_after }
     }
 
-    /// How long until the breaker lets a probe through: zero when it is half-open and
-    /// only waiting for a probe slot; the configured (initial) open time, as a hint,
-    /// when it was forced open by hand.
+    /// How long until the breaker lets a probe through. Hints rather than promises
+    /// when no time is set: when it is half-open with every probe slot taken, as long
+    /// as it was last open (the probes may end sooner, or hang); when it was forced
+    /// open by hand, the configured (initial) open time.
     pub fn retry_after(&self) -> Duration {
         self.retry_after
     }

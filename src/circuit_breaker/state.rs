@@ -299,7 +299,7 @@ impl Core {
                         self.return_probe(word.generation);
                         continue;
                     }
-                    ProbeSlot::Full => return Err(CircuitOpen::new(Duration::ZERO)),
+                    ProbeSlot::Full => return Err(CircuitOpen::new(self.latest_open_time())),
                     ProbeSlot::Stale => continue,
                 },
             };
@@ -308,6 +308,14 @@ impl Core {
                 kind,
             });
         }
+    }
+
+    /// How long the breaker stayed open before this half-open phase (without jitter):
+    /// the hint for calls rejected while every probe slot is taken. The probes may
+    /// hang, and a zero hint would send clients and retry layers into a tight loop.
+    fn latest_open_time(&self) -> Duration {
+        let trips = self.consecutive_trips.load(Ordering::Acquire);
+        self.config.open.nominal(trips.saturating_sub(1))
     }
 
     /// Records a call's outcome. `duration` is how long the call took (only looked at
