@@ -129,14 +129,14 @@ async fn trips_on_failure_rate_rejects_half_opens_and_closes() {
     assert_eq!(reached.load(Ordering::SeqCst), before);
 
     // Half-open after the open time: two probes in flight, a third call is turned away
-    // with no wait to suggest.
+    // and told the open time, as a hint.
     advance(Duration::from_secs(6)).await;
     let probe_a = tokio::spawn(service.clone().oneshot(Call::Slow(100)));
     let probe_b = tokio::spawn(service.clone().oneshot(Call::Slow(200)));
     tokio::task::yield_now().await;
     assert_eq!(handle.state(), State::HalfOpen);
     let result = send(&mut service, Call::Succeed).await;
-    assert_eq!(rejected(&result), Some(Duration::ZERO));
+    assert_eq!(rejected(&result), Some(Duration::from_secs(10)));
     probe_a.await.expect("joined").expect("probe ok");
     assert_eq!(handle.state(), State::HalfOpen);
     probe_b.await.expect("joined").expect("probe ok");
@@ -380,7 +380,11 @@ async fn dropped_probes_give_their_slots_back_and_the_breaker_recovers() {
             assert!(futures_poll_once(probe).await.is_none(), "still in flight");
         }
         let result = send(&mut service, Call::Succeed).await;
-        assert_eq!(rejected(&result), Some(Duration::ZERO), "both slots taken");
+        assert_eq!(
+            rejected(&result),
+            Some(Duration::from_secs(1)),
+            "both slots taken: the open time as the hint"
+        );
         drop(hanging);
     }
     assert_eq!(handle.state(), State::HalfOpen);
@@ -394,6 +398,33 @@ async fn dropped_probes_give_their_slots_back_and_the_breaker_recovers() {
     send(&mut service, Call::Succeed).await.expect("probe");
     assert_eq!(handle.state(), State::Closed);
     assert_eq!(reached.load(Ordering::SeqCst), 1 + 6 + 2);
+}
+
+#[tokio::test(start_paused = true)]
+async fn calls_rejected_behind_hung_probes_are_told_the_latest_open_time() {
+    let layer = counting(1, 5)
+        .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)))
+        .half_open_probes(1)
+        .build()
+        .expect("valid");
+    let (handle, mut service) = wire(layer);
+    send(&mut service, Call::Fail).await.unwrap_err();
+    for open_for in [1, 2, 4].map(Duration::from_secs) {
+        advance(open_for).await;
+        let mut hung = Box::pin(service.clone().oneshot(Call::Slow(3_600_000)));
+        assert!(
+            futures_poll_once(&mut hung).await.is_none(),
+            "still in flight"
+        );
+        assert_eq!(handle.state(), State::HalfOpen);
+        for _ in 0..3 {
+            let result = send(&mut service, Call::Succeed).await;
+            assert_eq!(rejected(&result), Some(open_for));
+        }
+        drop(hung);
+        send(&mut service, Call::Fail).await.unwrap_err();
+        assert_eq!(handle.state(), State::Open, "the probe failed");
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -498,6 +529,46 @@ async fn an_open_breaker_stays_ready_and_rejects_in_call() {
     }
 }
 
+/// The longest open time and time-window span `build` accepts: 100 years of 365 days.
+const CENTURY: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
+
+#[tokio::test(start_paused = true)]
+async fn the_longest_open_time_and_window_span_work() {
+    let layer = CircuitBreakerLayer::builder()
+        .minimum_calls(1)
+        .sliding_window(SlidingWindow::time(CENTURY))
+        .open_backoff(OpenBackoff::exponential(CENTURY))
+        .half_open_probes(1)
+        .build()
+        .expect("the longest open time and span are valid");
+    let (handle, mut service) = wire(layer);
+    for _ in 0..2 {
+        send(&mut service, Call::Fail).await.unwrap_err();
+        assert_eq!(handle.state(), State::Open);
+        let result = send(&mut service, Call::Succeed).await;
+        assert_eq!(
+            rejected(&result),
+            Some(CENTURY),
+            "the backoff is capped at 100 years"
+        );
+        advance(CENTURY - Duration::from_millis(1)).await;
+        assert!(rejected(&send(&mut service, Call::Succeed).await).is_some());
+        advance(Duration::from_millis(1)).await;
+        send(&mut service, Call::Fail).await.unwrap_err();
+        assert_eq!(handle.state(), State::Open, "the probe failed");
+        assert_eq!(handle.metrics().consecutive_trips, 2);
+        let result = send(&mut service, Call::Succeed).await;
+        assert_eq!(rejected(&result), Some(CENTURY), "doubled, then capped");
+        advance(CENTURY).await;
+        send(&mut service, Call::Succeed).await.expect("probe");
+        assert_eq!(handle.state(), State::Closed);
+    }
+    send(&mut service, Call::Succeed).await.expect("closed");
+    assert_eq!(handle.metrics().calls, 1);
+    advance(CENTURY / 2).await;
+    assert_eq!(handle.metrics().calls, 1, "the window still holds the call");
+}
+
 #[test]
 fn build_rejects_every_invalid_configuration() {
     let builder = CircuitBreakerLayer::builder;
@@ -591,6 +662,58 @@ fn build_rejects_every_invalid_configuration() {
             ConfigError::Jitter(1.0),
         ),
         (
+            builder().open_for(Duration::MAX).build(),
+            ConfigError::OpenDurationTooLong {
+                duration: Duration::MAX,
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .open_for(CENTURY + Duration::from_nanos(1))
+                .build(),
+            ConfigError::OpenDurationTooLong {
+                duration: CENTURY + Duration::from_nanos(1),
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)).max(Duration::MAX))
+                .build(),
+            ConfigError::OpenDurationTooLong {
+                duration: Duration::MAX,
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .open_backoff(OpenBackoff::exponential(2 * CENTURY))
+                .build(),
+            ConfigError::OpenDurationTooLong {
+                duration: 2 * CENTURY,
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .sliding_window(SlidingWindow::time(Duration::MAX))
+                .build(),
+            ConfigError::WindowSpanTooLong {
+                span: Duration::MAX,
+                max: CENTURY,
+            },
+        ),
+        (
+            builder()
+                .sliding_window(SlidingWindow::time(CENTURY + Duration::from_millis(1)))
+                .build(),
+            ConfigError::WindowSpanTooLong {
+                span: CENTURY + Duration::from_millis(1),
+                max: CENTURY,
+            },
+        ),
+        (
             builder().half_open_probes(0).build(),
             ConfigError::Probes {
                 probes: 0,
@@ -610,61 +733,4 @@ fn build_rejects_every_invalid_configuration() {
     }
     assert!(builder().failure_rate_threshold(f64::NAN).build().is_err());
     assert!(builder().failure_rate_threshold(1.0).build().is_ok());
-}
-
-#[cfg(feature = "tracing")]
-#[tokio::test(start_paused = true)]
-async fn each_transition_emits_a_tracing_event() {
-    use tracing_subscriber::layer::{Context, SubscriberExt};
-
-    /// Collects the `to` field of the breaker's events.
-    struct Targets(Arc<Mutex<Vec<String>>>);
-
-    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Targets {
-        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
-            struct To(Option<String>);
-            impl tracing::field::Visit for To {
-                fn record_debug(
-                    &mut self,
-                    field: &tracing::field::Field,
-                    value: &dyn std::fmt::Debug,
-                ) {
-                    if field.name() == "to" {
-                        self.0 = Some(format!("{value:?}"));
-                    }
-                }
-            }
-            if event.metadata().target() == "palisade::circuit_breaker" {
-                let mut to = To(None);
-                event.record(&mut to);
-                self.0
-                    .lock()
-                    .expect("not poisoned")
-                    .push(to.0.unwrap_or_default());
-            }
-        }
-    }
-
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    let subscriber = tracing_subscriber::registry().with(Targets(Arc::clone(&seen)));
-    let _guard = tracing::subscriber::set_default(subscriber);
-
-    let layer = counting(1, 1)
-        .open_for(Duration::from_secs(1))
-        .half_open_probes(1)
-        .build()
-        .expect("valid");
-    let (_handle, mut service) = wire(layer);
-    for _ in 0..5 {
-        send(&mut service, Call::Succeed)
-            .await
-            .expect("closed calls emit nothing");
-    }
-    send(&mut service, Call::Fail).await.unwrap_err();
-    advance(Duration::from_secs(1)).await;
-    send(&mut service, Call::Succeed).await.expect("probe");
-    assert_eq!(
-        *seen.lock().expect("not poisoned"),
-        ["Open", "HalfOpen", "Closed"]
-    );
 }

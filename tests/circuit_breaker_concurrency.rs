@@ -6,6 +6,7 @@ use palisade::circuit_breaker::{
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
+use tokio::sync::{mpsc, watch};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
 const TASKS: usize = 8;
@@ -107,7 +108,9 @@ async fn concurrent_failures_trip_exactly_once() {
     let layer = CircuitBreakerLayer::builder()
         .sliding_window(SlidingWindow::count(50))
         .minimum_calls(10)
-        .open_for(Duration::from_millis(1))
+        // Rounded down to the millisecond, a nanosecond of open time has passed by the
+        // next call (or the one after): the half-open phases race without waiting.
+        .open_for(Duration::from_nanos(1))
         .half_open_probes(3)
         .on_transition(move |transition: &Transition| {
             if transition.to == State::Open {
@@ -138,10 +141,6 @@ async fn concurrent_failures_trip_exactly_once() {
                     if result.is_err_and(|error| error.is::<CircuitOpen>()) {
                         rejected += 1;
                     }
-                    if rejected % 64 == 63 {
-                        // Let the open time pass now and then, so probes race too.
-                        tokio::time::sleep(Duration::from_millis(1)).await;
-                    }
                 }
                 rejected
             })
@@ -160,29 +159,34 @@ async fn concurrent_failures_trip_exactly_once() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn half_open_admits_at_most_the_probe_limit_concurrently() {
+    const PROBES: usize = 3;
+    const CALLERS: usize = 16;
     let layer = CircuitBreakerLayer::builder()
         .sliding_window(SlidingWindow::count(1))
         .minimum_calls(1)
-        .open_for(Duration::from_millis(1))
-        .half_open_probes(3)
+        // Passed by the time the callers arrive (see concurrent_failures_trip_exactly_once).
+        .open_for(Duration::from_nanos(1))
+        .half_open_probes(PROBES as u32)
         .build()
         .expect("valid");
     let handle = layer.handle();
-    let in_flight = Arc::new(AtomicUsize::new(0));
-    let most_in_flight = Arc::new(AtomicUsize::new(0));
-    let (now, most) = (Arc::clone(&in_flight), Arc::clone(&most_in_flight));
+    // The probes are held in the backend until every other caller was turned away, so
+    // the count of calls that got through depends on no scheduling.
+    let (release, released) = watch::channel(false);
+    let probes_started = Arc::new(AtomicUsize::new(0));
+    let started = Arc::clone(&probes_started);
     let backend = service_fn(move |fail: bool| {
-        let (now, most) = (Arc::clone(&now), Arc::clone(&most));
+        let (started, mut released) = (Arc::clone(&started), released.clone());
         async move {
-            let current = now.fetch_add(1, Ordering::SeqCst) + 1;
-            most.fetch_max(current, Ordering::SeqCst);
-            tokio::time::sleep(Duration::from_millis(2)).await;
-            now.fetch_sub(1, Ordering::SeqCst);
             if fail {
-                Err::<(), BoxError>("down".into())
-            } else {
-                Ok(())
+                return Err::<(), BoxError>("down".into());
             }
+            started.fetch_add(1, Ordering::SeqCst);
+            released
+                .wait_for(|released| *released)
+                .await
+                .expect("sender kept");
+            Ok(())
         }
     });
     let mut service = layer.layer(backend);
@@ -194,27 +198,34 @@ async fn half_open_admits_at_most_the_probe_limit_concurrently() {
         .await
         .unwrap_err();
     assert_eq!(handle.state(), State::Open);
-    tokio::time::sleep(Duration::from_millis(2)).await;
 
-    let tasks: Vec<_> = (0..16)
-        .map(|_| {
-            let mut service = service.clone();
-            tokio::spawn(async move {
-                service
-                    .ready()
-                    .await
-                    .expect("ready")
-                    .call(false)
-                    .await
-                    .is_ok()
-            })
-        })
-        .collect();
-    let mut passed = 0;
-    for task in tasks {
-        passed += usize::from(task.await.expect("task"));
+    let (report, mut outcomes) = mpsc::unbounded_channel();
+    for _ in 0..CALLERS {
+        let mut service = service.clone();
+        let report = report.clone();
+        tokio::spawn(async move {
+            let result = service.ready().await.expect("ready").call(false).await;
+            report
+                .send(result.map_err(|error| error.is::<CircuitOpen>()))
+                .expect("receiver kept");
+        });
     }
-    assert_eq!(passed, 3, "exactly the probes got through");
-    assert!(most_in_flight.load(Ordering::SeqCst) <= 3);
+    for _ in 0..CALLERS - PROBES {
+        let outcome = outcomes.recv().await.expect("a caller reports");
+        assert_eq!(
+            outcome,
+            Err(true),
+            "rejected by the breaker while the probes hang"
+        );
+    }
+    assert_eq!(handle.state(), State::HalfOpen);
+    assert_eq!(probes_started.load(Ordering::SeqCst), PROBES);
+
+    release.send(true).expect("probes waiting");
+    for _ in 0..PROBES {
+        let outcome = outcomes.recv().await.expect("a probe reports");
+        assert_eq!(outcome, Ok(()));
+    }
+    assert_eq!(probes_started.load(Ordering::SeqCst), PROBES);
     assert_eq!(handle.state(), State::Closed);
 }

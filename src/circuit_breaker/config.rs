@@ -36,7 +36,8 @@ impl SlidingWindow {
     }
 
     /// The calls of the last `span`, kept in 10 buckets: the window slides by a tenth
-    /// of `span` at a time. Each bucket must span at least a millisecond.
+    /// of `span` at a time. Each bucket must span at least a millisecond, and `span`
+    /// at most 100 years.
     pub const fn time(span: Duration) -> Self {
         Self {
             kind: WindowKind::Time { span, buckets: 10 },
@@ -73,6 +74,12 @@ impl SlidingWindow {
             }
             WindowKind::Count(_) => Ok(()),
             WindowKind::Time { buckets: 0, .. } => Err(ConfigError::NoBuckets),
+            WindowKind::Time { span, .. } if span > MAX_DURATION => {
+                Err(ConfigError::WindowSpanTooLong {
+                    span,
+                    max: MAX_DURATION,
+                })
+            }
             WindowKind::Time { span, buckets } if span / buckets < MIN_BUCKET_WIDTH => {
                 Err(ConfigError::BucketTooShort { span, buckets })
             }
@@ -112,11 +119,11 @@ pub struct OpenBackoff {
 
 impl OpenBackoff {
     /// Starts at `initial` and doubles on each consecutive trip, up to 32 times
-    /// `initial`, without jitter.
+    /// `initial` (at most 100 years), without jitter.
     pub fn exponential(initial: Duration) -> Self {
         Self {
             initial,
-            max: initial.saturating_mul(32),
+            max: initial.saturating_mul(32).min(MAX_DURATION),
             multiplier: 2.0,
             jitter: 0.0,
         }
@@ -133,7 +140,7 @@ impl OpenBackoff {
         }
     }
 
-    /// The longest the breaker stays open.
+    /// The longest the breaker stays open: at most 100 years.
     pub fn max(mut self, max: Duration) -> Self {
         self.max = max;
         self
@@ -181,8 +188,16 @@ impl OpenBackoff {
     }
 
     fn validate(&self) -> Result<(), ConfigError> {
+        let too_long = |duration| ConfigError::OpenDurationTooLong {
+            duration,
+            max: MAX_DURATION,
+        };
         if self.initial.is_zero() {
             Err(ConfigError::ZeroOpenDuration)
+        } else if self.initial > MAX_DURATION {
+            Err(too_long(self.initial))
+        } else if self.max > MAX_DURATION {
+            Err(too_long(self.max))
         } else if self.max < self.initial {
             Err(ConfigError::MaxOpenBelowInitial {
                 initial: self.initial,
@@ -205,6 +220,11 @@ pub(crate) struct SlowCalls {
     pub(crate) threshold: Duration,
     pub(crate) rate: f64,
 }
+
+/// The longest open time and time-window span. Bounded so that open times and bucket
+/// widths stay exact in 64-bit nanoseconds, and the instant the breaker opens until
+/// fits the state word's milliseconds with centuries to spare for the process's uptime.
+pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 60 * 60);
 
 /// The most half-open probes (the probe counters are 12 bits wide).
 pub(crate) const MAX_PROBES: u32 = (1 << 12) - 1;

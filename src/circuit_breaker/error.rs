@@ -13,9 +13,10 @@ impl CircuitOpen {
         Self { retry_after }
     }
 
-    /// How long until the breaker lets a probe through: zero when it is half-open and
-    /// only waiting for a probe slot; the configured (initial) open time, as a hint,
-    /// when it was forced open by hand.
+    /// How long until the breaker lets a probe through. Hints rather than promises
+    /// when no time is set: when it is half-open with every probe slot taken, as long
+    /// as it was last open (the probes may end sooner, or hang); when it was forced
+    /// open by hand, the configured (initial) open time.
     pub fn retry_after(&self) -> Duration {
         self.retry_after
     }
@@ -57,6 +58,14 @@ pub enum ConfigError {
         /// The largest supported size.
         max: usize,
     },
+    /// A time window spanning more than the supported maximum.
+    #[error("a time window spans at most {max:?}, got {span:?}")]
+    WindowSpanTooLong {
+        /// The requested span.
+        span: Duration,
+        /// The longest supported span.
+        max: Duration,
+    },
     /// A time window with zero buckets.
     #[error("a time window needs at least one bucket")]
     NoBuckets,
@@ -71,6 +80,15 @@ pub enum ConfigError {
     /// The open time is zero.
     #[error("the open duration must be above zero")]
     ZeroOpenDuration,
+    /// An open time (fixed, or the backoff's initial time or cap) above the supported
+    /// maximum.
+    #[error("the open duration is at most {max:?}, got {duration:?}")]
+    OpenDurationTooLong {
+        /// The requested open time.
+        duration: Duration,
+        /// The longest supported open time.
+        max: Duration,
+    },
     /// The backoff's cap is below its initial open time.
     #[error("the maximum open duration {max:?} is below the initial {initial:?}")]
     MaxOpenBelowInitial {

@@ -114,7 +114,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         self
     }
 
-    /// Stays open for `duration` after each trip.
+    /// Stays open for `duration` after each trip: above zero, at most 100 years.
     pub fn open_for(mut self, duration: Duration) -> Self {
         self.config.open = OpenBackoff::fixed(duration);
         self

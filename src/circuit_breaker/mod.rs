@@ -16,6 +16,12 @@
 //!   completed, the breaker closes if their failure and slow rates are below the
 //!   thresholds and opens again otherwise. A probe dropped before its outcome is known
 //!   gives its slot back and counts for nothing, so the breaker cannot get stuck.
+//!   Calls rejected meanwhile get the last open time as their `retry_after`.
+//!
+//! Give the inner service a timeout, below the breaker (for example
+//! `ServiceBuilder::new().layer(breaker).timeout(limit)`): a probe that hangs holds
+//! its slot, and every call is rejected until it ends. Below the breaker, the timeout
+//! ends it as a failure, which reopens the breaker.
 //!
 //! The state is created once in the [`CircuitBreakerLayer`]: every service it builds
 //! and every clone of those share it. A [`CircuitBreakerHandle`] reads the state and

@@ -178,7 +178,8 @@ impl Model {
         match self.state {
             State::ForcedOpen => return Err(Duration::from_millis(self.setup.open_ms)),
             State::HalfOpen if self.probes_taken == self.setup.probes => {
-                return Err(Duration::ZERO);
+                let latest = self.nominal_open_ms(self.consecutive_trips.saturating_sub(1));
+                return Err(Duration::from_millis(latest));
             }
             State::HalfOpen => self.probes_taken += 1,
             _ => {}
@@ -208,10 +209,13 @@ impl Model {
                 .is_some_and(|(_, rate)| slow as f64 >= rate * calls)
     }
 
+    fn nominal_open_ms(&self, trips: u32) -> u64 {
+        let nominal = self.setup.open_ms * self.setup.multiplier.pow(trips.min(10));
+        nominal.min(self.setup.max_open_ms())
+    }
+
     fn open(&mut self, now_ms: u64) {
-        let nominal =
-            self.setup.open_ms * self.setup.multiplier.pow(self.consecutive_trips.min(10));
-        self.open_until_ms = now_ms + nominal.min(self.setup.max_open_ms());
+        self.open_until_ms = now_ms + self.nominal_open_ms(self.consecutive_trips);
         self.consecutive_trips += 1;
         self.enter(State::Open);
     }

@@ -5,7 +5,9 @@
 //! compare-and-swap from the exact word its decision was based on, so it happens once
 //! however many threads reach the same verdict. The half-open probe bookkeeping is a
 //! second packed word stamped with the generation it belongs to, so a late report from
-//! an earlier half-open phase changes nothing.
+//! an earlier half-open phase changes nothing. Every transition to a state other than
+//! half-open stamps it afresh, so its generation never lags far enough behind the state
+//! word's for the 16-bit counter to wrap onto a live phase.
 
 use super::config::{Config, MAX_PROBES};
 use super::error::CircuitOpen;
@@ -149,6 +151,9 @@ struct Word {
     generation: u16,
     open_until_ms: u64,
 }
+
+/// The latest "open until" the state word holds.
+const MAX_OPEN_UNTIL_MS: u64 = (1 << 45) - 1;
 
 impl Word {
     fn encode(self) -> u64 {
@@ -294,7 +299,7 @@ impl Core {
                     self.transition(raw, half_open, TransitionReason::OpenTimeElapsed, now);
                     continue;
                 }
-                State::HalfOpen => match self.take_probe(word.generation) {
+                State::HalfOpen => match self.take_probe(raw, word.generation) {
                     ProbeSlot::Taken if self.state.load(Ordering::Acquire) == raw => {
                         PermitKind::Probe
                     }
@@ -302,7 +307,7 @@ impl Core {
                         self.return_probe(word.generation);
                         continue;
                     }
-                    ProbeSlot::Full => return Err(CircuitOpen::new(Duration::ZERO)),
+                    ProbeSlot::Full => return Err(CircuitOpen::new(self.latest_open_time())),
                     ProbeSlot::Stale => continue,
                 },
             };
@@ -311,6 +316,14 @@ impl Core {
                 kind,
             });
         }
+    }
+
+    /// How long the breaker stayed open before this half-open phase (without jitter):
+    /// the hint for calls rejected while every probe slot is taken. The probes may
+    /// hang, and a zero hint would send clients and retry layers into a tight loop.
+    fn latest_open_time(&self) -> Duration {
+        let trips = self.consecutive_trips.load(Ordering::Acquire);
+        self.config.open.nominal(trips.saturating_sub(1))
     }
 
     /// Records a call's outcome. `duration` is how long the call took (only looked at
@@ -383,16 +396,20 @@ impl Core {
         }
     }
 
-    fn take_probe(&self, generation: u16) -> ProbeSlot {
+    /// Takes a probe slot of the half-open phase whose state word is `state`.
+    fn take_probe(&self, state: u64, generation: u16) -> ProbeSlot {
         let mut raw = self.probes.load(Ordering::Acquire);
         loop {
             let current = Probes::decode(raw);
+            // Staleness is read off the state word rather than by comparing generations,
+            // which wrap.
             let probes = if current.generation == generation {
                 current
-            } else if (current.generation.wrapping_sub(generation) as i16) > 0 {
+            } else if self.state.load(Ordering::Acquire) != state {
                 return ProbeSlot::Stale;
             } else {
-                // The first probe of this half-open phase starts the bookkeeping.
+                // Still this phase, so the bookkeeping is an earlier state's: the first
+                // probe of the phase starts it afresh.
                 Probes::fresh(generation)
             };
             if probes.taken >= self.config.probes {
@@ -497,10 +514,14 @@ impl Core {
     fn open(&self, from: u64, reason: TransitionReason, now: Instant) {
         let trips = self.consecutive_trips.load(Ordering::Acquire);
         let open_for = self.config.open.duration(trips, self.random());
-        let until = now.saturating_duration_since(self.base) + open_for;
+        let until = now
+            .saturating_duration_since(self.base)
+            .saturating_add(open_for);
         // Round down so that `retry_after` never exceeds the open time; the breaker may
-        // half-open up to a millisecond early.
-        let until_ms = until.as_millis() as u64;
+        // half-open up to a millisecond early. The open time is bounded at build time,
+        // so only a process up for a thousand years would reach the field's end: it then
+        // stays open until the end rather than wrapping around to the past.
+        let until_ms = (until.as_millis().min(u128::from(MAX_OPEN_UNTIL_MS))) as u64;
         let open = Word::decode(from).next(State::Open, until_ms);
         self.transition(from, open, reason, now);
     }
@@ -530,6 +551,9 @@ impl Core {
         {
             return false;
         }
+        if to.state != State::HalfOpen {
+            self.stamp_probes(to);
+        }
         let since_base = now.saturating_duration_since(self.base).as_nanos() as u64;
         self.last_transition
             .store(since_base.saturating_add(1), Ordering::Release);
@@ -553,6 +577,27 @@ impl Core {
             at: now,
         });
         true
+    }
+
+    /// Stamps the probe bookkeeping with the generation of `word`, a state without
+    /// probes that was just entered, while the breaker is still in it. Only stragglers
+    /// of an earlier phase write the probe word meanwhile; a probe of a later half-open
+    /// phase can only write it after the state word moved on, which ends the loop.
+    fn stamp_probes(&self, word: Word) {
+        let state = word.encode();
+        let fresh = Probes::fresh(word.generation).encode();
+        let mut probes = self.probes.load(Ordering::Acquire);
+        while self.state.load(Ordering::Acquire) == state {
+            match self.probes.compare_exchange_weak(
+                probes,
+                fresh,
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            ) {
+                Ok(_) => return,
+                Err(actual) => probes = actual,
+            }
+        }
     }
 
     fn notify(&self, transition: Transition) {
@@ -615,4 +660,99 @@ enum ProbeSlot {
     Full,
     /// The breaker left this half-open phase while we looked.
     Stale,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::config::MAX_DURATION;
+    use super::*;
+    use std::sync::mpsc;
+
+    const OPEN: Duration = Duration::from_secs(1);
+
+    fn core(base: Instant) -> Core {
+        let config = Config {
+            minimum_calls: 1,
+            window: super::super::SlidingWindow::count(1),
+            open: super::super::config::OpenBackoff::fixed(OPEN),
+            probes: 2,
+            ..Config::default()
+        };
+        Core::new(config.validate().expect("valid"), None, base)
+    }
+
+    fn fail(core: &Core, now: Instant) {
+        let permit = core.admit(|| now).expect("closed");
+        core.record(permit, Outcome::Failure, Duration::ZERO, || now);
+        assert_eq!(core.state(), State::Open);
+    }
+
+    /// Trips the breaker, lets the open time pass and closes it through two probes.
+    fn trip_and_recover(core: &Core, now: &mut Instant) {
+        fail(core, *now);
+        *now += OPEN;
+        let probes = [core.admit(|| *now), core.admit(|| *now)].map(|probe| probe.expect("probe"));
+        assert_eq!(core.state(), State::HalfOpen);
+        assert!(core.admit(|| *now).is_err(), "every probe slot is taken");
+        for probe in probes {
+            core.record(probe, Outcome::Success, Duration::ZERO, || *now);
+        }
+        assert_eq!(core.state(), State::Closed);
+    }
+
+    /// Runs `test` on a thread of its own, so that a busy spin fails the test instead
+    /// of hanging it.
+    fn within_a_minute(test: impl FnOnce() + Send + 'static) {
+        let (done, finished) = mpsc::channel();
+        let thread = std::thread::spawn(move || {
+            test();
+            let _ = done.send(());
+        });
+        match finished.recv_timeout(Duration::from_secs(60)) {
+            Err(mpsc::RecvTimeoutError::Timeout) => panic!("the breaker spun instead of deciding"),
+            Ok(()) | Err(mpsc::RecvTimeoutError::Disconnected) => {
+                if let Err(panic) = thread.join() {
+                    std::panic::resume_unwind(panic);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn a_trip_after_centuries_of_uptime_stays_open_instead_of_wrapping() {
+        let base = Instant::now();
+        let config = Config {
+            minimum_calls: 1,
+            window: super::super::SlidingWindow::count(1),
+            open: super::super::config::OpenBackoff::fixed(MAX_DURATION),
+            ..Config::default()
+        };
+        let core = Core::new(config.validate().expect("valid"), None, base);
+        let now = base + 11 * MAX_DURATION;
+        fail(&core, now);
+        let retry_after = core.admit(|| now).expect_err("open").retry_after();
+        assert!(retry_after > Duration::ZERO && retry_after <= MAX_DURATION);
+        assert_eq!(core.state(), State::Open);
+    }
+
+    /// Between two natural half-open phases: the first leaves its probe bookkeeping
+    /// behind, then `forced` manual transitions move the generation on, and the second
+    /// half-open phase must start fresh bookkeeping. 65 533 forced transitions put the
+    /// second phase 65 536 generations after the first, onto the same 16-bit generation.
+    #[test]
+    fn many_forced_transitions_between_half_open_phases_do_not_wedge_the_probes() {
+        for forced in [40_000, 65_533, 65_536] {
+            within_a_minute(move || {
+                let base = Instant::now();
+                let core = core(base);
+                let mut now = base;
+                trip_and_recover(&core, &mut now);
+                for _ in 1..forced {
+                    core.force(State::ForcedOpen, TransitionReason::ForcedOpen, now);
+                }
+                core.force(State::Closed, TransitionReason::Reset, now);
+                trip_and_recover(&core, &mut now);
+            });
+        }
+    }
 }

@@ -1,0 +1,81 @@
+//! The breaker's `tracing` events. A test binary of its own: `tracing` caches per
+//! callsite whether anyone listens, and a test on another thread hitting the callsite
+//! while this one installs its thread-local subscriber can leave it cached as unheard.
+#![cfg(feature = "tracing")]
+
+use palisade::circuit_breaker::{CircuitBreakerLayer, SlidingWindow};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use tokio::time::advance;
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+
+async fn send<S>(service: &mut S, fail: bool) -> Result<S::Response, BoxError>
+where
+    S: Service<bool, Error = BoxError>,
+{
+    service.ready().await?.call(fail).await
+}
+
+#[tokio::test(start_paused = true)]
+async fn each_transition_emits_a_tracing_event() {
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    /// Collects the `to` field of the breaker's events.
+    struct Targets(Arc<Mutex<Vec<String>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Targets {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            struct To(Option<String>);
+            impl tracing::field::Visit for To {
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    if field.name() == "to" {
+                        self.0 = Some(format!("{value:?}"));
+                    }
+                }
+            }
+            if event.metadata().target() == "palisade::circuit_breaker" {
+                let mut to = To(None);
+                event.record(&mut to);
+                self.0
+                    .lock()
+                    .expect("not poisoned")
+                    .push(to.0.unwrap_or_default());
+            }
+        }
+    }
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Targets(Arc::clone(&seen)));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let layer = CircuitBreakerLayer::builder()
+        .minimum_calls(1)
+        .sliding_window(SlidingWindow::count(1))
+        .open_for(Duration::from_secs(1))
+        .half_open_probes(1)
+        .build()
+        .expect("valid");
+    let mut service = layer.layer(service_fn(|fail: bool| async move {
+        if fail {
+            Err::<(), BoxError>("down".into())
+        } else {
+            Ok(())
+        }
+    }));
+    for _ in 0..5 {
+        send(&mut service, false)
+            .await
+            .expect("closed calls emit nothing");
+    }
+    send(&mut service, true).await.unwrap_err();
+    advance(Duration::from_secs(1)).await;
+    send(&mut service, false).await.expect("probe");
+    assert_eq!(
+        *seen.lock().expect("not poisoned"),
+        ["Open", "HalfOpen", "Closed"]
+    );
+}
