@@ -448,7 +448,7 @@ async fn dropping_the_future_mid_delay_stops_and_refunds_the_budget() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn dropping_the_future_mid_attempt_cancels_it_and_refunds_the_budget() {
+async fn dropping_the_future_mid_attempt_cancels_it_and_keeps_the_budget_spent() {
     struct Flag(Arc<AtomicU32>);
     impl Drop for Flag {
         fn drop(&mut self) {
@@ -492,7 +492,9 @@ async fn dropping_the_future_mid_attempt_cancels_it_and_refunds_the_budget() {
         before + 1,
         "the attempt was dropped"
     );
-    assert_eq!(handle.budget_available(), 10);
+    // The retry reached the backend: its token stays spent, or a caller's timeout over
+    // a hanging dependency would make every retry free.
+    assert_eq!(handle.budget_available(), 9);
 }
 
 fn futures_poll<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {

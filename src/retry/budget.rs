@@ -72,7 +72,8 @@ pub struct RetryBudget {
 }
 
 /// One retry's withdrawal from a [`RetryBudget`], handed back with
-/// [`RetryBudget::refund`] when the retry is called off before it ran.
+/// [`RetryBudget::refund`] when the retry is called off before it is sent, and simply
+/// dropped (spent) once it is.
 #[derive(Debug)]
 #[must_use = "a withdrawal is either spent by a retry or refunded"]
 pub struct Withdrawal {
@@ -168,7 +169,12 @@ impl RetryBudget {
         Some(Withdrawal { epoch })
     }
 
-    /// Hands back a withdrawal whose retry never ran (the caller went away first).
+    /// Hands back a withdrawal whose retry was never sent: the caller went away, or the
+    /// deadline passed, during the backoff delay or while the service was not ready.
+    ///
+    /// A retry handed to the service is spent even if its answer is never awaited (the
+    /// caller's timeout over a hanging dependency): the server did the work, and a
+    /// refund would let a retry storm go unbudgeted. The layer refunds exactly this way.
     ///
     /// A withdrawal older than `ttl` has already expired and been given back, so
     /// refunding it changes nothing.

@@ -22,7 +22,9 @@ use tower_service::Service;
 /// resolves to the last result.
 ///
 /// Dropping it stops everything: the attempt in flight or the pending delay is
-/// abandoned, and a budget withdrawal taken for it is refunded.
+/// abandoned. A budget withdrawal taken for a retry that was not sent yet is refunded;
+/// one whose retry was handed to the service stays spent, since the request may have
+/// reached the server.
 #[pin_project(PinnedDrop)]
 pub struct ResponseFuture<S, P, D, Req>
 where
@@ -39,7 +41,8 @@ where
     /// retryable.
     retry: Option<(S, D::Copy)>,
     progress: Progress,
-    /// The budget taken for the retry in progress, refunded if it never completes.
+    /// The budget taken for the retry being waited for: spent once the retry is sent,
+    /// refunded if it never is.
     withdrawal: Option<Withdrawal>,
     shared: Arc<Shared<P, D>>,
     _request: PhantomData<fn(Req)>,
@@ -251,10 +254,8 @@ where
                             Err(AttemptTimedOut::new(timeout).into())
                         }
                     };
-                    // Drops the attempt (cancelling it on a timeout); a withdrawal made
-                    // for it is spent.
+                    // Drops the attempt (cancelling it on a timeout).
                     this.state.set(State::Done);
-                    this.withdrawal.take();
                     let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
                     let scheduled = match verdict {
                         Decision::Return => None,
@@ -310,6 +311,9 @@ where
                     this.state.set(State::Attempting {
                         future: service.call(*request),
                     });
+                    // The retry is on its way to the server, which pays for it whether or
+                    // not the caller waits for the answer: its withdrawal is spent.
+                    this.withdrawal.take();
                     let now = Instant::now();
                     match this
                         .progress
