@@ -170,7 +170,8 @@ impl<P, D> RetryLayerBuilder<P, D> {
     }
 
     /// Bounds the whole call, attempts and delays included: no retry is scheduled that
-    /// would start after it, and an attempt still running then fails with
+    /// would start after it, and an attempt still running then, or a retry still
+    /// waiting for the service to be ready, fails with
     /// [`DeadlineExceeded`](super::DeadlineExceeded).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
