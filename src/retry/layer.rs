@@ -308,6 +308,7 @@ impl<P, D> Shared<P, D> {
             "retrying request"
         );
         self.core.counters.retries.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::retried(event.reason);
         if let Some(observer) = &self.on_retry {
             observer(&event);
         }
@@ -334,6 +335,7 @@ pub(crate) struct Counters {
 impl Counters {
     pub(crate) fn budget_exhausted(&self) {
         self.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::retry_budget_exhausted();
     }
 
     /// Counts a call's final result.
