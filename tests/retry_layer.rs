@@ -420,14 +420,20 @@ async fn the_deadline_bounds_attempts_and_delays() {
     assert_eq!(calls.count(), 1);
 }
 
+/// Retries after a constant `delay`, on a budget of ten retries (1 a second for 10 s,
+/// no deposits) so that every withdrawal and refund shows.
+fn ten_retries_after(delay: Duration) -> RetryLayer {
+    RetryLayer::builder()
+        .backoff(no_jitter(delay))
+        .budget(RetryBudget::new(Duration::from_secs(10), 1, 0.0))
+        .build()
+        .expect("config")
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropping_the_future_mid_delay_stops_and_refunds_the_budget() {
     let calls = Calls::new();
-    let layer = RetryLayer::builder()
-        .backoff(no_jitter(Duration::from_secs(1)))
-        .budget(RetryBudget::new(Duration::from_secs(10), 1, 0.0))
-        .build()
-        .expect("config");
+    let layer = ten_retries_after(Duration::from_secs(1));
     let handle = layer.handle();
     assert_eq!(handle.budget_available(), 10);
     let mut service = layer.layer(flaky(&calls, 10));
@@ -472,11 +478,7 @@ async fn dropping_the_future_mid_attempt_cancels_it_and_keeps_the_budget_spent()
             }
         })
     };
-    let layer = RetryLayer::builder()
-        .backoff(no_jitter(10 * MS))
-        .budget(RetryBudget::new(Duration::from_secs(10), 1, 0.0))
-        .build()
-        .expect("config");
+    let layer = ten_retries_after(10 * MS);
     let handle = layer.handle();
     let mut service = layer.layer(inner);
     let mut future = Box::pin(service.ready().await.expect("ready").call(()));
@@ -550,11 +552,7 @@ async fn the_deadline_holds_while_the_service_is_not_ready() {
 
 #[tokio::test(start_paused = true)]
 async fn dropping_the_future_while_the_service_is_not_ready_refunds_the_budget() {
-    let layer = RetryLayer::builder()
-        .backoff(no_jitter(10 * MS))
-        .budget(RetryBudget::new(Duration::from_secs(10), 1, 0.0))
-        .build()
-        .expect("config");
+    let layer = ten_retries_after(10 * MS);
     let handle = layer.handle();
     let mut service = layer.layer(ReadyOnce::default());
     let mut future = Box::pin(service.ready().await.expect("ready").call(()));
