@@ -8,7 +8,7 @@
 //! | `palisade_circuit_breaker_transitions_total` | `from`, `to` | a breaker changes state |
 //! | `palisade_circuit_breaker_rejected_total` | | a call is refused by an open breaker |
 //! | `palisade_rate_limit_rejected_total` | | a request is refused by a rate limiter |
-//! | `palisade_retry_attempts_total` | `reason` | a request is retried |
+//! | `palisade_retry_attempts_total` | `reason` | a request is retried (`error`, `response`, `status`, `grpc_status`, `circuit_open`, `rate_limited`, `timeout`) |
 //! | `palisade_retry_budget_exhausted_total` | | a retry is refused by the budget |
 
 #[cfg(feature = "metrics")]
@@ -47,4 +47,32 @@ pub(crate) fn circuit_rejected() {
 pub(crate) fn rate_limited() {
     #[cfg(feature = "metrics")]
     metrics::counter!("palisade_rate_limit_rejected_total").increment(1);
+}
+
+#[cfg(feature = "metrics")]
+fn reason_label(reason: crate::retry::RetryReason) -> &'static str {
+    use crate::retry::RetryReason;
+    match reason {
+        RetryReason::Error => "error",
+        RetryReason::Response => "response",
+        #[cfg(feature = "http")]
+        RetryReason::Status(_) => "status",
+        #[cfg(feature = "http")]
+        RetryReason::Grpc(_) => "grpc_status",
+        RetryReason::CircuitOpen => "circuit_open",
+        RetryReason::RateLimited => "rate_limited",
+        RetryReason::AttemptTimeout => "timeout",
+    }
+}
+
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn retried(reason: crate::retry::RetryReason) {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("palisade_retry_attempts_total", "reason" => reason_label(reason))
+        .increment(1);
+}
+
+pub(crate) fn retry_budget_exhausted() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("palisade_retry_budget_exhausted_total").increment(1);
 }

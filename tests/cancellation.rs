@@ -3,8 +3,8 @@
 //! (before it is first polled, while waiting for a bucket slot, during a retry's
 //! backoff, during an attempt). Afterwards, through the handles: no half-open probe
 //! slot is held (the breaker can always close again), the bucket holds no stale
-//! reservation (it refills to capacity), every budget withdrawal was either spent by an
-//! attempt that reached the backend or given back, and no task is left. Time is paused.
+//! reservation (it refills to capacity), every budget withdrawal was either spent by a
+//! retry the backend received or given back, and no task is left. Time is paused.
 //!
 //! The correlation layer holds nothing but a task-local; its drop case is in
 //! tests/correlation.rs (`a_dropped_response_future_leaves_no_id_behind`).
@@ -104,10 +104,10 @@ fn run_case(requests: Vec<Req>) -> Result<(), TestCaseError> {
             (limiter.handle(), breaker.handle(), retry.handle());
         let budget_at_start = retry_handle.budget_available();
 
-        let retries_answered = Arc::new(AtomicUsize::new(0));
+        let retries_received = Arc::new(AtomicUsize::new(0));
         let attempts_by_id: Arc<Mutex<HashMap<usize, usize>>> = Arc::default();
         let backend = {
-            let retries_answered = retries_answered.clone();
+            let retries_received = retries_received.clone();
             service_fn(move |request: Req| {
                 let number = {
                     let mut seen = attempts_by_id.lock().unwrap();
@@ -115,10 +115,14 @@ fn run_case(requests: Vec<Req>) -> Result<(), TestCaseError> {
                     *n += 1;
                     *n
                 };
+                // Counted as the retry layer hands the request over, whether or not
+                // its caller stays for the answer.
+                if number > 1 {
+                    retries_received.fetch_add(1, Ordering::SeqCst);
+                }
                 let attempt = request.script[(number - 1).min(request.script.len() - 1)];
-                let retries_answered = retries_answered.clone();
                 async move {
-                    let result = match attempt {
+                    match attempt {
                         Attempt::Ok(ms) => {
                             sleep(Duration::from_millis(ms)).await;
                             Ok(request.id)
@@ -127,13 +131,7 @@ fn run_case(requests: Vec<Req>) -> Result<(), TestCaseError> {
                             sleep(Duration::from_millis(ms)).await;
                             Err::<usize, BoxError>("backend failed".into())
                         }
-                    };
-                    // Counted as the answer is handed to the retry layer, in the same
-                    // poll in which it sees the answer (so no drop comes in between).
-                    if number > 1 {
-                        retries_answered.fetch_add(1, Ordering::SeqCst);
                     }
-                    result
                 }
             })
         };
@@ -166,13 +164,14 @@ fn run_case(requests: Vec<Req>) -> Result<(), TestCaseError> {
         // Every request concurrently, on the paused clock, until all are done.
         futures_util::future::join_all(tasks).await;
 
-        // Budget: a withdrawal is kept only by a retry the backend answered; one
-        // dropped before or during its attempt is refunded (the retry layer's contract).
-        let retries = retries_answered.load(Ordering::SeqCst) as u64;
+        // Budget: a withdrawal is kept by every retry the backend received, answered
+        // or not; one dropped before it was sent (during its delay or while the stack
+        // was not ready) is refunded (the retry layer's contract).
+        let retries = retries_received.load(Ordering::SeqCst) as u64;
         prop_assert_eq!(
             retry_handle.budget_available(),
             budget_at_start - retries,
-            "budget: {} retries answered",
+            "budget: {} retries received",
             retries
         );
         // Bucket: once the longest wait and a full refill have passed, it is full: no

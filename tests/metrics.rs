@@ -6,7 +6,10 @@ use std::time::Duration;
 use metrics_util::debugging::{DebugValue, DebuggingRecorder, Snapshotter};
 use palisade::circuit_breaker::{CircuitBreakerLayer, CircuitOpen, SlidingWindow};
 use palisade::rate_limit::{RateLimitLayer, RateLimited};
-use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+use palisade::retry::{Backoff, RetryBudget, RetryLayer};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 
 /// A counter's name, labels and count.
 type Counter = (String, Vec<(String, String)>, u64);
@@ -106,5 +109,67 @@ async fn a_rate_limiter_counts_its_rejections() {
     assert_eq!(
         counter(&counters, "palisade_rate_limit_rejected_total", &[]),
         3
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_retry_layer_counts_retries_by_reason_and_budget_refusals() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    // Two retries in the budget, no deposits; retries go through a limiter of one
+    // request per 100 ms, to a backend failing its first call.
+    let retry = RetryLayer::builder()
+        .max_attempts(3)
+        .backoff(Backoff::constant(Duration::from_millis(1)))
+        .budget(RetryBudget::new(Duration::from_secs(2), 1, 0.0))
+        .build()
+        .expect("a valid retry layer");
+    let limiter = RateLimitLayer::builder()
+        .capacity(1)
+        .refill(1, Duration::from_millis(100))
+        .build()
+        .expect("a valid limiter");
+    let calls = Arc::new(AtomicUsize::new(0));
+    let backend = {
+        let calls = calls.clone();
+        service_fn(move |()| {
+            let call = calls.fetch_add(1, Ordering::SeqCst) + 1;
+            async move {
+                if call == 1 {
+                    Err(BoxError::from("down"))
+                } else {
+                    Ok(call)
+                }
+            }
+        })
+    };
+    let mut service = ServiceBuilder::new()
+        .layer(retry)
+        .layer(limiter)
+        .service(backend);
+
+    // The backend fails (retry: "error"), the limiter refuses the retry (retry:
+    // "rate_limited"), and the third attempt, a refill later, is answered.
+    let answered = service.ready().await.expect("ready").call(()).await;
+    assert_eq!(answered.expect("third attempt"), 2);
+    // The budget is spent: the next failure is not retried.
+    tokio::time::advance(Duration::from_millis(100)).await;
+    calls.store(0, Ordering::SeqCst);
+    let failed = service.ready().await.expect("ready").call(()).await;
+    assert_eq!(failed.expect_err("not retried").to_string(), "down");
+
+    let counters = counters(&snapshotter);
+    let attempts = "palisade_retry_attempts_total";
+    assert_eq!(counter(&counters, attempts, &[("reason", "error")]), 1);
+    assert_eq!(
+        counter(&counters, attempts, &[("reason", "rate_limited")]),
+        1
+    );
+    assert_eq!(counter(&counters, attempts, &[]), 2);
+    assert_eq!(
+        counter(&counters, "palisade_retry_budget_exhausted_total", &[]),
+        1
     );
 }

@@ -420,14 +420,20 @@ async fn the_deadline_bounds_attempts_and_delays() {
     assert_eq!(calls.count(), 1);
 }
 
+/// Retries after a constant `delay`, on a budget of ten retries (1 a second for 10 s,
+/// no deposits) so that every withdrawal and refund shows.
+fn ten_retries_after(delay: Duration) -> RetryLayer {
+    RetryLayer::builder()
+        .backoff(no_jitter(delay))
+        .budget(RetryBudget::new(Duration::from_secs(10), 1, 0.0))
+        .build()
+        .expect("config")
+}
+
 #[tokio::test(start_paused = true)]
 async fn dropping_the_future_mid_delay_stops_and_refunds_the_budget() {
     let calls = Calls::new();
-    let layer = RetryLayer::builder()
-        .backoff(no_jitter(Duration::from_secs(1)))
-        .budget(RetryBudget::new(Duration::from_secs(10), 1, 0.0))
-        .build()
-        .expect("config");
+    let layer = ten_retries_after(Duration::from_secs(1));
     let handle = layer.handle();
     assert_eq!(handle.budget_available(), 10);
     let mut service = layer.layer(flaky(&calls, 10));
@@ -448,7 +454,7 @@ async fn dropping_the_future_mid_delay_stops_and_refunds_the_budget() {
 }
 
 #[tokio::test(start_paused = true)]
-async fn dropping_the_future_mid_attempt_cancels_it_and_refunds_the_budget() {
+async fn dropping_the_future_mid_attempt_cancels_it_and_keeps_the_budget_spent() {
     struct Flag(Arc<AtomicU32>);
     impl Drop for Flag {
         fn drop(&mut self) {
@@ -472,11 +478,7 @@ async fn dropping_the_future_mid_attempt_cancels_it_and_refunds_the_budget() {
             }
         })
     };
-    let layer = RetryLayer::builder()
-        .backoff(no_jitter(10 * MS))
-        .budget(RetryBudget::new(Duration::from_secs(10), 1, 0.0))
-        .build()
-        .expect("config");
+    let layer = ten_retries_after(10 * MS);
     let handle = layer.handle();
     let mut service = layer.layer(inner);
     let mut future = Box::pin(service.ready().await.expect("ready").call(()));
@@ -492,6 +494,74 @@ async fn dropping_the_future_mid_attempt_cancels_it_and_refunds_the_budget() {
         before + 1,
         "the attempt was dropped"
     );
+    // The retry reached the backend: its token stays spent, or a caller's timeout over
+    // a hanging dependency would make every retry free.
+    assert_eq!(handle.budget_available(), 9);
+}
+
+/// Ready for its first call, which fails; never ready again (a `Buffer`, a
+/// `ConcurrencyLimit` or a pool whose slots never free up).
+#[derive(Clone, Default)]
+struct ReadyOnce {
+    calls: Arc<AtomicUsize>,
+}
+
+impl Service<()> for ReadyOnce {
+    type Response = ();
+    type Error = BoxError;
+    type Future = std::future::Ready<Result<(), BoxError>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+        if self.calls.load(Ordering::SeqCst) == 0 {
+            Poll::Ready(Ok(()))
+        } else {
+            Poll::Pending
+        }
+    }
+
+    fn call(&mut self, (): ()) -> Self::Future {
+        self.calls.fetch_add(1, Ordering::SeqCst);
+        std::future::ready(Err("first fails".into()))
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_deadline_holds_while_the_service_is_not_ready() {
+    let layer = RetryLayer::builder()
+        .backoff(no_jitter(100 * MS))
+        .deadline(Duration::from_secs(1))
+        .budget(RetryBudget::new(Duration::from_secs(10), 1, 0.0))
+        .build()
+        .expect("config");
+    let handle = layer.handle();
+    let inner = ReadyOnce::default();
+    let calls = inner.calls.clone();
+    let mut service = layer.layer(inner);
+    let started = Instant::now();
+    let call = service.ready().await.expect("ready").call(());
+    let error = tokio::time::timeout(Duration::from_secs(60), call)
+        .await
+        .expect("the deadline ends the call")
+        .expect_err("deadline");
+    assert!(error.is::<DeadlineExceeded>(), "{error}");
+    assert_eq!(started.elapsed(), Duration::from_secs(1));
+    assert_eq!(calls.load(Ordering::SeqCst), 1, "the retry was never sent");
+    assert_eq!(handle.budget_available(), 10, "its withdrawal came back");
+    assert_eq!(handle.metrics().failure_with_retry, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn dropping_the_future_while_the_service_is_not_ready_refunds_the_budget() {
+    let layer = ten_retries_after(10 * MS);
+    let handle = layer.handle();
+    let mut service = layer.layer(ReadyOnce::default());
+    let mut future = Box::pin(service.ready().await.expect("ready").call(()));
+    assert!(futures_poll(future.as_mut()).is_pending());
+    tokio::time::sleep(20 * MS).await;
+    // Past the delay, waiting for poll_ready: the retry is not sent yet.
+    assert!(futures_poll(future.as_mut()).is_pending());
+    assert_eq!(handle.budget_available(), 9);
+    drop(future);
     assert_eq!(handle.budget_available(), 10);
 }
 

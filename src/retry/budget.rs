@@ -72,7 +72,8 @@ pub struct RetryBudget {
 }
 
 /// One retry's withdrawal from a [`RetryBudget`], handed back with
-/// [`RetryBudget::refund`] when the retry is called off before it ran.
+/// [`RetryBudget::refund`] when the retry is called off before it is sent, and simply
+/// dropped (spent) once it is.
 #[derive(Debug)]
 #[must_use = "a withdrawal is either spent by a retry or refunded"]
 pub struct Withdrawal {
@@ -168,13 +169,22 @@ impl RetryBudget {
         Some(Withdrawal { epoch })
     }
 
-    /// Hands back a withdrawal whose retry never ran (the caller went away first).
+    /// Hands back a withdrawal whose retry was never sent: the caller went away, or the
+    /// deadline passed, during the backoff delay or while the service was not ready.
+    ///
+    /// A retry handed to the service is spent even if its answer is never awaited (the
+    /// caller's timeout over a hanging dependency): the server did the work, and a
+    /// refund would let a retry storm go unbudgeted. The layer refunds exactly this way.
     ///
     /// A withdrawal older than `ttl` has already expired and been given back, so
-    /// refunding it changes nothing.
+    /// refunding it changes nothing. So does one that cannot come from this budget (a
+    /// withdrawal from another budget, made later in its window than this one's now);
+    /// other mix-ups cannot be told apart, so hand a withdrawal to the budget it came
+    /// from.
     pub fn refund(&self, withdrawal: Withdrawal, now: Instant) {
         let epoch = self.advance(now);
-        if epoch - withdrawal.epoch < SLICES as u64 {
+        let age = epoch.checked_sub(withdrawal.epoch);
+        if age.is_some_and(|age| age < SLICES as u64) {
             // Racing the expiry of that very slice can leave this refund in the slice
             // that replaced it, for at most one more ttl: one retry of slack, once.
             self.slots[slot(withdrawal.epoch)].fetch_add(SCALE as u64, Ordering::AcqRel);
@@ -296,6 +306,20 @@ mod tests {
         assert_eq!(budget.available(later), 1);
         budget.refund(withdrawal, later);
         assert_eq!(budget.available(later), 1);
+    }
+
+    #[test]
+    fn a_withdrawal_from_a_budget_further_along_is_ignored() {
+        let ahead = RetryBudget::new(Duration::from_secs(1), 1, 0.0);
+        let behind = RetryBudget::new(Duration::from_secs(1), 1, 0.0);
+        let now = Instant::now();
+        // From slice 50 of `ahead`, handed to `behind`, still in its slice 0.
+        let foreign = ahead
+            .withdraw(now + Duration::from_secs(5))
+            .expect("reserve");
+        assert_eq!(behind.available(now), 1);
+        behind.refund(foreign, now);
+        assert_eq!(behind.available(now), 1);
     }
 
     #[test]

@@ -21,7 +21,7 @@ impl AttemptTimedOut {
 }
 
 /// The [deadline](super::RetryLayerBuilder::deadline) of the whole call passed during an
-/// attempt. Never retried.
+/// attempt, or while a retry waited for the service to be ready. Never retried.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("retry deadline of {deadline:?} exceeded")]
 pub struct DeadlineExceeded {

@@ -22,7 +22,9 @@ use tower_service::Service;
 /// resolves to the last result.
 ///
 /// Dropping it stops everything: the attempt in flight or the pending delay is
-/// abandoned, and a budget withdrawal taken for it is refunded.
+/// abandoned. A budget withdrawal taken for a retry that was not sent yet is refunded;
+/// one whose retry was handed to the service stays spent, since the request may have
+/// reached the server.
 #[pin_project(PinnedDrop)]
 pub struct ResponseFuture<S, P, D, Req>
 where
@@ -39,7 +41,8 @@ where
     /// retryable.
     retry: Option<(S, D::Copy)>,
     progress: Progress,
-    /// The budget taken for the retry in progress, refunded if it never completes.
+    /// The budget taken for the retry being waited for: spent once the retry is sent,
+    /// refunded if it never is.
     withdrawal: Option<Withdrawal>,
     shared: Arc<Shared<P, D>>,
     _request: PhantomData<fn(Req)>,
@@ -238,23 +241,14 @@ where
                             }
                             if this.progress.timer_is_deadline {
                                 this.state.set(State::Done);
-                                let deadline = this.shared.deadline.unwrap_or_default();
-                                let error = DeadlineExceeded::new(deadline).into();
-                                return Poll::Ready(finish(
-                                    this.shared,
-                                    this.progress,
-                                    Err(error),
-                                    false,
-                                ));
+                                return Poll::Ready(deadline_exceeded(this.shared, this.progress));
                             }
                             let timeout = this.shared.per_attempt_timeout.unwrap_or_default();
                             Err(AttemptTimedOut::new(timeout).into())
                         }
                     };
-                    // Drops the attempt (cancelling it on a timeout); a withdrawal made
-                    // for it is spent.
+                    // Drops the attempt (cancelling it on a timeout).
                     this.state.set(State::Done);
-                    this.withdrawal.take();
                     let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
                     let scheduled = match verdict {
                         Decision::Return => None,
@@ -279,28 +273,38 @@ where
                         reason: scheduled.reason,
                     });
                     set_timer(this.timer, scheduled.wake);
+                    this.progress.timer_is_deadline = false;
                     this.state.set(State::Waiting {
                         request: Box::new(scheduled.request),
                     });
                 }
                 StateProj::Waiting { .. } => {
-                    if let Some(timer) = this.timer.as_mut() {
-                        // Once elapsed it stays ready while the service gets ready.
+                    if !this.progress.timer_is_deadline
+                        && let Some(timer) = this.timer.as_mut()
+                    {
+                        // The backoff delay; once elapsed it stays ready.
                         ready!(timer.as_mut().poll(cx));
                     }
                     let (service, _) = this
                         .retry
                         .as_mut()
                         .expect("a retry is only scheduled with a service and a copy");
-                    if let Err(error) = ready!(service.poll_ready(cx)) {
+                    let ready = match service.poll_ready(cx) {
+                        Poll::Ready(ready) => ready.map_err(Into::into),
+                        Poll::Pending => {
+                            if !deadline_expired(this.timer, this.progress, cx) {
+                                return Poll::Pending;
+                            }
+                            // Never sent: the withdrawal goes back.
+                            this.state.set(State::Done);
+                            refund(this.shared, this.withdrawal.take());
+                            return Poll::Ready(deadline_exceeded(this.shared, this.progress));
+                        }
+                    };
+                    if let Err(error) = ready {
                         this.state.set(State::Done);
                         refund(this.shared, this.withdrawal.take());
-                        return Poll::Ready(finish(
-                            this.shared,
-                            this.progress,
-                            Err(error.into()),
-                            false,
-                        ));
+                        return Poll::Ready(finish(this.shared, this.progress, Err(error), false));
                     }
                     let StateOwn::Waiting { request } =
                         this.state.as_mut().project_replace(State::Done)
@@ -310,6 +314,9 @@ where
                     this.state.set(State::Attempting {
                         future: service.call(*request),
                     });
+                    // The retry is on its way to the server, which pays for it whether or
+                    // not the caller waits for the answer: its withdrawal is spent.
+                    this.withdrawal.take();
                     let now = Instant::now();
                     match this
                         .progress
@@ -323,6 +330,37 @@ where
             }
         }
     }
+}
+
+/// Whether the deadline has passed while the service is not ready, once the backoff
+/// delay is over. The timer is moved from the delay to the deadline then, and only
+/// then: a service ready at once costs no timer reset.
+fn deadline_expired(
+    timer: &mut Option<Pin<Box<Sleep>>>,
+    progress: &mut Progress,
+    cx: &mut Context<'_>,
+) -> bool {
+    let Some(deadline) = progress.deadline else {
+        return false;
+    };
+    if !progress.timer_is_deadline {
+        set_timer(timer, deadline);
+        progress.timer_is_deadline = true;
+    }
+    timer
+        .as_mut()
+        .is_some_and(|timer| timer.as_mut().poll(cx).is_ready())
+}
+
+/// Ends the call with [`DeadlineExceeded`].
+fn deadline_exceeded<P, D, T>(shared: &Shared<P, D>, progress: &Progress) -> Result<T, BoxError> {
+    let deadline = shared.deadline.unwrap_or_default();
+    finish(
+        shared,
+        progress,
+        Err(DeadlineExceeded::new(deadline).into()),
+        false,
+    )
 }
 
 /// Counts the call's final result and hands it over.

@@ -170,7 +170,8 @@ impl<P, D> RetryLayerBuilder<P, D> {
     }
 
     /// Bounds the whole call, attempts and delays included: no retry is scheduled that
-    /// would start after it, and an attempt still running then fails with
+    /// would start after it, and an attempt still running then, or a retry still
+    /// waiting for the service to be ready, fails with
     /// [`DeadlineExceeded`](super::DeadlineExceeded).
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
@@ -307,6 +308,7 @@ impl<P, D> Shared<P, D> {
             "retrying request"
         );
         self.core.counters.retries.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::retried(event.reason);
         if let Some(observer) = &self.on_retry {
             observer(&event);
         }
@@ -333,6 +335,7 @@ pub(crate) struct Counters {
 impl Counters {
     pub(crate) fn budget_exhausted(&self) {
         self.budget_exhausted.fetch_add(1, Ordering::Relaxed);
+        crate::metrics::retry_budget_exhausted();
     }
 
     /// Counts a call's final result.
