@@ -402,3 +402,167 @@ async fn a_request_costing_more_than_the_capacity_is_refused_without_a_round_tri
     let error = send(&mut service, 1).await.unwrap_err();
     assert!(error.is::<RedisUnavailable>());
 }
+
+/// A store leasing `batch` requests' tokens at a time, failing closed (see [`strict`]).
+fn batched(prefix: &str, batch: u32) -> RedisOptions {
+    strict(prefix).batch(batch)
+}
+
+/// Sends requests to `service` until one is refused; returns how many were admitted.
+async fn drain<S>(service: &mut S) -> usize
+where
+    S: Service<u32, Response = u32, Error = BoxError>,
+{
+    let mut admitted = 0;
+    while send(service, 0).await.is_ok() {
+        admitted += 1;
+        assert!(admitted <= 100, "the bucket ran dry");
+    }
+    admitted
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_replicas_admit_together_exactly_what_one_bucket_allows() {
+    let server = RedisServer::start().await;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let manager = server.manager().await;
+        let options = batched("lease:", 5).lease_for(Duration::from_secs(10));
+        let layer = RateLimitLayer::builder()
+            .capacity(10)
+            .refill(1, Duration::from_secs(60))
+            .build_with(|quota| RedisStore::new(manager, quota, options))
+            .unwrap();
+        replicas.push(layer.layer(echo::<u32>()));
+    }
+    // A burst of 40 concurrent requests, half through each replica: the leases come out
+    // of the one bucket, so together they never admit more than it holds.
+    let mut tasks = Vec::new();
+    for i in 0..40 {
+        let mut service = replicas[i % 2].clone();
+        tasks.push(tokio::spawn(async move { send(&mut service, 0).await }));
+    }
+    let mut admitted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Ok(_) => admitted += 1,
+            Err(error) => assert!(error.is::<RateLimited>(), "only rate limited: {error}"),
+        }
+    }
+    assert!(admitted <= 10, "{admitted} admitted out of a bucket of 10");
+    // Whatever the burst left in a replica's lease is still there to spend: together,
+    // exactly the bucket.
+    for replica in &mut replicas {
+        admitted += drain(replica).await;
+    }
+    assert_eq!(admitted, 10);
+}
+
+#[tokio::test]
+async fn batching_cuts_round_trips() {
+    let server = RedisServer::start().await;
+    let mut services = Vec::new();
+    for batch in [1, 5] {
+        let manager = server.manager().await;
+        let layer = RateLimitLayer::builder()
+            .capacity(100)
+            .refill(1, Duration::from_secs(60))
+            .keyed(|request: &u32| Some(*request))
+            .build_with(|quota| {
+                RedisStore::new(manager, quota, batched(&format!("trips{batch}:"), batch))
+            })
+            .unwrap();
+        let mut service = layer.layer(echo::<u32>());
+        // Loads the script on the server, for a key the count leaves out.
+        send(&mut service, 0).await.unwrap();
+        services.push(service);
+    }
+    let mut round_trips = Vec::new();
+    for service in &mut services {
+        let before = server.script_runs().await;
+        for _ in 0..20 {
+            send(service, 7).await.unwrap();
+        }
+        round_trips.push(server.script_runs().await - before);
+    }
+    assert_eq!(round_trips, [20, 4]);
+    // Redis saw every token leased: 20 of each client's 100 are gone on both.
+    assert_eq!(server.pttl("trips1:{7}").await / 1000, 20 * 60 - 1);
+    assert_eq!(server.pttl("trips5:{7}").await / 1000, 20 * 60 - 1);
+}
+
+#[tokio::test]
+async fn a_lease_expires_and_its_unspent_tokens_are_lost() {
+    let server = RedisServer::start().await;
+    let mut replicas = Vec::new();
+    for _ in 0..2 {
+        let manager = server.manager().await;
+        let options = batched("expire:", 5).lease_for(Duration::from_millis(100));
+        let layer = RateLimitLayer::builder()
+            .capacity(10)
+            .refill(1, Duration::from_secs(60))
+            .build_with(|quota| RedisStore::new(manager, quota, options))
+            .unwrap();
+        replicas.push(layer.layer(echo::<u32>()));
+    }
+    // The first request leases 5 tokens, the second spends one in process.
+    let start = server.script_runs().await;
+    send(&mut replicas[0], 1).await.unwrap();
+    send(&mut replicas[0], 2).await.unwrap();
+    assert_eq!(server.script_runs().await - start, 1);
+
+    // Once the lease expires, its 3 unspent tokens are forfeited: the next request
+    // leases the bucket's last 5, and the other replica finds nothing left.
+    sleep(Duration::from_millis(150)).await;
+    send(&mut replicas[0], 3).await.unwrap();
+    assert_eq!(server.script_runs().await - start, 2);
+    assert!(is_limited(&send(&mut replicas[1], 4).await));
+    // The second lease holds 4 more: 7 admitted out of 10, 3 stranded.
+    assert_eq!(drain(&mut replicas[0]).await, 4);
+}
+
+#[tokio::test]
+async fn a_lease_outlives_redis_and_then_the_policy_decides() {
+    let mut server = RedisServer::start().await;
+    let manager = server.manager().await;
+    let options = batched("outage:", 4)
+        .timeout(Duration::from_millis(200))
+        .lease_for(Duration::from_secs(10));
+    let layer = RateLimitLayer::builder()
+        .capacity(8)
+        .refill(1, Duration::from_secs(60))
+        .build_with(|quota| RedisStore::new(manager, quota, options))
+        .unwrap();
+    let mut service = layer.layer(echo::<u32>());
+    send(&mut service, 0).await.unwrap();
+    server.kill();
+    // The 3 leased tokens were taken from Redis already; they need no server.
+    for i in 1..4 {
+        send(&mut service, i)
+            .await
+            .expect("admitted from the lease");
+    }
+    let error = send(&mut service, 4).await.unwrap_err();
+    assert!(error.is::<RedisUnavailable>(), "fails closed: {error}");
+}
+
+#[tokio::test]
+async fn waiting_requests_are_not_batched() {
+    let server = RedisServer::start().await;
+    let manager = server.manager().await;
+    let layer = RateLimitLayer::builder()
+        .capacity(2)
+        .refill(1, Duration::from_millis(200))
+        .max_wait(Duration::from_secs(1))
+        .build_with(|quota| RedisStore::new(manager, quota, batched("patient:", 5)))
+        .unwrap();
+    let mut service = layer.layer(echo::<u32>());
+    let before = server.script_runs().await;
+    let start = Instant::now();
+    for i in 0..3 {
+        send(&mut service, i).await.unwrap();
+    }
+    // One slot each on the server: the third waited for a token to come back.
+    assert!(start.elapsed() >= Duration::from_millis(150));
+    assert_eq!(server.script_runs().await - before, 3);
+}

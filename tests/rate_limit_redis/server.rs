@@ -104,6 +104,23 @@ impl RedisServer {
         keys
     }
 
+    /// How many scripts the server ran (`EVALSHA` and `EVAL` calls that did not fail):
+    /// the store's round trips.
+    pub async fn script_runs(&self) -> u64 {
+        let mut connection = self.connection().await.unwrap();
+        let info: String = redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async(&mut connection)
+            .await
+            .unwrap();
+        info.lines()
+            .filter(|line| {
+                line.starts_with("cmdstat_evalsha:") || line.starts_with("cmdstat_eval:")
+            })
+            .map(|line| stat(line, "calls") - stat(line, "failed_calls"))
+            .sum()
+    }
+
     pub async fn pttl(&self, key: &str) -> i64 {
         let mut connection = self.connection().await.unwrap();
         redis::cmd("PTTL")
@@ -112,6 +129,13 @@ impl RedisServer {
             .await
             .unwrap()
     }
+}
+
+/// `name`'s value in a line such as `cmdstat_get:calls=2,usec=5,failed_calls=0`.
+fn stat(line: &str, name: &str) -> u64 {
+    line.split([':', ','])
+        .find_map(|field| field.strip_prefix(name)?.strip_prefix('='))
+        .map_or(0, |value| value.parse().unwrap())
 }
 
 impl Drop for RedisServer {

@@ -10,10 +10,12 @@ use std::time::Duration;
 
 use ::redis::aio::ConnectionManager;
 use ::redis::{RedisError, Script};
+use tokio::time::Instant;
 use tower::BoxError;
 
 use self::health::{Health, Route};
 pub use self::key::RedisKey;
+use self::lease::{Batch, Leases, Refilling};
 use super::bucket::{Denied, Quota};
 use super::error::ConfigError;
 use super::layer::RateLimitStatus;
@@ -22,6 +24,7 @@ use crate::sync::{AtomicU64, Ordering};
 
 mod health;
 mod key;
+mod lease;
 
 static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("gcra.lua")));
 static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("give_back.lua")));
@@ -102,6 +105,46 @@ static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("
 /// tokens from the bucket since (otherwise the slot stays spent and the fleet admits a
 /// little less, never more).
 ///
+/// # Local batching
+///
+/// With [`batch(n)`](RedisOptions::batch), a request that finds no tokens leased for
+/// its bucket takes up to `n` times its cost from the bucket on Redis in its one round
+/// trip (as many whole multiples as the bucket holds, at least one), keeps its own, and
+/// leaves the rest in a lease in this replica; the next requests for that bucket spend
+/// the lease in process, without a round trip, until it runs out or expires
+/// ([`lease_for`](RedisOptions::lease_for), by default `n` refill intervals, at most a
+/// second, counted from when the leasing request was sent). One request per bucket
+/// fetches a batch at a time; the others meanwhile go to Redis one by one as without
+/// batching. A lease that cannot pay for a request's cost, or has expired, is dropped
+/// with what it held. Only requests that would not wait fetch batches: with
+/// [`max_wait`](super::Builder::max_wait) every request reserves its own slot on Redis.
+/// Leases are kept for at most [`lease_max_keys`](RedisOptions::lease_max_keys) keys
+/// (and the shared bucket); the requests of further keys go to Redis one by one. While
+/// Redis is unavailable, leased tokens are still spent, and the policy decides once
+/// they run out.
+///
+/// What holds, with `R` replicas, batch `n`, unit costs (multiply the lease terms by the
+/// largest cost otherwise), a bucket of capacity `C` refilling at `r` tokens per second
+/// and leases living `L`:
+///
+/// - Every admitted request's tokens were taken out of the Redis bucket, by itself or by
+///   the lease it spent. From the bucket's creation to any time `T` the fleet admits at
+///   most `C + r·T`, exactly the bound of one bucket.
+/// - A replica holds at most one lease per bucket, of at most `n - 1` tokens, so at most
+///   `R·(n - 1)` tokens per bucket sit in leases at any time. In a window of length `t`
+///   the fleet admits at most `C + r·t + min(R·(n - 1), r·L)`: the bucket's bound plus
+///   the tokens leased before the window and spent in it (leased within `L` before it,
+///   while the bucket was refilling). With the default `L` of `n` refill intervals the
+///   excess is at most `n` tokens; a shorter `lease_for` lowers it.
+/// - The price is fairness: tokens in one replica's lease are not in the bucket, so
+///   another replica may refuse a client while the first still holds up to `n - 1` of
+///   its tokens, and tokens a lease held when it expired are lost (the fleet admits
+///   less, never more). The status a lease-admitted request reports (`RateLimit`
+///   fields) is the bucket's at the lease plus the lease's unspent tokens.
+///
+/// Batching pays off for hot buckets that one replica spends several tokens of within
+/// the lease time; for sparse keys it only strands tokens.
+///
 /// # Handle
 ///
 /// [`RateLimitHandle::available`](super::RateLimitHandle::available) answers from the
@@ -128,6 +171,8 @@ struct Shared<K> {
     health: Health,
     /// The tokens the shared bucket held after its last decision.
     shared_available: AtomicU64,
+    /// Only with [`batch`](RedisOptions::batch) above one.
+    leases: Option<Leases<K>>,
 }
 
 /// What a [`RedisStore`] does with a request when Redis does not answer in time.
@@ -158,6 +203,9 @@ pub struct RedisOptions {
     recheck: Duration,
     when_unavailable: WhenUnavailable,
     fallback_max_keys: usize,
+    batch: u32,
+    lease_for: Option<Duration>,
+    lease_max_keys: usize,
 }
 
 impl Default for RedisOptions {
@@ -168,6 +216,9 @@ impl Default for RedisOptions {
             recheck: Duration::from_millis(100),
             when_unavailable: WhenUnavailable::Admit,
             fallback_max_keys: 100_000,
+            batch: 1,
+            lease_for: None,
+            lease_max_keys: 10_000,
         }
     }
 }
@@ -205,6 +256,27 @@ impl RedisOptions {
         self.fallback_max_keys = max_keys;
         self
     }
+
+    /// Lease tokens `n` requests at a time (default 1: no batching, one round trip per
+    /// request; 0 counts as 1). See [local batching](RedisStore#local-batching).
+    pub fn batch(mut self, n: u32) -> Self {
+        self.batch = n;
+        self
+    }
+
+    /// How long a [batch](Self::batch)'s unspent tokens stay usable (default: the time
+    /// the bucket takes to refill a batch, `n` refill intervals, at most one second).
+    pub fn lease_for(mut self, lease_for: Duration) -> Self {
+        self.lease_for = Some(lease_for);
+        self
+    }
+
+    /// The most keys holding a [batch](Self::batch) at once (default 10,000): beyond
+    /// it, the requests of new keys go to Redis one by one until leases expire.
+    pub fn lease_max_keys(mut self, max_keys: usize) -> Self {
+        self.lease_max_keys = max_keys;
+        self
+    }
 }
 
 impl<K> RedisStore<K>
@@ -232,6 +304,13 @@ where
                 fallback,
                 health: Health::new(options.recheck),
                 shared_available: AtomicU64::new(quota.capacity()),
+                leases: (options.batch > 1).then(|| {
+                    Leases::new(
+                        u64::from(options.batch),
+                        options.lease_for,
+                        options.lease_max_keys.max(1),
+                    )
+                }),
             }),
         }
     }
@@ -269,8 +348,8 @@ struct Ask {
 }
 
 /// The GCRA script's answer: admitted (0/1), wait, tokens left, time until full, new
-/// TAT (microseconds).
-type Reply = (i64, i64, i64, i64, i64);
+/// TAT (microseconds), and how many times the cost it took (a batch).
+type Reply = (i64, i64, i64, i64, i64, i64);
 
 impl<K> Shared<K>
 where
@@ -294,11 +373,19 @@ where
         bucket
     }
 
+    /// One round trip; `refill` when this request fetches its key's next batch.
     async fn decide(
         self: Arc<Self>,
         key: Option<K>,
         ask: Ask,
+        refill: bool,
     ) -> Result<Decision<RedisReservation<K>>, BoxError> {
+        let sent = Instant::now();
+        let lease = match &self.leases {
+            Some(leases) if refill => Some((Refilling::new(leases, key.as_ref()), leases)),
+            _ => None,
+        };
+        let batch = lease.as_ref().map_or(1, |(_, leases)| leases.batch());
         let bucket = self.bucket_key(key.as_ref());
         let interval = micros_up(ask.quota.refill_interval());
         let mut invocation = GCRA.prepare_invoke();
@@ -307,7 +394,8 @@ where
             .arg(interval)
             .arg(ask.quota.capacity())
             .arg(ask.cost)
-            .arg(micros_down(ask.max_wait));
+            .arg(micros_down(ask.max_wait))
+            .arg(batch);
         let mut connection = self.connection.clone();
         let answer = tokio::time::timeout(
             self.timeout,
@@ -315,11 +403,24 @@ where
         )
         .await;
         let cause = match answer {
-            Ok(Ok(reply)) => {
+            Ok(Ok(mut reply)) => {
                 self.report_up();
                 if key.is_none() {
                     self.shared_available
                         .store(non_negative(reply.2), Ordering::Relaxed);
+                }
+                if let Some((refilling, leases)) = lease
+                    && reply.5 > 1
+                {
+                    let left = (non_negative(reply.5) - 1) * ask.cost;
+                    refilling.fill(Batch {
+                        left,
+                        expires: sent + leases.lease_for(ask.quota.refill_interval()),
+                        bucket_left: non_negative(reply.2),
+                        full_at: sent + Duration::from_micros(non_negative(reply.3)),
+                    });
+                    // This request's status counts the tokens its replica holds.
+                    reply.2 = reply.2.saturating_add_unsigned(left);
                 }
                 return Ok(decision(reply, bucket, interval * ask.cost, ask));
             }
@@ -410,7 +511,7 @@ fn decision<K>(
     increment: u64,
     ask: Ask,
 ) -> Decision<RedisReservation<K>> {
-    let (admitted, wait, left, until_full, tat) = reply;
+    let (admitted, wait, left, until_full, tat, _) = reply;
     let wait = Duration::from_micros(non_negative(wait));
     let remaining = non_negative(left);
     if admitted == 0 {
@@ -483,12 +584,30 @@ where
             with_status,
             quota,
         };
+        let leases = self.shared.leases.as_ref();
+        let now = Instant::now();
+        if let Some(spent) = leases.and_then(|leases| leases.spend(key, cost, now)) {
+            return RedisDecision::ready(Ok(Decision::Admitted {
+                status: with_status.then_some(RateLimitStatus {
+                    quota,
+                    remaining: spent.remaining,
+                    reset: spent.reset,
+                }),
+            }));
+        }
         match self.shared.health.route() {
-            Route::Redis => RedisDecision {
-                state: DecisionState::Remote(Box::pin(
-                    self.shared.clone().decide(key.cloned(), ask),
-                )),
-            },
+            Route::Redis => {
+                // Only an immediate admission fetches a batch: a reservation is one slot.
+                let refill = max_wait.is_zero()
+                    && leases.is_some_and(|leases| leases.start_refill(key, now));
+                RedisDecision {
+                    state: DecisionState::Remote(Box::pin(self.shared.clone().decide(
+                        key.cloned(),
+                        ask,
+                        refill,
+                    ))),
+                }
+            }
             Route::Fallback => RedisDecision::ready(self.shared.unavailable(key, ask, Cause::Down)),
         }
     }

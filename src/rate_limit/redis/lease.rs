@@ -1,0 +1,329 @@
+//! Tokens a replica took from a Redis bucket in one batch, spent in process until they
+//! run out or expire ([`RedisOptions::batch`](super::RedisOptions::batch)).
+//!
+//! One lease per bucket, in a sharded table bounded by a key count. Each lease is held
+//! under its shard's mutex for a few instructions (a compare and a subtraction); the
+//! round trip that refills a lease runs outside of it.
+
+use std::hash::{BuildHasher, Hash, RandomState};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use hashbrown::HashTable;
+use tokio::time::Instant;
+
+use super::super::bucket::CachePadded;
+
+const MAX_SHARDS: usize = 64;
+const MIN_KEYS_PER_SHARD: usize = 1024;
+
+/// A bucket's lease.
+#[derive(Debug, Clone, Copy)]
+struct Lease {
+    /// Tokens not spent yet.
+    left: u64,
+    /// When the tokens are forfeited (measured from when the leasing request was sent,
+    /// so never later than the lease time after Redis handed them out).
+    expires: Instant,
+    /// A request is fetching a new batch: the others go to Redis one by one meanwhile,
+    /// rather than each fetching a batch of its own.
+    refilling: bool,
+    /// The tokens the Redis bucket held after the lease, and when it is full again: what
+    /// a request admitted from the lease reports.
+    bucket_left: u64,
+    full_at: Instant,
+}
+
+impl Lease {
+    fn refilling(now: Instant) -> Self {
+        Self {
+            left: 0,
+            expires: now,
+            refilling: true,
+            bucket_left: 0,
+            full_at: now,
+        }
+    }
+
+    fn is_live(&self, now: Instant) -> bool {
+        self.refilling || now < self.expires
+    }
+}
+
+/// The state of the bucket reported to a request admitted from a lease.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Spent {
+    /// The bucket's tokens at the lease plus the lease's tokens still unspent.
+    pub(super) remaining: u64,
+    pub(super) reset: Duration,
+}
+
+/// What came back from a batched round trip.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct Batch {
+    /// The tokens left of the batch once the leasing request took its own.
+    pub(super) left: u64,
+    pub(super) expires: Instant,
+    pub(super) bucket_left: u64,
+    pub(super) full_at: Instant,
+}
+
+struct Shard<K> {
+    /// Each key with its hash; the shared bucket's lease lives apart.
+    leases: HashTable<(K, u64, Lease)>,
+}
+
+/// The leases of one store.
+pub(super) struct Leases<K> {
+    batch: u64,
+    lease_for: Option<Duration>,
+    shared: CachePadded<Mutex<Option<Lease>>>,
+    shards: Box<[CachePadded<Mutex<Shard<K>>>]>,
+    hasher: RandomState,
+    shard_cap: usize,
+}
+
+impl<K: Hash + Eq + Clone> Leases<K> {
+    /// Leases of `batch` requests' worth of tokens (`batch >= 2`), for at most `max_keys`
+    /// keys (`max_keys >= 1`) besides the shared bucket.
+    pub(super) fn new(batch: u64, lease_for: Option<Duration>, max_keys: usize) -> Self {
+        let shards = (max_keys / MIN_KEYS_PER_SHARD).clamp(1, MAX_SHARDS);
+        // The largest power of two not above `shards`, so that a mask picks the shard.
+        let shards = 1 << (usize::BITS - 1 - shards.leading_zeros());
+        Self {
+            batch,
+            lease_for,
+            shared: CachePadded(Mutex::new(None)),
+            shards: (0..shards)
+                .map(|_| {
+                    CachePadded(Mutex::new(Shard {
+                        leases: HashTable::new(),
+                    }))
+                })
+                .collect(),
+            hasher: RandomState::new(),
+            shard_cap: max_keys / shards,
+        }
+    }
+
+    /// How many requests' worth of tokens one round trip leases.
+    pub(super) fn batch(&self) -> u64 {
+        self.batch
+    }
+
+    /// How long a lease taken now lives, for a quota refilling a token every `interval`:
+    /// the configured time, else the time the batch takes to refill, at most a second.
+    pub(super) fn lease_for(&self, interval: Duration) -> Duration {
+        self.lease_for.unwrap_or_else(|| {
+            interval
+                .saturating_mul(u32::try_from(self.batch).unwrap_or(u32::MAX))
+                .min(Duration::from_secs(1))
+        })
+    }
+
+    /// Spends `cost` tokens of `key`'s lease, if it holds them and is not expired.
+    pub(super) fn spend(&self, key: Option<&K>, cost: u64, now: Instant) -> Option<Spent> {
+        self.with_lease(key, |lease| {
+            let lease = lease?;
+            if now >= lease.expires || lease.left < cost {
+                return None;
+            }
+            lease.left -= cost;
+            Some(Spent {
+                remaining: lease.bucket_left.saturating_add(lease.left),
+                reset: lease.full_at.saturating_duration_since(now),
+            })
+        })
+    }
+
+    /// Claims the right to fetch `key`'s next batch: false if another request is
+    /// fetching it, or the table is full of live leases (the request then goes to Redis
+    /// alone). Whatever the old lease held is forfeited.
+    pub(super) fn start_refill(&self, key: Option<&K>, now: Instant) -> bool {
+        let Some(key) = key else {
+            let mut shared = lock(&self.shared);
+            if shared.is_some_and(|lease| lease.refilling) {
+                return false;
+            }
+            *shared = Some(Lease::refilling(now));
+            return true;
+        };
+        let (hash, mut shard) = self.shard(key);
+        if let Some((_, _, lease)) = shard.leases.find_mut(hash, |(known, ..)| known == key) {
+            if lease.refilling {
+                return false;
+            }
+            *lease = Lease::refilling(now);
+            return true;
+        }
+        if shard.leases.len() >= self.shard_cap {
+            shard.leases.retain(|(_, _, lease)| lease.is_live(now));
+            if shard.leases.len() >= self.shard_cap {
+                return false;
+            }
+        }
+        shard.leases.insert_unique(
+            hash,
+            (key.clone(), hash, Lease::refilling(now)),
+            |(_, hash, _)| *hash,
+        );
+        true
+    }
+
+    /// Stores the batch fetched by the request that [started the
+    /// refill](Self::start_refill).
+    pub(super) fn fill(&self, key: Option<&K>, batch: Batch) {
+        self.with_lease(key, |lease| {
+            if let Some(lease) = lease {
+                *lease = Lease {
+                    left: batch.left,
+                    expires: batch.expires,
+                    refilling: false,
+                    bucket_left: batch.bucket_left,
+                    full_at: batch.full_at,
+                };
+            }
+        });
+    }
+
+    /// Lets another request fetch `key`'s batch: this one got none.
+    pub(super) fn abandon(&self, key: Option<&K>) {
+        self.with_lease(key, |lease| {
+            if let Some(lease) = lease {
+                lease.refilling = false;
+            }
+        });
+    }
+
+    /// How many keys hold a lease (or a slot for one), the shared bucket aside.
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|shard| lock(shard).leases.len())
+            .sum()
+    }
+
+    fn with_lease<T>(&self, key: Option<&K>, f: impl FnOnce(Option<&mut Lease>) -> T) -> T {
+        let Some(key) = key else {
+            return f(lock(&self.shared).as_mut());
+        };
+        let (hash, mut shard) = self.shard(key);
+        f(shard
+            .leases
+            .find_mut(hash, |(known, ..)| known == key)
+            .map(|(_, _, lease)| lease))
+    }
+
+    fn shard(&self, key: &K) -> (u64, MutexGuard<'_, Shard<K>>) {
+        let hash = self.hasher.hash_one(key);
+        // The table indexes with the low bits and tags with the top seven.
+        let index = (hash >> 32) as usize & (self.shards.len() - 1);
+        (hash, lock(&self.shards[index]))
+    }
+}
+
+/// Every update of a lease is one assignment: a panic cannot leave one half-written.
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Hands the refill back to other requests unless the batch arrived: a request dropped
+/// or refused mid-refill must not leave its key refilling for ever.
+pub(super) struct Refilling<'a, K: Hash + Eq + Clone> {
+    leases: &'a Leases<K>,
+    key: Option<&'a K>,
+}
+
+impl<'a, K: Hash + Eq + Clone> Refilling<'a, K> {
+    pub(super) fn new(leases: &'a Leases<K>, key: Option<&'a K>) -> Self {
+        Self { leases, key }
+    }
+
+    pub(super) fn fill(self, batch: Batch) {
+        self.leases.fill(self.key, batch);
+        std::mem::forget(self);
+    }
+}
+
+impl<K: Hash + Eq + Clone> Drop for Refilling<'_, K> {
+    fn drop(&mut self) {
+        self.leases.abandon(self.key);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn filled(left: u64, now: Instant, life: Duration) -> Batch {
+        Batch {
+            left,
+            expires: now + life,
+            bucket_left: 10,
+            full_at: now + Duration::from_secs(1),
+        }
+    }
+
+    #[test]
+    fn a_lease_is_spent_until_empty_or_expired() {
+        let leases = Leases::<u8>::new(4, None, 10);
+        let now = Instant::now();
+        let life = Duration::from_millis(100);
+        assert!(leases.spend(Some(&1), 1, now).is_none());
+        assert!(leases.start_refill(Some(&1), now));
+        Refilling::new(&leases, Some(&1)).fill(filled(3, now, life));
+        let spent = leases.spend(Some(&1), 2, now).unwrap();
+        assert_eq!(spent.remaining, 11);
+        assert!(leases.spend(Some(&1), 1, now).is_some());
+        assert!(leases.spend(Some(&1), 1, now).is_none(), "empty");
+
+        assert!(leases.start_refill(Some(&1), now));
+        Refilling::new(&leases, Some(&1)).fill(filled(3, now, life));
+        assert!(leases.spend(Some(&1), 1, now + life).is_none(), "expired");
+    }
+
+    #[test]
+    fn one_request_refills_a_lease_at_a_time_and_a_dropped_one_lets_go() {
+        let leases = Leases::<u8>::new(4, None, 10);
+        let now = Instant::now();
+        assert!(leases.start_refill(None, now));
+        assert!(!leases.start_refill(None, now), "already refilling");
+        drop(Refilling::new(&leases, None));
+        assert!(leases.start_refill(None, now));
+    }
+
+    #[test]
+    fn the_table_holds_at_most_max_keys_live_leases() {
+        let leases = Leases::<u8>::new(4, None, 2);
+        let now = Instant::now();
+        let life = Duration::from_millis(100);
+        for key in [1, 2] {
+            assert!(leases.start_refill(Some(&key), now));
+            Refilling::new(&leases, Some(&key)).fill(filled(3, now, life));
+        }
+        assert!(!leases.start_refill(Some(&3), now), "full of live leases");
+        assert_eq!(leases.len(), 2);
+        // Once they expire, they make room.
+        assert!(leases.start_refill(Some(&3), now + life));
+        assert_eq!(leases.len(), 1);
+    }
+
+    #[test]
+    fn the_default_lease_time_is_the_batchs_refill_time_at_most_a_second() {
+        let leases = Leases::<u8>::new(8, None, 2);
+        assert_eq!(
+            leases.lease_for(Duration::from_millis(10)),
+            Duration::from_millis(80)
+        );
+        assert_eq!(
+            leases.lease_for(Duration::from_secs(60)),
+            Duration::from_secs(1)
+        );
+        let configured = Leases::<u8>::new(8, Some(Duration::from_millis(5)), 2);
+        assert_eq!(
+            configured.lease_for(Duration::from_secs(60)),
+            Duration::from_millis(5)
+        );
+    }
+}
