@@ -421,13 +421,17 @@ where
     admitted
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn batched_replicas_admit_together_exactly_what_one_bucket_allows() {
-    let server = RedisServer::start().await;
+/// Two replicas sharing a bucket of 10 (refilled one a minute), leasing 5 tokens at a
+/// time for `lease_for`.
+async fn two_batched_replicas(
+    server: &RedisServer,
+    prefix: &str,
+    lease_for: Duration,
+) -> Vec<impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone + use<>> {
     let mut replicas = Vec::new();
     for _ in 0..2 {
         let manager = server.manager().await;
-        let options = batched("lease:", 5).lease_for(Duration::from_secs(10));
+        let options = batched(prefix, 5).lease_for(lease_for);
         let layer = RateLimitLayer::builder()
             .capacity(10)
             .refill(1, Duration::from_secs(60))
@@ -435,6 +439,13 @@ async fn batched_replicas_admit_together_exactly_what_one_bucket_allows() {
             .unwrap();
         replicas.push(layer.layer(echo::<u32>()));
     }
+    replicas
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batched_replicas_admit_together_exactly_what_one_bucket_allows() {
+    let server = RedisServer::start().await;
+    let mut replicas = two_batched_replicas(&server, "lease:", Duration::from_secs(10)).await;
     // A burst of 40 concurrent requests, half through each replica: the leases come out
     // of the one bucket, so together they never admit more than it holds.
     let mut tasks = Vec::new();
@@ -494,17 +505,7 @@ async fn batching_cuts_round_trips() {
 #[tokio::test]
 async fn a_lease_expires_and_its_unspent_tokens_are_lost() {
     let server = RedisServer::start().await;
-    let mut replicas = Vec::new();
-    for _ in 0..2 {
-        let manager = server.manager().await;
-        let options = batched("expire:", 5).lease_for(Duration::from_millis(100));
-        let layer = RateLimitLayer::builder()
-            .capacity(10)
-            .refill(1, Duration::from_secs(60))
-            .build_with(|quota| RedisStore::new(manager, quota, options))
-            .unwrap();
-        replicas.push(layer.layer(echo::<u32>()));
-    }
+    let mut replicas = two_batched_replicas(&server, "expire:", Duration::from_millis(100)).await;
     // The first request leases 5 tokens, the second spends one in process.
     let start = server.script_runs().await;
     send(&mut replicas[0], 1).await.unwrap();
