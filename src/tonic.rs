@@ -183,7 +183,8 @@ pub fn status_from_error(error: BoxError) -> Status {
 
 fn with_delay(mut status: Status, delay: Duration) -> Status {
     let metadata = status.metadata_mut();
-    let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+    // Rounded up, like `Retry-After`: a client that waits exactly this long is never early.
+    let millis = u64::try_from(delay.as_nanos().div_ceil(1_000_000)).unwrap_or(u64::MAX);
     metadata.insert("grpc-retry-pushback-ms", MetadataValue::from(millis));
     metadata.insert("retry-after", MetadataValue::from(whole_seconds(delay)));
     status
