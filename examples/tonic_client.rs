@@ -21,6 +21,7 @@ use palisade::rate_limit::RateLimitLayer;
 use palisade::retry::{Backoff, GrpcRetry, Jitter, RetryHandle, RetryLayer};
 use palisade::tonic::RejectionsAsStatusLayer;
 use tokio::sync::oneshot;
+use tokio::task::JoinHandle;
 use tonic::Code;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Endpoint, Server};
@@ -45,10 +46,10 @@ async fn main() -> ExitCode {
 }
 
 async fn run() -> Result<(), BoxError> {
-    let (address, stop_server) = start_server().await?;
+    let (address, server) = start_server().await?;
     let (mut client, breaker, retry) = resilient_client(address)?;
 
-    println!("1. a burst of 5 calls; the server admits 2 at once, then one per 100 ms");
+    println!("1. a burst of 5 calls; the server admits 2 at once, then one per second");
     let id = CorrelationId::parse("demo-checkout-1")?;
     id.scope(async {
         for call in 1..=5 {
@@ -75,7 +76,7 @@ async fn run() -> Result<(), BoxError> {
     }
 
     println!("2. the server goes away; the breaker opens and answers at once");
-    stop_server.send(()).map_err(|()| "server already gone")?;
+    server.stop().await?;
     let failed = client.check(check()).await.expect_err("no server");
     println!("   call: {:?} ({})", failed.code(), failed.message());
     let started = Instant::now();
@@ -122,8 +123,9 @@ fn resilient_client(
         )
         // RESOURCE_EXHAUSTED with a pushback is "come back in N ms": worth waiting for.
         .retry_if(GrpcRetry::new().with_code(GrpcCode::ResourceExhausted))
-        // Longer waits (an open breaker's) are the caller's business: give up instead.
-        .max_server_delay(Duration::from_millis(500))
+        // The server's pushback is at most its one-second refill. Longer waits (an open
+        // breaker's five seconds) are the caller's business: give up instead.
+        .max_server_delay(Duration::from_secs(2))
         .replay_bodies()
         .build()?;
     let breaker = CircuitBreakerLayer::builder()
@@ -151,21 +153,40 @@ fn resilient_client(
     ))
 }
 
+/// A running server: stopping it waits until it has closed its connections, so that the
+/// next call cannot still reach it.
+struct RunningServer {
+    stop: oneshot::Sender<()>,
+    task: JoinHandle<Result<(), tonic::transport::Error>>,
+}
+
+impl RunningServer {
+    async fn stop(self) -> Result<(), BoxError> {
+        self.stop.send(()).map_err(|()| "server already gone")?;
+        tokio::time::timeout(Duration::from_secs(5), self.task)
+            .await
+            .map_err(|_| "the server did not shut down within 5 s")???;
+        Ok(())
+    }
+}
+
 /// A tonic-health server reporting "orders" as serving, behind a rate limit; it echoes
-/// each call's `x-request-id`. Stops when told to.
-async fn start_server() -> Result<(SocketAddr, oneshot::Sender<()>), BoxError> {
+/// each call's `x-request-id`.
+async fn start_server() -> Result<(SocketAddr, RunningServer), BoxError> {
     let (reporter, health) = tonic_health::server::health_reporter();
     reporter
         .set_service_status("orders", tonic_health::ServingStatus::Serving)
         .await;
+    // A refill far longer than five loopback calls take, even in a debug build on a busy
+    // machine: the burst is certain to be pushed back.
     let limit = RateLimitLayer::builder()
         .capacity(2)
-        .refill(1, Duration::from_millis(100))
+        .refill(1, Duration::from_secs(1))
         .build()?;
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let address = listener.local_addr()?;
     let (stop, stopped) = oneshot::channel::<()>();
-    tokio::spawn(
+    let task = tokio::spawn(
         Server::builder()
             .layer(
                 ServiceBuilder::new()
@@ -178,5 +199,5 @@ async fn start_server() -> Result<(SocketAddr, oneshot::Sender<()>), BoxError> {
                 let _ = stopped.await;
             }),
     );
-    Ok((address, stop))
+    Ok((address, RunningServer { stop, task }))
 }

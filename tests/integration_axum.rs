@@ -55,7 +55,7 @@ struct Inventory {
     fail_next: AtomicU32,
     /// Every call answers 503.
     down: AtomicBool,
-    /// Every call takes far longer than the edge waits.
+    /// Every call hangs: it never answers.
     slow: AtomicBool,
     /// Each call's `x-request-id`.
     seen: Mutex<Vec<Option<String>>>,
@@ -82,7 +82,7 @@ async fn inventory(
         .map(str::to_owned);
     inventory.seen.lock().expect("seen").push(id);
     if inventory.slow.load(Ordering::SeqCst) {
-        tokio::time::sleep(Duration::from_secs(30)).await;
+        std::future::pending::<()>().await;
     }
     let flaky = inventory
         .fail_next
@@ -136,7 +136,7 @@ async fn whoami(id: CorrelationId) -> String {
 }
 
 /// A proxy to `backend`: retries (idempotent methods; 5xx and connection errors; each
-/// attempt at most 100 ms) and carries the caller's correlation ID. Its errors are
+/// attempt bounded by the edge's per-attempt timeout) and carries the caller's correlation ID. Its errors are
 /// answered by `handle_error` like the router's.
 fn proxy(
     backend: SocketAddr,
@@ -163,7 +163,12 @@ fn proxy(
     axum::routing::get_service(service)
 }
 
-async fn spawn_edge(backend: SocketAddr) -> Edge {
+/// A per-attempt timeout no healthy loopback call comes near, even in a debug build on a
+/// loaded CI machine: only a backend that never answers reaches it.
+const GENEROUS: Duration = Duration::from_secs(10);
+
+/// An edge in front of `backend` whose proxy gives each attempt `per_attempt`.
+async fn spawn_edge(backend: SocketAddr, per_attempt: Duration) -> Edge {
     let per_client = RateLimitLayer::builder()
         .capacity(PER_CLIENT)
         .refill(1, Duration::from_secs(3600))
@@ -181,7 +186,7 @@ async fn spawn_edge(backend: SocketAddr) -> Edge {
     let retry = RetryLayer::builder()
         .max_attempts(3)
         .backoff(Backoff::constant(Duration::from_millis(5)))
-        .per_attempt_timeout(Duration::from_millis(100))
+        .per_attempt_timeout(per_attempt)
         .retry_if(HttpRetry::new())
         .replay_bodies()
         .build()
@@ -262,7 +267,7 @@ async fn get_path(
 #[tokio::test]
 async fn a_request_passes_every_layer_and_its_id_is_the_same_everywhere() {
     let (backend, inventory) = spawn_inventory().await;
-    let edge = spawn_edge(backend).await;
+    let edge = spawn_edge(backend, GENEROUS).await;
 
     let whoami = get_path(edge.address, "/whoami", Some("alice"), Some("trace-42")).await;
     assert_eq!(whoami.status, StatusCode::OK);
@@ -300,7 +305,7 @@ async fn a_request_passes_every_layer_and_its_id_is_the_same_everywhere() {
 #[tokio::test]
 async fn a_noisy_client_gets_429_with_the_rate_limit_fields_and_others_do_not() {
     let (backend, _inventory) = spawn_inventory().await;
-    let edge = spawn_edge(backend).await;
+    let edge = spawn_edge(backend, GENEROUS).await;
 
     for call in 1..=PER_CLIENT {
         let answer = get_path(edge.address, "/whoami", Some("noisy"), None).await;
@@ -348,7 +353,7 @@ async fn a_noisy_client_gets_429_with_the_rate_limit_fields_and_others_do_not() 
 #[tokio::test]
 async fn retries_absorb_a_flaky_backend() {
     let (backend, inventory) = spawn_inventory().await;
-    let edge = spawn_edge(backend).await;
+    let edge = spawn_edge(backend, GENEROUS).await;
     inventory.fail_next.store(2, Ordering::SeqCst);
 
     let answer = get_path(edge.address, "/items", Some("alice"), Some("flaky-1")).await;
@@ -372,7 +377,7 @@ async fn retries_absorb_a_flaky_backend() {
 #[tokio::test]
 async fn the_breaker_opens_on_server_errors_and_answers_503_without_calling_the_backend() {
     let (backend, inventory) = spawn_inventory().await;
-    let edge = spawn_edge(backend).await;
+    let edge = spawn_edge(backend, GENEROUS).await;
     inventory.down.store(true, Ordering::SeqCst);
 
     // Two calls, each three attempts that all fail: the backend's own 503 reaches the
@@ -408,7 +413,8 @@ async fn the_breaker_opens_on_server_errors_and_answers_503_without_calling_the_
 #[tokio::test]
 async fn a_backend_slower_than_the_per_attempt_timeout_is_a_504() {
     let (backend, inventory) = spawn_inventory().await;
-    let edge = spawn_edge(backend).await;
+    // The backend never answers, so every attempt times out however slow the machine.
+    let edge = spawn_edge(backend, Duration::from_secs(1)).await;
     inventory.slow.store(true, Ordering::SeqCst);
 
     let answer = get_path(edge.address, "/items", Some("alice"), Some("slow-1")).await;
@@ -424,7 +430,7 @@ async fn a_backend_slower_than_the_per_attempt_timeout_is_a_504() {
 
 #[tokio::test]
 async fn any_other_error_is_a_500_without_the_inner_error_text() {
-    let edge = spawn_edge(dead_address()).await;
+    let edge = spawn_edge(dead_address(), GENEROUS).await;
 
     let answer = get_path(edge.address, "/items", Some("alice"), Some("dead-1")).await;
     assert_eq!(answer.status, StatusCode::INTERNAL_SERVER_ERROR);
@@ -441,7 +447,7 @@ async fn any_other_error_is_a_500_without_the_inner_error_text() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_per_request_clone_shares_one_bucket() {
     let (backend, _inventory) = spawn_inventory().await;
-    let edge = spawn_edge(backend).await;
+    let edge = spawn_edge(backend, GENEROUS).await;
 
     let calls = (0..PER_CLIENT * 3).map(|_| {
         let address = edge.address;

@@ -227,9 +227,11 @@ async fn retry_after_as_an_http_date_is_waited_for() {
         .await
         .expect("response");
     assert_eq!(response.status(), StatusCode::OK);
-    // The date has whole seconds: the wait is the rest of the third second.
+    // The date has whole seconds and is read against the real clock, so the wait is
+    // 3 s less the fraction of the current second less the time the test took to get
+    // here: anywhere in (1 s, 3 s]. Far above the 10 ms backoff, so the date was honoured.
     let waited = calls.times()[1];
-    assert!(waited > 2000 * MS && waited <= 3000 * MS, "{waited:?}");
+    assert!(waited > 1000 * MS && waited <= 3000 * MS, "{waited:?}");
 }
 
 #[tokio::test(start_paused = true)]
