@@ -10,8 +10,10 @@ use palisade::correlation::{
 use proptest::prelude::*;
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
+use std::time::Duration;
 use tower::{Layer, Service, ServiceExt, service_fn};
 
 /// What the handler saw.
@@ -474,4 +476,111 @@ proptest! {
         prop_assert_eq!(seen.current.as_ref().unwrap().as_bytes(), echoed);
         prop_assert_eq!(seen.extension.as_ref().unwrap().as_bytes(), echoed);
     }
+}
+
+/// What `CorrelationId::current()` was each time a guard was dropped.
+#[derive(Clone, Default)]
+struct DropLog(Arc<Mutex<Vec<Option<CorrelationId>>>>);
+
+impl DropLog {
+    fn guard(&self) -> LogsCurrentOnDrop {
+        LogsCurrentOnDrop(self.clone())
+    }
+
+    fn entries(&self) -> Vec<Option<CorrelationId>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A handler's guard that logs the current ID in its `Drop`, as a request-scoped span
+/// or metrics guard would.
+struct LogsCurrentOnDrop(DropLog);
+
+impl Drop for LogsCurrentOnDrop {
+    fn drop(&mut self) {
+        self.0.0.lock().unwrap().push(CorrelationId::current());
+    }
+}
+
+fn id(text: &str) -> Option<CorrelationId> {
+    Some(CorrelationId::parse(text).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_id_is_current_while_an_outer_timeout_drops_the_handler() {
+    let log = DropLog::default();
+    let guards = log.clone();
+    let hangs = service_fn(move |_: Request<()>| {
+        let guard = guards.guard();
+        async move {
+            let _guard = guard;
+            std::future::pending::<Result<Response<()>, Infallible>>().await
+        }
+    });
+    let service = CorrelationIdLayer::new().layer(hangs);
+    let request = request_with(&[("x-request-id", "timed-out")]);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), service.oneshot(request)).await;
+    assert!(outcome.is_err(), "the handler never answers");
+    assert_eq!(log.entries(), [id("timed-out")]);
+    assert_eq!(CorrelationId::current(), None, "and the scope ends with it");
+}
+
+/// A hand-written handler future that keeps its guard until it is dropped, after it
+/// has answered.
+struct KeepsGuard<F> {
+    future: F,
+    _guard: LogsCurrentOnDrop,
+}
+
+impl<F: Future + Unpin> Future for KeepsGuard<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        Pin::new(&mut self.future).poll(cx)
+    }
+}
+
+#[tokio::test]
+async fn the_id_is_current_while_a_finished_handler_future_is_dropped() {
+    let log = DropLog::default();
+    let guards = log.clone();
+    let answers = service_fn(move |_: Request<()>| KeepsGuard {
+        future: std::future::ready(Ok::<_, Infallible>(Response::new(()))),
+        _guard: guards.guard(),
+    });
+    let service = CorrelationIdLayer::new().layer(answers);
+    let request = request_with(&[("x-request-id", "answered")]);
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.headers()["x-request-id"], "answered");
+    assert_eq!(log.entries(), [id("answered")]);
+}
+
+#[test]
+fn the_id_is_current_while_a_scoped_future_is_dropped_mid_flight() {
+    let log = DropLog::default();
+    let pending_with_guard = || {
+        let guard = log.guard();
+        async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        }
+    };
+    let outer = CorrelationId::parse("outer").unwrap();
+    let inner = CorrelationId::parse("inner").unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut scoped = Box::pin(CorrelationId::scope(inner.clone(), pending_with_guard()));
+    let mut with_id = Box::pin(pending_with_guard().with_correlation_id(inner));
+    let mut with_current = Box::pin(CorrelationId::scope(outer, async {
+        pending_with_guard().with_current_correlation_id()
+    }));
+    let Poll::Ready(with_current) = with_current.as_mut().poll(&mut cx) else {
+        panic!("the future does not wait on anything");
+    };
+    let mut with_current = Box::pin(with_current);
+    assert!(scoped.as_mut().poll(&mut cx).is_pending());
+    assert!(with_id.as_mut().poll(&mut cx).is_pending());
+    assert!(with_current.as_mut().poll(&mut cx).is_pending());
+    drop((scoped, with_id, with_current));
+    assert_eq!(log.entries(), [id("inner"), id("inner"), id("outer")]);
+    assert_eq!(CorrelationId::current(), None);
 }

@@ -33,7 +33,9 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 ///    `CorrelationIdLayer`) keeps it, so applying the layer twice is harmless;
 /// 2. inserts the ID into the request extensions;
 /// 3. runs the inner service's `call` and its response future with the ID as
-///    [`CorrelationId::current`], and, with the `tracing` feature, inside a span
+///    [`CorrelationId::current`], also while that future is dropped (finished, or
+///    cancelled by an outer timeout or a client that went away), and, with the
+///    `tracing` feature, inside a span
 ///    `correlation{correlation_id=...}` (target `palisade::correlation`, level `ERROR`
 ///    so it is enabled whenever any event is, cost-free when no subscriber listens), so
 ///    every event the request logs carries the ID;
