@@ -192,6 +192,27 @@ async fn traceparent_is_used_only_when_trusted_valid_and_no_header_id() {
 }
 
 #[tokio::test]
+async fn a_repeated_traceparent_is_ignored_as_w3c_requires() {
+    let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let trusting = CorrelationIdLayer::new().trust_traceparent(true);
+    for second in [other, TRACEPARENT, "not a traceparent"] {
+        let twice = request_with(&[("traceparent", TRACEPARENT), ("traceparent", second)]);
+        let (echoed, seen) = handle(&trusting, twice).await;
+        // The example trace-id happens to parse as a v4 UUID too: check the hyphens.
+        assert_eq!(echoed.len(), 36, "minted, not taken from {second:?}");
+        assert_eq!(uuid_version(&echoed), 4);
+        assert_seen_everywhere(&echoed, &seen);
+    }
+
+    let with_header = request_with(&[
+        ("traceparent", TRACEPARENT),
+        ("traceparent", other),
+        ("x-request-id", "explicit"),
+    ]);
+    assert_eq!(handle(&trusting, with_header).await.0, "explicit");
+}
+
+#[tokio::test]
 async fn applying_the_layer_twice_keeps_one_id() {
     let layer = CorrelationIdLayer::new();
     let twice = layer.layer(layer.layer(recorder()));
@@ -425,7 +446,7 @@ proptest! {
     fn hostile_headers_never_panic_and_only_valid_ids_come_back(
         request_ids in proptest::collection::vec(hostile_value(), 0..4),
         correlation_ids in proptest::collection::vec(hostile_value(), 0..3),
-        traceparent in proptest::option::of(hostile_value()),
+        traceparents in proptest::collection::vec(hostile_value(), 0..3),
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let layer = CorrelationIdLayer::new()
@@ -438,15 +459,15 @@ proptest! {
         for value in &correlation_ids {
             request.headers_mut().append("x-correlation-id", value.clone());
         }
-        if let Some(value) = &traceparent {
-            request.headers_mut().insert("traceparent", value.clone());
+        for value in &traceparents {
+            request.headers_mut().append("traceparent", value.clone());
         }
 
         let response = runtime.block_on(layer.layer(recorder()).oneshot(request)).unwrap();
 
         // Reference model: the first value of each header in order, if valid, echoed in
-        // that header; else the trace-id of a valid traceparent, else a minted UUID, both
-        // echoed in the primary header.
+        // that header; else the trace-id of a valid traceparent sent once, else a minted
+        // UUID, both echoed in the primary header.
         let first_valid = [("x-request-id", request_ids.first()), ("x-correlation-id", correlation_ids.first())]
             .into_iter()
             .filter_map(|(name, value)| Some((name, value?.as_bytes())))
@@ -458,11 +479,13 @@ proptest! {
         prop_assert!(is_valid_id(echoed));
         match first_valid {
             Some((_, expected)) => prop_assert_eq!(echoed, expected),
-            None if traceparent.as_ref().is_some_and(|t| t == TRACEPARENT) => {
+            None if traceparents.len() == 1 && traceparents[0] == TRACEPARENT => {
                 prop_assert_eq!(echoed, &TRACEPARENT.as_bytes()[3..35]);
             }
             None => {
                 let minted = std::str::from_utf8(echoed).unwrap();
+                // Hyphenated: the example trace-id parses as a v4 UUID as well.
+                prop_assert_eq!(minted.len(), 36);
                 prop_assert_eq!(uuid_version(minted), 4);
             }
         }

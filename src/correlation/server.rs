@@ -26,7 +26,7 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// 1. takes the ID from the first configured header holding a valid one (default
 ///    `x-request-id`; more with [`also_accept`](Self::also_accept)), else, if
 ///    [`trust_traceparent`](Self::trust_traceparent) is on, from the trace-id of a valid
-///    W3C `traceparent`, else mints one with the [`Generator`] (UUID v4 by default) and
+///    W3C `traceparent` sent once, else mints one with the [`Generator`] (UUID v4 by default) and
 ///    writes it into the request's primary header, replacing whatever invalid value was
 ///    there. Invalid values are dropped silently: never echoed, never logged, never an
 ///    error. A request that already carries a `CorrelationId` extension (an outer
@@ -94,7 +94,9 @@ impl CorrelationIdLayer {
 
     /// When no header holds a valid ID, use the trace-id of a valid W3C `traceparent`
     /// (version `00`) so correlation IDs line up with OpenTelemetry traces. Invalid
-    /// `traceparent` values are ignored. Off by default.
+    /// `traceparent` values are ignored, and so is a request with more than one
+    /// `traceparent` header, which W3C Trace Context makes invalid (even when the
+    /// values agree): its ID is minted. Off by default.
     pub fn trust_traceparent(mut self, trust: bool) -> Self {
         Arc::make_mut(&mut self.config).trust_traceparent = trust;
         self
@@ -118,7 +120,13 @@ impl Config {
         if !self.trust_traceparent {
             return None;
         }
-        trace_id_of(headers.get(TRACEPARENT)?)
+        // W3C Trace Context: a repeated `traceparent` is invalid and the trace restarts,
+        // so neither value may pick the ID.
+        let mut values = headers.get_all(TRACEPARENT).iter();
+        match (values.next(), values.next()) {
+            (Some(only), None) => trace_id_of(only),
+            _ => None,
+        }
     }
 
     /// Settles the request's ID, records it on the request, and names the header to
