@@ -7,14 +7,16 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use palisade::correlation::{
     CorrelationId, CorrelationIdLayer, Generator, PropagateCorrelationIdLayer, WithCorrelationId,
 };
+use palisade::retry::RetryLayer;
 use proptest::prelude::*;
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::Future;
 use std::pin::{Pin, pin};
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
-use tower::{Layer, Service, ServiceExt, service_fn};
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 
 /// What the handler saw.
 #[derive(Debug, Clone)]
@@ -375,6 +377,92 @@ async fn the_client_layer_mints_outside_a_scope_only_when_asked() {
         .await
         .unwrap();
     assert_eq!(uuid_version(sent.unwrap().to_str().unwrap()), 7);
+}
+
+/// An upstream that fails its first two attempts and answers the third, noting the
+/// `x-request-id` each attempt carried.
+#[derive(Clone, Default)]
+struct FlakyUpstream(Arc<Mutex<Vec<Option<HeaderValue>>>>);
+
+impl FlakyUpstream {
+    fn service(&self) -> impl Service<Request<()>, Response = (), Error = BoxError> + Clone {
+        let sent = Arc::clone(&self.0);
+        service_fn(move |request: Request<()>| {
+            let sent = Arc::clone(&sent);
+            async move {
+                let mut sent = sent.lock().unwrap();
+                sent.push(request.headers().get("x-request-id").cloned());
+                if sent.len() < 3 {
+                    return Err(BoxError::from("connection reset"));
+                }
+                Ok(())
+            }
+        })
+    }
+
+    /// The distinct IDs the attempts carried, after checking there were three, each
+    /// with an ID.
+    fn distinct_ids(&self) -> HashSet<HeaderValue> {
+        let sent = self.0.lock().unwrap();
+        assert_eq!(sent.len(), 3, "two failures, then the answer");
+        sent.iter()
+            .map(|id| id.clone().expect("every attempt carries an ID"))
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn minting_above_the_retry_layer_gives_every_attempt_one_id() {
+    let retry = RetryLayer::builder().max_attempts(3).build().unwrap();
+    let mint = PropagateCorrelationIdLayer::new().mint_when_absent(Generator::uuid_v4());
+
+    let upstream = FlakyUpstream::default();
+    let documented = ServiceBuilder::new()
+        .layer(mint.clone())
+        .layer(retry.clone())
+        .service(upstream.service());
+    documented.oneshot(request_with(&[])).await.unwrap();
+    let ids = upstream.distinct_ids();
+    assert_eq!(ids.len(), 1, "one ID for all attempts: {ids:?}");
+    let id = ids.into_iter().next().unwrap();
+    assert_eq!(uuid_version(id.to_str().unwrap()), 4);
+
+    // The other order, as documented on `mint_when_absent`: one ID per attempt.
+    let upstream = FlakyUpstream::default();
+    let below = ServiceBuilder::new()
+        .layer(retry)
+        .layer(mint)
+        .service(upstream.service());
+    below.oneshot(request_with(&[])).await.unwrap();
+    assert_eq!(upstream.distinct_ids().len(), 3);
+}
+
+#[tokio::test]
+async fn a_repeated_header_counts_by_its_first_value_only() {
+    let layer = CorrelationIdLayer::new().also_accept("x-correlation-id".parse().unwrap());
+    let first_invalid = request_with(&[
+        ("x-request-id", "bad value"),
+        ("x-request-id", "valid-but-second"),
+        ("x-correlation-id", "fallback"),
+        ("x-correlation-id", "fallback-second"),
+    ]);
+    let response = layer
+        .layer(recorder())
+        .oneshot(first_invalid)
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-correlation-id"], "fallback");
+    let primary: Vec<_> = response
+        .body()
+        .headers
+        .get_all("x-request-id")
+        .iter()
+        .collect();
+    assert_eq!(primary, ["fallback"]);
+
+    let only_invalid_first = request_with(&[("x-request-id", "a b"), ("x-request-id", "valid")]);
+    let (echoed, _) = handle(&CorrelationIdLayer::new(), only_invalid_first).await;
+    assert_eq!(uuid_version(&echoed), 4, "the second value is not used");
 }
 
 /// Slow-ish in debug builds only: `http`'s `HeaderMap` checks its links with a

@@ -42,6 +42,18 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// 4. sets the ID on the response, in the header it came in (the primary header when
 ///    minted or taken from `traceparent`), overwriting any value the handler set.
 ///
+/// # Repeated headers
+///
+/// A header sent more than once counts by its **first value only**. If that value is
+/// valid it is the ID and the later values are ignored, valid or not; if it is
+/// invalid the whole header is passed over (a valid value after it is not used) and
+/// the next accepted header is tried. Either way the primary header reaches the
+/// handler, and any client it calls, holding exactly one value, the settled ID, and
+/// the response carries exactly one value in the echo header. Headers added with
+/// [`also_accept`](Self::also_accept) are read the same way but reach the handler as
+/// they came. A repeated `traceparent` is never trusted (see
+/// [`trust_traceparent`](Self::trust_traceparent)).
+///
 /// The configuration is shared behind an `Arc` by every service the layer builds.
 #[derive(Clone, Debug, Default)]
 pub struct CorrelationIdLayer {
