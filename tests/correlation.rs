@@ -681,13 +681,14 @@ fn the_id_is_current_while_a_scoped_future_is_dropped_mid_flight() {
     let mut cx = Context::from_waker(Waker::noop());
     let mut scoped = Box::pin(CorrelationId::scope(inner.clone(), pending_with_guard()));
     let mut with_id = Box::pin(pending_with_guard().with_correlation_id(inner));
-    let mut with_current = Box::pin(CorrelationId::scope(outer, async {
-        pending_with_guard().with_current_correlation_id()
-    }));
-    let Poll::Ready(with_current) = with_current.as_mut().poll(&mut cx) else {
+    // Made in `outer`'s scope, polled and dropped outside it, as a spawned task is.
+    let make_in_outer = CorrelationId::scope(outer, async {
+        Box::new(pending_with_guard().with_current_correlation_id())
+    });
+    let Poll::Ready(with_current) = pin!(make_in_outer).poll(&mut cx) else {
         panic!("the future does not wait on anything");
     };
-    let mut with_current = Box::pin(with_current);
+    let mut with_current = Box::into_pin(with_current);
     assert!(scoped.as_mut().poll(&mut cx).is_pending());
     assert!(with_id.as_mut().poll(&mut cx).is_pending());
     assert!(with_current.as_mut().poll(&mut cx).is_pending());
