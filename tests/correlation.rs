@@ -7,12 +7,16 @@ use http::{HeaderMap, HeaderValue, Request, Response};
 use palisade::correlation::{
     CorrelationId, CorrelationIdLayer, Generator, PropagateCorrelationIdLayer, WithCorrelationId,
 };
+use palisade::retry::RetryLayer;
 use proptest::prelude::*;
+use std::collections::HashSet;
 use std::convert::Infallible;
 use std::future::Future;
-use std::pin::pin;
+use std::pin::{Pin, pin};
+use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, Waker};
-use tower::{Layer, Service, ServiceExt, service_fn};
+use std::time::Duration;
+use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 
 /// What the handler saw.
 #[derive(Debug, Clone)]
@@ -190,6 +194,27 @@ async fn traceparent_is_used_only_when_trusted_valid_and_no_header_id() {
 }
 
 #[tokio::test]
+async fn a_repeated_traceparent_is_ignored_as_w3c_requires() {
+    let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    let trusting = CorrelationIdLayer::new().trust_traceparent(true);
+    for second in [other, TRACEPARENT, "not a traceparent"] {
+        let twice = request_with(&[("traceparent", TRACEPARENT), ("traceparent", second)]);
+        let (echoed, seen) = handle(&trusting, twice).await;
+        // The example trace-id happens to parse as a v4 UUID too: check the hyphens.
+        assert_eq!(echoed.len(), 36, "minted, not taken from {second:?}");
+        assert_eq!(uuid_version(&echoed), 4);
+        assert_seen_everywhere(&echoed, &seen);
+    }
+
+    let with_header = request_with(&[
+        ("traceparent", TRACEPARENT),
+        ("traceparent", other),
+        ("x-request-id", "explicit"),
+    ]);
+    assert_eq!(handle(&trusting, with_header).await.0, "explicit");
+}
+
+#[tokio::test]
 async fn applying_the_layer_twice_keeps_one_id() {
     let layer = CorrelationIdLayer::new();
     let twice = layer.layer(layer.layer(recorder()));
@@ -354,6 +379,92 @@ async fn the_client_layer_mints_outside_a_scope_only_when_asked() {
     assert_eq!(uuid_version(sent.unwrap().to_str().unwrap()), 7);
 }
 
+/// An upstream that fails its first two attempts and answers the third, noting the
+/// `x-request-id` each attempt carried.
+#[derive(Clone, Default)]
+struct FlakyUpstream(Arc<Mutex<Vec<Option<HeaderValue>>>>);
+
+impl FlakyUpstream {
+    fn service(&self) -> impl Service<Request<()>, Response = (), Error = BoxError> + Clone {
+        let sent = Arc::clone(&self.0);
+        service_fn(move |request: Request<()>| {
+            let sent = Arc::clone(&sent);
+            async move {
+                let mut sent = sent.lock().unwrap();
+                sent.push(request.headers().get("x-request-id").cloned());
+                if sent.len() < 3 {
+                    return Err(BoxError::from("connection reset"));
+                }
+                Ok(())
+            }
+        })
+    }
+
+    /// The distinct IDs the attempts carried, after checking there were three, each
+    /// with an ID.
+    fn distinct_ids(&self) -> HashSet<HeaderValue> {
+        let sent = self.0.lock().unwrap();
+        assert_eq!(sent.len(), 3, "two failures, then the answer");
+        sent.iter()
+            .map(|id| id.clone().expect("every attempt carries an ID"))
+            .collect()
+    }
+}
+
+#[tokio::test(start_paused = true)]
+async fn minting_above_the_retry_layer_gives_every_attempt_one_id() {
+    let retry = RetryLayer::builder().max_attempts(3).build().unwrap();
+    let mint = PropagateCorrelationIdLayer::new().mint_when_absent(Generator::uuid_v4());
+
+    let upstream = FlakyUpstream::default();
+    let documented = ServiceBuilder::new()
+        .layer(mint.clone())
+        .layer(retry.clone())
+        .service(upstream.service());
+    documented.oneshot(request_with(&[])).await.unwrap();
+    let ids = upstream.distinct_ids();
+    assert_eq!(ids.len(), 1, "one ID for all attempts: {ids:?}");
+    let id = ids.into_iter().next().unwrap();
+    assert_eq!(uuid_version(id.to_str().unwrap()), 4);
+
+    // The other order, as documented on `mint_when_absent`: one ID per attempt.
+    let upstream = FlakyUpstream::default();
+    let below = ServiceBuilder::new()
+        .layer(retry)
+        .layer(mint)
+        .service(upstream.service());
+    below.oneshot(request_with(&[])).await.unwrap();
+    assert_eq!(upstream.distinct_ids().len(), 3);
+}
+
+#[tokio::test]
+async fn a_repeated_header_counts_by_its_first_value_only() {
+    let layer = CorrelationIdLayer::new().also_accept("x-correlation-id".parse().unwrap());
+    let first_invalid = request_with(&[
+        ("x-request-id", "bad value"),
+        ("x-request-id", "valid-but-second"),
+        ("x-correlation-id", "fallback"),
+        ("x-correlation-id", "fallback-second"),
+    ]);
+    let response = layer
+        .layer(recorder())
+        .oneshot(first_invalid)
+        .await
+        .unwrap();
+    assert_eq!(response.headers()["x-correlation-id"], "fallback");
+    let primary: Vec<_> = response
+        .body()
+        .headers
+        .get_all("x-request-id")
+        .iter()
+        .collect();
+    assert_eq!(primary, ["fallback"]);
+
+    let only_invalid_first = request_with(&[("x-request-id", "a b"), ("x-request-id", "valid")]);
+    let (echoed, _) = handle(&CorrelationIdLayer::new(), only_invalid_first).await;
+    assert_eq!(uuid_version(&echoed), 4, "the second value is not used");
+}
+
 /// Slow-ish in debug builds only: `http`'s `HeaderMap` checks its links with a
 /// quadratic `debug_assert!` when the 10,000 values are replaced.
 #[tokio::test]
@@ -423,7 +534,7 @@ proptest! {
     fn hostile_headers_never_panic_and_only_valid_ids_come_back(
         request_ids in proptest::collection::vec(hostile_value(), 0..4),
         correlation_ids in proptest::collection::vec(hostile_value(), 0..3),
-        traceparent in proptest::option::of(hostile_value()),
+        traceparents in proptest::collection::vec(hostile_value(), 0..3),
     ) {
         let runtime = tokio::runtime::Builder::new_current_thread().build().unwrap();
         let layer = CorrelationIdLayer::new()
@@ -436,15 +547,15 @@ proptest! {
         for value in &correlation_ids {
             request.headers_mut().append("x-correlation-id", value.clone());
         }
-        if let Some(value) = &traceparent {
-            request.headers_mut().insert("traceparent", value.clone());
+        for value in &traceparents {
+            request.headers_mut().append("traceparent", value.clone());
         }
 
         let response = runtime.block_on(layer.layer(recorder()).oneshot(request)).unwrap();
 
         // Reference model: the first value of each header in order, if valid, echoed in
-        // that header; else the trace-id of a valid traceparent, else a minted UUID, both
-        // echoed in the primary header.
+        // that header; else the trace-id of a valid traceparent sent once, else a minted
+        // UUID, both echoed in the primary header.
         let first_valid = [("x-request-id", request_ids.first()), ("x-correlation-id", correlation_ids.first())]
             .into_iter()
             .filter_map(|(name, value)| Some((name, value?.as_bytes())))
@@ -456,11 +567,13 @@ proptest! {
         prop_assert!(is_valid_id(echoed));
         match first_valid {
             Some((_, expected)) => prop_assert_eq!(echoed, expected),
-            None if traceparent.as_ref().is_some_and(|t| t == TRACEPARENT) => {
+            None if traceparents.len() == 1 && traceparents[0] == TRACEPARENT => {
                 prop_assert_eq!(echoed, &TRACEPARENT.as_bytes()[3..35]);
             }
             None => {
                 let minted = std::str::from_utf8(echoed).unwrap();
+                // Hyphenated: the example trace-id parses as a v4 UUID as well.
+                prop_assert_eq!(minted.len(), 36);
                 prop_assert_eq!(uuid_version(minted), 4);
             }
         }
@@ -474,4 +587,112 @@ proptest! {
         prop_assert_eq!(seen.current.as_ref().unwrap().as_bytes(), echoed);
         prop_assert_eq!(seen.extension.as_ref().unwrap().as_bytes(), echoed);
     }
+}
+
+/// What `CorrelationId::current()` was each time a guard was dropped.
+#[derive(Clone, Default)]
+struct DropLog(Arc<Mutex<Vec<Option<CorrelationId>>>>);
+
+impl DropLog {
+    fn guard(&self) -> LogsCurrentOnDrop {
+        LogsCurrentOnDrop(self.clone())
+    }
+
+    fn entries(&self) -> Vec<Option<CorrelationId>> {
+        self.0.lock().unwrap().clone()
+    }
+}
+
+/// A handler's guard that logs the current ID in its `Drop`, as a request-scoped span
+/// or metrics guard would.
+struct LogsCurrentOnDrop(DropLog);
+
+impl Drop for LogsCurrentOnDrop {
+    fn drop(&mut self) {
+        self.0.0.lock().unwrap().push(CorrelationId::current());
+    }
+}
+
+fn id(text: &str) -> Option<CorrelationId> {
+    Some(CorrelationId::parse(text).unwrap())
+}
+
+#[tokio::test(start_paused = true)]
+async fn the_id_is_current_while_an_outer_timeout_drops_the_handler() {
+    let log = DropLog::default();
+    let guards = log.clone();
+    let hangs = service_fn(move |_: Request<()>| {
+        let guard = guards.guard();
+        async move {
+            let _guard = guard;
+            std::future::pending::<Result<Response<()>, Infallible>>().await
+        }
+    });
+    let service = CorrelationIdLayer::new().layer(hangs);
+    let request = request_with(&[("x-request-id", "timed-out")]);
+    let outcome = tokio::time::timeout(Duration::from_secs(5), service.oneshot(request)).await;
+    assert!(outcome.is_err(), "the handler never answers");
+    assert_eq!(log.entries(), [id("timed-out")]);
+    assert_eq!(CorrelationId::current(), None, "and the scope ends with it");
+}
+
+/// A hand-written handler future that keeps its guard until it is dropped, after it
+/// has answered.
+struct KeepsGuard<F> {
+    future: F,
+    _guard: LogsCurrentOnDrop,
+}
+
+impl<F: Future + Unpin> Future for KeepsGuard<F> {
+    type Output = F::Output;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        Pin::new(&mut self.future).poll(cx)
+    }
+}
+
+#[tokio::test]
+async fn the_id_is_current_while_a_finished_handler_future_is_dropped() {
+    let log = DropLog::default();
+    let guards = log.clone();
+    let answers = service_fn(move |_: Request<()>| KeepsGuard {
+        future: std::future::ready(Ok::<_, Infallible>(Response::new(()))),
+        _guard: guards.guard(),
+    });
+    let service = CorrelationIdLayer::new().layer(answers);
+    let request = request_with(&[("x-request-id", "answered")]);
+    let response = service.oneshot(request).await.unwrap();
+    assert_eq!(response.headers()["x-request-id"], "answered");
+    assert_eq!(log.entries(), [id("answered")]);
+}
+
+#[test]
+fn the_id_is_current_while_a_scoped_future_is_dropped_mid_flight() {
+    let log = DropLog::default();
+    let pending_with_guard = || {
+        let guard = log.guard();
+        async move {
+            let _guard = guard;
+            std::future::pending::<()>().await
+        }
+    };
+    let outer = CorrelationId::parse("outer").unwrap();
+    let inner = CorrelationId::parse("inner").unwrap();
+    let mut cx = Context::from_waker(Waker::noop());
+    let mut scoped = Box::pin(CorrelationId::scope(inner.clone(), pending_with_guard()));
+    let mut with_id = Box::pin(pending_with_guard().with_correlation_id(inner));
+    // Made in `outer`'s scope, polled and dropped outside it, as a spawned task is.
+    let make_in_outer = CorrelationId::scope(outer, async {
+        Box::new(pending_with_guard().with_current_correlation_id())
+    });
+    let Poll::Ready(with_current) = pin!(make_in_outer).poll(&mut cx) else {
+        panic!("the future does not wait on anything");
+    };
+    let mut with_current = Box::into_pin(with_current);
+    assert!(scoped.as_mut().poll(&mut cx).is_pending());
+    assert!(with_id.as_mut().poll(&mut cx).is_pending());
+    assert!(with_current.as_mut().poll(&mut cx).is_pending());
+    drop((scoped, with_id, with_current));
+    assert_eq!(log.entries(), [id("inner"), id("inner"), id("outer")]);
+    assert_eq!(CorrelationId::current(), None);
 }

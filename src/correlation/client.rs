@@ -53,6 +53,57 @@ impl PropagateCorrelationIdLayer {
 
     /// Mints an ID with `generator` for requests made outside any correlation scope
     /// (background jobs, CLIs), instead of sending none.
+    ///
+    /// The ID is minted each time a request passes through this layer. Below a
+    /// [`RetryLayer`](crate::retry::RetryLayer) that is once per attempt: every retry
+    /// of a request mints its own ID, and the server sees unrelated requests. Put this
+    /// layer above the retry layer (before it in a `ServiceBuilder`): it then mints once,
+    /// the retry layer copies the header into every attempt, and all attempts share one
+    /// ID. Inside a request's scope the order does not matter, since every attempt takes
+    /// [`CorrelationId::current`] (or the request's extension).
+    ///
+    /// ```
+    /// use http::{HeaderValue, Request, Response};
+    /// use palisade::correlation::{Generator, PropagateCorrelationIdLayer};
+    /// use palisade::retry::{Backoff, RetryLayer};
+    /// use std::sync::{Arc, Mutex};
+    /// use std::time::Duration;
+    /// use tower::{BoxError, ServiceBuilder, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread")]
+    /// # async fn main() -> Result<(), BoxError> {
+    /// // Fails twice, then answers; notes the ID each attempt carried.
+    /// let sent: Arc<Mutex<Vec<Option<HeaderValue>>>> = Arc::default();
+    /// let log = Arc::clone(&sent);
+    /// let upstream = service_fn(move |request: Request<()>| {
+    ///     let log = Arc::clone(&log);
+    ///     async move {
+    ///         let mut log = log.lock().unwrap();
+    ///         log.push(request.headers().get("x-request-id").cloned());
+    ///         if log.len() < 3 {
+    ///             return Err::<Response<()>, BoxError>("connection reset".into());
+    ///         }
+    ///         Ok(Response::new(()))
+    ///     }
+    /// });
+    ///
+    /// let retry = RetryLayer::builder()
+    ///     .max_attempts(3)
+    ///     .backoff(Backoff::constant(Duration::ZERO))
+    ///     .build()?;
+    /// let client = ServiceBuilder::new()
+    ///     .layer(PropagateCorrelationIdLayer::new().mint_when_absent(Generator::uuid_v7()))
+    ///     .layer(retry) // below the minting layer: one ID for every attempt
+    ///     .service(upstream);
+    /// client.oneshot(Request::new(())).await?;
+    ///
+    /// let sent = sent.lock().unwrap();
+    /// assert_eq!(sent.len(), 3);
+    /// assert!(sent[0].is_some());
+    /// assert!(sent.iter().all(|id| *id == sent[0]));
+    /// # Ok(())
+    /// # }
+    /// ```
     pub fn mint_when_absent(mut self, generator: Generator) -> Self {
         Arc::make_mut(&mut self.config).mint = Some(generator);
         self

@@ -2,15 +2,16 @@
 //! client layer and by `CorrelationId::current()`.
 
 use super::CorrelationId;
-use pin_project::pin_project;
+use pin_project::{pin_project, pinned_drop};
 use std::cell::Cell;
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::task::{Context, Poll};
+use std::task::{Context, Poll, ready};
 
 // A task-local by hand: `Scoped` moves its ID into this slot for the length of each poll
-// and takes it back after, like `tokio::task_local!`, but it can run the inner `call`
+// (and of the inner future's drop) and takes it back after, like `tokio::task_local!`,
+// but it can run the inner `call`
 // and the future in one scope and hand the ID back at the end, without a clone.
 thread_local! {
     static CURRENT: Cell<Option<CorrelationId>> = const { Cell::new(None) };
@@ -19,7 +20,9 @@ thread_local! {
 impl CorrelationId {
     /// The ID of the request being handled: set by
     /// [`CorrelationIdLayer`](super::CorrelationIdLayer) around the inner service's
-    /// `call` and its response future, so it works anywhere the handler awaits.
+    /// `call` and its response future, so it works anywhere the handler awaits, and
+    /// also while that future is dropped, finished or cancelled (a `Drop` that logs
+    /// sees the ID).
     ///
     /// `None` outside a scope, and inside a task spawned without
     /// [`WithCorrelationId::with_current_correlation_id`]: the scope does not cross
@@ -90,18 +93,28 @@ pub(crate) fn in_scope<R>(slot: &mut Option<CorrelationId>, f: impl FnOnce() -> 
 
 /// A future that runs with a correlation ID as [`CorrelationId::current`]: made by
 /// [`CorrelationId::scope`] and [`WithCorrelationId`].
-#[pin_project]
+///
+/// The ID is current while the inner future is polled and also while it is dropped,
+/// whether it finished or was cancelled mid-flight (an outer timeout, a client that
+/// disconnected), so guards in it that log on `Drop` still see the ID. Like
+/// `tokio::task_local!`'s futures, it panics if polled again after it finished.
+#[pin_project(PinnedDrop)]
 #[must_use = "futures do nothing unless polled"]
 pub struct Scoped<F> {
+    /// `None` once finished: the inner future is dropped then, inside the scope, rather
+    /// than later wherever the caller drops this one.
     #[pin]
-    future: F,
+    future: Option<F>,
     /// `None` runs the future with no current ID, whatever the poller's.
     id: Option<CorrelationId>,
 }
 
 impl<F> Scoped<F> {
     pub(crate) fn new(id: Option<CorrelationId>, future: F) -> Self {
-        Self { future, id }
+        Self {
+            future: Some(future),
+            id,
+        }
     }
 
     /// Gives the ID back once the future has completed, so the caller needs no clone.
@@ -114,9 +127,27 @@ impl<F: Future> Future for Scoped<F> {
     type Output = F::Output;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let this = self.project();
+        let mut this = self.project();
         let _entered = Entered::new(this.id);
-        this.future.poll(cx)
+        let Some(future) = this.future.as_mut().as_pin_mut() else {
+            panic!("`Scoped` polled after completion");
+        };
+        let output = ready!(future.poll(cx));
+        this.future.set(None);
+        Poll::Ready(output)
+    }
+}
+
+#[pinned_drop]
+impl<F> PinnedDrop for Scoped<F> {
+    fn drop(self: Pin<&mut Self>) {
+        // Without drop glue nothing can observe the ID, so skip the two swaps.
+        if !std::mem::needs_drop::<F>() || self.future.is_none() {
+            return;
+        }
+        let mut this = self.project();
+        let _entered = Entered::new(this.id);
+        this.future.set(None);
     }
 }
 

@@ -26,19 +26,33 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 /// 1. takes the ID from the first configured header holding a valid one (default
 ///    `x-request-id`; more with [`also_accept`](Self::also_accept)), else, if
 ///    [`trust_traceparent`](Self::trust_traceparent) is on, from the trace-id of a valid
-///    W3C `traceparent`, else mints one with the [`Generator`] (UUID v4 by default) and
+///    W3C `traceparent` sent once, else mints one with the [`Generator`] (UUID v4 by default) and
 ///    writes it into the request's primary header, replacing whatever invalid value was
 ///    there. Invalid values are dropped silently: never echoed, never logged, never an
 ///    error. A request that already carries a `CorrelationId` extension (an outer
 ///    `CorrelationIdLayer`) keeps it, so applying the layer twice is harmless;
 /// 2. inserts the ID into the request extensions;
 /// 3. runs the inner service's `call` and its response future with the ID as
-///    [`CorrelationId::current`], and, with the `tracing` feature, inside a span
+///    [`CorrelationId::current`], also while that future is dropped (finished, or
+///    cancelled by an outer timeout or a client that went away), and, with the
+///    `tracing` feature, inside a span
 ///    `correlation{correlation_id=...}` (target `palisade::correlation`, level `ERROR`
 ///    so it is enabled whenever any event is, cost-free when no subscriber listens), so
 ///    every event the request logs carries the ID;
 /// 4. sets the ID on the response, in the header it came in (the primary header when
 ///    minted or taken from `traceparent`), overwriting any value the handler set.
+///
+/// # Repeated headers
+///
+/// A header sent more than once counts by its **first value only**. If that value is
+/// valid it is the ID and the later values are ignored, valid or not; if it is
+/// invalid the whole header is passed over (a valid value after it is not used) and
+/// the next accepted header is tried. Either way the primary header reaches the
+/// handler, and any client it calls, holding exactly one value, the settled ID, and
+/// the response carries exactly one value in the echo header. Headers added with
+/// [`also_accept`](Self::also_accept) are read the same way but reach the handler as
+/// they came. A repeated `traceparent` is never trusted (see
+/// [`trust_traceparent`](Self::trust_traceparent)).
 ///
 /// The configuration is shared behind an `Arc` by every service the layer builds.
 #[derive(Clone, Debug, Default)]
@@ -92,7 +106,9 @@ impl CorrelationIdLayer {
 
     /// When no header holds a valid ID, use the trace-id of a valid W3C `traceparent`
     /// (version `00`) so correlation IDs line up with OpenTelemetry traces. Invalid
-    /// `traceparent` values are ignored. Off by default.
+    /// `traceparent` values are ignored, and so is a request with more than one
+    /// `traceparent` header, which W3C Trace Context makes invalid (even when the
+    /// values agree): its ID is minted. Off by default.
     pub fn trust_traceparent(mut self, trust: bool) -> Self {
         Arc::make_mut(&mut self.config).trust_traceparent = trust;
         self
@@ -116,7 +132,13 @@ impl Config {
         if !self.trust_traceparent {
             return None;
         }
-        trace_id_of(headers.get(TRACEPARENT)?)
+        // W3C Trace Context: a repeated `traceparent` is invalid and the trace restarts,
+        // so neither value may pick the ID.
+        let mut values = headers.get_all(TRACEPARENT).iter();
+        match (values.next(), values.next()) {
+            (Some(only), None) => trace_id_of(only),
+            _ => None,
+        }
     }
 
     /// Settles the request's ID, records it on the request, and names the header to
