@@ -504,6 +504,45 @@ async fn the_handle_forces_and_resets() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn forcing_the_state_a_breaker_is_forced_into_is_not_a_transition() {
+    let (seen, observer) = recorder();
+    let layer = counting(2, 4)
+        .on_transition(observer)
+        .build()
+        .expect("valid");
+    let handle = layer.handle();
+    for (force, state) in [
+        (
+            CircuitBreakerHandle::force_open as fn(&CircuitBreakerHandle),
+            State::ForcedOpen,
+        ),
+        (CircuitBreakerHandle::force_closed, State::ForcedClosed),
+    ] {
+        force(&handle);
+        let forced_at = handle.metrics().last_transition;
+        advance(Duration::from_secs(1)).await;
+        force(&handle);
+        assert_eq!(handle.state(), state);
+        assert_eq!(handle.metrics().last_transition, forced_at, "{state:?}");
+    }
+    assert_eq!(
+        reasons(&seen),
+        [
+            (
+                State::Closed,
+                State::ForcedOpen,
+                TransitionReason::ForcedOpen
+            ),
+            (
+                State::ForcedOpen,
+                State::ForcedClosed,
+                TransitionReason::ForcedClosed
+            ),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn every_service_and_clone_shares_one_breaker() {
     let layer = counting(2, 2).build().expect("valid");
     let handle = layer.handle();

@@ -282,6 +282,8 @@ impl Model {
         if state == State::Closed {
             self.window.clear();
             self.consecutive_trips = 0;
+        } else if state == self.state {
+            return;
         }
         self.enter(state);
     }

@@ -615,7 +615,8 @@ impl Core {
         }
     }
 
-    /// Moves to `state` from whatever state the breaker is in (manual control).
+    /// Moves to `state` from whatever state the breaker is in (manual control). Forcing
+    /// the state the breaker was already forced into is a no-op, not a transition.
     pub(crate) fn force(&self, state: State, reason: TransitionReason, now: Instant) {
         if reason == TransitionReason::Reset {
             self.window.clear();
@@ -623,7 +624,11 @@ impl Core {
         }
         loop {
             let raw = self.state.load(Ordering::Acquire);
-            let next = Word::decode(raw).next(state, 0);
+            let current = Word::decode(raw);
+            if current.state == state && reason != TransitionReason::Reset {
+                return;
+            }
+            let next = current.next(state, 0);
             if self.transition(raw, next, reason, now) {
                 return;
             }
@@ -747,8 +752,13 @@ mod tests {
                 let core = core(base);
                 let mut now = base;
                 trip_and_recover(&core, &mut now);
-                for _ in 1..forced {
-                    core.force(State::ForcedOpen, TransitionReason::ForcedOpen, now);
+                // Alternating, since forcing the state the breaker is in changes nothing.
+                for round in 1..forced {
+                    if round % 2 == 0 {
+                        core.force(State::ForcedClosed, TransitionReason::ForcedClosed, now);
+                    } else {
+                        core.force(State::ForcedOpen, TransitionReason::ForcedOpen, now);
+                    }
                 }
                 core.force(State::Closed, TransitionReason::Reset, now);
                 trip_and_recover(&core, &mut now);
