@@ -608,6 +608,39 @@ async fn the_longest_open_time_and_window_span_work() {
     assert_eq!(handle.metrics().calls, 1, "the window still holds the call");
 }
 
+/// Nothing `build` accepts allocates in proportion to an unbounded number: a time
+/// window of `u32::MAX` buckets used to try to allocate 103 GB and abort.
+#[test]
+fn window_sizes_are_bounded_at_build() {
+    let time = |buckets| {
+        CircuitBreakerLayer::builder()
+            .sliding_window(SlidingWindow::time(CENTURY).buckets(buckets))
+            .build()
+            .map(|_| ())
+    };
+    assert_eq!(time(1024), Ok(()), "the documented maximum");
+    // Asserted from the smallest up, so that before the bound existed the test failed
+    // on a size it could afford to build.
+    for buckets in [1025, 10_000_000, u32::MAX] {
+        assert_eq!(
+            time(buckets),
+            Err(ConfigError::TooManyBuckets { buckets, max: 1024 })
+        );
+    }
+    let count = |size| {
+        CircuitBreakerLayer::builder()
+            .minimum_calls(1)
+            .sliding_window(SlidingWindow::count(size))
+            .build()
+            .map(|_| ())
+    };
+    let max = (1 << 20) - 1;
+    assert_eq!(count(max), Ok(()), "the documented maximum");
+    for size in [max + 1, u32::MAX as usize, usize::MAX] {
+        assert_eq!(count(size), Err(ConfigError::WindowTooLarge { size, max }));
+    }
+}
+
 #[test]
 fn build_rejects_every_invalid_configuration() {
     let builder = CircuitBreakerLayer::builder;

@@ -1,7 +1,7 @@
 //! The breaker's settings: the sliding window, slow calls and the open-time schedule.
 
 use super::error::ConfigError;
-use super::window::{MAX_COUNT_WINDOW, MIN_BUCKET_WIDTH};
+use super::window::{MAX_BUCKETS, MAX_COUNT_WINDOW, MIN_BUCKET_WIDTH};
 use std::time::Duration;
 
 /// Which recent calls the closed breaker judges the dependency by.
@@ -28,7 +28,8 @@ pub(crate) enum WindowKind {
 
 impl SlidingWindow {
     /// The last `calls` outcomes, exactly: a ring where each call replaces the oldest.
-    /// At most 1 048 575.
+    /// At most 1 048 575 (4 MiB of slots, allocated at build time); more is a
+    /// [`ConfigError::WindowTooLarge`].
     pub const fn count(calls: usize) -> Self {
         Self {
             kind: WindowKind::Count(calls),
@@ -45,7 +46,8 @@ impl SlidingWindow {
     }
 
     /// Splits a time window into `buckets` buckets instead of 10: more buckets slide
-    /// more smoothly and cost a few more loads per call. No effect on a count window.
+    /// more smoothly and cost a few more loads per call. At most 1024 (more is a
+    /// [`ConfigError::TooManyBuckets`]). No effect on a count window.
     pub const fn buckets(self, buckets: u32) -> Self {
         match self.kind {
             WindowKind::Time { span, .. } => Self {
@@ -74,6 +76,12 @@ impl SlidingWindow {
             }
             WindowKind::Count(_) => Ok(()),
             WindowKind::Time { buckets: 0, .. } => Err(ConfigError::NoBuckets),
+            WindowKind::Time { buckets, .. } if buckets > MAX_BUCKETS => {
+                Err(ConfigError::TooManyBuckets {
+                    buckets,
+                    max: MAX_BUCKETS,
+                })
+            }
             WindowKind::Time { span, .. } if span > MAX_DURATION => {
                 Err(ConfigError::WindowSpanTooLong {
                     span,
