@@ -264,6 +264,29 @@ async fn minimum_calls_below_the_window_size_trips_early() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_default_minimum_calls_fits_a_smaller_count_window() {
+    let layer = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::count(10))
+        .build()
+        .expect("a default minimum_calls of 20 is fitted to a window of 10");
+    let (handle, mut service) = wire(layer);
+    for _ in 0..9 {
+        send(&mut service, Call::Fail).await.unwrap_err();
+    }
+    assert_eq!(handle.state(), State::Closed, "9 calls are no verdict");
+    send(&mut service, Call::Fail).await.unwrap_err();
+    assert_eq!(handle.state(), State::Open, "the whole window is");
+    assert_eq!(
+        CircuitBreakerLayer::builder()
+            .sliding_window(SlidingWindow::count(0))
+            .build()
+            .map(|_| ())
+            .unwrap_err(),
+        ConfigError::EmptyWindow
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn time_window_forgets_calls_older_than_its_span() {
     let layer = CircuitBreakerLayer::builder()
         .failure_rate_threshold(0.5)

@@ -237,6 +237,10 @@ pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 6
 /// The most half-open probes (the probe counters are 12 bits wide).
 pub(crate) const MAX_PROBES: u32 = (1 << 12) - 1;
 
+/// The `minimum_calls` of a breaker that does not set it, for a window that can hold
+/// that many calls.
+const DEFAULT_MINIMUM_CALLS: u64 = 20;
+
 /// A validated configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Config {
@@ -252,7 +256,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             failure_rate: 0.5,
-            minimum_calls: 20,
+            minimum_calls: DEFAULT_MINIMUM_CALLS,
             window: SlidingWindow::count(100),
             slow: None,
             open: OpenBackoff::fixed(Duration::from_secs(30)),
@@ -262,6 +266,17 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The default `minimum_calls`, fitted to the window: a value the user never set
+    /// must not make the window they chose invalid. Never 0, so that an empty window is
+    /// reported as such.
+    pub(crate) fn default_minimum_calls(&self) -> u64 {
+        self.window
+            .capacity()
+            .map_or(DEFAULT_MINIMUM_CALLS, |size| {
+                DEFAULT_MINIMUM_CALLS.min(size as u64).max(1)
+            })
+    }
+
     pub(crate) fn validate(self) -> Result<Self, ConfigError> {
         check_rate(self.failure_rate).map_err(ConfigError::FailureRate)?;
         if let Some(slow) = self.slow {
