@@ -424,6 +424,64 @@ async fn dropped_probes_give_their_slots_back_and_the_breaker_recovers() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn metrics_show_the_verdict_the_half_open_episode_and_the_rejections() {
+    let layer = counting(4, 4)
+        .open_for(Duration::from_secs(1))
+        .half_open_probes(3)
+        .build()
+        .expect("valid");
+    let (handle, mut service) = wire(layer);
+    for _ in 0..3 {
+        send(&mut service, Call::Fail).await.unwrap_err();
+    }
+    let metrics = handle.metrics();
+    assert_eq!(metrics.failure_rate, 1.0);
+    assert!(
+        !metrics.minimum_calls_reached,
+        "3 calls of 4 are no verdict"
+    );
+    send(&mut service, Call::Fail).await.unwrap_err();
+    assert_eq!(handle.state(), State::Open);
+    assert!(handle.metrics().minimum_calls_reached);
+    for _ in 0..2 {
+        assert!(rejected(&send(&mut service, Call::Succeed).await).is_some());
+    }
+    assert_eq!(handle.metrics().rejected, 2);
+
+    advance(Duration::from_secs(1)).await;
+    // The backend is always ready, so calls can be started without `ready` in between.
+    let mut call = |call| service.call(call);
+    let (succeeding, failing, dropped) =
+        (call(Call::Succeed), call(Call::Fail), call(Call::Succeed));
+    assert!(rejected(&call(Call::Succeed).await).is_some(), "slots full");
+    let episode = |metrics: palisade::circuit_breaker::Metrics| {
+        (
+            metrics.probes_in_flight,
+            metrics.probe_successes,
+            metrics.probe_failures,
+            metrics.rejected,
+        )
+    };
+    assert_eq!(handle.state(), State::HalfOpen);
+    assert_eq!(episode(handle.metrics()), (3, 0, 0, 3));
+    succeeding.await.expect("probe");
+    failing.await.unwrap_err();
+    assert_eq!(episode(handle.metrics()), (1, 1, 1, 3));
+    drop(dropped);
+    assert_eq!(episode(handle.metrics()), (0, 1, 1, 3));
+    call(Call::Succeed).await.expect("the last probe");
+    assert_eq!(handle.state(), State::Closed, "one failure in three probes");
+    assert_eq!(
+        episode(handle.metrics()),
+        (0, 0, 0, 3),
+        "the episode is over"
+    );
+
+    handle.reset();
+    assert_eq!(handle.metrics().rejected, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn calls_rejected_behind_hung_probes_are_told_the_latest_open_time() {
     let layer = counting(1, 5)
         .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)))
