@@ -346,9 +346,6 @@ impl Core {
         }
     }
 
-    /// How long the breaker stayed open before this half-open phase (without jitter):
-    /// the hint for calls rejected while every probe slot is taken. The probes may
-    /// hang, and a zero hint would send clients and retry layers into a tight loop.
     /// Counts a rejection: the only place the rejected counter is written, off the
     /// path of admitted calls.
     fn reject(&self, retry_after: Duration) -> CircuitOpen {
@@ -356,6 +353,9 @@ impl Core {
         CircuitOpen::new(retry_after)
     }
 
+    /// How long the breaker stayed open before this half-open phase (without jitter):
+    /// the hint for calls rejected while every probe slot is taken. The probes may
+    /// hang, and a zero hint would send clients and retry layers into a tight loop.
     fn latest_open_time(&self) -> Duration {
         let trips = self.consecutive_trips.load(Ordering::Acquire);
         self.config.open.nominal(trips.saturating_sub(1))
