@@ -264,6 +264,29 @@ async fn minimum_calls_below_the_window_size_trips_early() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn the_default_minimum_calls_fits_a_smaller_count_window() {
+    let layer = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::count(10))
+        .build()
+        .expect("a default minimum_calls of 20 is fitted to a window of 10");
+    let (handle, mut service) = wire(layer);
+    for _ in 0..9 {
+        send(&mut service, Call::Fail).await.unwrap_err();
+    }
+    assert_eq!(handle.state(), State::Closed, "9 calls are no verdict");
+    send(&mut service, Call::Fail).await.unwrap_err();
+    assert_eq!(handle.state(), State::Open, "the whole window is");
+    assert_eq!(
+        CircuitBreakerLayer::builder()
+            .sliding_window(SlidingWindow::count(0))
+            .build()
+            .map(|_| ())
+            .unwrap_err(),
+        ConfigError::EmptyWindow
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn time_window_forgets_calls_older_than_its_span() {
     let layer = CircuitBreakerLayer::builder()
         .failure_rate_threshold(0.5)
@@ -401,6 +424,64 @@ async fn dropped_probes_give_their_slots_back_and_the_breaker_recovers() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn metrics_show_the_verdict_the_half_open_episode_and_the_rejections() {
+    let layer = counting(4, 4)
+        .open_for(Duration::from_secs(1))
+        .half_open_probes(3)
+        .build()
+        .expect("valid");
+    let (handle, mut service) = wire(layer);
+    for _ in 0..3 {
+        send(&mut service, Call::Fail).await.unwrap_err();
+    }
+    let metrics = handle.metrics();
+    assert_eq!(metrics.failure_rate, 1.0);
+    assert!(
+        !metrics.minimum_calls_reached,
+        "3 calls of 4 are no verdict"
+    );
+    send(&mut service, Call::Fail).await.unwrap_err();
+    assert_eq!(handle.state(), State::Open);
+    assert!(handle.metrics().minimum_calls_reached);
+    for _ in 0..2 {
+        assert!(rejected(&send(&mut service, Call::Succeed).await).is_some());
+    }
+    assert_eq!(handle.metrics().rejected, 2);
+
+    advance(Duration::from_secs(1)).await;
+    // The backend is always ready, so calls can be started without `ready` in between.
+    let mut call = |call| service.call(call);
+    let (succeeding, failing, dropped) =
+        (call(Call::Succeed), call(Call::Fail), call(Call::Succeed));
+    assert!(rejected(&call(Call::Succeed).await).is_some(), "slots full");
+    let episode = |metrics: palisade::circuit_breaker::Metrics| {
+        (
+            metrics.probes_in_flight,
+            metrics.probe_successes,
+            metrics.probe_failures,
+            metrics.rejected,
+        )
+    };
+    assert_eq!(handle.state(), State::HalfOpen);
+    assert_eq!(episode(handle.metrics()), (3, 0, 0, 3));
+    succeeding.await.expect("probe");
+    failing.await.unwrap_err();
+    assert_eq!(episode(handle.metrics()), (1, 1, 1, 3));
+    drop(dropped);
+    assert_eq!(episode(handle.metrics()), (0, 1, 1, 3));
+    call(Call::Succeed).await.expect("the last probe");
+    assert_eq!(handle.state(), State::Closed, "one failure in three probes");
+    assert_eq!(
+        episode(handle.metrics()),
+        (0, 0, 0, 3),
+        "the episode is over"
+    );
+
+    handle.reset();
+    assert_eq!(handle.metrics().rejected, 0);
+}
+
+#[tokio::test(start_paused = true)]
 async fn calls_rejected_behind_hung_probes_are_told_the_latest_open_time() {
     let layer = counting(1, 5)
         .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)))
@@ -504,6 +585,45 @@ async fn the_handle_forces_and_resets() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn forcing_the_state_a_breaker_is_forced_into_is_not_a_transition() {
+    let (seen, observer) = recorder();
+    let layer = counting(2, 4)
+        .on_transition(observer)
+        .build()
+        .expect("valid");
+    let handle = layer.handle();
+    for (force, state) in [
+        (
+            CircuitBreakerHandle::force_open as fn(&CircuitBreakerHandle),
+            State::ForcedOpen,
+        ),
+        (CircuitBreakerHandle::force_closed, State::ForcedClosed),
+    ] {
+        force(&handle);
+        let forced_at = handle.metrics().last_transition;
+        advance(Duration::from_secs(1)).await;
+        force(&handle);
+        assert_eq!(handle.state(), state);
+        assert_eq!(handle.metrics().last_transition, forced_at, "{state:?}");
+    }
+    assert_eq!(
+        reasons(&seen),
+        [
+            (
+                State::Closed,
+                State::ForcedOpen,
+                TransitionReason::ForcedOpen
+            ),
+            (
+                State::ForcedOpen,
+                State::ForcedClosed,
+                TransitionReason::ForcedClosed
+            ),
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn every_service_and_clone_shares_one_breaker() {
     let layer = counting(2, 2).build().expect("valid");
     let handle = layer.handle();
@@ -567,6 +687,39 @@ async fn the_longest_open_time_and_window_span_work() {
     assert_eq!(handle.metrics().calls, 1);
     advance(CENTURY / 2).await;
     assert_eq!(handle.metrics().calls, 1, "the window still holds the call");
+}
+
+/// Nothing `build` accepts allocates in proportion to an unbounded number: a time
+/// window of `u32::MAX` buckets used to try to allocate 103 GB and abort.
+#[test]
+fn window_sizes_are_bounded_at_build() {
+    let time = |buckets| {
+        CircuitBreakerLayer::builder()
+            .sliding_window(SlidingWindow::time(CENTURY).buckets(buckets))
+            .build()
+            .map(|_| ())
+    };
+    assert_eq!(time(1024), Ok(()), "the documented maximum");
+    // Asserted from the smallest up, so that before the bound existed the test failed
+    // on a size it could afford to build.
+    for buckets in [1025, 10_000_000, u32::MAX] {
+        assert_eq!(
+            time(buckets),
+            Err(ConfigError::TooManyBuckets { buckets, max: 1024 })
+        );
+    }
+    let count = |size| {
+        CircuitBreakerLayer::builder()
+            .minimum_calls(1)
+            .sliding_window(SlidingWindow::count(size))
+            .build()
+            .map(|_| ())
+    };
+    let max = (1 << 20) - 1;
+    assert_eq!(count(max), Ok(()), "the documented maximum");
+    for size in [max + 1, u32::MAX as usize, usize::MAX] {
+        assert_eq!(count(size), Err(ConfigError::WindowTooLarge { size, max }));
+    }
 }
 
 #[test]

@@ -74,8 +74,12 @@ async fn each_transition_emits_a_tracing_event() {
     send(&mut service, true).await.unwrap_err();
     advance(Duration::from_secs(1)).await;
     send(&mut service, false).await.expect("probe");
+    // Forcing the state the breaker is already forced into is not a transition.
+    let handle = layer.handle();
+    handle.force_open();
+    handle.force_open();
     assert_eq!(
         *seen.lock().expect("not poisoned"),
-        ["Open", "HalfOpen", "Closed"]
+        ["Open", "HalfOpen", "Closed", "ForcedOpen"]
     );
 }

@@ -88,6 +88,33 @@ async fn a_breaker_counts_its_transitions_and_rejections() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn forcing_a_forced_breaker_again_counts_no_transition() {
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let handle = CircuitBreakerLayer::builder()
+        .build()
+        .expect("a valid breaker")
+        .handle();
+    handle.force_open();
+    handle.force_open();
+    handle.force_closed();
+    handle.force_closed();
+
+    let counters = counters(&snapshotter);
+    let transitions = "palisade_circuit_breaker_transitions_total";
+    assert_eq!(counter(&counters, transitions, &[]), 2);
+    for state in ["forced_open", "forced_closed"] {
+        assert_eq!(
+            counter(&counters, transitions, &[("from", state), ("to", state)]),
+            0,
+            "{state}"
+        );
+    }
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_rate_limiter_counts_its_rejections() {
     let recorder = DebuggingRecorder::new();
     let snapshotter = recorder.snapshotter();

@@ -1,7 +1,7 @@
 //! The breaker's settings: the sliding window, slow calls and the open-time schedule.
 
 use super::error::ConfigError;
-use super::window::{MAX_COUNT_WINDOW, MIN_BUCKET_WIDTH};
+use super::window::{MAX_BUCKETS, MAX_COUNT_WINDOW, MIN_BUCKET_WIDTH};
 use std::time::Duration;
 
 /// Which recent calls the closed breaker judges the dependency by.
@@ -28,7 +28,8 @@ pub(crate) enum WindowKind {
 
 impl SlidingWindow {
     /// The last `calls` outcomes, exactly: a ring where each call replaces the oldest.
-    /// At most 1 048 575.
+    /// At most 1 048 575 (4 MiB of slots, allocated at build time); more is a
+    /// [`ConfigError::WindowTooLarge`].
     pub const fn count(calls: usize) -> Self {
         Self {
             kind: WindowKind::Count(calls),
@@ -45,7 +46,8 @@ impl SlidingWindow {
     }
 
     /// Splits a time window into `buckets` buckets instead of 10: more buckets slide
-    /// more smoothly and cost a few more loads per call. No effect on a count window.
+    /// more smoothly and cost a few more loads per call. At most 1024 (more is a
+    /// [`ConfigError::TooManyBuckets`]). No effect on a count window.
     pub const fn buckets(self, buckets: u32) -> Self {
         match self.kind {
             WindowKind::Time { span, .. } => Self {
@@ -74,6 +76,12 @@ impl SlidingWindow {
             }
             WindowKind::Count(_) => Ok(()),
             WindowKind::Time { buckets: 0, .. } => Err(ConfigError::NoBuckets),
+            WindowKind::Time { buckets, .. } if buckets > MAX_BUCKETS => {
+                Err(ConfigError::TooManyBuckets {
+                    buckets,
+                    max: MAX_BUCKETS,
+                })
+            }
             WindowKind::Time { span, .. } if span > MAX_DURATION => {
                 Err(ConfigError::WindowSpanTooLong {
                     span,
@@ -229,6 +237,10 @@ pub(crate) const MAX_DURATION: Duration = Duration::from_secs(100 * 365 * 24 * 6
 /// The most half-open probes (the probe counters are 12 bits wide).
 pub(crate) const MAX_PROBES: u32 = (1 << 12) - 1;
 
+/// The `minimum_calls` of a breaker that does not set it, for a window that can hold
+/// that many calls.
+const DEFAULT_MINIMUM_CALLS: u64 = 20;
+
 /// A validated configuration.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Config {
@@ -244,7 +256,7 @@ impl Default for Config {
     fn default() -> Self {
         Self {
             failure_rate: 0.5,
-            minimum_calls: 20,
+            minimum_calls: DEFAULT_MINIMUM_CALLS,
             window: SlidingWindow::count(100),
             slow: None,
             open: OpenBackoff::fixed(Duration::from_secs(30)),
@@ -254,6 +266,17 @@ impl Default for Config {
 }
 
 impl Config {
+    /// The default `minimum_calls`, fitted to the window: a value the user never set
+    /// must not make the window they chose invalid. Never 0, so that an empty window is
+    /// reported as such.
+    pub(crate) fn default_minimum_calls(&self) -> u64 {
+        self.window
+            .capacity()
+            .map_or(DEFAULT_MINIMUM_CALLS, |size| {
+                DEFAULT_MINIMUM_CALLS.min(size as u64).max(1)
+            })
+    }
+
     pub(crate) fn validate(self) -> Result<Self, ConfigError> {
         check_rate(self.failure_rate).map_err(ConfigError::FailureRate)?;
         if let Some(slow) = self.slow {

@@ -69,6 +69,15 @@ pub enum ConfigError {
     /// A time window with zero buckets.
     #[error("a time window needs at least one bucket")]
     NoBuckets,
+    /// A time window split into more buckets than supported: each is memory allocated
+    /// at build time and work on every call.
+    #[error("a time window has at most {max} buckets, got {buckets}")]
+    TooManyBuckets {
+        /// The requested number.
+        buckets: u32,
+        /// The largest supported number.
+        max: u32,
+    },
     /// A time window whose buckets would be shorter than a millisecond.
     #[error("a time window of {span:?} in {buckets} buckets has buckets under 1ms")]
     BucketTooShort {

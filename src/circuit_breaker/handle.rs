@@ -20,13 +20,15 @@ impl CircuitBreakerHandle {
         self.core.state()
     }
 
-    /// A snapshot of the state and the closed-state window.
+    /// A snapshot: the state, the closed-state window, the current half-open episode
+    /// and the calls rejected. Reading it never slows the breaker's calls down.
     pub fn metrics(&self) -> Metrics {
         self.core.metrics(Instant::now())
     }
 
     /// Rejects every call until [`force_closed`](Self::force_closed) or
-    /// [`reset`](Self::reset).
+    /// [`reset`](Self::reset). On a breaker already forced open it does nothing: no
+    /// transition is reported and [`Metrics::last_transition`] stays.
     pub fn force_open(&self) {
         self.core.force(
             State::ForcedOpen,
@@ -36,7 +38,8 @@ impl CircuitBreakerHandle {
     }
 
     /// Lets every call through and records nothing until
-    /// [`force_open`](Self::force_open) or [`reset`](Self::reset).
+    /// [`force_open`](Self::force_open) or [`reset`](Self::reset). On a breaker already
+    /// forced closed it does nothing, like [`force_open`](Self::force_open) twice.
     pub fn force_closed(&self) {
         self.core.force(
             State::ForcedClosed,

@@ -42,11 +42,13 @@ impl<C> fmt::Debug for CircuitBreakerLayer<C> {
 
 impl CircuitBreakerLayer {
     /// A builder with the defaults: trips at a 50% failure rate over the last 100
-    /// calls once at least 20 were recorded, stays open 30 seconds, lets 5 probes
-    /// through when half-open, no slow-call detection, every `Err` is a failure.
+    /// calls once at least 20 were recorded (or the whole window, for a count window
+    /// of fewer than 20 calls), stays open 30 seconds, lets 5 probes through when
+    /// half-open, no slow-call detection, every `Err` is a failure.
     pub fn builder() -> CircuitBreakerLayerBuilder {
         CircuitBreakerLayerBuilder {
             config: Config::default(),
+            minimum_calls: None,
             classify: ErrorsAsFailures,
             observer: None,
         }
@@ -71,6 +73,8 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
 /// Configures a [`CircuitBreakerLayer`]; made by [`CircuitBreakerLayer::builder`].
 pub struct CircuitBreakerLayerBuilder<C = ErrorsAsFailures> {
     config: Config,
+    /// `None` until set: the default is fitted to the window at build time.
+    minimum_calls: Option<u64>,
     classify: C,
     observer: Option<Observer>,
 }
@@ -79,6 +83,7 @@ impl<C> fmt::Debug for CircuitBreakerLayerBuilder<C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerLayerBuilder")
             .field("config", &self.config)
+            .field("minimum_calls", &self.minimum_calls)
             .field("observer", &self.observer.is_some())
             .finish_non_exhaustive()
     }
@@ -92,10 +97,11 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         self
     }
 
-    /// No verdict before the window holds this many calls (at least 1, and at most a
-    /// count window's size).
+    /// No verdict before the window holds this many calls: at least 1, and at most a
+    /// count window's size (more is a [`ConfigError::MinimumCallsAboveWindow`]). Unset,
+    /// it is 20, or the size of a count window of fewer than 20 calls.
     pub fn minimum_calls(mut self, calls: u64) -> Self {
-        self.config.minimum_calls = calls;
+        self.minimum_calls = Some(calls);
         self
     }
 
@@ -138,6 +144,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
     pub fn classify<D>(self, classify: D) -> CircuitBreakerLayerBuilder<D> {
         CircuitBreakerLayerBuilder {
             config: self.config,
+            minimum_calls: self.minimum_calls,
             classify,
             observer: self.observer,
         }
@@ -152,7 +159,11 @@ impl<C> CircuitBreakerLayerBuilder<C> {
 
     /// Checks the configuration and creates the breaker's state.
     pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
-        let config = self.config.validate()?;
+        let mut config = self.config;
+        config.minimum_calls = self
+            .minimum_calls
+            .unwrap_or_else(|| config.default_minimum_calls());
+        let config = config.validate()?;
         let core = Arc::new(Core::new(config, self.observer, Instant::now()));
         Ok(CircuitBreakerLayer {
             lanes: Arc::new(CoreRefs::new(&core)),

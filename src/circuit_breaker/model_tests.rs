@@ -139,6 +139,8 @@ struct Model {
     consecutive_trips: u32,
     probes_taken: u32,
     probes_done: Vec<(bool, bool)>,
+    /// Calls rejected since the start or the last reset.
+    rejected: u64,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -158,6 +160,7 @@ impl Model {
             consecutive_trips: 0,
             probes_taken: 0,
             probes_done: Vec::new(),
+            rejected: 0,
         }
     }
 
@@ -167,6 +170,12 @@ impl Model {
     }
 
     fn admit(&mut self, now_ms: u64) -> Result<ModelPermit, Duration> {
+        let admitted = self.admit_or_reject(now_ms);
+        self.rejected += u64::from(admitted.is_err());
+        admitted
+    }
+
+    fn admit_or_reject(&mut self, now_ms: u64) -> Result<ModelPermit, Duration> {
         if self.state == State::Open {
             if now_ms < self.open_until_ms {
                 return Err(Duration::from_millis(self.open_until_ms - now_ms));
@@ -278,10 +287,29 @@ impl Model {
         )
     }
 
+    /// Probes in flight, succeeded, failed and slow in the current half-open episode.
+    fn episode(&self) -> (u32, u32, u32, u32) {
+        if self.state != State::HalfOpen {
+            return (0, 0, 0, 0);
+        }
+        let count = |which: fn(&(bool, bool)) -> bool| {
+            self.probes_done.iter().filter(|probe| which(probe)).count() as u32
+        };
+        (
+            self.probes_taken - self.probes_done.len() as u32,
+            count(|probe| !probe.0),
+            count(|probe| probe.0),
+            count(|probe| probe.1),
+        )
+    }
+
     fn force(&mut self, state: State) {
         if state == State::Closed {
             self.window.clear();
             self.consecutive_trips = 0;
+            self.rejected = 0;
+        } else if state == self.state {
+            return;
         }
         self.enter(state);
     }
@@ -377,6 +405,20 @@ fn run(setup: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
             (calls as u64, failures as u64, slow as u64)
         );
         prop_assert_eq!(metrics.consecutive_trips, model.consecutive_trips);
+        prop_assert_eq!(
+            metrics.minimum_calls_reached,
+            calls as u64 >= model.setup.minimum_calls
+        );
+        prop_assert_eq!(
+            (
+                metrics.probes_in_flight,
+                metrics.probe_successes,
+                metrics.probe_failures,
+                metrics.probe_slow_calls
+            ),
+            model.episode()
+        );
+        prop_assert_eq!(metrics.rejected, model.rejected);
     }
     Ok(())
 }

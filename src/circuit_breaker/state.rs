@@ -93,7 +93,11 @@ pub struct Transition {
 
 pub(crate) type Observer = Arc<dyn Fn(&Transition) + Send + Sync>;
 
-/// A snapshot of a breaker, from [`CircuitBreakerHandle::metrics`].
+/// A snapshot of a breaker, from [`CircuitBreakerHandle::metrics`]: the closed-state
+/// window, the current half-open episode and the calls rejected.
+///
+/// The fields are read one after the other while calls go on, so under load they may
+/// be a few calls apart from each other.
 ///
 /// [`CircuitBreakerHandle::metrics`]: super::CircuitBreakerHandle::metrics
 #[derive(Debug, Clone, Copy, PartialEq)]
@@ -107,10 +111,30 @@ pub struct Metrics {
     pub failures: u64,
     /// Slow calls in the window.
     pub slow_calls: u64,
-    /// `failures / calls`, or 0 for an empty window.
+    /// `failures / calls`, or 0 for an empty window. Only a verdict once
+    /// [`minimum_calls_reached`](Self::minimum_calls_reached): a rate of 1.0 over 9
+    /// calls with a minimum of 10 does not trip the breaker.
     pub failure_rate: f64,
-    /// `slow_calls / calls`, or 0 for an empty window.
+    /// `slow_calls / calls`, or 0 for an empty window; a verdict under the same
+    /// condition as `failure_rate`.
     pub slow_call_rate: f64,
+    /// Whether the window holds at least `minimum_calls` calls, so that the closed
+    /// breaker acts on its rates.
+    pub minimum_calls_reached: bool,
+    /// Half-open probes let through and not finished yet (0 unless half-open).
+    pub probes_in_flight: u32,
+    /// Probes of the current half-open episode that finished without failing (0
+    /// unless half-open). A slow success counts here and in `probe_slow_calls`.
+    pub probe_successes: u32,
+    /// Probes of the current half-open episode that failed (0 unless half-open).
+    pub probe_failures: u32,
+    /// Probes of the current half-open episode that were slow, whatever their outcome
+    /// (0 unless half-open).
+    pub probe_slow_calls: u32,
+    /// Calls rejected since the breaker was built or last
+    /// [`reset`](super::CircuitBreakerHandle::reset): while open, forced open, or
+    /// half-open with every probe slot taken.
+    pub rejected: u64,
     /// How many times in a row the breaker has opened without closing in between.
     pub consecutive_trips: u32,
     /// When the breaker last changed state, if it ever did.
@@ -229,6 +253,9 @@ pub(crate) struct Core {
     jitter_seed: AtomicU64,
     /// Nanoseconds since `base` of the last transition, plus one (0: never).
     last_transition: AtomicU64,
+    /// Calls rejected since build or reset. Written only on rejection, on a line of its
+    /// own so that a flood of rejections does not contend with the probes or the config.
+    rejected: Padded<AtomicU64>,
     window: Window,
     config: Config,
     base: Instant,
@@ -264,6 +291,7 @@ impl Core {
             consecutive_trips: AtomicU32::new(0),
             jitter_seed: AtomicU64::new(seed),
             last_transition: AtomicU64::new(0),
+            rejected: Padded(AtomicU64::new(0)),
             window: Window::new(config.window, now),
             config,
             base: now,
@@ -288,12 +316,12 @@ impl Core {
             let kind = match word.state {
                 State::Closed => PermitKind::Closed,
                 State::ForcedClosed => PermitKind::Unrecorded,
-                State::ForcedOpen => return Err(CircuitOpen::new(self.config.open.initial())),
+                State::ForcedOpen => return Err(self.reject(self.config.open.initial())),
                 State::Open => {
                     let now = now();
                     let until = self.base + Duration::from_millis(word.open_until_ms);
                     if now < until {
-                        return Err(CircuitOpen::new(until - now));
+                        return Err(self.reject(until - now));
                     }
                     let half_open = word.next(State::HalfOpen, 0);
                     self.transition(raw, half_open, TransitionReason::OpenTimeElapsed, now);
@@ -307,7 +335,7 @@ impl Core {
                         self.return_probe(word.generation);
                         continue;
                     }
-                    ProbeSlot::Full => return Err(CircuitOpen::new(self.latest_open_time())),
+                    ProbeSlot::Full => return Err(self.reject(self.latest_open_time())),
                     ProbeSlot::Stale => continue,
                 },
             };
@@ -316,6 +344,13 @@ impl Core {
                 kind,
             });
         }
+    }
+
+    /// Counts a rejection: the only place the rejected counter is written, off the
+    /// path of admitted calls.
+    fn reject(&self, retry_after: Duration) -> CircuitOpen {
+        self.rejected.fetch_add(1, Ordering::Relaxed);
+        CircuitOpen::new(retry_after)
     }
 
     /// How long the breaker stayed open before this half-open phase (without jitter):
@@ -615,18 +650,35 @@ impl Core {
         }
     }
 
-    /// Moves to `state` from whatever state the breaker is in (manual control).
+    /// Moves to `state` from whatever state the breaker is in (manual control). Forcing
+    /// the state the breaker was already forced into is a no-op, not a transition.
     pub(crate) fn force(&self, state: State, reason: TransitionReason, now: Instant) {
         if reason == TransitionReason::Reset {
             self.window.clear();
             self.consecutive_trips.store(0, Ordering::Release);
+            self.rejected.store(0, Ordering::Relaxed);
         }
         loop {
             let raw = self.state.load(Ordering::Acquire);
-            let next = Word::decode(raw).next(state, 0);
+            let current = Word::decode(raw);
+            if current.state == state && reason != TransitionReason::Reset {
+                return;
+            }
+            let next = current.next(state, 0);
             if self.transition(raw, next, reason, now) {
                 return;
             }
+        }
+    }
+
+    /// The probe bookkeeping of the half-open episode `word` is in, or nothing outside
+    /// one (or before its first probe, while the word still holds an earlier state's).
+    fn episode(&self, word: Word) -> Probes {
+        let probes = Probes::decode(self.probes.load(Ordering::Acquire));
+        if word.state == State::HalfOpen && probes.generation == word.generation {
+            probes
+        } else {
+            Probes::fresh(word.generation)
         }
     }
 
@@ -640,13 +692,21 @@ impl Core {
             }
         };
         let last = self.last_transition.load(Ordering::Acquire);
+        let word = Word::decode(self.state.load(Ordering::Acquire));
+        let probes = self.episode(word);
         Metrics {
-            state: self.state(),
+            state: word.state,
             calls: counts.calls,
             failures: counts.failures,
             slow_calls: counts.slow,
             failure_rate: rate(counts.failures),
             slow_call_rate: rate(counts.slow),
+            minimum_calls_reached: counts.calls >= self.config.minimum_calls,
+            probes_in_flight: probes.taken.saturating_sub(probes.completed),
+            probe_successes: probes.completed.saturating_sub(probes.failed),
+            probe_failures: probes.failed,
+            probe_slow_calls: probes.slow,
+            rejected: self.rejected.load(Ordering::Relaxed),
             consecutive_trips: self.consecutive_trips.load(Ordering::Acquire),
             last_transition: last
                 .checked_sub(1)
@@ -747,8 +807,13 @@ mod tests {
                 let core = core(base);
                 let mut now = base;
                 trip_and_recover(&core, &mut now);
-                for _ in 1..forced {
-                    core.force(State::ForcedOpen, TransitionReason::ForcedOpen, now);
+                // Alternating, since forcing the state the breaker is in changes nothing.
+                for round in 1..forced {
+                    if round % 2 == 0 {
+                        core.force(State::ForcedClosed, TransitionReason::ForcedClosed, now);
+                    } else {
+                        core.force(State::ForcedOpen, TransitionReason::ForcedOpen, now);
+                    }
                 }
                 core.force(State::Closed, TransitionReason::Reset, now);
                 trip_and_recover(&core, &mut now);

@@ -214,6 +214,12 @@ struct Bucket {
     slow: AtomicU64,
 }
 
+/// The most buckets a time window has: 24 KiB of counters, a minute by the tenth of a
+/// second or 17 minutes by the second (resilience4j keeps one bucket per second of its
+/// window, 100 by default). Each bucket costs memory and, while a call reads every
+/// bucket, time on each call, so the count a user asks for must not be unbounded.
+pub(crate) const MAX_BUCKETS: u32 = 1024;
+
 /// The smallest bucket width: epochs are 32 bits, which at this width last 49 days.
 /// Wider buckets last longer in proportion.
 pub(crate) const MIN_BUCKET_WIDTH: Duration = Duration::from_millis(1);
