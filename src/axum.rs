@@ -1,12 +1,14 @@
 //! axum integration: one line turns every palisade rejection into the right answer.
 //!
 //! axum requires a layered router's errors to be handled; [`handle_error`] is the
-//! handler to give `HandleErrorLayer`. It answers 503 with `Retry-After` for an open
-//! circuit, 429 with `Retry-After`, `RateLimit-Policy` and `RateLimit` for a rate limit,
-//! 504 for a timed-out attempt or deadline, and 500 for anything else, without the inner
-//! error's text (see [`rejection`](crate::rejection) for the full table).
+//! handler to give `HandleErrorLayer`. It answers every [rejection](crate::rejection),
+//! palisade's or another layer's, also wrapped inside another error: 503 with
+//! `Retry-After` for an unavailable dependency or an overloaded server, 429 with
+//! `Retry-After`, `RateLimit-Policy` and `RateLimit` for a rate limit, 504 for a
+//! timed-out attempt or deadline, and 500 for anything else, without the inner error's
+//! text (see [`rejection`](crate::rejection) for the full table).
 //!
-//! [`CircuitOpen`] and [`RateLimited`] are also `IntoResponse`, and
+//! Every rejection type is also `IntoResponse`, and
 //! [`CorrelationId`](crate::correlation::CorrelationId) is an extractor.
 //!
 //! # Example
@@ -105,27 +107,13 @@
 //! [`PeerIp`]: crate::rate_limit::key::PeerIp
 //! [`MissingKey`]: crate::rate_limit::MissingKey
 
-use axum_core::response::{IntoResponse, Response};
+use axum_core::response::Response;
 use tower::BoxError;
 
-use crate::circuit_breaker::CircuitOpen;
-use crate::rate_limit::RateLimited;
 use crate::rejection::http_response;
 
 /// The error handler for `axum::error_handling::HandleErrorLayer`; see the
 /// [module docs](self).
 pub async fn handle_error(error: BoxError) -> Response {
     http_response(&error)
-}
-
-impl IntoResponse for CircuitOpen {
-    fn into_response(self) -> Response {
-        http_response(&BoxError::from(self))
-    }
-}
-
-impl IntoResponse for RateLimited {
-    fn into_response(self) -> Response {
-        http_response(&BoxError::from(self))
-    }
 }

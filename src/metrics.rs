@@ -8,7 +8,7 @@
 //! | `palisade_circuit_breaker_transitions_total` | `from`, `to` | a breaker changes state |
 //! | `palisade_circuit_breaker_rejected_total` | | a call is refused by an open breaker |
 //! | `palisade_rate_limit_rejected_total` | | a request is refused by a rate limiter |
-//! | `palisade_retry_attempts_total` | `reason` | a request is retried (`error`, `response`, `status`, `grpc_status`, `circuit_open`, `rate_limited`, `timeout`) |
+//! | `palisade_retry_attempts_total` | `reason` | a request is retried (`error`, `response`, `status`, `grpc_status`, `timeout`, or the kind of a rejection from a layer below: `unavailable` (an open circuit), `overloaded`, `rate_limited`) |
 //! | `palisade_retry_budget_exhausted_total` | | a retry is refused by the budget |
 
 #[cfg(feature = "metrics")]
@@ -59,9 +59,20 @@ fn reason_label(reason: crate::retry::RetryReason) -> &'static str {
         RetryReason::Status(_) => "status",
         #[cfg(feature = "http")]
         RetryReason::Grpc(_) => "grpc_status",
-        RetryReason::CircuitOpen => "circuit_open",
-        RetryReason::RateLimited => "rate_limited",
+        RetryReason::Rejected(kind) => rejection_label(kind),
         RetryReason::AttemptTimeout => "timeout",
+    }
+}
+
+#[cfg(feature = "metrics")]
+fn rejection_label(kind: crate::rejection::RejectionKind) -> &'static str {
+    use crate::rejection::RejectionKind;
+    match kind {
+        RejectionKind::Unavailable => "unavailable",
+        RejectionKind::Overloaded => "overloaded",
+        RejectionKind::RateLimited => "rate_limited",
+        RejectionKind::Malformed => "malformed",
+        RejectionKind::DeadlineExceeded => "deadline_exceeded",
     }
 }
 

@@ -1,19 +1,22 @@
 //! tonic integration: palisade's rejections as gRPC statuses.
 //!
 //! tonic turns an error it does not know into `UNKNOWN`, which tells a client nothing.
-//! [`RejectionsAsStatusLayer`], placed outside palisade's layers, turns each rejection
-//! into the [`Status`] it stands for, with the delay in the metadata:
+//! [`RejectionsAsStatusLayer`], placed outside palisade's layers, turns each
+//! [rejection](crate::rejection) (palisade's own, or any layer's
+//! [`Rejected`](crate::rejection::Rejected), also wrapped inside another error) into
+//! the [`Status`] it stands for, with the delay in the metadata:
 //!
-//! | rejection | status | metadata |
+//! | rejection kind | status | metadata |
 //! |---|---|---|
-//! | [`CircuitOpen`] | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
-//! | [`RateLimited`] | `RESOURCE_EXHAUSTED` | `grpc-retry-pushback-ms`, `retry-after` |
-//! | `RedisUnavailable` (feature `redis`: the Redis store fails closed) | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
-//! | [`CostExceedsCapacity`] | `RESOURCE_EXHAUSTED` | |
-//! | [`MissingKey`] | `INVALID_ARGUMENT` | |
-//! | [`AttemptTimedOut`], [`DeadlineExceeded`], tower's `Elapsed` | `DEADLINE_EXCEEDED` | |
+//! | `Unavailable` (an open circuit, a fail-closed store), `Overloaded` | `UNAVAILABLE` | `grpc-retry-pushback-ms`, `retry-after` |
+//! | `RateLimited` | `RESOURCE_EXHAUSTED` | `grpc-retry-pushback-ms`, `retry-after` |
+//! | `Malformed` (a missing rate-limit key) | `INVALID_ARGUMENT` | |
+//! | `DeadlineExceeded` (timeouts, deadlines) | `DEADLINE_EXCEEDED` | |
 //!
-//! Any other error becomes the status tonic would make of it. The same layer serves both
+//! The delay is sent when the rejection has a `retry_after` (a cost above the
+//! capacity has none: waiting would not help); the message is the rejection's
+//! [`reason`](crate::rejection::Rejection::reason). Any other error becomes the status
+//! tonic would make of it. The same layer serves both
 //! sides: on a server (`Server::builder().layer(...)`) tonic sends the status to the
 //! client; on a client (layers over a `Channel`) the generated client returns it from
 //! the call. Without it, a server resets the call (the client sees `INTERNAL`, "h2
@@ -125,60 +128,43 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use std::time::Duration;
 
-use tonic::Status;
 use tonic::metadata::MetadataValue;
+use tonic::{Code, Status};
 use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
-use crate::circuit_breaker::CircuitOpen;
-use crate::rate_limit::headers::whole_seconds;
-use crate::rate_limit::{CostExceedsCapacity, MissingKey, RateLimited};
-use crate::retry::{AttemptTimedOut, DeadlineExceeded};
+use crate::rejection::{Rejection, RejectionKind, whole_seconds};
 
-/// The status a palisade error stands for (see the [module docs](self)), or `None` for
-/// any other error.
+/// The status a [rejection](crate::rejection) stands for (see the [module docs](self)),
+/// found in `error` or its `source()` chain; `None` for any other error.
 pub fn rejection_status(error: &(dyn std::error::Error + 'static)) -> Option<Status> {
-    if let Some(open) = error.downcast_ref::<CircuitOpen>() {
-        return Some(with_delay(
-            Status::unavailable(open.to_string()),
-            open.retry_after(),
-        ));
-    }
-    if let Some(limited) = error.downcast_ref::<RateLimited>() {
-        return Some(with_delay(
-            Status::resource_exhausted(limited.to_string()),
-            limited.retry_after(),
-        ));
-    }
-    #[cfg(feature = "redis")]
-    if let Some(store_down) = error.downcast_ref::<crate::rate_limit::RedisUnavailable>() {
-        // Not the error's text: it names the Redis failure, which is the server's business.
-        return Some(with_delay(
-            Status::unavailable("rate limit store unavailable"),
-            store_down.retry_after(),
-        ));
-    }
-    // No delay on these: waiting would not help.
-    if error.is::<CostExceedsCapacity>() {
-        return Some(Status::resource_exhausted(error.to_string()));
-    }
-    if error.is::<MissingKey>() {
-        return Some(Status::invalid_argument(error.to_string()));
-    }
-    if error.is::<AttemptTimedOut>()
-        || error.is::<DeadlineExceeded>()
-        || error.is::<tower::timeout::error::Elapsed>()
-    {
-        return Some(Status::deadline_exceeded(error.to_string()));
-    }
-    None
+    Rejection::find(error).map(|rejection| rejection.to_status())
 }
 
-/// The [`Status`] for any error: a palisade rejection's (see [`rejection_status`]), else
-/// what tonic makes of it (`Status::from_error`: a `Status` inside stays itself).
+/// The [`Status`] for any error: a rejection's (see [`rejection_status`]), else what
+/// tonic makes of it (`Status::from_error`: a `Status` inside stays itself).
 pub fn status_from_error(error: BoxError) -> Status {
     rejection_status(&*error).unwrap_or_else(|| Status::from_error(error))
+}
+
+impl Rejection {
+    /// The gRPC status for this rejection (feature `tonic`): the code its
+    /// [kind](Rejection::kind) stands for, its [reason](Rejection::reason) as the
+    /// message, and its `retry_after` as `grpc-retry-pushback-ms` and `retry-after`.
+    pub fn to_status(&self) -> Status {
+        let code = match self.kind() {
+            RejectionKind::Unavailable | RejectionKind::Overloaded => Code::Unavailable,
+            RejectionKind::RateLimited => Code::ResourceExhausted,
+            RejectionKind::Malformed => Code::InvalidArgument,
+            RejectionKind::DeadlineExceeded => Code::DeadlineExceeded,
+        };
+        let status = Status::new(code, self.reason());
+        match self.retry_after() {
+            Some(delay) => with_delay(status, delay),
+            None => status,
+        }
+    }
 }
 
 fn with_delay(mut status: Status, delay: Duration) -> Status {
@@ -294,7 +280,8 @@ where
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tonic::Code;
+    use crate::rate_limit::{CostExceedsCapacity, MissingKey};
+    use crate::retry::{AttemptTimedOut, DeadlineExceeded};
 
     fn code_and_delay(error: impl Into<BoxError>) -> (Code, Option<String>) {
         let status = status_from_error(error.into());
@@ -347,7 +334,7 @@ mod tests {
     #[cfg(feature = "redis")]
     #[tokio::test]
     async fn a_fail_closed_redis_store_is_unavailable_with_the_delay() {
-        let error = crate::rejection::tests::redis_unavailable(Duration::from_millis(2500)).await;
+        let error = crate::rejection::redis_unavailable(Duration::from_millis(2500)).await;
         let status = status_from_error(error);
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(status.message(), "rate limit store unavailable");

@@ -17,14 +17,14 @@ use http_body_util::Full;
 use hyper_util::client::legacy::Client;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::rt::TokioExecutor;
-use palisade::rate_limit::headers::error_response;
 use palisade::rate_limit::key::{Header, PeerIp};
 use palisade::rate_limit::{LocalStore, RateLimitLayer};
+use palisade::rejection::rejection_response;
 use tower::{BoxError, Layer, Service, ServiceBuilder};
 
 /// Turns the limiter's errors into their HTTP answers, as the axum integration will.
 async fn answer(error: BoxError) -> Response<Body> {
-    error_response(&error).unwrap_or_else(|| {
+    rejection_response(&error).unwrap_or_else(|| {
         let mut response = Response::new(Body::empty());
         *response.status_mut() = StatusCode::INTERNAL_SERVER_ERROR;
         response

@@ -403,8 +403,9 @@ async fn many_tasks_on_many_threads_never_over_admit() {
 #[cfg(feature = "http")]
 mod http_answers {
     use super::*;
-    use palisade::rate_limit::headers::{error_response, too_many_requests, whole_seconds};
+    use palisade::rate_limit::headers::too_many_requests;
     use palisade::rate_limit::key::{Forwarded, ForwardedFor, Header, KeyExtractor, PeerIp};
+    use palisade::rejection::{rejection_response, whole_seconds};
     use std::net::{IpAddr, SocketAddr};
 
     #[test]
@@ -431,12 +432,12 @@ mod http_answers {
         assert_eq!(header("retry-after"), "2");
         assert_eq!(header("ratelimit-policy"), "\"default\";q=10;w=15");
         assert_eq!(header("ratelimit"), "\"default\";r=0;t=2");
-        let mapped: http::Response<String> = error_response(&error).unwrap();
+        let mapped: http::Response<String> = rejection_response(&error).unwrap();
         assert_eq!(mapped.headers()["retry-after"], "2");
         let missing: BoxError = MissingKey.into();
-        let mapped: http::Response<String> = error_response(&missing).unwrap();
+        let mapped: http::Response<String> = rejection_response(&missing).unwrap();
         assert_eq!(mapped.status(), http::StatusCode::BAD_REQUEST);
-        assert!(error_response::<String>(&BoxError::from("other")).is_none());
+        assert!(rejection_response::<String>(&BoxError::from("other")).is_none());
     }
 
     #[tokio::test(start_paused = true)]

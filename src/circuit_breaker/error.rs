@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use crate::rejection::{Rejection, RejectionKind};
+
 /// The error a call gets when the circuit is open (or half-open with every probe slot
 /// taken): the inner service was not called.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -19,6 +21,13 @@ impl CircuitOpen {
     /// open by hand, the configured (initial) open time.
     pub fn retry_after(&self) -> Duration {
         self.retry_after
+    }
+
+    /// How this rejection describes itself: the dependency is
+    /// [`Unavailable`](RejectionKind::Unavailable) until [`retry_after`](Self::retry_after).
+    pub fn rejection(&self) -> Rejection {
+        Rejection::new(RejectionKind::Unavailable, "circuit open")
+            .with_retry_after(self.retry_after)
     }
 }
 

@@ -1,6 +1,7 @@
 use std::time::Duration;
 
 use super::bucket::Quota;
+use crate::rejection::{RateLimitInfo, Rejection, RejectionKind};
 
 /// The error a request gets when it is over the rate limit: the inner service was not
 /// called.
@@ -48,6 +49,20 @@ impl RateLimited {
     pub fn quota(&self) -> Quota {
         self.quota
     }
+
+    /// How this rejection describes itself: [`RateLimited`](RejectionKind::RateLimited)
+    /// until [`retry_after`](Self::retry_after), with the bucket's `RateLimit` fields.
+    pub fn rejection(&self) -> Rejection {
+        let fields = RateLimitInfo::new(
+            self.limit(),
+            self.period(),
+            self.remaining,
+            self.retry_after,
+        );
+        Rejection::new(RejectionKind::RateLimited, "rate limited")
+            .with_retry_after(self.retry_after)
+            .with_rate_limit(fields)
+    }
 }
 
 /// A request that costs more tokens than the bucket can ever hold: waiting would not help.
@@ -68,6 +83,15 @@ impl CostExceedsCapacity {
     pub fn capacity(&self) -> u64 {
         self.capacity
     }
+
+    /// How this rejection describes itself: [`RateLimited`](RejectionKind::RateLimited)
+    /// with no `retry_after`, since waiting cannot help.
+    pub fn rejection(&self) -> Rejection {
+        Rejection::new(
+            RejectionKind::RateLimited,
+            "request cost exceeds the rate limit",
+        )
+    }
 }
 
 /// A keyed limiter could not find the request's key (no peer address, no such header) and
@@ -75,6 +99,14 @@ impl CostExceedsCapacity {
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("rate limit key missing from the request")]
 pub struct MissingKey;
+
+impl MissingKey {
+    /// How this rejection describes itself: the request is
+    /// [`Malformed`](RejectionKind::Malformed).
+    pub fn rejection(&self) -> Rejection {
+        Rejection::new(RejectionKind::Malformed, "rate limit key missing")
+    }
+}
 
 /// An invalid rate limiter configuration, reported by `build()` and the handle's setters.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]

@@ -324,6 +324,17 @@ pub struct RateLimitStatus {
     pub reset: Duration,
 }
 
+impl From<&RateLimitStatus> for crate::rejection::RateLimitInfo {
+    fn from(status: &RateLimitStatus) -> Self {
+        Self::new(
+            status.quota.capacity(),
+            status.quota.period(),
+            status.remaining,
+            status.reset,
+        )
+    }
+}
+
 impl From<&super::RateLimited> for RateLimitStatus {
     fn from(error: &super::RateLimited) -> Self {
         Self {

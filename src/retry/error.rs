@@ -1,5 +1,7 @@
 use std::time::Duration;
 
+use crate::rejection::{Rejection, RejectionKind};
+
 /// An attempt ran longer than the [per-attempt
 /// timeout](super::RetryLayerBuilder::per_attempt_timeout). The policy sees it like any
 /// other error; the caller gets it if it is not retried.
@@ -17,6 +19,12 @@ impl AttemptTimedOut {
     /// The per-attempt timeout that elapsed.
     pub fn timeout(&self) -> Duration {
         self.timeout
+    }
+
+    /// How this rejection describes itself: a
+    /// [`DeadlineExceeded`](RejectionKind::DeadlineExceeded).
+    pub fn rejection(&self) -> Rejection {
+        Rejection::new(RejectionKind::DeadlineExceeded, "attempt timed out")
     }
 }
 
@@ -36,5 +44,11 @@ impl DeadlineExceeded {
     /// The deadline that passed.
     pub fn deadline(&self) -> Duration {
         self.deadline
+    }
+
+    /// How this rejection describes itself: a
+    /// [`DeadlineExceeded`](RejectionKind::DeadlineExceeded).
+    pub fn rejection(&self) -> Rejection {
+        Rejection::new(RejectionKind::DeadlineExceeded, "deadline exceeded")
     }
 }

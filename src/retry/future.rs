@@ -4,8 +4,7 @@ use super::{
     AttemptTimedOut, DeadlineExceeded, Decision, Duplicate, RetryEvent, RetryPolicy, RetryReason,
     Withdrawal,
 };
-use crate::circuit_breaker::CircuitOpen;
-use crate::rate_limit::RateLimited;
+use crate::rejection::Rejection;
 use pin_project::{pin_project, pinned_drop};
 use std::fmt;
 use std::future::Future;
@@ -184,25 +183,17 @@ impl Progress {
     }
 }
 
-/// The verdict on an attempt: a local rejection (the request never left) asks for a
-/// retry after its `retry_after()`; anything else is the policy's call.
+/// The verdict on an attempt: a [rejection](crate::rejection) (the request never
+/// left) is the policy's [`on_rejection`](RetryPolicy::on_rejection), anything else its
+/// [`decide`](RetryPolicy::decide).
 fn verdict<P, Req, Res>(policy: &P, result: &Result<Res, BoxError>) -> Decision
 where
     P: RetryPolicy<Req, Res>,
 {
-    if let Err(error) = result {
-        if let Some(open) = error.downcast_ref::<CircuitOpen>() {
-            return Decision::Retry {
-                reason: RetryReason::CircuitOpen,
-                after: Some(open.retry_after()),
-            };
-        }
-        if let Some(limited) = error.downcast_ref::<RateLimited>() {
-            return Decision::Retry {
-                reason: RetryReason::RateLimited,
-                after: Some(limited.retry_after()),
-            };
-        }
+    if let Err(error) = result
+        && let Some(rejection) = Rejection::find(&**error)
+    {
+        return policy.on_rejection(&rejection, result);
     }
     policy.decide(result)
 }

@@ -11,9 +11,9 @@
 //!   caller gets the last real response or error, not a new error hiding it.
 //! - **What is retried**: a closure or a preset, [`HttpRetry`] (idempotent methods;
 //!   429, 502, 503, 504; connection errors) or [`GrpcRetry`] (`UNAVAILABLE` by
-//!   default). A [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) or
-//!   [`RateLimited`](crate::rate_limit::RateLimited) rejection from a layer below is
-//!   retried only after its `retry_after()`, never straight back into it.
+//!   default). A [rejection](crate::rejection) from a layer below (an open circuit, a
+//!   rate limit, any layer's) is retried only after its `retry_after`, never straight
+//!   back into it ([`RetryPolicy::on_rejection`] says how; override it to change that).
 //! - **Server hints**: `Retry-After` (seconds or HTTP-date) and
 //!   `grpc-retry-pushback-ms`; a hint above
 //!   [`max_server_delay`](RetryLayerBuilder::max_server_delay) means give up, not wait.
@@ -81,7 +81,7 @@ pub use self::future::ResponseFuture;
 pub use self::layer::{
     ConfigError, RetryEvent, RetryHandle, RetryLayer, RetryLayerBuilder, RetryMetrics,
 };
-pub use self::policy::{Decision, RetryErrors, RetryPolicy, RetryReason};
+pub use self::policy::{Decision, RetryErrors, RetryPolicy, RetryReason, retry_rejection};
 #[cfg(feature = "http")]
 pub use self::policy::{GrpcRetry, HttpRetry, parse_retry_after};
 pub use self::service::Retry;

@@ -3,6 +3,8 @@
 use std::time::Duration;
 use tower::BoxError;
 
+use crate::rejection::{Rejection, RejectionKind};
+
 /// Why an attempt is retried, as reported to the observer and in `tracing` events.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 #[non_exhaustive]
@@ -17,10 +19,11 @@ pub enum RetryReason {
     /// A gRPC response with this retryable status.
     #[cfg(feature = "http")]
     Grpc(crate::classify::GrpcCode),
-    /// A circuit breaker was open ([`CircuitOpen`](crate::circuit_breaker::CircuitOpen)).
-    CircuitOpen,
-    /// A rate limiter refused the request ([`RateLimited`](crate::rate_limit::RateLimited)).
-    RateLimited,
+    /// A layer below refused the request without sending it: a
+    /// [rejection](crate::rejection) of this kind (an open circuit is
+    /// [`Unavailable`](RejectionKind::Unavailable), a rate limit
+    /// [`RateLimited`](RejectionKind::RateLimited)).
+    Rejected(RejectionKind),
     /// The attempt ran out of its [per-attempt timeout](super::RetryLayerBuilder::per_attempt_timeout).
     AttemptTimeout,
 }
@@ -57,10 +60,11 @@ impl Decision {
 /// request. The presets are [`RetryErrors`] (the default), and with the `http`
 /// feature [`HttpRetry`] and [`GrpcRetry`].
 ///
-/// Whatever the policy, a [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) or
-/// [`RateLimited`](crate::rate_limit::RateLimited) error from an inner layer is retried
-/// after its `retry_after()` (the request never left), provided the request is
-/// retryable.
+/// A [rejection](crate::rejection) from a layer below (an open circuit, a rate limit,
+/// any layer's [`Rejected`](crate::rejection::Rejected)) goes to
+/// [`on_rejection`](RetryPolicy::on_rejection) instead of [`decide`](RetryPolicy::decide):
+/// by default it is retried after its `retry_after` (see [`retry_rejection`]), provided
+/// the request is retryable.
 pub trait RetryPolicy<Req, Res> {
     /// Whether `request` may be retried at all. Asked once, before the first attempt;
     /// a request that may not is not copied and is sent exactly once.
@@ -71,6 +75,46 @@ pub trait RetryPolicy<Req, Res> {
 
     /// The verdict on the result of an attempt.
     fn decide(&self, result: &Result<Res, BoxError>) -> Decision;
+
+    /// The verdict on an attempt whose error is, or wraps, a
+    /// [rejection](crate::rejection): `rejection` is its description and `result` the
+    /// attempt's result. The default is [`retry_rejection`]; override it to treat
+    /// rejections differently (say, never to wait out an open circuit).
+    fn on_rejection(&self, rejection: &Rejection, result: &Result<Res, BoxError>) -> Decision {
+        retry_rejection(self, rejection, result)
+    }
+}
+
+/// The default treatment of a [rejection](crate::rejection), for
+/// [`RetryPolicy::on_rejection`]:
+///
+/// - a rejection with a `retry_after` (an unavailable dependency, an overloaded server,
+///   a rate limit) is retried after it, like a server's `Retry-After`: the layer gives
+///   up instead when that is above its
+///   [maximum server delay](super::RetryLayerBuilder::max_server_delay);
+/// - a [`DeadlineExceeded`](RejectionKind::DeadlineExceeded) (a timeout, which the
+///   request may have outlived at the server) is the policy's
+///   [`decide`](RetryPolicy::decide), like any other error;
+/// - anything else (a malformed request, a cost no wait can pay) is returned: trying
+///   again cannot help.
+pub fn retry_rejection<P, Req, Res>(
+    policy: &P,
+    rejection: &Rejection,
+    result: &Result<Res, BoxError>,
+) -> Decision
+where
+    P: RetryPolicy<Req, Res> + ?Sized,
+{
+    if rejection.kind() == RejectionKind::DeadlineExceeded {
+        return policy.decide(result);
+    }
+    match (rejection.kind(), rejection.retry_after()) {
+        (RejectionKind::Malformed, _) | (_, None) => Decision::Return,
+        (kind, Some(after)) => Decision::Retry {
+            reason: RetryReason::Rejected(kind),
+            after: Some(after),
+        },
+    }
 }
 
 impl<F, Req, Res> RetryPolicy<Req, Res> for F

@@ -3,6 +3,7 @@
 use super::{Backoff, RetryLayer, RetryReason};
 use crate::circuit_breaker::CircuitOpen;
 use crate::rate_limit::RateLimited;
+use crate::rejection::RejectionKind;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tokio::time::Instant;
@@ -68,7 +69,10 @@ async fn an_open_circuit_is_retried_after_its_retry_after() {
     );
     assert_eq!(
         *reasons.lock().expect("reasons"),
-        [RetryReason::CircuitOpen, RetryReason::RateLimited]
+        [
+            RetryReason::Rejected(RejectionKind::Unavailable),
+            RetryReason::Rejected(RejectionKind::RateLimited)
+        ]
     );
 }
 

@@ -779,6 +779,18 @@ impl RedisUnavailable {
     pub fn timed_out(&self) -> bool {
         matches!(self.cause, Cause::TimedOut(_))
     }
+
+    /// How this rejection describes itself: the store is
+    /// [`Unavailable`](crate::rejection::RejectionKind::Unavailable) until
+    /// [`retry_after`](Self::retry_after). The reason does not name the Redis failure,
+    /// which is the server's business.
+    pub fn rejection(&self) -> crate::rejection::Rejection {
+        crate::rejection::Rejection::new(
+            crate::rejection::RejectionKind::Unavailable,
+            "rate limit store unavailable",
+        )
+        .with_retry_after(self.retry_after)
+    }
 }
 
 impl std::fmt::Display for Cause {

@@ -17,7 +17,7 @@ use palisade::rate_limit::{RateLimitLayer, RedisOptions, RedisStore, WhenUnavail
 use tokio::runtime::Runtime;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
-#[path = "../tests/rate_limit_redis/server.rs"]
+#[path = "../../tests/rate_limit_redis/server.rs"]
 #[allow(dead_code)]
 mod server;
 
