@@ -133,6 +133,25 @@ async fn constant_and_exponential_delays_separate_attempts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_zero_exponential_backoff_retries_past_the_thousandth_retry() {
+    // 0 · 2^1024 used to read as an overflow: uncapped, the 1025th retry never came.
+    let calls = Calls::new();
+    let layer = RetryLayer::builder()
+        .max_attempts(1100)
+        .backoff(Backoff::exponential(Duration::ZERO))
+        .budget(RetryBudget::new(Duration::from_secs(60), 100, 0.0))
+        .build()
+        .expect("config");
+    let answer = layer
+        .layer(flaky(&calls, 1099))
+        .oneshot(())
+        .await
+        .expect("the last attempt");
+    assert_eq!(answer, "ok 1100");
+    assert!(calls.times().iter().all(Duration::is_zero));
+}
+
+#[tokio::test(start_paused = true)]
 async fn max_attempts_counts_the_first_and_returns_the_last_error() {
     let calls = Calls::new();
     let layer = RetryLayer::builder()

@@ -57,7 +57,7 @@ proptest! {
                 Jitter::None => (scheduled, scheduled),
                 Jitter::Full => (Duration::ZERO, scheduled),
                 Jitter::Equal => (scheduled / 2, scheduled),
-                Jitter::Decorrelated => (base, previous.saturating_mul(3).max(base).min(cap)),
+                Jitter::Decorrelated => (base, previous.max(base).saturating_mul(3).min(cap)),
                 Jitter::Proportional(spread) => (
                     scheduled.mul_f64(1.0 - spread).saturating_sub(Duration::from_nanos(1)),
                     scheduled.mul_f64(1.0 + spread).min(cap),
@@ -66,6 +66,48 @@ proptest! {
             prop_assert!(delay >= low && delay <= high, "{delay:?} outside [{low:?}, {high:?}]");
             previous = delay;
         }
+    }
+
+    /// A zero base stays zero for every retry number, and a huge exponent saturates at
+    /// the cap (or `Duration::MAX`) instead of reading 0 · ∞ = NaN as an overflow.
+    #[test]
+    fn exponential_growth_saturates_without_nan(
+        retry in any::<u32>(),
+        multiplier in 1.0..10.0f64,
+        cap in proptest::option::of(1u64..10_000),
+        random in any::<u64>(),
+    ) {
+        let capped = |backoff: Backoff| match cap {
+            Some(millis) => backoff.max(Duration::from_millis(millis)),
+            None => backoff.jitter(Jitter::None),
+        };
+        let zero = capped(Backoff::exponential(Duration::ZERO).multiplier(multiplier));
+        prop_assert_eq!(zero.scheduled(retry), Duration::ZERO);
+        prop_assert_eq!(zero.delay(retry, Duration::ZERO, random), Duration::ZERO);
+        let one = capped(Backoff::exponential(Duration::from_millis(1)).multiplier(multiplier));
+        let later = one.scheduled(retry.saturating_add(1));
+        prop_assert!(later >= one.scheduled(retry), "the schedule never shrinks");
+        if retry > 2_000 && multiplier >= 1.5 {
+            prop_assert_eq!(later, one.cap());
+        }
+    }
+
+    /// The first decorrelated retry is drawn from `[base, 3 · base]` like the later
+    /// ones, so that clients that failed together do not retry together.
+    #[test]
+    fn decorrelated_jitter_spreads_the_first_retry(
+        base_millis in 1u64..5_000,
+        randoms in proptest::collection::vec(any::<u64>(), 64),
+    ) {
+        let base = Duration::from_millis(base_millis);
+        let backoff = Backoff::exponential(base).jitter(Jitter::Decorrelated);
+        let firsts: std::collections::BTreeSet<Duration> = randoms
+            .into_iter()
+            .map(|random| backoff.delay(1, Duration::ZERO, random))
+            .collect();
+        prop_assert!(firsts.iter().all(|first| (base..=base * 3).contains(first)));
+        prop_assert!(firsts.len() > 1, "every client retries after exactly {:?}", base);
+        prop_assert_eq!(backoff.delay(1, Duration::ZERO, 1 << 63), base * 2);
     }
 
     /// Within one ttl the budget never allows more than `min · ttl + ratio · requests`

@@ -50,9 +50,10 @@ pub enum Jitter {
     Full,
     /// `d/2 + r · d/2`: in `[d/2, d)`, never much sooner than the schedule.
     Equal,
-    /// `base + r · (3 · previous − base)`, capped: in `[base, cap]`. Grows from the
-    /// previous delay rather than from the retry number, so the backoff's growth is
-    /// ignored.
+    /// `base + r · (3 · previous − base)`, capped: in `[base, cap]`, where `previous`
+    /// is the previous delay, or `base` before the first retry (so the first retry is
+    /// in `[base, 3 · base]`). Grows from the previous delay rather than from the retry
+    /// number, so the backoff's growth is ignored.
     Decorrelated,
     /// `d · (1 ± x)`, capped: in `[d · (1 − x), min(cap, d · (1 + x))]`. `x` must be in
     /// `[0, 1]`.
@@ -140,12 +141,15 @@ impl Backoff {
     }
 
     /// The schedule delay before retry number `retry` (1 for the first retry), capped,
-    /// before jitter.
+    /// before jitter. A delay too large to represent saturates at the cap
+    /// ([`Duration::MAX`] uncapped); a zero base stays zero however many retries.
     pub fn scheduled(&self, retry: u32) -> Duration {
         let retry = retry.max(1);
         let delay = match self.growth {
             Growth::Constant => Some(self.base),
             Growth::Linear => self.base.checked_mul(retry),
+            // 0 · ∞ is NaN, which would read as an overflow: a zero base stays zero.
+            Growth::Exponential { .. } if self.base.is_zero() => Some(Duration::ZERO),
             Growth::Exponential { multiplier } => {
                 let exponent = i32::try_from(retry - 1).unwrap_or(i32::MAX);
                 Duration::try_from_secs_f64(self.base.as_secs_f64() * multiplier.powi(exponent))
@@ -159,7 +163,8 @@ impl Backoff {
     /// The delay before retry number `retry`, jitter included.
     ///
     /// `previous` is the delay before the previous retry (only
-    /// [`Jitter::Decorrelated`] uses it; pass [`Duration::ZERO`] before the first).
+    /// [`Jitter::Decorrelated`] uses it; pass [`Duration::ZERO`] before the first, which
+    /// reads as `base`).
     /// `random` is a uniformly random `u64`: the layer draws one per retry, tests pass
     /// their own.
     pub fn delay(&self, retry: u32, previous: Duration, random: u64) -> Duration {
@@ -170,8 +175,10 @@ impl Backoff {
             Jitter::Full => scheduled.mul_f64(unit),
             Jitter::Equal => scheduled / 2 + (scheduled / 2).mul_f64(unit),
             Jitter::Decorrelated => {
-                let ceiling = previous.saturating_mul(3).max(self.base);
-                self.base + (ceiling - self.base).mul_f64(unit)
+                // AWS starts from `sleep = base`: the first retry is spread too.
+                let ceiling = previous.max(self.base).saturating_mul(3);
+                self.base
+                    .saturating_add(ceiling.saturating_sub(self.base).mul_f64(unit))
             }
             Jitter::Proportional(spread) => {
                 let factor = 1.0 - spread + 2.0 * spread * unit;
