@@ -1,5 +1,5 @@
 //! Property tests of the retry cores: backoff bounds and the budget against a model.
-use palisade::retry::{Backoff, Jitter, RetryBudget};
+use palisade::retry::{Backoff, ExponentialBackoff, Jitter, RetryBudget};
 use proptest::prelude::*;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -21,7 +21,7 @@ fn backoff() -> impl Strategy<Value = (Backoff, Jitter)> {
             let backoff = match kind {
                 0 => Backoff::constant(base),
                 1 => Backoff::linear(base),
-                _ => Backoff::exponential(base).multiplier(multiplier),
+                _ => Backoff::exponential(base).multiplier(multiplier).into(),
             };
             (
                 backoff
@@ -77,7 +77,7 @@ proptest! {
         cap in proptest::option::of(1u64..10_000),
         random in any::<u64>(),
     ) {
-        let capped = |backoff: Backoff| match cap {
+        let capped = |backoff: ExponentialBackoff| match cap {
             Some(millis) => backoff.max(Duration::from_millis(millis)),
             None => backoff.jitter(Jitter::None),
         };

@@ -60,6 +60,54 @@ pub enum Jitter {
     Proportional(f64),
 }
 
+/// An exponential [`Backoff`] whose growth is being set: what [`Backoff::exponential`]
+/// returns. The multiplier exists only here, so it cannot be set, and silently ignored,
+/// on a constant or linear backoff:
+///
+/// ```compile_fail
+/// # use palisade::retry::Backoff;
+/// # use std::time::Duration;
+/// let linear = Backoff::linear(Duration::from_millis(100)).multiplier(3.0);
+/// ```
+///
+/// [`max`](ExponentialBackoff::max) and [`jitter`](ExponentialBackoff::jitter) finish
+/// it into a `Backoff`, and `From` converts it as it is; the layer's
+/// [`backoff`](super::RetryLayerBuilder::backoff) takes either.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExponentialBackoff {
+    base: Duration,
+    multiplier: f64,
+}
+
+impl ExponentialBackoff {
+    /// Sets the growth factor (at least 1; `build()` rejects less, and NaN).
+    pub fn multiplier(mut self, multiplier: f64) -> Self {
+        self.multiplier = multiplier;
+        self
+    }
+
+    /// Caps every delay, jitter included; see [`Backoff::max`].
+    pub fn max(self, cap: Duration) -> Backoff {
+        Backoff::from(self).max(cap)
+    }
+
+    /// Sets the jitter; see [`Backoff::jitter`].
+    pub fn jitter(self, jitter: Jitter) -> Backoff {
+        Backoff::from(self).jitter(jitter)
+    }
+}
+
+impl From<ExponentialBackoff> for Backoff {
+    fn from(exponential: ExponentialBackoff) -> Self {
+        Self::with_growth(
+            Growth::Exponential {
+                multiplier: exponential.multiplier,
+            },
+            exponential.base,
+        )
+    }
+}
+
 impl Backoff {
     /// The same delay before every retry.
     pub fn constant(delay: Duration) -> Self {
@@ -71,10 +119,17 @@ impl Backoff {
         Self::with_growth(Growth::Linear, base)
     }
 
-    /// `base`, `base · m`, `base · m²`, … with the [`multiplier`](Backoff::multiplier)
-    /// `m` (2 unless set).
-    pub fn exponential(base: Duration) -> Self {
-        Self::with_growth(Growth::Exponential { multiplier: 2.0 }, base)
+    /// `base`, `base · m`, `base · m²`, … with the
+    /// [`multiplier`](ExponentialBackoff::multiplier) `m` (2 unless set).
+    ///
+    /// The multiplier is set on the [`ExponentialBackoff`] this returns, before
+    /// [`max`](ExponentialBackoff::max) or [`jitter`](ExponentialBackoff::jitter) make
+    /// it a `Backoff`; it converts with `.into()` where it is used as it is.
+    pub fn exponential(base: Duration) -> ExponentialBackoff {
+        ExponentialBackoff {
+            base,
+            multiplier: 2.0,
+        }
     }
 
     fn with_growth(growth: Growth, base: Duration) -> Self {
@@ -84,15 +139,6 @@ impl Backoff {
             max: None,
             jitter: Jitter::None,
         }
-    }
-
-    /// Sets the growth factor of an exponential backoff (at least 1). No effect on the
-    /// other kinds.
-    pub fn multiplier(mut self, multiplier: f64) -> Self {
-        if let Growth::Exponential { .. } = self.growth {
-            self.growth = Growth::Exponential { multiplier };
-        }
-        self
     }
 
     /// Caps every delay, jitter included. Uncapped unless set; the cap must not be
@@ -225,7 +271,7 @@ mod tests {
     fn huge_exponents_saturate_at_the_cap() {
         let backoff = Backoff::exponential(Duration::from_secs(1)).max(Duration::from_secs(60));
         assert_eq!(backoff.scheduled(u32::MAX), Duration::from_secs(60));
-        let uncapped = Backoff::exponential(Duration::from_secs(1)).multiplier(10.0);
+        let uncapped = Backoff::from(Backoff::exponential(Duration::from_secs(1)).multiplier(10.0));
         assert_eq!(uncapped.delay(500, Duration::ZERO, u64::MAX), Duration::MAX);
     }
 }

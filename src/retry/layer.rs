@@ -108,9 +108,10 @@ impl<P, D> RetryLayerBuilder<P, D> {
         self
     }
 
-    /// The delays between attempts.
-    pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+    /// The delays between attempts: a [`Backoff`], or an
+    /// [`ExponentialBackoff`](super::ExponentialBackoff) as it is.
+    pub fn backoff(mut self, backoff: impl Into<Backoff>) -> Self {
+        self.backoff = backoff.into();
         self
     }
 

@@ -71,7 +71,7 @@ mod layer;
 mod policy;
 mod service;
 
-pub use self::backoff::{Backoff, Jitter};
+pub use self::backoff::{Backoff, ExponentialBackoff, Jitter};
 pub use self::body::{CloneRequest, Duplicate};
 #[cfg(feature = "http")]
 pub use self::body::{DEFAULT_REPLAY_LIMIT, HttpCopy, ReplayBodies, ReplayBody};
