@@ -316,6 +316,91 @@ async fn grpc_pushback_is_waited_for_and_a_negative_one_stops() {
     assert_eq!(calls.count(), 1);
 }
 
+/// A Trailers-Only gRPC answer with this status and optional pushback.
+fn grpc_answer(status: &str, pushback: Option<&str>) -> (u16, Vec<(&'static str, String)>) {
+    let mut headers = vec![("grpc-status", status.to_string())];
+    headers.extend(pushback.map(|millis| ("grpc-retry-pushback-ms", millis.to_string())));
+    (200, headers)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_pushback_is_the_delay_and_the_backoff_restarts_after_it() {
+    // gRFC A6: exponential 100 ms, a 250 ms pushback on the second answer: waits of
+    // 100, 250, then 100 and 200 again.
+    let calls = Calls::new();
+    let layer = RetryLayer::builder()
+        .max_attempts(5)
+        .backoff(Backoff::exponential(100 * MS).jitter(Jitter::None))
+        .retry_if(GrpcRetry::new())
+        .budget(RetryBudget::new(Duration::from_secs(10), 10, 0.0))
+        .build()
+        .expect("config");
+    let script = vec![
+        grpc_answer("14", None),
+        grpc_answer("14", Some("250")),
+        grpc_answer("14", None),
+        grpc_answer("14", None),
+        grpc_answer("0", None),
+    ];
+    let response = layer
+        .layer(scripted(&calls, script))
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
+    assert_eq!(response.headers()["grpc-status"], "0");
+    assert_eq!(
+        calls.times(),
+        [0, 100, 350, 450, 650].map(|millis| millis * MS)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_grpc_pushback_retries_at_once() {
+    let calls = Calls::new();
+    let layer = RetryLayer::builder()
+        .backoff(no_jitter(100 * MS))
+        .retry_if(GrpcRetry::new())
+        .build()
+        .expect("config");
+    let script = vec![grpc_answer("14", Some("0")), grpc_answer("0", None)];
+    let response = layer
+        .layer(scripted(&calls, script))
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
+    assert_eq!(response.headers()["grpc-status"], "0");
+    assert_eq!(calls.times(), [Duration::ZERO, Duration::ZERO]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_replaces_the_backoff_which_restarts_after_it() {
+    // Exponential 3 s: the backoff would wait 6 s before the third attempt, the server
+    // says 2 s. Then the schedule starts over at 3 s.
+    let calls = Calls::new();
+    let layer = RetryLayer::builder()
+        .max_attempts(4)
+        .backoff(Backoff::exponential(Duration::from_secs(3)).jitter(Jitter::None))
+        .retry_if(HttpRetry::new())
+        .build()
+        .expect("config");
+    let service = scripted(
+        &calls,
+        vec![
+            (503, vec![]),
+            (503, vec![("retry-after", "2".into())]),
+            (503, vec![]),
+            (200, vec![]),
+        ],
+    );
+    let response = layer
+        .layer(service)
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(calls.times(), [0, 3, 5, 8].map(Duration::from_secs));
+}
+
 #[tokio::test(start_paused = true)]
 async fn post_is_not_retried_by_the_http_preset_unless_opted_in() {
     let post = || {

@@ -15,7 +15,8 @@
 //!   [`RateLimited`](crate::rate_limit::RateLimited) rejection from a layer below is
 //!   retried only after its `retry_after()`, never straight back into it.
 //! - **Server hints**: `Retry-After` (seconds or HTTP-date) and
-//!   `grpc-retry-pushback-ms`; a hint above
+//!   `grpc-retry-pushback-ms` are the delay, replacing the backoff, which starts over
+//!   after them (gRFC A6); a hint above
 //!   [`max_server_delay`](RetryLayerBuilder::max_server_delay) means give up, not wait.
 //! - **Requests**: `Clone` requests are cloned per attempt ([`CloneRequest`]);
 //!   `http::Request`s with streaming bodies are replayed from a copy kept while the

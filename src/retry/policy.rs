@@ -35,8 +35,11 @@ pub enum Decision {
         /// Why.
         reason: RetryReason,
         /// A wait the server asked for (`Retry-After`, `grpc-retry-pushback-ms`). The
-        /// layer waits the longer of this and the backoff, and gives up instead when
-        /// it is above the [maximum server delay](super::RetryLayerBuilder::max_server_delay).
+        /// layer waits exactly this instead of the backoff (zero: at once), and the
+        /// backoff starts over from its base after it, as gRFC A6 has it for a
+        /// pushback. Above the [maximum server
+        /// delay](super::RetryLayerBuilder::max_server_delay) the layer gives up
+        /// instead.
         after: Option<Duration>,
     },
 }
@@ -59,8 +62,8 @@ impl Decision {
 ///
 /// Whatever the policy, a [`CircuitOpen`](crate::circuit_breaker::CircuitOpen) or
 /// [`RateLimited`](crate::rate_limit::RateLimited) error from an inner layer is retried
-/// after its `retry_after()` (the request never left), provided the request is
-/// retryable.
+/// after its `retry_after()` or the backoff, whichever is longer (the request never
+/// left), provided the request is retryable.
 pub trait RetryPolicy<Req, Res> {
     /// Whether `request` may be retried at all. Asked once, before the first attempt;
     /// a request that may not is not copied and is sent exactly once.
@@ -226,7 +229,8 @@ mod http_policies {
     /// A response whose HTTP status is not 200 reads as `UNAVAILABLE` for 429, 502, 503
     /// and 504 (the gRPC HTTP mapping) and is otherwise returned.
     ///
-    /// `grpc-retry-pushback-ms` is honoured; a negative or malformed value means the
+    /// `grpc-retry-pushback-ms` is the delay before the retry (`0`: at once), and the
+    /// backoff starts over after it (gRFC A6); a negative or malformed value means the
     /// server asks not to be retried, and the response is returned.
     #[derive(Debug, Clone, Copy)]
     pub struct GrpcRetry {
