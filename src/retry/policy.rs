@@ -222,7 +222,10 @@ mod http_policies {
     /// The gRPC preset.
     ///
     /// Retries `UNAVAILABLE` (more codes with [`with_code`](GrpcRetry::with_code)) and
-    /// transport errors, for every method. As in gRPC's own retry design, a call is
+    /// transport errors, for every method, and `RESOURCE_EXHAUSTED` when it carries a
+    /// `grpc-retry-pushback-ms`: with a pushback the server invites a retry after it
+    /// (gRFC A6), which is how a rate-limited server, palisade's own included, answers.
+    /// [`without_code`](GrpcRetry::without_code) turns that off too. As in gRPC's own retry design, a call is
     /// committed once the server sends response headers without a status: only
     /// Trailers-Only responses (status in the headers, as a server sends when it fails
     /// a call before answering) are retried, so the response body is never buffered.
@@ -234,7 +237,10 @@ mod http_policies {
     /// server asks not to be retried, and the response is returned.
     #[derive(Debug, Clone, Copy)]
     pub struct GrpcRetry {
+        /// Retried with or without a pushback.
         codes: u32,
+        /// Retried only when the server sent a pushback.
+        with_pushback: u32,
     }
 
     impl Default for GrpcRetry {
@@ -244,28 +250,36 @@ mod http_policies {
     }
 
     impl GrpcRetry {
-        /// Retries `UNAVAILABLE` only.
+        /// Retries `UNAVAILABLE`, and `RESOURCE_EXHAUSTED` with a pushback.
         pub const fn new() -> Self {
             Self {
                 codes: bit(GrpcCode::Unavailable),
+                with_pushback: bit(GrpcCode::ResourceExhausted),
             }
         }
 
-        /// Also retries this code.
+        /// Also retries this code, with or without a pushback.
         pub const fn with_code(mut self, code: GrpcCode) -> Self {
             self.codes |= bit(code);
             self
         }
 
-        /// No longer retries this code.
+        /// No longer retries this code, even with a pushback.
         pub const fn without_code(mut self, code: GrpcCode) -> Self {
             self.codes &= !bit(code);
+            self.with_pushback &= !bit(code);
             self
         }
 
-        /// Whether this code is retried.
+        /// Whether this code is retried without a pushback. (`RESOURCE_EXHAUSTED` is
+        /// retried with one unless [`without_code`](GrpcRetry::without_code) removed
+        /// it.)
         pub const fn retries(&self, code: GrpcCode) -> bool {
             self.codes & bit(code) != 0
+        }
+
+        const fn retries_with_pushback(&self, code: GrpcCode) -> bool {
+            (self.codes | self.with_pushback) & bit(code) != 0
         }
 
         fn status<B>(response: &Response<B>) -> Option<GrpcCode> {
@@ -290,14 +304,14 @@ mod http_policies {
                 Ok(response) => response,
                 Err(_) => return Decision::retry(RetryReason::Error),
             };
-            match Self::status(response) {
-                Some(code) if self.retries(code) => match pushback(response.headers()) {
-                    Pushback::None => Decision::retry(RetryReason::Grpc(code)),
-                    Pushback::After(after) => Decision::Retry {
-                        reason: RetryReason::Grpc(code),
-                        after: Some(after),
-                    },
-                    Pushback::Stop => Decision::Return,
+            let Some(code) = Self::status(response) else {
+                return Decision::Return;
+            };
+            match pushback(response.headers()) {
+                Pushback::None if self.retries(code) => Decision::retry(RetryReason::Grpc(code)),
+                Pushback::After(after) if self.retries_with_pushback(code) => Decision::Retry {
+                    reason: RetryReason::Grpc(code),
+                    after: Some(after),
                 },
                 _ => Decision::Return,
             }
@@ -327,6 +341,40 @@ mod http_policies {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn grpc_preset_retries_resource_exhausted_with_a_pushback() {
+            let exhausted = |pushback: Option<&'static str>| {
+                let mut headers = vec![("grpc-status", "8")];
+                headers.extend(pushback.map(|millis| ("grpc-retry-pushback-ms", millis)));
+                response(200, &headers)
+            };
+            let policy = GrpcRetry::new();
+            assert_eq!(
+                decide(&policy, exhausted(Some("250"))),
+                Decision::Retry {
+                    reason: RetryReason::Grpc(GrpcCode::ResourceExhausted),
+                    after: Some(Duration::from_millis(250)),
+                }
+            );
+            // No pushback, or a refusal: the server did not invite a retry.
+            for pushback in [None, Some("-1"), Some("soon")] {
+                assert_eq!(
+                    decide(&policy, exhausted(pushback)),
+                    Decision::Return,
+                    "{pushback:?}"
+                );
+            }
+            assert!(!policy.retries(GrpcCode::ResourceExhausted));
+            let opted_out = policy.without_code(GrpcCode::ResourceExhausted);
+            assert_eq!(decide(&opted_out, exhausted(Some("250"))), Decision::Return);
+            // Other codes still need a pushback and `with_code`.
+            let aborted = response(
+                200,
+                &[("grpc-status", "10"), ("grpc-retry-pushback-ms", "250")],
+            );
+            assert_eq!(decide(&policy, aborted), Decision::Return);
+        }
 
         fn response(status: u16, headers: &[(&'static str, &'static str)]) -> Response<()> {
             let mut response = Response::new(());
@@ -485,6 +533,17 @@ mod http_policies {
             let policy = policy
                 .with_code(GrpcCode::ResourceExhausted)
                 .without_code(GrpcCode::Unavailable);
+            assert_eq!(
+                decide(
+                    &policy,
+                    response(
+                        200,
+                        &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "5")]
+                    )
+                ),
+                Decision::Return,
+                "a removed code is not retried, pushback or not"
+            );
             assert!(policy.retries(GrpcCode::ResourceExhausted));
             assert_eq!(
                 decide(&policy, response(200, &[("grpc-status", "14")])),
