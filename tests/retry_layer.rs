@@ -868,14 +868,14 @@ fn invalid_configurations_are_errors() {
         err(RetryLayer::builder().backoff(Backoff::constant(MS).jitter(Jitter::Proportional(1.5)))),
         ConfigError::Jitter(1.5)
     );
-    assert!(matches!(
+    assert_eq!(
         err(RetryLayer::builder().budget(RetryBudget::new(Duration::ZERO, 1, 0.1))),
-        ConfigError::Budget { .. }
-    ));
-    assert!(matches!(
+        ConfigError::BudgetTtl(Duration::ZERO)
+    );
+    assert_eq!(
         err(RetryLayer::builder().budget(RetryBudget::new(Duration::from_secs(1), 1, -0.1))),
-        ConfigError::Budget { .. }
-    ));
+        ConfigError::BudgetRatio(-0.1)
+    );
     assert_eq!(
         err(RetryLayer::builder().per_attempt_timeout(Duration::ZERO)),
         ConfigError::ZeroTimeout
@@ -883,5 +883,59 @@ fn invalid_configurations_are_errors() {
     assert_eq!(
         err(RetryLayer::builder().deadline(Duration::ZERO)),
         ConfigError::ZeroTimeout
+    );
+}
+
+#[test]
+fn budgets_outside_the_bounds_are_errors() {
+    let build = |ttl, min_per_sec, ratio| {
+        RetryLayer::builder()
+            .budget(RetryBudget::new(ttl, min_per_sec, ratio))
+            .build()
+            .map(drop)
+    };
+    let secs = Duration::from_secs;
+    // Each of these used to build, then wrap the balance negative on the first deposit.
+    assert_eq!(
+        build(Duration::MAX, 1, 0.2),
+        Err(ConfigError::BudgetTtl(Duration::MAX))
+    );
+    assert_eq!(
+        build(secs(10), 10, 1e300),
+        Err(ConfigError::BudgetRatio(1e300))
+    );
+    assert_eq!(
+        build(secs(10), u32::MAX, 0.2),
+        Err(ConfigError::BudgetMinPerSec(u32::MAX))
+    );
+    assert_eq!(
+        build(secs(61), 1, 0.2),
+        Err(ConfigError::BudgetTtl(secs(61)))
+    );
+    assert_eq!(
+        build(999 * MS, 1, 0.2),
+        Err(ConfigError::BudgetTtl(999 * MS))
+    );
+    assert_eq!(
+        build(secs(10), 1, 1000.5),
+        Err(ConfigError::BudgetRatio(1000.5))
+    );
+    assert_eq!(
+        build(secs(10), 1, f64::INFINITY),
+        Err(ConfigError::BudgetRatio(f64::INFINITY))
+    );
+    assert!(matches!(
+        build(secs(10), 1, f64::NAN),
+        Err(ConfigError::BudgetRatio(_))
+    ));
+    // The bounds themselves are accepted.
+    assert_eq!(build(RetryBudget::MIN_TTL, 0, 0.0), Ok(()));
+    assert_eq!(
+        build(
+            RetryBudget::MAX_TTL,
+            RetryBudget::MAX_MIN_PER_SEC,
+            RetryBudget::MAX_RATIO
+        ),
+        Ok(())
     );
 }

@@ -110,6 +110,37 @@ proptest! {
         prop_assert_eq!(backoff.delay(1, Duration::ZERO, 1 << 63), base * 2);
     }
 
+    /// Used directly, a budget with any values behaves as if they were clamped into
+    /// the ranges `build()` accepts: its balance is the reserve plus the deposits,
+    /// never wrapped.
+    #[test]
+    fn any_budget_behaves_as_clamped(
+        ttl_secs in any::<u64>(),
+        ttl_nanos in 0u32..1_000_000_000,
+        min_per_sec in any::<u32>(),
+        ratio in any::<f64>(),
+        deposits in 0u64..1000,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let _clock = runtime.enter();
+        let ttl = Duration::new(ttl_secs, ttl_nanos);
+        let budget = RetryBudget::new(ttl, min_per_sec, ratio);
+        let now = Instant::now();
+        for _ in 0..deposits {
+            budget.deposit(now);
+        }
+        let window = ttl.clamp(RetryBudget::MIN_TTL, RetryBudget::MAX_TTL);
+        let min = f64::from(min_per_sec.min(RetryBudget::MAX_MIN_PER_SEC));
+        let ratio = if ratio.is_nan() { 0.0 } else { ratio.clamp(0.0, RetryBudget::MAX_RATIO) };
+        let reserve = (min * window.as_secs_f64() * 1000.0 + 1e-6).floor() as u64;
+        let deposit = (ratio * 1000.0 + 1e-6).floor() as u64;
+        prop_assert_eq!(budget.available(now), (reserve + deposits * deposit) / 1000);
+    }
+
     /// Within one ttl the budget never allows more than `min · ttl + ratio · requests`
     /// retries, and it allows exactly what a plain reference model allows.
     #[test]
@@ -153,6 +184,36 @@ proptest! {
                 prop_assert!(retries as f64 <= bound + 1e-9, "{retries} retries > {bound}");
             }
         }
+    }
+}
+
+/// The values of the reports: once built they wrapped their balance negative on
+/// the first deposit and refused every retry for ever.
+#[test]
+fn extreme_budgets_used_directly_do_not_wrap() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let _clock = runtime.enter();
+    let now = Instant::now();
+    for (ttl, min_per_sec, ratio) in [
+        (Duration::MAX, 1, 0.2),
+        (Duration::from_secs(10), 10, 1e300),
+        (Duration::MAX, u32::MAX, 0.2),
+    ] {
+        let budget = RetryBudget::new(ttl, min_per_sec, ratio);
+        let before = budget.available(now);
+        budget.deposit(now);
+        assert!(
+            budget.available(now) >= before,
+            "{ttl:?}, {min_per_sec}, {ratio}"
+        );
+        assert!(
+            budget.withdraw(now).is_some(),
+            "{ttl:?}, {min_per_sec}, {ratio}"
+        );
     }
 }
 
