@@ -92,12 +92,12 @@ fn run_case(requests: Vec<Req>) -> Result<(), TestCaseError> {
             .half_open_probes(PROBES)
             .build()
             .unwrap();
-        // A reserve of 3600 retries and no deposits, all kept for an hour: every
+        // A reserve of 3600 retries and no deposits, all kept for a minute: every
         // withdrawal shows in the balance for the whole test.
         let retry = RetryLayer::builder()
             .max_attempts(3)
             .backoff(Backoff::constant(15 * MS))
-            .budget(RetryBudget::new(Duration::from_secs(3600), 1, 0.0))
+            .budget(RetryBudget::new(Duration::from_secs(60), 60, 0.0))
             .build()
             .unwrap();
         let (limit_handle, breaker_handle, retry_handle) =

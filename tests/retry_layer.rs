@@ -133,6 +133,25 @@ async fn constant_and_exponential_delays_separate_attempts() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn a_zero_exponential_backoff_retries_past_the_thousandth_retry() {
+    // 0 · 2^1024 used to read as an overflow: uncapped, the 1025th retry never came.
+    let calls = Calls::new();
+    let layer = RetryLayer::builder()
+        .max_attempts(1100)
+        .backoff(Backoff::exponential(Duration::ZERO))
+        .budget(RetryBudget::new(Duration::from_secs(60), 100, 0.0))
+        .build()
+        .expect("config");
+    let answer = layer
+        .layer(flaky(&calls, 1099))
+        .oneshot(())
+        .await
+        .expect("the last attempt");
+    assert_eq!(answer, "ok 1100");
+    assert!(calls.times().iter().all(Duration::is_zero));
+}
+
+#[tokio::test(start_paused = true)]
 async fn max_attempts_counts_the_first_and_returns_the_last_error() {
     let calls = Calls::new();
     let layer = RetryLayer::builder()
@@ -295,6 +314,91 @@ async fn grpc_pushback_is_waited_for_and_a_negative_one_stops() {
         .expect("response");
     assert_eq!(response.headers()["grpc-status"], "14");
     assert_eq!(calls.count(), 1);
+}
+
+/// A Trailers-Only gRPC answer with this status and optional pushback.
+fn grpc_answer(status: &str, pushback: Option<&str>) -> (u16, Vec<(&'static str, String)>) {
+    let mut headers = vec![("grpc-status", status.to_string())];
+    headers.extend(pushback.map(|millis| ("grpc-retry-pushback-ms", millis.to_string())));
+    (200, headers)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_grpc_pushback_is_the_delay_and_the_backoff_restarts_after_it() {
+    // gRFC A6: exponential 100 ms, a 250 ms pushback on the second answer: waits of
+    // 100, 250, then 100 and 200 again.
+    let calls = Calls::new();
+    let layer = RetryLayer::builder()
+        .max_attempts(5)
+        .backoff(Backoff::exponential(100 * MS).jitter(Jitter::None))
+        .retry_if(GrpcRetry::new())
+        .budget(RetryBudget::new(Duration::from_secs(10), 10, 0.0))
+        .build()
+        .expect("config");
+    let script = vec![
+        grpc_answer("14", None),
+        grpc_answer("14", Some("250")),
+        grpc_answer("14", None),
+        grpc_answer("14", None),
+        grpc_answer("0", None),
+    ];
+    let response = layer
+        .layer(scripted(&calls, script))
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
+    assert_eq!(response.headers()["grpc-status"], "0");
+    assert_eq!(
+        calls.times(),
+        [0, 100, 350, 450, 650].map(|millis| millis * MS)
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_zero_grpc_pushback_retries_at_once() {
+    let calls = Calls::new();
+    let layer = RetryLayer::builder()
+        .backoff(no_jitter(100 * MS))
+        .retry_if(GrpcRetry::new())
+        .build()
+        .expect("config");
+    let script = vec![grpc_answer("14", Some("0")), grpc_answer("0", None)];
+    let response = layer
+        .layer(scripted(&calls, script))
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
+    assert_eq!(response.headers()["grpc-status"], "0");
+    assert_eq!(calls.times(), [Duration::ZERO, Duration::ZERO]);
+}
+
+#[tokio::test(start_paused = true)]
+async fn retry_after_replaces_the_backoff_which_restarts_after_it() {
+    // Exponential 3 s: the backoff would wait 6 s before the third attempt, the server
+    // says 2 s. Then the schedule starts over at 3 s.
+    let calls = Calls::new();
+    let layer = RetryLayer::builder()
+        .max_attempts(4)
+        .backoff(Backoff::exponential(Duration::from_secs(3)).jitter(Jitter::None))
+        .retry_if(HttpRetry::new())
+        .build()
+        .expect("config");
+    let service = scripted(
+        &calls,
+        vec![
+            (503, vec![]),
+            (503, vec![("retry-after", "2".into())]),
+            (503, vec![]),
+            (200, vec![]),
+        ],
+    );
+    let response = layer
+        .layer(service)
+        .oneshot(Request::new(()))
+        .await
+        .expect("response");
+    assert_eq!(response.status(), StatusCode::OK);
+    assert_eq!(calls.times(), [0, 3, 5, 8].map(Duration::from_secs));
 }
 
 #[tokio::test(start_paused = true)]
@@ -764,14 +868,14 @@ fn invalid_configurations_are_errors() {
         err(RetryLayer::builder().backoff(Backoff::constant(MS).jitter(Jitter::Proportional(1.5)))),
         ConfigError::Jitter(1.5)
     );
-    assert!(matches!(
+    assert_eq!(
         err(RetryLayer::builder().budget(RetryBudget::new(Duration::ZERO, 1, 0.1))),
-        ConfigError::Budget { .. }
-    ));
-    assert!(matches!(
+        ConfigError::BudgetTtl(Duration::ZERO)
+    );
+    assert_eq!(
         err(RetryLayer::builder().budget(RetryBudget::new(Duration::from_secs(1), 1, -0.1))),
-        ConfigError::Budget { .. }
-    ));
+        ConfigError::BudgetRatio(-0.1)
+    );
     assert_eq!(
         err(RetryLayer::builder().per_attempt_timeout(Duration::ZERO)),
         ConfigError::ZeroTimeout
@@ -779,5 +883,59 @@ fn invalid_configurations_are_errors() {
     assert_eq!(
         err(RetryLayer::builder().deadline(Duration::ZERO)),
         ConfigError::ZeroTimeout
+    );
+}
+
+#[test]
+fn budgets_outside_the_bounds_are_errors() {
+    let build = |ttl, min_per_sec, ratio| {
+        RetryLayer::builder()
+            .budget(RetryBudget::new(ttl, min_per_sec, ratio))
+            .build()
+            .map(drop)
+    };
+    let secs = Duration::from_secs;
+    // Each of these used to build, then wrap the balance negative on the first deposit.
+    assert_eq!(
+        build(Duration::MAX, 1, 0.2),
+        Err(ConfigError::BudgetTtl(Duration::MAX))
+    );
+    assert_eq!(
+        build(secs(10), 10, 1e300),
+        Err(ConfigError::BudgetRatio(1e300))
+    );
+    assert_eq!(
+        build(secs(10), u32::MAX, 0.2),
+        Err(ConfigError::BudgetMinPerSec(u32::MAX))
+    );
+    assert_eq!(
+        build(secs(61), 1, 0.2),
+        Err(ConfigError::BudgetTtl(secs(61)))
+    );
+    assert_eq!(
+        build(999 * MS, 1, 0.2),
+        Err(ConfigError::BudgetTtl(999 * MS))
+    );
+    assert_eq!(
+        build(secs(10), 1, 1000.5),
+        Err(ConfigError::BudgetRatio(1000.5))
+    );
+    assert_eq!(
+        build(secs(10), 1, f64::INFINITY),
+        Err(ConfigError::BudgetRatio(f64::INFINITY))
+    );
+    assert!(matches!(
+        build(secs(10), 1, f64::NAN),
+        Err(ConfigError::BudgetRatio(_))
+    ));
+    // The bounds themselves are accepted.
+    assert_eq!(build(RetryBudget::MIN_TTL, 0, 0.0), Ok(()));
+    assert_eq!(
+        build(
+            RetryBudget::MAX_TTL,
+            RetryBudget::MAX_MIN_PER_SEC,
+            RetryBudget::MAX_RATIO
+        ),
+        Ok(())
     );
 }

@@ -1,5 +1,5 @@
 //! Property tests of the retry cores: backoff bounds and the budget against a model.
-use palisade::retry::{Backoff, Jitter, RetryBudget};
+use palisade::retry::{Backoff, ExponentialBackoff, Jitter, RetryBudget};
 use proptest::prelude::*;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -21,7 +21,7 @@ fn backoff() -> impl Strategy<Value = (Backoff, Jitter)> {
             let backoff = match kind {
                 0 => Backoff::constant(base),
                 1 => Backoff::linear(base),
-                _ => Backoff::exponential(base).multiplier(multiplier),
+                _ => Backoff::exponential(base).multiplier(multiplier).into(),
             };
             (
                 backoff
@@ -57,7 +57,7 @@ proptest! {
                 Jitter::None => (scheduled, scheduled),
                 Jitter::Full => (Duration::ZERO, scheduled),
                 Jitter::Equal => (scheduled / 2, scheduled),
-                Jitter::Decorrelated => (base, previous.saturating_mul(3).max(base).min(cap)),
+                Jitter::Decorrelated => (base, previous.max(base).saturating_mul(3).min(cap)),
                 Jitter::Proportional(spread) => (
                     scheduled.mul_f64(1.0 - spread).saturating_sub(Duration::from_nanos(1)),
                     scheduled.mul_f64(1.0 + spread).min(cap),
@@ -66,6 +66,79 @@ proptest! {
             prop_assert!(delay >= low && delay <= high, "{delay:?} outside [{low:?}, {high:?}]");
             previous = delay;
         }
+    }
+
+    /// A zero base stays zero for every retry number, and a huge exponent saturates at
+    /// the cap (or `Duration::MAX`) instead of reading 0 · ∞ = NaN as an overflow.
+    #[test]
+    fn exponential_growth_saturates_without_nan(
+        retry in any::<u32>(),
+        multiplier in 1.0..10.0f64,
+        cap in proptest::option::of(1u64..10_000),
+        random in any::<u64>(),
+    ) {
+        let capped = |backoff: ExponentialBackoff| match cap {
+            Some(millis) => backoff.max(Duration::from_millis(millis)),
+            None => backoff.jitter(Jitter::None),
+        };
+        let zero = capped(Backoff::exponential(Duration::ZERO).multiplier(multiplier));
+        prop_assert_eq!(zero.scheduled(retry), Duration::ZERO);
+        prop_assert_eq!(zero.delay(retry, Duration::ZERO, random), Duration::ZERO);
+        let one = capped(Backoff::exponential(Duration::from_millis(1)).multiplier(multiplier));
+        let later = one.scheduled(retry.saturating_add(1));
+        prop_assert!(later >= one.scheduled(retry), "the schedule never shrinks");
+        if retry > 2_000 && multiplier >= 1.5 {
+            prop_assert_eq!(later, one.cap());
+        }
+    }
+
+    /// The first decorrelated retry is drawn from `[base, 3 · base]` like the later
+    /// ones, so that clients that failed together do not retry together.
+    #[test]
+    fn decorrelated_jitter_spreads_the_first_retry(
+        base_millis in 1u64..5_000,
+        randoms in proptest::collection::vec(any::<u64>(), 64),
+    ) {
+        let base = Duration::from_millis(base_millis);
+        let backoff = Backoff::exponential(base).jitter(Jitter::Decorrelated);
+        let firsts: std::collections::BTreeSet<Duration> = randoms
+            .into_iter()
+            .map(|random| backoff.delay(1, Duration::ZERO, random))
+            .collect();
+        prop_assert!(firsts.iter().all(|first| (base..=base * 3).contains(first)));
+        prop_assert!(firsts.len() > 1, "every client retries after exactly {:?}", base);
+        prop_assert_eq!(backoff.delay(1, Duration::ZERO, 1 << 63), base * 2);
+    }
+
+    /// Used directly, a budget with any values behaves as if they were clamped into
+    /// the ranges `build()` accepts: its balance is the reserve plus the deposits,
+    /// never wrapped.
+    #[test]
+    fn any_budget_behaves_as_clamped(
+        ttl_secs in any::<u64>(),
+        ttl_nanos in 0u32..1_000_000_000,
+        min_per_sec in any::<u32>(),
+        ratio in any::<f64>(),
+        deposits in 0u64..1000,
+    ) {
+        let runtime = tokio::runtime::Builder::new_current_thread()
+            .enable_time()
+            .start_paused(true)
+            .build()
+            .expect("runtime");
+        let _clock = runtime.enter();
+        let ttl = Duration::new(ttl_secs, ttl_nanos);
+        let budget = RetryBudget::new(ttl, min_per_sec, ratio);
+        let now = Instant::now();
+        for _ in 0..deposits {
+            budget.deposit(now);
+        }
+        let window = ttl.clamp(RetryBudget::MIN_TTL, RetryBudget::MAX_TTL);
+        let min = f64::from(min_per_sec.min(RetryBudget::MAX_MIN_PER_SEC));
+        let ratio = if ratio.is_nan() { 0.0 } else { ratio.clamp(0.0, RetryBudget::MAX_RATIO) };
+        let reserve = (min * window.as_secs_f64() * 1000.0 + 1e-6).floor() as u64;
+        let deposit = (ratio * 1000.0 + 1e-6).floor() as u64;
+        prop_assert_eq!(budget.available(now), (reserve + deposits * deposit) / 1000);
     }
 
     /// Within one ttl the budget never allows more than `min · ttl + ratio · requests`
@@ -111,6 +184,36 @@ proptest! {
                 prop_assert!(retries as f64 <= bound + 1e-9, "{retries} retries > {bound}");
             }
         }
+    }
+}
+
+/// The values of the reports: once built they wrapped their balance negative on
+/// the first deposit and refused every retry for ever.
+#[test]
+fn extreme_budgets_used_directly_do_not_wrap() {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_time()
+        .start_paused(true)
+        .build()
+        .expect("runtime");
+    let _clock = runtime.enter();
+    let now = Instant::now();
+    for (ttl, min_per_sec, ratio) in [
+        (Duration::MAX, 1, 0.2),
+        (Duration::from_secs(10), 10, 1e300),
+        (Duration::MAX, u32::MAX, 0.2),
+    ] {
+        let budget = RetryBudget::new(ttl, min_per_sec, ratio);
+        let before = budget.available(now);
+        budget.deposit(now);
+        assert!(
+            budget.available(now) >= before,
+            "{ttl:?}, {min_per_sec}, {ratio}"
+        );
+        assert!(
+            budget.withdraw(now).is_some(),
+            "{ttl:?}, {min_per_sec}, {ratio}"
+        );
     }
 }
 

@@ -19,10 +19,11 @@ use tower::ServiceBuilder;
 /// Each call's service name and `grpc-previous-rpc-attempts`.
 type Seen = Arc<Mutex<Vec<(String, Option<String>)>>>;
 
-/// Answers `UNAVAILABLE` (with an optional pushback) to its first `failures` calls,
-/// then `SERVING`; records each call's service name and `grpc-previous-rpc-attempts`.
+/// Answers `code` (with an optional pushback) to its first `failures` calls, then
+/// `SERVING`; records each call's service name and `grpc-previous-rpc-attempts`.
 #[derive(Clone)]
 struct FlakyHealth {
+    code: Code,
     failures: usize,
     pushback: Option<&'static str>,
     seen: Seen,
@@ -45,7 +46,7 @@ impl Health for FlakyHealth {
             seen.len()
         };
         if count <= self.failures {
-            let mut status = Status::unavailable("warming up");
+            let mut status = Status::new(self.code, "warming up");
             if let Some(pushback) = self.pushback {
                 status
                     .metadata_mut()
@@ -73,10 +74,20 @@ impl Health for FlakyHealth {
     }
 }
 
-/// Starts the server; returns a `Channel` to it and what it saw.
+/// Starts a server answering `UNAVAILABLE`; returns a `Channel` to it and what it saw.
 async fn serve(failures: usize, pushback: Option<&'static str>) -> (Channel, Seen) {
+    serve_code(Code::Unavailable, failures, pushback).await
+}
+
+/// Starts a server answering `code`; returns a `Channel` to it and what it saw.
+async fn serve_code(
+    code: Code,
+    failures: usize,
+    pushback: Option<&'static str>,
+) -> (Channel, Seen) {
     let seen = Arc::default();
     let health = FlakyHealth {
+        code,
         failures,
         pushback,
         seen: Arc::clone(&seen),
@@ -191,4 +202,38 @@ async fn codes_outside_the_set_are_not_retried() {
         .with_code(GrpcCode::Aborted);
     let outcome = failing_call(usize::MAX, None, policy).await;
     assert_eq!(outcome, (Code::Unavailable, 1));
+}
+
+#[tokio::test]
+async fn resource_exhausted_with_a_pushback_is_retried_by_default() {
+    // A pushback of 0 asks for the retry at once: no real wait in the test.
+    let (channel, seen) = serve_code(Code::ResourceExhausted, 1, Some("0")).await;
+    let layer = RetryLayer::builder()
+        .max_attempts(3)
+        .backoff(Backoff::constant(Duration::from_millis(1)))
+        .retry_if(GrpcRetry::new())
+        .replay_bodies()
+        .build()
+        .expect("config");
+    let mut client = retrying_client!(layer, channel);
+    client
+        .check(check("orders"))
+        .await
+        .expect("retried as the pushback invited");
+    assert_eq!(seen.lock().expect("seen").len(), 2);
+
+    // Without a pushback the server did not invite a retry.
+    let (channel, seen) = serve_code(Code::ResourceExhausted, 1, None).await;
+    let layer = RetryLayer::builder()
+        .retry_if(GrpcRetry::new())
+        .replay_bodies()
+        .build()
+        .expect("config");
+    let mut client = retrying_client!(layer, channel);
+    let status = client
+        .check(check("orders"))
+        .await
+        .expect_err("not retried");
+    assert_eq!(status.code(), Code::ResourceExhausted);
+    assert_eq!(seen.lock().expect("seen").len(), 1);
 }

@@ -50,13 +50,62 @@ pub enum Jitter {
     Full,
     /// `d/2 + r · d/2`: in `[d/2, d)`, never much sooner than the schedule.
     Equal,
-    /// `base + r · (3 · previous − base)`, capped: in `[base, cap]`. Grows from the
-    /// previous delay rather than from the retry number, so the backoff's growth is
-    /// ignored.
+    /// `base + r · (3 · previous − base)`, capped: in `[base, cap]`, where `previous`
+    /// is the previous delay, or `base` before the first retry (so the first retry is
+    /// in `[base, 3 · base]`). Grows from the previous delay rather than from the retry
+    /// number, so the backoff's growth is ignored.
     Decorrelated,
     /// `d · (1 ± x)`, capped: in `[d · (1 − x), min(cap, d · (1 + x))]`. `x` must be in
     /// `[0, 1]`.
     Proportional(f64),
+}
+
+/// An exponential [`Backoff`] whose growth is being set: what [`Backoff::exponential`]
+/// returns. The multiplier exists only here, so it cannot be set, and silently ignored,
+/// on a constant or linear backoff:
+///
+/// ```compile_fail
+/// # use palisade::retry::Backoff;
+/// # use std::time::Duration;
+/// let linear = Backoff::linear(Duration::from_millis(100)).multiplier(3.0);
+/// ```
+///
+/// [`max`](ExponentialBackoff::max) and [`jitter`](ExponentialBackoff::jitter) finish
+/// it into a `Backoff`, and `From` converts it as it is; the layer's
+/// [`backoff`](super::RetryLayerBuilder::backoff) takes either.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ExponentialBackoff {
+    base: Duration,
+    multiplier: f64,
+}
+
+impl ExponentialBackoff {
+    /// Sets the growth factor (at least 1; `build()` rejects less, and NaN).
+    pub fn multiplier(mut self, multiplier: f64) -> Self {
+        self.multiplier = multiplier;
+        self
+    }
+
+    /// Caps every delay, jitter included; see [`Backoff::max`].
+    pub fn max(self, cap: Duration) -> Backoff {
+        Backoff::from(self).max(cap)
+    }
+
+    /// Sets the jitter; see [`Backoff::jitter`].
+    pub fn jitter(self, jitter: Jitter) -> Backoff {
+        Backoff::from(self).jitter(jitter)
+    }
+}
+
+impl From<ExponentialBackoff> for Backoff {
+    fn from(exponential: ExponentialBackoff) -> Self {
+        Self::with_growth(
+            Growth::Exponential {
+                multiplier: exponential.multiplier,
+            },
+            exponential.base,
+        )
+    }
 }
 
 impl Backoff {
@@ -70,10 +119,17 @@ impl Backoff {
         Self::with_growth(Growth::Linear, base)
     }
 
-    /// `base`, `base · m`, `base · m²`, … with the [`multiplier`](Backoff::multiplier)
-    /// `m` (2 unless set).
-    pub fn exponential(base: Duration) -> Self {
-        Self::with_growth(Growth::Exponential { multiplier: 2.0 }, base)
+    /// `base`, `base · m`, `base · m²`, … with the
+    /// [`multiplier`](ExponentialBackoff::multiplier) `m` (2 unless set).
+    ///
+    /// The multiplier is set on the [`ExponentialBackoff`] this returns, before
+    /// [`max`](ExponentialBackoff::max) or [`jitter`](ExponentialBackoff::jitter) make
+    /// it a `Backoff`; it converts with `.into()` where it is used as it is.
+    pub fn exponential(base: Duration) -> ExponentialBackoff {
+        ExponentialBackoff {
+            base,
+            multiplier: 2.0,
+        }
     }
 
     fn with_growth(growth: Growth, base: Duration) -> Self {
@@ -83,15 +139,6 @@ impl Backoff {
             max: None,
             jitter: Jitter::None,
         }
-    }
-
-    /// Sets the growth factor of an exponential backoff (at least 1). No effect on the
-    /// other kinds.
-    pub fn multiplier(mut self, multiplier: f64) -> Self {
-        if let Growth::Exponential { .. } = self.growth {
-            self.growth = Growth::Exponential { multiplier };
-        }
-        self
     }
 
     /// Caps every delay, jitter included. Uncapped unless set; the cap must not be
@@ -140,12 +187,15 @@ impl Backoff {
     }
 
     /// The schedule delay before retry number `retry` (1 for the first retry), capped,
-    /// before jitter.
+    /// before jitter. A delay too large to represent saturates at the cap
+    /// ([`Duration::MAX`] uncapped); a zero base stays zero however many retries.
     pub fn scheduled(&self, retry: u32) -> Duration {
         let retry = retry.max(1);
         let delay = match self.growth {
             Growth::Constant => Some(self.base),
             Growth::Linear => self.base.checked_mul(retry),
+            // 0 · ∞ is NaN, which would read as an overflow: a zero base stays zero.
+            Growth::Exponential { .. } if self.base.is_zero() => Some(Duration::ZERO),
             Growth::Exponential { multiplier } => {
                 let exponent = i32::try_from(retry - 1).unwrap_or(i32::MAX);
                 Duration::try_from_secs_f64(self.base.as_secs_f64() * multiplier.powi(exponent))
@@ -159,7 +209,8 @@ impl Backoff {
     /// The delay before retry number `retry`, jitter included.
     ///
     /// `previous` is the delay before the previous retry (only
-    /// [`Jitter::Decorrelated`] uses it; pass [`Duration::ZERO`] before the first).
+    /// [`Jitter::Decorrelated`] uses it; pass [`Duration::ZERO`] before the first, which
+    /// reads as `base`).
     /// `random` is a uniformly random `u64`: the layer draws one per retry, tests pass
     /// their own.
     pub fn delay(&self, retry: u32, previous: Duration, random: u64) -> Duration {
@@ -170,8 +221,10 @@ impl Backoff {
             Jitter::Full => scheduled.mul_f64(unit),
             Jitter::Equal => scheduled / 2 + (scheduled / 2).mul_f64(unit),
             Jitter::Decorrelated => {
-                let ceiling = previous.saturating_mul(3).max(self.base);
-                self.base + (ceiling - self.base).mul_f64(unit)
+                // AWS starts from `sleep = base`: the first retry is spread too.
+                let ceiling = previous.max(self.base).saturating_mul(3);
+                self.base
+                    .saturating_add(ceiling.saturating_sub(self.base).mul_f64(unit))
             }
             Jitter::Proportional(spread) => {
                 let factor = 1.0 - spread + 2.0 * spread * unit;
@@ -218,7 +271,7 @@ mod tests {
     fn huge_exponents_saturate_at_the_cap() {
         let backoff = Backoff::exponential(Duration::from_secs(1)).max(Duration::from_secs(60));
         assert_eq!(backoff.scheduled(u32::MAX), Duration::from_secs(60));
-        let uncapped = Backoff::exponential(Duration::from_secs(1)).multiplier(10.0);
+        let uncapped = Backoff::from(Backoff::exponential(Duration::from_secs(1)).multiplier(10.0));
         assert_eq!(uncapped.delay(500, Duration::ZERO, u64::MAX), Duration::MAX);
     }
 }

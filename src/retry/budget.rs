@@ -61,7 +61,8 @@ pub struct RetryBudget {
     advancing: AtomicBool,
     /// Net amount (deposits − withdrawals) recorded in each closed live slice, and the
     /// withdrawals of the newest; an `i64` stored two's-complement so that wrapping
-    /// adds are signed adds.
+    /// adds are signed adds. The bounds `new` clamps to keep every sum far from
+    /// wrapping, so a deposit stays one atomic add rather than a saturating CAS loop.
     slots: [AtomicU64; SLICES],
     /// `reserve + Σ slots`: everything but the newest slice's deposits, which go to
     /// `balance` alone (one atomic add per request) and move to their slot when the
@@ -81,21 +82,37 @@ pub struct Withdrawal {
 }
 
 impl RetryBudget {
+    /// The shortest `ttl` the layer's `build()` accepts (tower's and Finagle's bound).
+    pub const MIN_TTL: Duration = Duration::from_secs(1);
+    /// The longest `ttl` the layer's `build()` accepts (tower's and Finagle's bound).
+    pub const MAX_TTL: Duration = Duration::from_secs(60);
+    /// The largest `min_per_sec` the layer's `build()` accepts.
+    pub const MAX_MIN_PER_SEC: u32 = 1_000_000;
+    /// The largest `ratio` the layer's `build()` accepts (Finagle's bound).
+    pub const MAX_RATIO: f64 = 1000.0;
+
     /// A budget keeping deposits for `ttl`, with a reserve of `min_per_sec` retries per
     /// second of `ttl`, and letting `ratio` of requests be retried (0.2 = one retry per
     /// five requests; may exceed 1).
     ///
-    /// The layer's `build()` rejects a zero `ttl` and a ratio that is negative or not
-    /// finite; used directly, such a budget behaves as if the values were clamped.
+    /// The layer's `build()` rejects a `ttl` outside
+    /// [`MIN_TTL`](Self::MIN_TTL)`..=`[`MAX_TTL`](Self::MAX_TTL) (1 s to 60 s), a
+    /// `min_per_sec` above [`MAX_MIN_PER_SEC`](Self::MAX_MIN_PER_SEC) and a `ratio`
+    /// outside `0.0..=`[`MAX_RATIO`](Self::MAX_RATIO) (NaN included). Used directly,
+    /// such a budget behaves as if the values were clamped into those ranges (a NaN
+    /// ratio as 0).
     pub fn new(ttl: Duration, min_per_sec: u32, ratio: f64) -> Self {
-        let slice_nanos = u64::try_from(ttl.as_nanos() / SLICES as u128)
-            .unwrap_or(u64::MAX)
-            .max(1);
-        let reserve = thousandths(f64::from(min_per_sec) * ttl.as_secs_f64());
-        let deposit = if ratio.is_finite() {
-            thousandths(ratio.max(0.0))
-        } else {
+        // Clamped, every amount stays far from the ends of an i64: the reserve is at
+        // most 6·10¹⁰ thousandths and a deposit 10⁶, so the balance would need 9·10¹²
+        // requests within one ttl to overflow.
+        let window = ttl.clamp(Self::MIN_TTL, Self::MAX_TTL);
+        let slice_nanos = u64::try_from(window.as_nanos() / SLICES as u128).unwrap_or(u64::MAX);
+        let reserve =
+            thousandths(f64::from(min_per_sec.min(Self::MAX_MIN_PER_SEC)) * window.as_secs_f64());
+        let deposit = if ratio.is_nan() {
             0
+        } else {
+            thousandths(ratio.clamp(0.0, Self::MAX_RATIO))
         };
         Self {
             ttl,
@@ -128,11 +145,16 @@ impl RetryBudget {
     }
 
     pub(crate) fn validate(&self) -> Result<(), super::ConfigError> {
-        if self.ttl.is_zero() || !self.ratio.is_finite() || self.ratio < 0.0 {
-            return Err(super::ConfigError::Budget {
-                ttl: self.ttl,
-                ratio: self.ratio,
-            });
+        use super::ConfigError;
+        if !(Self::MIN_TTL..=Self::MAX_TTL).contains(&self.ttl) {
+            return Err(ConfigError::BudgetTtl(self.ttl));
+        }
+        if self.min_per_sec > Self::MAX_MIN_PER_SEC {
+            return Err(ConfigError::BudgetMinPerSec(self.min_per_sec));
+        }
+        // NaN fails the range check too.
+        if !(0.0..=Self::MAX_RATIO).contains(&self.ratio) {
+            return Err(ConfigError::BudgetRatio(self.ratio));
         }
         Ok(())
     }
@@ -256,7 +278,7 @@ impl RetryBudget {
 }
 
 /// `value` in thousandths, rounded down, except that a decimal such as 0.57 (stored as
-/// 0.569999…) is not pushed below its written value.
+/// 0.569999…) is not pushed below its written value. (The cast saturates.)
 fn thousandths(value: f64) -> i64 {
     (value * SCALE as f64 + 1e-6).floor() as i64
 }

@@ -1,8 +1,8 @@
 use super::backoff::random_u64;
 use super::layer::Shared;
 use super::{
-    AttemptTimedOut, DeadlineExceeded, Decision, Duplicate, RetryEvent, RetryPolicy, RetryReason,
-    Withdrawal,
+    AttemptTimedOut, Backoff, DeadlineExceeded, Decision, Duplicate, RetryEvent, RetryPolicy,
+    RetryReason, Withdrawal,
 };
 use crate::rejection::Rejection;
 use pin_project::{pin_project, pinned_drop};
@@ -68,6 +68,11 @@ enum State<F, R> {
 struct Progress {
     /// The attempt in flight or next: 1 for the first.
     attempt: u32,
+    /// Backoff delays since the start or the last server hint, after which the
+    /// schedule starts over.
+    backoff_retries: u32,
+    /// The last backoff delay, for [`Jitter::Decorrelated`](super::Jitter::Decorrelated);
+    /// zero when the schedule starts over.
     previous_delay: Duration,
     deadline: Option<Instant>,
     timer_is_deadline: bool,
@@ -75,7 +80,7 @@ struct Progress {
 
 /// A retry the layer agreed to.
 struct Scheduled<R> {
-    delay: Duration,
+    delay: Wait,
     wake: Instant,
     reason: RetryReason,
     request: R,
@@ -96,6 +101,7 @@ where
     ) -> Self {
         let mut progress = Progress {
             attempt: 1,
+            backoff_retries: 0,
             previous_delay: Duration::ZERO,
             deadline: shared
                 .deadline
@@ -155,11 +161,8 @@ impl Progress {
             tracing::debug!(?after, cap = ?shared.max_server_delay, "requested delay above the cap; not retrying");
             return None;
         }
-        let backoff = shared
-            .backoff
-            .delay(self.attempt, self.previous_delay, random_u64());
-        let delay = after.map_or(backoff, |after| after.max(backoff));
-        let wake = now.checked_add(delay)?;
+        let delay = self.wait(&shared.backoff, reason, after);
+        let wake = now.checked_add(delay.duration())?;
         if self.deadline.is_some_and(|deadline| wake >= deadline) {
             return None;
         }
@@ -181,6 +184,63 @@ impl Progress {
             withdrawal,
         })
     }
+}
+
+/// How long a scheduled retry waits, and why.
+#[derive(Debug, Clone, Copy)]
+enum Wait {
+    /// The backoff's delay (for a local rejection, at least its `retry_after()`).
+    Backoff(Duration),
+    /// Exactly what the server asked for; the backoff starts over after it.
+    Hint(Duration),
+}
+
+impl Wait {
+    fn duration(self) -> Duration {
+        match self {
+            Wait::Backoff(delay) | Wait::Hint(delay) => delay,
+        }
+    }
+}
+
+impl Progress {
+    /// The wait before the next attempt. A server's hint (`Retry-After`,
+    /// `grpc-retry-pushback-ms`) is the delay, as gRFC A6 has it: the server knows
+    /// when it recovers, and a zero means at once. A local rejection's `retry_after()`
+    /// is only a floor under the backoff, so that a layer answering "now" again and
+    /// again is not hammered in a tight loop.
+    fn wait(&self, backoff: &Backoff, reason: RetryReason, after: Option<Duration>) -> Wait {
+        let scheduled = || {
+            let retry = self.backoff_retries.saturating_add(1);
+            backoff.delay(retry, self.previous_delay, random_u64())
+        };
+        match after {
+            None => Wait::Backoff(scheduled()),
+            Some(after) if is_local_rejection(reason) => Wait::Backoff(after.max(scheduled())),
+            Some(after) => Wait::Hint(after),
+        }
+    }
+
+    /// Moves on to the next attempt, which waits `wait` first.
+    fn advance(&mut self, wait: Wait) {
+        self.attempt += 1;
+        match wait {
+            Wait::Backoff(delay) => {
+                self.backoff_retries = self.backoff_retries.saturating_add(1);
+                self.previous_delay = delay;
+            }
+            Wait::Hint(_) => {
+                self.backoff_retries = 0;
+                self.previous_delay = Duration::ZERO;
+            }
+        }
+    }
+}
+
+/// Whether the retry is for a [rejection](crate::rejection) from a layer below rather
+/// than for a server's answer.
+fn is_local_rejection(reason: RetryReason) -> bool {
+    matches!(reason, RetryReason::Rejected(_))
 }
 
 /// The verdict on an attempt: a [rejection](crate::rejection) (the request never
@@ -255,12 +315,11 @@ where
                         let succeeded = result.is_ok() && verdict == Decision::Return;
                         return Poll::Ready(finish(this.shared, this.progress, result, succeeded));
                     };
-                    this.progress.attempt += 1;
-                    this.progress.previous_delay = scheduled.delay;
+                    this.progress.advance(scheduled.delay);
                     *this.withdrawal = Some(scheduled.withdrawal);
                     this.shared.notify(RetryEvent {
                         attempt: this.progress.attempt,
-                        delay: scheduled.delay,
+                        delay: scheduled.delay.duration(),
                         reason: scheduled.reason,
                     });
                     set_timer(this.timer, scheduled.wake);

@@ -108,9 +108,10 @@ impl<P, D> RetryLayerBuilder<P, D> {
         self
     }
 
-    /// The delays between attempts.
-    pub fn backoff(mut self, backoff: Backoff) -> Self {
-        self.backoff = backoff;
+    /// The delays between attempts: a [`Backoff`], or an
+    /// [`ExponentialBackoff`](super::ExponentialBackoff) as it is.
+    pub fn backoff(mut self, backoff: impl Into<Backoff>) -> Self {
+        self.backoff = backoff.into();
         self
     }
 
@@ -259,14 +260,16 @@ pub enum ConfigError {
     /// A proportional jitter outside `[0, 1]`.
     #[error("the proportional jitter must be within [0, 1], got {0}")]
     Jitter(f64),
-    /// A budget with a zero ttl, or a ratio that is negative or not finite.
-    #[error("invalid retry budget: ttl {ttl:?}, ratio {ratio}")]
-    Budget {
-        /// The ttl.
-        ttl: Duration,
-        /// The ratio.
-        ratio: f64,
-    },
+    /// A budget ttl outside [`RetryBudget::MIN_TTL`]`..=`[`RetryBudget::MAX_TTL`]
+    /// (1 s to 60 s).
+    #[error("the retry budget's ttl must be within 1 s and 60 s, got {0:?}")]
+    BudgetTtl(Duration),
+    /// A budget `min_per_sec` above [`RetryBudget::MAX_MIN_PER_SEC`].
+    #[error("the retry budget's min_per_sec must be at most 1000000, got {0}")]
+    BudgetMinPerSec(u32),
+    /// A budget ratio outside `0.0..=`[`RetryBudget::MAX_RATIO`] (1000), or NaN.
+    #[error("the retry budget's ratio must be within 0 and 1000, got {0}")]
+    BudgetRatio(f64),
     /// A zero per-attempt timeout or deadline, which would fail every call.
     #[error("a per-attempt timeout or deadline must be above zero")]
     ZeroTimeout,

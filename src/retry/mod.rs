@@ -15,7 +15,8 @@
 //!   rate limit, any layer's) is retried only after its `retry_after`, never straight
 //!   back into it ([`RetryPolicy::on_rejection`] says how; override it to change that).
 //! - **Server hints**: `Retry-After` (seconds or HTTP-date) and
-//!   `grpc-retry-pushback-ms`; a hint above
+//!   `grpc-retry-pushback-ms` are the delay, replacing the backoff, which starts over
+//!   after them (gRFC A6); a hint above
 //!   [`max_server_delay`](RetryLayerBuilder::max_server_delay) means give up, not wait.
 //! - **Requests**: `Clone` requests are cloned per attempt ([`CloneRequest`]);
 //!   `http::Request`s with streaming bodies are replayed from a copy kept while the
@@ -71,7 +72,7 @@ mod layer;
 mod policy;
 mod service;
 
-pub use self::backoff::{Backoff, Jitter};
+pub use self::backoff::{Backoff, ExponentialBackoff, Jitter};
 pub use self::body::{CloneRequest, Duplicate};
 #[cfg(feature = "http")]
 pub use self::body::{DEFAULT_REPLAY_LIMIT, HttpCopy, ReplayBodies, ReplayBody};

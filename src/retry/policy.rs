@@ -38,8 +38,11 @@ pub enum Decision {
         /// Why.
         reason: RetryReason,
         /// A wait the server asked for (`Retry-After`, `grpc-retry-pushback-ms`). The
-        /// layer waits the longer of this and the backoff, and gives up instead when
-        /// it is above the [maximum server delay](super::RetryLayerBuilder::max_server_delay).
+        /// layer waits exactly this instead of the backoff (zero: at once), and the
+        /// backoff starts over from its base after it, as gRFC A6 has it for a
+        /// pushback. Above the [maximum server
+        /// delay](super::RetryLayerBuilder::max_server_delay) the layer gives up
+        /// instead.
         after: Option<Duration>,
     },
 }
@@ -63,8 +66,8 @@ impl Decision {
 /// A [rejection](crate::rejection) from a layer below (an open circuit, a rate limit,
 /// any layer's [`Rejected`](crate::rejection::Rejected)) goes to
 /// [`on_rejection`](RetryPolicy::on_rejection) instead of [`decide`](RetryPolicy::decide):
-/// by default it is retried after its `retry_after` (see [`retry_rejection`]), provided
-/// the request is retryable.
+/// by default it is retried after its `retry_after` or the backoff, whichever is longer
+/// (see [`retry_rejection`]), provided the request is retryable.
 pub trait RetryPolicy<Req, Res> {
     /// Whether `request` may be retried at all. Asked once, before the first attempt;
     /// a request that may not is not copied and is sent exactly once.
@@ -89,8 +92,9 @@ pub trait RetryPolicy<Req, Res> {
 /// [`RetryPolicy::on_rejection`]:
 ///
 /// - a rejection with a `retry_after` (an unavailable dependency, an overloaded server,
-///   a rate limit) is retried after it, like a server's `Retry-After`: the layer gives
-///   up instead when that is above its
+///   a rate limit) is retried after it or after the backoff, whichever is longer (a
+///   layer that answers "now" again and again is not hammered in a tight loop); the
+///   layer gives up instead when `retry_after` is above its
 ///   [maximum server delay](super::RetryLayerBuilder::max_server_delay);
 /// - a [`DeadlineExceeded`](RejectionKind::DeadlineExceeded) (a timeout, which the
 ///   request may have outlived at the server) is the policy's
@@ -263,18 +267,25 @@ mod http_policies {
     /// The gRPC preset.
     ///
     /// Retries `UNAVAILABLE` (more codes with [`with_code`](GrpcRetry::with_code)) and
-    /// transport errors, for every method. As in gRPC's own retry design, a call is
+    /// transport errors, for every method, and `RESOURCE_EXHAUSTED` when it carries a
+    /// `grpc-retry-pushback-ms`: with a pushback the server invites a retry after it
+    /// (gRFC A6), which is how a rate-limited server, palisade's own included, answers.
+    /// [`without_code`](GrpcRetry::without_code) turns that off too. As in gRPC's own retry design, a call is
     /// committed once the server sends response headers without a status: only
     /// Trailers-Only responses (status in the headers, as a server sends when it fails
     /// a call before answering) are retried, so the response body is never buffered.
     /// A response whose HTTP status is not 200 reads as `UNAVAILABLE` for 429, 502, 503
     /// and 504 (the gRPC HTTP mapping) and is otherwise returned.
     ///
-    /// `grpc-retry-pushback-ms` is honoured; a negative or malformed value means the
+    /// `grpc-retry-pushback-ms` is the delay before the retry (`0`: at once), and the
+    /// backoff starts over after it (gRFC A6); a negative or malformed value means the
     /// server asks not to be retried, and the response is returned.
     #[derive(Debug, Clone, Copy)]
     pub struct GrpcRetry {
+        /// Retried with or without a pushback.
         codes: u32,
+        /// Retried only when the server sent a pushback.
+        with_pushback: u32,
     }
 
     impl Default for GrpcRetry {
@@ -284,28 +295,36 @@ mod http_policies {
     }
 
     impl GrpcRetry {
-        /// Retries `UNAVAILABLE` only.
+        /// Retries `UNAVAILABLE`, and `RESOURCE_EXHAUSTED` with a pushback.
         pub const fn new() -> Self {
             Self {
                 codes: bit(GrpcCode::Unavailable),
+                with_pushback: bit(GrpcCode::ResourceExhausted),
             }
         }
 
-        /// Also retries this code.
+        /// Also retries this code, with or without a pushback.
         pub const fn with_code(mut self, code: GrpcCode) -> Self {
             self.codes |= bit(code);
             self
         }
 
-        /// No longer retries this code.
+        /// No longer retries this code, even with a pushback.
         pub const fn without_code(mut self, code: GrpcCode) -> Self {
             self.codes &= !bit(code);
+            self.with_pushback &= !bit(code);
             self
         }
 
-        /// Whether this code is retried.
+        /// Whether this code is retried without a pushback. (`RESOURCE_EXHAUSTED` is
+        /// retried with one unless [`without_code`](GrpcRetry::without_code) removed
+        /// it.)
         pub const fn retries(&self, code: GrpcCode) -> bool {
             self.codes & bit(code) != 0
+        }
+
+        const fn retries_with_pushback(&self, code: GrpcCode) -> bool {
+            (self.codes | self.with_pushback) & bit(code) != 0
         }
 
         fn status<B>(response: &Response<B>) -> Option<GrpcCode> {
@@ -330,14 +349,14 @@ mod http_policies {
                 Ok(response) => response,
                 Err(_) => return Decision::retry(RetryReason::Error),
             };
-            match Self::status(response) {
-                Some(code) if self.retries(code) => match pushback(response.headers()) {
-                    Pushback::None => Decision::retry(RetryReason::Grpc(code)),
-                    Pushback::After(after) => Decision::Retry {
-                        reason: RetryReason::Grpc(code),
-                        after: Some(after),
-                    },
-                    Pushback::Stop => Decision::Return,
+            let Some(code) = Self::status(response) else {
+                return Decision::Return;
+            };
+            match pushback(response.headers()) {
+                Pushback::None if self.retries(code) => Decision::retry(RetryReason::Grpc(code)),
+                Pushback::After(after) if self.retries_with_pushback(code) => Decision::Retry {
+                    reason: RetryReason::Grpc(code),
+                    after: Some(after),
                 },
                 _ => Decision::Return,
             }
@@ -367,6 +386,40 @@ mod http_policies {
     #[cfg(test)]
     mod tests {
         use super::*;
+
+        #[test]
+        fn grpc_preset_retries_resource_exhausted_with_a_pushback() {
+            let exhausted = |pushback: Option<&'static str>| {
+                let mut headers = vec![("grpc-status", "8")];
+                headers.extend(pushback.map(|millis| ("grpc-retry-pushback-ms", millis)));
+                response(200, &headers)
+            };
+            let policy = GrpcRetry::new();
+            assert_eq!(
+                decide(&policy, exhausted(Some("250"))),
+                Decision::Retry {
+                    reason: RetryReason::Grpc(GrpcCode::ResourceExhausted),
+                    after: Some(Duration::from_millis(250)),
+                }
+            );
+            // No pushback, or a refusal: the server did not invite a retry.
+            for pushback in [None, Some("-1"), Some("soon")] {
+                assert_eq!(
+                    decide(&policy, exhausted(pushback)),
+                    Decision::Return,
+                    "{pushback:?}"
+                );
+            }
+            assert!(!policy.retries(GrpcCode::ResourceExhausted));
+            let opted_out = policy.without_code(GrpcCode::ResourceExhausted);
+            assert_eq!(decide(&opted_out, exhausted(Some("250"))), Decision::Return);
+            // Other codes still need a pushback and `with_code`.
+            let aborted = response(
+                200,
+                &[("grpc-status", "10"), ("grpc-retry-pushback-ms", "250")],
+            );
+            assert_eq!(decide(&policy, aborted), Decision::Return);
+        }
 
         fn response(status: u16, headers: &[(&'static str, &'static str)]) -> Response<()> {
             let mut response = Response::new(());
@@ -525,6 +578,17 @@ mod http_policies {
             let policy = policy
                 .with_code(GrpcCode::ResourceExhausted)
                 .without_code(GrpcCode::Unavailable);
+            assert_eq!(
+                decide(
+                    &policy,
+                    response(
+                        200,
+                        &[("grpc-status", "14"), ("grpc-retry-pushback-ms", "5")]
+                    )
+                ),
+                Decision::Return,
+                "a removed code is not retried, pushback or not"
+            );
             assert!(policy.retries(GrpcCode::ResourceExhausted));
             assert_eq!(
                 decide(&policy, response(200, &[("grpc-status", "14")])),
