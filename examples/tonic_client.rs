@@ -122,7 +122,7 @@ fn resilient_client(
                 .jitter(Jitter::Full),
         )
         // RESOURCE_EXHAUSTED with a pushback is "come back in N ms": worth waiting for.
-        .retry_if(GrpcRetry::new().with_code(GrpcCode::ResourceExhausted))
+        .policy(GrpcRetry::new().with_code(GrpcCode::ResourceExhausted))
         // The server's pushback is at most its one-second refill. Longer waits (an open
         // breaker's five seconds) are the caller's business: give up instead.
         .max_server_delay(Duration::from_secs(2))

@@ -71,7 +71,7 @@
 //!     .layer(RejectionsAsStatusLayer::new()) // outermost: local rejections are statuses too
 //!     .retries(
 //!         RetryLayer::builder()
-//!             .retry_if(GrpcRetry::new()) // also RESOURCE_EXHAUSTED with a pushback
+//!             .policy(GrpcRetry::new()) // also RESOURCE_EXHAUSTED with a pushback
 //!             .max_server_delay(Duration::from_secs(1))
 //!             .replay_bodies() // a `Channel`'s request body is a stream
 //!             .build()?,

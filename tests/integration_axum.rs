@@ -187,7 +187,7 @@ async fn spawn_edge(backend: SocketAddr, per_attempt: Duration) -> Edge {
         .max_attempts(3)
         .backoff(Backoff::constant(Duration::from_millis(5)))
         .per_attempt_timeout(per_attempt)
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .replay_bodies()
         .build()
         .expect("retry config");

@@ -406,7 +406,7 @@ async fn client_retries_honour_the_server_pushback() {
         .max_attempts(3)
         // Far shorter than the refill: only the pushback makes the retry succeed.
         .backoff(Backoff::constant(Duration::from_millis(1)))
-        .retry_if(GrpcRetry::new().with_code(GrpcCode::ResourceExhausted))
+        .policy(GrpcRetry::new().with_code(GrpcCode::ResourceExhausted))
         .replay_bodies()
         .on_retry({
             let delays_seen = Arc::clone(&delays_seen);

@@ -379,7 +379,7 @@ impl<Req, Res> RetryPolicy<Req, Res> for NeverWaitForRejections {
 #[tokio::test(start_paused = true)]
 async fn a_policy_can_override_how_rejections_are_retried() {
     let retry = RetryLayer::builder()
-        .retry_if(NeverWaitForRejections)
+        .policy(NeverWaitForRejections)
         .build()
         .expect("config");
     let (inner, calls) = recording();

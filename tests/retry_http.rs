@@ -132,7 +132,7 @@ async fn waits_for_retry_after_then_succeeds_over_a_real_connection() {
     let (address, server) = spawn_server();
     let layer = RetryLayer::builder()
         .backoff(Backoff::constant(Duration::from_millis(10)))
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .replay_bodies()
         .build()
         .expect("config");
@@ -169,7 +169,7 @@ async fn waits_for_retry_after_then_succeeds_over_a_real_connection() {
 async fn post_is_sent_once_by_default() {
     let (address, server) = spawn_server();
     let layer = RetryLayer::builder()
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .replay_bodies()
         .build()
         .expect("config");
@@ -191,7 +191,7 @@ async fn a_streaming_body_is_replayed_in_full_on_each_retry() {
     let layer = RetryLayer::builder()
         .max_attempts(3)
         .backoff(Backoff::constant(Duration::from_millis(10)))
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .replay_bodies()
         .attempt_header(HeaderName::from_static("x-attempt"))
         .build()
@@ -219,7 +219,7 @@ async fn a_streaming_body_is_replayed_in_full_on_each_retry() {
 async fn a_body_over_the_replay_limit_is_sent_once_in_full() {
     let (address, server) = spawn_server();
     let layer = RetryLayer::builder()
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .replay_bodies()
         .replay_limit(1024)
         .build()
@@ -248,7 +248,7 @@ async fn connection_errors_are_retried() {
     let layer = RetryLayer::builder()
         .max_attempts(3)
         .backoff(Backoff::constant(Duration::from_millis(10)))
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .replay_bodies()
         .build()
         .expect("config");

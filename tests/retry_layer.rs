@@ -211,7 +211,7 @@ async fn retry_after_in_seconds_is_waited_for() {
     let calls = Calls::new();
     let layer = RetryLayer::builder()
         .backoff(no_jitter(10 * MS))
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .build()
         .expect("config");
     let service = scripted(
@@ -232,7 +232,7 @@ async fn retry_after_as_an_http_date_is_waited_for() {
     let calls = Calls::new();
     let layer = RetryLayer::builder()
         .backoff(no_jitter(10 * MS))
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .build()
         .expect("config");
     let date = httpdate::fmt_http_date(SystemTime::now() + Duration::from_secs(3));
@@ -257,7 +257,7 @@ async fn retry_after_as_an_http_date_is_waited_for() {
 async fn a_hint_above_the_cap_returns_the_response_at_once() {
     let calls = Calls::new();
     let layer = RetryLayer::builder()
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .max_server_delay(Duration::from_secs(30))
         .build()
         .expect("config");
@@ -293,7 +293,7 @@ async fn grpc_pushback_is_waited_for_and_a_negative_one_stops() {
     };
     let layer = RetryLayer::builder()
         .backoff(no_jitter(10 * MS))
-        .retry_if(GrpcRetry::new())
+        .policy(GrpcRetry::new())
         .build()
         .expect("config");
 
@@ -331,7 +331,7 @@ async fn a_grpc_pushback_is_the_delay_and_the_backoff_restarts_after_it() {
     let layer = RetryLayer::builder()
         .max_attempts(5)
         .backoff(Backoff::exponential(100 * MS).jitter(Jitter::None))
-        .retry_if(GrpcRetry::new())
+        .policy(GrpcRetry::new())
         .budget(RetryBudget::new(Duration::from_secs(10), 10, 0.0))
         .build()
         .expect("config");
@@ -359,7 +359,7 @@ async fn a_zero_grpc_pushback_retries_at_once() {
     let calls = Calls::new();
     let layer = RetryLayer::builder()
         .backoff(no_jitter(100 * MS))
-        .retry_if(GrpcRetry::new())
+        .policy(GrpcRetry::new())
         .build()
         .expect("config");
     let script = vec![grpc_answer("14", Some("0")), grpc_answer("0", None)];
@@ -380,7 +380,7 @@ async fn retry_after_replaces_the_backoff_which_restarts_after_it() {
     let layer = RetryLayer::builder()
         .max_attempts(4)
         .backoff(Backoff::exponential(Duration::from_secs(3)).jitter(Jitter::None))
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .build()
         .expect("config");
     let service = scripted(
@@ -411,7 +411,7 @@ async fn post_is_not_retried_by_the_http_preset_unless_opted_in() {
     };
     let calls = Calls::new();
     let layer = RetryLayer::builder()
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .build()
         .expect("config");
     let response = layer
@@ -424,7 +424,7 @@ async fn post_is_not_retried_by_the_http_preset_unless_opted_in() {
 
     let calls = Calls::new();
     let layer = RetryLayer::builder()
-        .retry_if(HttpRetry::new().with_method(Method::POST))
+        .policy(HttpRetry::new().with_method(Method::POST))
         .build()
         .expect("config");
     let response = layer
@@ -680,7 +680,7 @@ fn futures_poll<F: Future>(future: Pin<&mut F>) -> Poll<F::Output> {
 async fn a_spent_budget_returns_the_last_real_response() {
     let calls = Calls::new();
     let layer = RetryLayer::builder()
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .budget(RetryBudget::new(Duration::from_secs(10), 0, 0.0))
         .build()
         .expect("config");

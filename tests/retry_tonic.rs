@@ -136,7 +136,7 @@ async fn a_channel_client_retries_unavailable_until_it_succeeds() {
     let layer = RetryLayer::builder()
         .max_attempts(4)
         .backoff(Backoff::constant(Duration::from_millis(5)))
-        .retry_if(GrpcRetry::new())
+        .policy(GrpcRetry::new())
         .replay_bodies()
         .build()
         .expect("config");
@@ -173,7 +173,7 @@ async fn failing_call(
     let layer = RetryLayer::builder()
         .max_attempts(3)
         .backoff(Backoff::constant(Duration::from_millis(1)))
-        .retry_if(policy)
+        .policy(policy)
         .replay_bodies()
         .build()
         .expect("config");
@@ -211,7 +211,7 @@ async fn resource_exhausted_with_a_pushback_is_retried_by_default() {
     let layer = RetryLayer::builder()
         .max_attempts(3)
         .backoff(Backoff::constant(Duration::from_millis(1)))
-        .retry_if(GrpcRetry::new())
+        .policy(GrpcRetry::new())
         .replay_bodies()
         .build()
         .expect("config");
@@ -225,7 +225,7 @@ async fn resource_exhausted_with_a_pushback_is_retried_by_default() {
     // Without a pushback the server did not invite a retry.
     let (channel, seen) = serve_code(Code::ResourceExhausted, 1, None).await;
     let layer = RetryLayer::builder()
-        .retry_if(GrpcRetry::new())
+        .policy(GrpcRetry::new())
         .replay_bodies()
         .build()
         .expect("config");

@@ -97,7 +97,7 @@ fn success_path(c: &mut Criterion) {
     );
 
     let http = RetryLayer::builder()
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .build()
         .expect("config");
     bench_service(
@@ -166,7 +166,7 @@ fn replayed_body(c: &mut Criterion) {
         },
     );
     let ours = RetryLayer::builder()
-        .retry_if(HttpRetry::new())
+        .policy(HttpRetry::new())
         .replay_bodies()
         .build()
         .expect("config");

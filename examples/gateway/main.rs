@@ -106,7 +106,7 @@ impl System {
                                 .max(Duration::from_millis(200))
                                 .jitter(Jitter::Full),
                         )
-                        .retry_if(GrpcRetry::new())
+                        .policy(GrpcRetry::new())
                         // Waiting out an open breaker is the caller's call, not ours: give up
                         // on any hint longer than this.
                         .max_server_delay(Duration::from_millis(200))

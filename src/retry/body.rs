@@ -206,7 +206,7 @@ mod replay {
     #[derive(Debug)]
     enum Source<B> {
         Empty,
-        Kept(Arc<Store<B>>),
+        Kept(Arc<Recording<B>>),
     }
 
     /// What one request's attempts share about its body.
@@ -216,7 +216,7 @@ mod replay {
     /// original ends (the complete copy) or when the body turns out not to be
     /// replayable; an attempt that stops reading before either hands over the rest.
     #[derive(Debug)]
-    struct Store<B> {
+    struct Recording<B> {
         limit: usize,
         size_hint: SizeHint,
         ended: OnceLock<Ended>,
@@ -247,7 +247,7 @@ mod replay {
     /// An attempt reading the original. It first sends what earlier attempts kept.
     #[derive(Debug)]
     struct Reader<B> {
-        store: Arc<Store<B>>,
+        store: Arc<Recording<B>>,
         /// `None` once the original has ended.
         original: Option<Pin<Box<B>>>,
         chunks: Chunks,
@@ -262,7 +262,7 @@ mod replay {
     /// An attempt replaying the complete copy (or about to take over the rest).
     #[derive(Debug)]
     struct Replayer<B> {
-        store: Arc<Store<B>>,
+        store: Arc<Recording<B>>,
         sent: usize,
         trailers_sent: bool,
     }
@@ -329,7 +329,7 @@ mod replay {
             if body.is_end_stream() {
                 return (Self { kind: Kind::Empty }, Source::Empty);
             }
-            let store = Arc::new(Store {
+            let store = Arc::new(Recording {
                 limit,
                 size_hint: body.size_hint(),
                 ended: OnceLock::new(),
@@ -380,7 +380,7 @@ mod replay {
         B: Body<Data = Bytes>,
         B::Error: Into<tower::BoxError>,
     {
-        fn taking_over(store: Arc<Store<B>>, rest: Rest<B>) -> Self {
+        fn taking_over(store: Arc<Recording<B>>, rest: Rest<B>) -> Self {
             Self {
                 store,
                 original: Some(rest.original),

@@ -167,8 +167,8 @@ impl Progress {
             return None;
         }
         let request = shared.duplicate.again(copy, self.attempt + 1)?;
-        let Some(withdrawal) = shared.core.budget.withdraw(now) else {
-            shared.core.counters.budget_exhausted();
+        let Some(withdrawal) = shared.ledger.budget.withdraw(now) else {
+            shared.ledger.counters.budget_exhausted();
             #[cfg(feature = "tracing")]
             tracing::debug!(
                 attempt = self.attempt,
@@ -420,13 +420,16 @@ fn finish<P, D, T>(
     result: Result<T, BoxError>,
     succeeded: bool,
 ) -> Result<T, BoxError> {
-    shared.core.counters.finish(succeeded, progress.attempt > 1);
+    shared
+        .ledger
+        .counters
+        .finish(succeeded, progress.attempt > 1);
     result
 }
 
 fn refund<P, D>(shared: &Shared<P, D>, withdrawal: Option<Withdrawal>) {
     if let Some(withdrawal) = withdrawal {
-        shared.core.budget.refund(withdrawal, Instant::now());
+        shared.ledger.budget.refund(withdrawal, Instant::now());
     }
 }
 

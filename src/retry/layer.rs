@@ -1,6 +1,6 @@
 //! The layer, its builder, its handle and its configuration errors.
 
-use super::{Backoff, CloneRequest, Jitter, Retry, RetryBudget, RetryErrors, RetryReason};
+use super::{Backoff, CloneRequest, Jitter, Retry, RetryBudget, RetryErrors, RetryIf, RetryReason};
 use crate::sync::{AtomicU64, Ordering};
 use std::fmt;
 use std::sync::Arc;
@@ -28,7 +28,7 @@ impl<P, D> fmt::Debug for RetryLayer<P, D> {
         f.debug_struct("RetryLayer")
             .field("max_attempts", &self.shared.max_attempts)
             .field("backoff", &self.shared.backoff)
-            .field("budget", &self.shared.core.budget)
+            .field("budget", &self.shared.ledger.budget)
             .finish_non_exhaustive()
     }
 }
@@ -59,7 +59,7 @@ impl<P, D> RetryLayer<P, D> {
     /// A handle observing this layer's budget and counters.
     pub fn handle(&self) -> RetryHandle {
         RetryHandle {
-            core: self.shared.core.clone(),
+            ledger: self.shared.ledger.clone(),
         }
     }
 }
@@ -121,10 +121,10 @@ impl<P, D> RetryLayerBuilder<P, D> {
         self
     }
 
-    /// What is retried: a closure `Fn(&Result<Res, BoxError>) -> bool` or a
-    /// [`RetryPolicy`](super::RetryPolicy) such as [`HttpRetry`](super::HttpRetry) or
-    /// [`GrpcRetry`](super::GrpcRetry).
-    pub fn retry_if<Q>(self, policy: Q) -> RetryLayerBuilder<Q, D> {
+    /// What is retried: a [`RetryPolicy`](super::RetryPolicy), such as the presets
+    /// [`HttpRetry`](super::HttpRetry) and [`GrpcRetry`](super::GrpcRetry), or your own
+    /// (which may also change how [rejections](crate::rejection) are retried).
+    pub fn policy<Q>(self, policy: Q) -> RetryLayerBuilder<Q, D> {
         RetryLayerBuilder {
             max_attempts: self.max_attempts,
             backoff: self.backoff,
@@ -136,6 +136,14 @@ impl<P, D> RetryLayerBuilder<P, D> {
             max_server_delay: self.max_server_delay,
             on_retry: self.on_retry,
         }
+    }
+
+    /// Retries every request whose attempt `condition` holds for: a closure
+    /// `Fn(&Result<Res, BoxError>) -> bool` (a [`RetryIf`](super::RetryIf) policy).
+    /// Rejections from layers below are still waited out as
+    /// [`retry_rejection`](super::retry_rejection) says.
+    pub fn retry_if<F>(self, condition: F) -> RetryLayerBuilder<RetryIf<F>, D> {
+        self.policy(RetryIf(condition))
     }
 
     /// How requests are kept for retries: [`CloneRequest`] (the default) or
@@ -214,7 +222,7 @@ impl<P, D> RetryLayerBuilder<P, D> {
                 deadline: self.deadline,
                 max_server_delay: self.max_server_delay,
                 on_retry: self.on_retry,
-                core: Arc::new(Core {
+                ledger: Arc::new(Ledger {
                     budget: self.budget,
                     counters: Counters::default(),
                 }),
@@ -298,7 +306,7 @@ pub(crate) struct Shared<P, D> {
     pub(crate) deadline: Option<Duration>,
     pub(crate) max_server_delay: Duration,
     on_retry: Option<OnRetry>,
-    pub(crate) core: Arc<Core>,
+    pub(crate) ledger: Arc<Ledger>,
 }
 
 impl<P, D> Shared<P, D> {
@@ -310,7 +318,7 @@ impl<P, D> Shared<P, D> {
             reason = ?event.reason,
             "retrying request"
         );
-        self.core.counters.retries.fetch_add(1, Ordering::Relaxed);
+        self.ledger.counters.retries.fetch_add(1, Ordering::Relaxed);
         crate::metrics::retried(event.reason);
         if let Some(observer) = &self.on_retry {
             observer(&event);
@@ -318,9 +326,9 @@ impl<P, D> Shared<P, D> {
     }
 }
 
-/// The part a [`RetryHandle`] sees.
+/// The retry budget and the call counters: the part a [`RetryHandle`] reads.
 #[derive(Debug)]
-pub(crate) struct Core {
+pub(crate) struct Ledger {
     pub(crate) budget: RetryBudget,
     pub(crate) counters: Counters,
 }
@@ -356,13 +364,13 @@ impl Counters {
 /// Observes a [`RetryLayer`]: a cheap clone of an `Arc`.
 #[derive(Debug, Clone)]
 pub struct RetryHandle {
-    core: Arc<Core>,
+    ledger: Arc<Ledger>,
 }
 
 impl RetryHandle {
     /// The counters so far.
     pub fn metrics(&self) -> RetryMetrics {
-        let counters = &self.core.counters;
+        let counters = &self.ledger.counters;
         let read = |counter: &AtomicU64| counter.load(Ordering::Relaxed);
         RetryMetrics {
             success_without_retry: read(&counters.success_without_retry),
@@ -376,7 +384,7 @@ impl RetryHandle {
 
     /// Whole retries the budget allows right now.
     pub fn budget_available(&self) -> u64 {
-        self.core.budget.available(tokio::time::Instant::now())
+        self.ledger.budget.available(tokio::time::Instant::now())
     }
 }
 

@@ -82,7 +82,7 @@ pub use self::future::ResponseFuture;
 pub use self::layer::{
     ConfigError, RetryEvent, RetryHandle, RetryLayer, RetryLayerBuilder, RetryMetrics,
 };
-pub use self::policy::{Decision, RetryErrors, RetryPolicy, RetryReason, retry_rejection};
+pub use self::policy::{Decision, RetryErrors, RetryIf, RetryPolicy, RetryReason, retry_rejection};
 #[cfg(feature = "http")]
 pub use self::policy::{GrpcRetry, HttpRetry, parse_retry_after};
 pub use self::service::Retry;

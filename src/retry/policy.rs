@@ -59,9 +59,10 @@ impl Decision {
 
 /// Decides which requests may be retried and which results call for a retry.
 ///
-/// Any closure `Fn(&Result<Res, BoxError>) -> bool` is a policy that may retry every
-/// request. The presets are [`RetryErrors`] (the default), and with the `http`
-/// feature [`HttpRetry`] and [`GrpcRetry`].
+/// Given to [`RetryLayerBuilder::policy`](super::RetryLayerBuilder::policy). The presets
+/// are [`RetryErrors`] (the default), and with the `http` feature [`HttpRetry`] and
+/// [`GrpcRetry`]; a bare condition on the result is [`RetryIf`], which
+/// [`RetryLayerBuilder::retry_if`](super::RetryLayerBuilder::retry_if) makes.
 ///
 /// A [rejection](crate::rejection) from a layer below (an open circuit, a rate limit,
 /// any layer's [`Rejected`](crate::rejection::Rejected)) goes to
@@ -121,12 +122,18 @@ where
     }
 }
 
-impl<F, Req, Res> RetryPolicy<Req, Res> for F
+/// A policy made of a condition on the result: retries every request whose attempt the
+/// condition holds for. Made by
+/// [`RetryLayerBuilder::retry_if`](super::RetryLayerBuilder::retry_if).
+#[derive(Debug, Clone, Copy)]
+pub struct RetryIf<F>(pub F);
+
+impl<F, Req, Res> RetryPolicy<Req, Res> for RetryIf<F>
 where
     F: Fn(&Result<Res, BoxError>) -> bool,
 {
     fn decide(&self, result: &Result<Res, BoxError>) -> Decision {
-        match (self(result), result) {
+        match ((self.0)(result), result) {
             (false, _) => Decision::Return,
             (true, Ok(_)) => Decision::retry(RetryReason::Response),
             (true, Err(_)) => Decision::retry(RetryReason::Error),

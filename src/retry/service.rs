@@ -70,7 +70,7 @@ where
     fn call(&mut self, request: Req) -> Self::Future {
         let shared = &self.shared;
         let now = Instant::now();
-        shared.core.budget.deposit(now);
+        shared.ledger.budget.deposit(now);
         let keep = shared.max_attempts > 1 && shared.policy.is_retryable(&request);
         let (request, copy) = shared.duplicate.first(request, keep);
         // The service polled ready is the one called; the future keeps it to retry.
