@@ -222,7 +222,7 @@ fn scale(tokens: u64, period: Duration) -> Result<(u64, u64), ConfigError> {
     Ok((token, unit))
 }
 
-fn gcd(mut a: u128, mut b: u128) -> u128 {
+pub(crate) fn gcd(mut a: u128, mut b: u128) -> u128 {
     while b != 0 {
         (a, b) = (b, a % b);
     }

@@ -98,7 +98,11 @@ pub enum ConfigError {
     /// 2^-24 ns (see [`Quota`](super::Quota)); or a store cannot hold it.
     #[error("rate limit capacity times refill interval, or max_wait, is too large")]
     TooLarge,
-    /// `max_keys` is zero: a keyed limiter needs room for at least one key.
+    /// `max_keys` is zero: a keyed limiter needs room for at least one key (also a
+    /// `RedisStore`'s `fallback_max_keys` and `lease_max_keys`, where they are used).
     #[error("rate limit max_keys must be at least 1")]
     ZeroMaxKeys,
+    /// A `RedisStore` batch of zero requests.
+    #[error("rate limit batch must be at least 1")]
+    ZeroBatch,
 }

@@ -216,8 +216,9 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     }
 
     /// Checks the configuration and builds the layer on the store `make_store` returns
-    /// for the configured quota (a fleet-wide store, say). `max_keys` is the in-process
-    /// store's and is ignored here.
+    /// for the configured quota (a fleet-wide store, say), failing with the store's own
+    /// configuration error if [`Store::validate`] reports one. `max_keys` is the
+    /// in-process store's and is ignored here.
     pub fn build_with<St>(
         self,
         make_store: impl FnOnce(Quota) -> St,
@@ -234,8 +235,10 @@ impl<X, C, K, H> Builder<X, C, K, H> {
         if !quota.fits_wait(settings.max_wait) {
             return Err(ConfigError::TooLarge);
         }
+        let store = make_store(quota);
+        store.validate()?;
         Ok(RateLimitLayer {
-            store: Arc::new(make_store(quota)),
+            store: Arc::new(store),
             policy: Arc::new(Policy {
                 extractor: self.extractor,
                 cost: self.cost,

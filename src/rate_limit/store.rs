@@ -61,6 +61,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many per-key buckets the store holds (zero for a global limiter).
     fn tracked_keys(&self) -> usize;
+
+    /// Checks the store's own options (the quota it was made for included):
+    /// [`build_with`](super::Builder::build_with) returns this error. The default accepts
+    /// everything.
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
 }
 
 /// A [`Store`]'s answer for one request.
