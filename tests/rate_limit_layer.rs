@@ -147,7 +147,10 @@ async fn waiters_reach_the_inner_service_at_their_exact_slots() {
     for task in tasks {
         outcomes.push(task.await.unwrap().is_ok());
     }
-    assert_eq!(outcomes, [true, true, true, true, true, true, false, false, false]);
+    assert_eq!(
+        outcomes,
+        [true, true, true, true, true, true, false, false, false]
+    );
     let ms = Duration::from_millis;
     // Slots at 10/3 and 20/3 ms are rounded up to tokio's millisecond ticks; the slot at
     // exactly 10 ms is admitted at exactly 10 ms (it was at 11 ms with the refill
@@ -155,7 +158,14 @@ async fn waiters_reach_the_inner_service_at_their_exact_slots() {
     let reached = reached.lock().unwrap().clone();
     assert_eq!(
         reached,
-        [(0, ms(0)), (1, ms(0)), (2, ms(0)), (3, ms(4)), (4, ms(7)), (5, ms(10))]
+        [
+            (0, ms(0)),
+            (1, ms(0)),
+            (2, ms(0)),
+            (3, ms(4)),
+            (4, ms(7)),
+            (5, ms(10))
+        ]
     );
 }
 

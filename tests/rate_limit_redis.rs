@@ -16,8 +16,8 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use palisade::rate_limit::{
-    ConfigError, CostExceedsCapacity, RateLimitLayer, RateLimited, RedisOptions, RedisStore, RedisUnavailable,
-    Store, WhenUnavailable,
+    ConfigError, CostExceedsCapacity, RateLimitLayer, RateLimited, RedisOptions, RedisStore,
+    RedisUnavailable, Store, WhenUnavailable,
 };
 use tokio::time::{Instant, sleep, timeout};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
@@ -199,7 +199,9 @@ async fn a_waiter_is_served_from_the_servers_clock_and_gives_its_slot_back_when_
 
 /// The units past the whole microseconds of a stored TAT (`"…123456.2"`: 2).
 fn past_whole(stored: &str) -> u64 {
-    stored.split_once('.').map_or(0, |(_, past)| past.parse().unwrap())
+    stored
+        .split_once('.')
+        .map_or(0, |(_, past)| past.parse().unwrap())
 }
 
 #[tokio::test]
@@ -290,7 +292,9 @@ async fn invalid_redis_options_are_errors_from_build_with_not_panics() {
     }
     // Options that are not used are not checked, as `max_keys` of a global limiter.
     let manager = server.manager().await;
-    let unused = RedisOptions::default().lease_max_keys(0).fallback_max_keys(0);
+    let unused = RedisOptions::default()
+        .lease_max_keys(0)
+        .fallback_max_keys(0);
     assert!(
         RateLimitLayer::builder()
             .capacity(4)

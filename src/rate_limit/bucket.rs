@@ -138,7 +138,11 @@ impl Quota {
     /// `units` as nanoseconds, rounded up: a wait never ends before its slot.
     #[inline]
     fn nanos_up(&self, units: u64) -> u64 {
-        if units == 0 { 0 } else { units.div_ceil(self.unit) }
+        if units == 0 {
+            0
+        } else {
+            units.div_ceil(self.unit)
+        }
     }
 
     /// `max_wait` nanoseconds as units, capped at [`MAX_SPAN`].
@@ -250,7 +254,9 @@ impl Frame {
     /// [`HORIZON`] units past the epoch (the frame must move on first).
     #[inline]
     pub(crate) fn units(&self, now: u64) -> Option<u64> {
-        let units = now.saturating_sub(self.epoch).saturating_mul(self.quota.unit);
+        let units = now
+            .saturating_sub(self.epoch)
+            .saturating_mul(self.quota.unit);
         (units < HORIZON).then_some(units)
     }
 
@@ -361,8 +367,7 @@ impl QuotaRing {
 
     fn store(&self, tag: usize, frame: Frame) {
         let slot = &self.slots[tag];
-        slot.capacity
-            .store(frame.quota.capacity, Ordering::Release);
+        slot.capacity.store(frame.quota.capacity, Ordering::Release);
         slot.token.store(frame.quota.token, Ordering::Release);
         slot.unit.store(frame.quota.unit, Ordering::Release);
         slot.epoch.store(frame.epoch, Ordering::Release);
@@ -646,7 +651,12 @@ impl TokenBucket {
     pub fn acquire(&self, cost: u64, now: Instant) -> Result<Admitted, Denied> {
         let now = self.nanos(now);
         match self.take(cost, 0, now) {
-            (Verdict::Admit { tat, now, quota, .. }, _) => Ok(Admitted {
+            (
+                Verdict::Admit {
+                    tat, now, quota, ..
+                },
+                _,
+            ) => Ok(Admitted {
                 remaining: quota.available(tat, now),
             }),
             (Verdict::Deny(denied), _) => Err(denied),

@@ -306,7 +306,10 @@ mod tests {
         // Long idle, many moves later: full, and exact again from there.
         tokio::time::advance(Duration::from_secs(100)).await;
         assert_eq!(store.available(Some(&1)), 1000);
-        store.acquire(Some(&1), 1000, Duration::ZERO, false).into_inner().unwrap();
+        store
+            .acquire(Some(&1), 1000, Duration::ZERO, false)
+            .into_inner()
+            .unwrap();
         tokio::time::advance(Duration::from_secs(9)).await;
         let expected = refilled(Duration::from_secs(9), tokens, period).min(1000);
         assert_eq!(store.available(Some(&1)), expected);

@@ -27,7 +27,10 @@ mod key;
 mod lease;
 
 static GCRA: LazyLock<Script> = LazyLock::new(|| {
-    Script::new(concat!(include_str!("bucket.lua"), include_str!("gcra.lua")))
+    Script::new(concat!(
+        include_str!("bucket.lua"),
+        include_str!("gcra.lua")
+    ))
 });
 static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
     Script::new(concat!(
@@ -348,7 +351,9 @@ where
                 leases: (options.batch > 1).then(|| {
                     Leases::new(
                         u64::from(options.batch),
-                        options.lease_for.map(|lease_for| lease_for.min(MAX_LEASE_FOR)),
+                        options
+                            .lease_for
+                            .map(|lease_for| lease_for.min(MAX_LEASE_FOR)),
                         options.lease_max_keys.max(1),
                     )
                 }),
@@ -365,11 +370,13 @@ impl RedisOptions {
         let local = matches!(self.when_unavailable, WhenUnavailable::Local { .. });
         if self.batch == 0 {
             Some(ConfigError::ZeroBatch)
-        } else if (local && self.fallback_max_keys == 0)
-            || (batching && self.lease_max_keys == 0)
-        {
+        } else if (local && self.fallback_max_keys == 0) || (batching && self.lease_max_keys == 0) {
             Some(ConfigError::ZeroMaxKeys)
-        } else if batching && self.lease_for.is_some_and(|lease_for| lease_for > MAX_LEASE_FOR) {
+        } else if batching
+            && self
+                .lease_for
+                .is_some_and(|lease_for| lease_for > MAX_LEASE_FOR)
+        {
             Some(ConfigError::TooLarge)
         } else {
             None
