@@ -41,17 +41,82 @@ impl Model {
     }
 }
 
+/// The token bucket in exact rational arithmetic, for `tokens` per `period` ns: credit is
+/// counted in `1 / tokens` nanoseconds, so a token is worth exactly `period` of them.
+struct ExactModel {
+    capacity: u128,
+    tokens: u128,
+    period: u128,
+    credit: u128,
+    last: u64,
+}
+
+impl ExactModel {
+    fn new(capacity: u64, tokens: u64, period: u64) -> Self {
+        let (capacity, tokens, period) = (capacity.into(), tokens.into(), period.into());
+        Self {
+            capacity,
+            tokens,
+            period,
+            credit: capacity * period,
+            last: 0,
+        }
+    }
+
+    /// `Ok(())` if admitted, else how long (ns, rounded up) until the request would be.
+    fn acquire(&mut self, cost: u64, now: u64) -> Result<(), u64> {
+        let elapsed = u128::from(now - self.last) * self.tokens;
+        self.credit = (self.credit + elapsed).min(self.capacity * self.period);
+        self.last = now;
+        let price = u128::from(cost) * self.period;
+        if self.credit >= price {
+            self.credit -= price;
+            Ok(())
+        } else {
+            Err(u64::try_from((price - self.credit).div_ceil(self.tokens)).unwrap())
+        }
+    }
+}
+
+/// Runs `arrivals` (gap, cost) through a bucket and the exact model side by side.
+fn against_the_exact_model(
+    capacity: u64,
+    tokens: u64,
+    period: u64,
+    arrivals: &[(u64, u64)],
+) -> Result<(), TestCaseError> {
+    let start = Instant::now();
+    let quota = Quota::new(capacity, tokens, Duration::from_nanos(period))?;
+    let bucket = TokenBucket::new(quota, start);
+    let mut model = ExactModel::new(capacity, tokens, period);
+    let mut now = 0;
+    for &(gap, cost) in arrivals {
+        now += gap;
+        let expected = model.acquire(cost, now);
+        match bucket.acquire(cost, at(start, now)) {
+            Ok(_) => prop_assert_eq!(expected, Ok(()), "admitted at {}", now),
+            Err(Denied::Limited { retry_after, .. }) => {
+                prop_assert_eq!(expected, Err(retry_after.as_nanos() as u64), "at {}", now);
+            }
+            Err(Denied::CostExceedsCapacity { .. }) => prop_assert!(cost > capacity),
+        }
+    }
+    Ok(())
+}
+
 fn at(start: Instant, nanos: u64) -> Instant {
     start + Duration::from_nanos(nanos)
 }
 
 /// Checks that the requests that went ahead, as (start time, cost) sorted by time, spent
-/// at most `capacity + tokens * t / period` over every window of length `t`.
+/// at most `capacity + tokens * (t + slack) / period` over every window of length `t`
+/// (`slack`: how much later than its slot a request may have started).
 fn within_capacity_plus_rate(
     went: &[(u64, u64)],
     capacity: u64,
     tokens: u64,
     period: u64,
+    slack: u64,
 ) -> Result<(), TestCaseError> {
     for (i, &(from, _)) in went.iter().enumerate() {
         let mut spent = 0u128;
@@ -59,7 +124,7 @@ fn within_capacity_plus_rate(
             spent += u128::from(cost);
             // spent <= capacity + tokens * (to - from) / period, without division.
             let allowed = u128::from(capacity) * u128::from(period)
-                + u128::from(tokens) * u128::from(to - from);
+                + u128::from(tokens) * u128::from(to - from + slack);
             prop_assert!(
                 spent * u128::from(period) <= allowed,
                 "{spent} went ahead in {} ns: {went:?}",
@@ -116,11 +181,13 @@ proptest! {
                 admitted.push((now, cost));
             }
         }
-        within_capacity_plus_rate(&admitted, capacity, tokens, period)?;
+        within_capacity_plus_rate(&admitted, capacity, tokens, period, 0)?;
     }
 
     /// Reservations given back at random, in any order, never let the requests that do go
-    /// ahead exceed capacity + rate * t over any window of their start times.
+    /// ahead exceed capacity + rate * t over any window of their slots. (A slot may lie
+    /// between two nanoseconds; the wait is rounded up, so each start is less than a
+    /// nanosecond after its slot.)
     #[test]
     fn cancellations_never_exceed_capacity_plus_rate_times_t(
         capacity in 1u64..6,
@@ -154,7 +221,7 @@ proptest! {
         }
         let mut went: Vec<(u64, u64)> = held.iter().map(|&(go, cost, _)| (go, cost)).collect();
         went.sort_unstable();
-        within_capacity_plus_rate(&went, capacity, tokens, period)?;
+        within_capacity_plus_rate(&went, capacity, tokens, period, 1)?;
     }
 
     /// A client whose requests are each at least period / tokens apart is never refused,
@@ -174,6 +241,54 @@ proptest! {
         for extra in extra {
             now += spacing + extra;
             prop_assert!(bucket.acquire(1, at(start, now)).is_ok(), "refused at {now}");
+        }
+    }
+
+    /// Same decisions and retry_after as exact rational arithmetic, for rates whose
+    /// interval is no whole number of nanoseconds.
+    #[test]
+    fn matches_the_exact_rational_model(
+        capacity in 1u64..8,
+        tokens in 1u64..13,
+        period in prop_oneof![1_000u64..60_000, (1u64..60).prop_map(|ms| ms * 1_000_000)],
+        arrivals in prop::collection::vec((0u64..30_000, 1u64..4), 1..200),
+    ) {
+        let arrivals: Vec<_> =
+            arrivals.into_iter().map(|(gap, cost)| (gap * period / 20_000, cost)).collect();
+        against_the_exact_model(capacity, tokens, period, &arrivals)?;
+    }
+
+    /// The finest units there are (2^24 of them per nanosecond) move the epoch every few
+    /// seconds: decisions across many such moves stay exact.
+    #[test]
+    fn stays_exact_across_epoch_moves(
+        capacity in 1u64..5,
+        arrivals in prop::collection::vec((0u64..6_000_000_000, 1u64..3), 1..60),
+    ) {
+        let tokens = (1 << 24) - 3;
+        against_the_exact_model(capacity, tokens, tokens + 1, &arrivals)?;
+    }
+
+    /// A client that sends exactly `tokens` requests at every whole `period` is never
+    /// refused, whatever the period (2 of 3 went through at 1 s with the interval rounded
+    /// up to the nanosecond).
+    #[test]
+    fn a_client_at_exactly_the_rate_is_never_refused(
+        tokens in 1u64..20,
+        extra in 0u64..3,
+        period in prop_oneof![1_000u64..100_000, (1u64..3_600).prop_map(|s| s * 1_000_000_000)],
+        periods in 1u64..40,
+    ) {
+        let start = Instant::now();
+        let quota = Quota::new(tokens + extra, tokens, Duration::from_nanos(period))?;
+        let bucket = TokenBucket::new(quota, start);
+        for round in 0..periods {
+            for request in 0..tokens {
+                prop_assert!(
+                    bucket.acquire(1, at(start, round * period)).is_ok(),
+                    "request {} of round {} refused", request, round
+                );
+            }
         }
     }
 
@@ -202,6 +317,35 @@ proptest! {
         prop_assert!(bucket.acquire(cost, at(start, retry - 1)).is_err());
         prop_assert!(bucket.acquire(cost, at(start, retry)).is_ok());
     }
+}
+
+#[test]
+fn three_per_second_admits_three_at_each_whole_second() {
+    for tokens in [3, 7] {
+        let start = Instant::now();
+        let quota = Quota::new(tokens, tokens, Duration::from_secs(1)).unwrap();
+        let bucket = TokenBucket::new(quota, start);
+        for second in 0..4 {
+            let now = start + Duration::from_secs(second);
+            let admitted = (0..tokens + 1)
+                .filter(|_| bucket.acquire(1, now).is_ok())
+                .count() as u64;
+            assert_eq!(admitted, tokens, "refill({tokens}, 1s) at {second} s");
+        }
+    }
+}
+
+#[test]
+fn equal_rates_are_equal_quotas() {
+    let second = Duration::from_secs(1);
+    assert_eq!(
+        Quota::new(5, 2, 2 * second).unwrap(),
+        Quota::new(5, 1, second).unwrap()
+    );
+    let third = Quota::new(3, 3, second).unwrap();
+    assert_eq!(third.period(), second);
+    // Shown rounded up; counted exactly.
+    assert_eq!(third.refill_interval(), Duration::from_nanos(333_333_334));
 }
 
 #[test]
@@ -319,6 +463,17 @@ fn invalid_quotas_are_errors() {
         Err(ConfigError::RateTooHigh)
     );
     assert_eq!(Quota::new(u64::MAX, 1, second), Err(ConfigError::TooLarge));
+    // Units finer than 2^-24 ns.
+    let tokens = (1 << 24) + 1;
+    assert_eq!(
+        Quota::new(1, tokens, Duration::from_nanos(tokens + 1)),
+        Err(ConfigError::TooLarge)
+    );
+    // Capacity times the units of a token above 2^57: seven per second in units of a
+    // seventh of a nanosecond allow at most 2^57 / 10^9 tokens.
+    let most = (1u64 << 57) / 1_000_000_000;
+    assert!(Quota::new(most, 7, second).is_ok());
+    assert_eq!(Quota::new(most + 1, 7, second), Err(ConfigError::TooLarge));
 }
 
 #[test]

@@ -120,6 +120,56 @@ async fn wait_mode_serves_waiters_in_order_at_their_slots() {
 }
 
 #[tokio::test(start_paused = true)]
+async fn waiters_reach_the_inner_service_at_their_exact_slots() {
+    let start = tokio::time::Instant::now();
+    let reached = Arc::new(std::sync::Mutex::new(Vec::new()));
+    let inner = {
+        let reached = reached.clone();
+        service_fn(move |request: u32| {
+            reached.lock().unwrap().push((request, start.elapsed()));
+            async move { Ok::<_, BoxError>(request) }
+        })
+    };
+    let layer = RateLimitLayer::builder()
+        .capacity(3)
+        .refill(3, Duration::from_millis(10))
+        .max_wait(Duration::from_millis(12))
+        .build()
+        .unwrap();
+    let service = layer.layer(inner);
+    let mut tasks = Vec::new();
+    for i in 0..9u32 {
+        let mut service = service.clone();
+        let future = service.ready().await.unwrap().call(i);
+        tasks.push(tokio::spawn(future));
+    }
+    let mut outcomes = Vec::new();
+    for task in tasks {
+        outcomes.push(task.await.unwrap().is_ok());
+    }
+    assert_eq!(
+        outcomes,
+        [true, true, true, true, true, true, false, false, false]
+    );
+    let ms = Duration::from_millis;
+    // Slots at 10/3 and 20/3 ms are rounded up to tokio's millisecond ticks; the slot at
+    // exactly 10 ms is admitted at exactly 10 ms (it was at 11 ms with the refill
+    // interval rounded up to the nanosecond).
+    let reached = reached.lock().unwrap().clone();
+    assert_eq!(
+        reached,
+        [
+            (0, ms(0)),
+            (1, ms(0)),
+            (2, ms(0)),
+            (3, ms(4)),
+            (4, ms(7)),
+            (5, ms(10))
+        ]
+    );
+}
+
+#[tokio::test(start_paused = true)]
 async fn a_dropped_waiter_gives_its_slot_back_and_never_calls_inner() {
     let calls = Arc::new(AtomicUsize::new(0));
     let layer = bucket(1, SECOND).max_wait(5 * SECOND).build().unwrap();
@@ -268,6 +318,35 @@ async fn a_small_max_keys_tracks_that_many_keys_each_on_its_own() {
     assert!(send(&mut service, 100).await.is_ok());
     assert!(send(&mut service, 101).await.is_err());
     assert_eq!(handle.tracked_keys(), 100);
+}
+
+#[tokio::test(start_paused = true)]
+async fn available_for_an_untracked_key_at_the_cap_reports_the_overflow_bucket() {
+    let calls = Arc::new(AtomicUsize::new(0));
+    let layer = bucket(3, 60 * SECOND)
+        .keyed(|key: &u32| Some(*key))
+        .max_keys(2)
+        .build()
+        .unwrap();
+    let handle = layer.handle();
+    let mut service = layer.layer(counting::<u32>(&calls));
+    // With room in the table, an untracked key would get a fresh, full bucket.
+    assert_eq!(handle.available_for(&7), 3);
+    for key in [0, 1] {
+        send(&mut service, key).await.unwrap();
+    }
+    // At the cap, key 7 would be charged to the overflow bucket: drain it.
+    for _ in 0..3 {
+        send(&mut service, 2).await.unwrap();
+    }
+    assert_eq!(handle.available(), 0);
+    assert_eq!(handle.available_for(&7), 0);
+    assert!(send(&mut service, 7).await.is_err());
+    // Tracked keys still report their own buckets.
+    assert_eq!(handle.available_for(&0), 2);
+    // Once the table's buckets are full again a sweep would free room: a full bucket.
+    advance(3 * 60 * SECOND).await;
+    assert_eq!(handle.available_for(&7), 3);
 }
 
 #[tokio::test(start_paused = true)]

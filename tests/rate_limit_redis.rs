@@ -16,8 +16,8 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use palisade::rate_limit::{
-    CostExceedsCapacity, RateLimitLayer, RateLimited, RedisOptions, RedisStore, RedisUnavailable,
-    Store, WhenUnavailable,
+    ConfigError, CostExceedsCapacity, RateLimitLayer, RateLimited, RedisOptions, RedisStore,
+    RedisUnavailable, Store, WhenUnavailable,
 };
 use tokio::time::{Instant, sleep, timeout};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
@@ -195,6 +195,139 @@ async fn a_waiter_is_served_from_the_servers_clock_and_gives_its_slot_back_when_
         );
         sleep(Duration::from_millis(5)).await;
     }
+}
+
+/// The units past the whole microseconds of a stored TAT (`"…123456.2"`: 2).
+fn past_whole(stored: &str) -> u64 {
+    stored
+        .split_once('.')
+        .map_or(0, |(_, past)| past.parse().unwrap())
+}
+
+#[tokio::test]
+async fn thirds_of_a_second_add_up_to_exactly_a_second_on_redis() {
+    let server = RedisServer::start().await;
+    let manager = server.manager().await;
+    // A token every 333333 1/3 µs: it was rounded up to 333334 µs, so that three took
+    // 1.000002 s and a client at exactly the rate was refused.
+    let layer = RateLimitLayer::builder()
+        .capacity(3)
+        .refill(3, Duration::from_secs(1))
+        .keyed(|request: &u32| Some(*request))
+        .cost(|request: &u32| if *request == 2 { 3 } else { 1 })
+        .build_with(|quota| RedisStore::new(manager, quota, strict("thirds:")))
+        .unwrap();
+    let mut service = layer.layer(echo::<u32>());
+    // The TAT moves by exact thirds of a microsecond from whole microseconds (the
+    // server's clock), whatever time passes between the requests.
+    for third in [1, 2, 0] {
+        send(&mut service, 1).await.unwrap();
+        let stored = server.get("thirds:{1}").await.unwrap();
+        assert_eq!(past_whole(&stored), third, "TAT {stored}");
+    }
+    // Three at once: the bucket is full again exactly a second later.
+    send(&mut service, 2).await.unwrap();
+    let stored = server.get("thirds:{2}").await.unwrap();
+    assert_eq!(past_whole(&stored), 0, "TAT {stored}");
+    let ttl = server.pttl("thirds:{2}").await;
+    assert!(0 < ttl && ttl <= 1000, "full again in 1 s, not {ttl} ms");
+}
+
+#[tokio::test]
+async fn a_dropped_waiter_gives_back_a_fraction_of_a_microsecond_exactly() {
+    let server = RedisServer::start().await;
+    let manager = server.manager().await;
+    let layer = RateLimitLayer::builder()
+        .capacity(3)
+        .refill(3, Duration::from_secs(1))
+        .max_wait(Duration::from_secs(3))
+        .build_with(|quota| RedisStore::new(manager, quota, strict("thirdwait:")))
+        .unwrap();
+    let mut service = layer.layer(echo::<u32>());
+    for _ in 0..3 {
+        send(&mut service, 1).await.unwrap();
+    }
+    let drained = server.get("thirdwait:shared").await.unwrap();
+    assert_eq!(past_whole(&drained), 0);
+    // A waiter reserves the slot a third of a second on, then gives up.
+    let waiter = service.ready().await.unwrap().call(2);
+    assert!(timeout(Duration::from_millis(100), waiter).await.is_err());
+    let deadline = Instant::now() + Duration::from_secs(2);
+    while server.get("thirdwait:shared").await.as_deref() != Some(&drained) {
+        assert!(Instant::now() < deadline, "the waiter's third came back");
+        sleep(Duration::from_millis(5)).await;
+    }
+}
+
+#[tokio::test]
+async fn invalid_redis_options_are_errors_from_build_with_not_panics() {
+    let server = RedisServer::start().await;
+    let local = || WhenUnavailable::Local {
+        replicas: NonZeroU32::new(2).unwrap(),
+    };
+    let cases = [
+        (
+            RedisOptions::default().batch(4).lease_for(Duration::MAX),
+            ConfigError::TooLarge,
+        ),
+        (RedisOptions::default().batch(0), ConfigError::ZeroBatch),
+        (
+            RedisOptions::default().batch(4).lease_max_keys(0),
+            ConfigError::ZeroMaxKeys,
+        ),
+        (
+            RedisOptions::default()
+                .when_unavailable(local())
+                .fallback_max_keys(0),
+            ConfigError::ZeroMaxKeys,
+        ),
+    ];
+    for (options, expected) in cases {
+        let manager = server.manager().await;
+        let built = RateLimitLayer::builder()
+            .capacity(4)
+            .refill(4, Duration::from_secs(1))
+            .build_with(|quota| RedisStore::new(manager, quota, options.clone()));
+        assert_eq!(built.err(), Some(expected), "{options:?}");
+    }
+    // Options that are not used are not checked, as `max_keys` of a global limiter.
+    let manager = server.manager().await;
+    let unused = RedisOptions::default()
+        .lease_max_keys(0)
+        .fallback_max_keys(0);
+    assert!(
+        RateLimitLayer::builder()
+            .capacity(4)
+            .refill(4, Duration::from_secs(1))
+            .build_with(|quota| RedisStore::new(manager, quota, unused))
+            .is_ok()
+    );
+
+    // A quota too large for the script to count exactly (2^52 tokens of a nanosecond
+    // each, in units of a thousandth of a microsecond: 2^52 units, more than 2^51), at
+    // build and at runtime.
+    let manager = server.manager().await;
+    let too_fine = RateLimitLayer::builder()
+        .capacity(1 << 52)
+        .refill(1, Duration::from_nanos(1))
+        .build_with(|quota| RedisStore::new(manager, quota, strict("fine:")));
+    assert_eq!(too_fine.err(), Some(ConfigError::TooLarge));
+    // 2^20 tokens of 2^33 + 1 ns each: 2^53 units of a nanosecond (fine in process),
+    // and as many of the script's (a thousandth of a microsecond, as 1000 does not divide
+    // the interval).
+    let manager = server.manager().await;
+    let layer = RateLimitLayer::builder()
+        .capacity(1 << 20)
+        .refill(1, Duration::from_secs(1))
+        .build_with(|quota| RedisStore::new(manager, quota, strict("fine:")))
+        .unwrap();
+    let handle = layer.handle();
+    let before = handle.quota();
+    assert_eq!(
+        handle.set_rate(1, Duration::from_nanos((1 << 33) + 1)),
+        Err(ConfigError::TooLarge)
+    );
+    assert_eq!(handle.quota(), before);
 }
 
 /// Time enough for a store to reach a live Redis on a loaded machine; a dead one refuses

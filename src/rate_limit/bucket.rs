@@ -1,14 +1,23 @@
 //! The sans-io token bucket: GCRA (the generic cell rate algorithm) on one atomic word.
 //!
 //! A bucket is one number, its *theoretical arrival time* (TAT): the instant at which it
-//! would be full again, in nanoseconds since the bucket's base instant. A request of cost
-//! `c` moves the TAT `c` refill intervals later; it is admitted when the TAT then lies no
-//! more than `capacity` intervals after `now`. A TAT in the past means a full bucket.
+//! would be full again. A request of cost `c` moves the TAT `c` refill intervals later;
+//! it is admitted when the TAT then lies no more than `capacity` intervals after `now`.
+//! A TAT in the past means a full bucket.
 //!
-//! The word also carries a 4-bit tag naming the [`QuotaRing`] slot whose quota the TAT is
-//! measured in, so that a runtime change of rate or capacity and every acquisition agree
-//! on the quota without a lock: readers decide with the quota their word names, and the
-//! writer republishes the word, rescaled, under the new tag with one compare-and-swap.
+//! Time is counted exactly: for `refill(n, period)` with `g = gcd(n, period_ns)`, one
+//! token costs `period_ns / g` *units* and one nanosecond is `n / g` units, so `n`
+//! intervals add up to exactly `period` (a nanosecond-rounded interval would not, and
+//! a client keeping exactly to the rate would be refused now and then).
+//!
+//! The TAT is counted in units since its *frame*'s epoch. The word carries a 4-bit tag
+//! naming the [`QuotaRing`] slot that holds the frame (quota and epoch) the TAT is
+//! measured in, so that a runtime change of rate or capacity, a move of the epoch, and
+//! every acquisition agree on the frame without a lock: readers decide with the frame
+//! their word names, and the writer republishes the word, rescaled, under the new tag
+//! with one compare-and-swap. The epoch moves forward (a *rebase*) whenever `now` would
+//! lie [`HORIZON`] units past it, so the 60 bits of a TAT never run out, however long the
+//! process lives and however fine the units.
 
 use std::sync::Mutex;
 use std::time::Duration;
@@ -20,23 +29,41 @@ use crate::sync::{AtomicU64, Ordering};
 
 const TAT_BITS: u32 = 60;
 const TAT_MASK: u64 = (1 << TAT_BITS) - 1;
-/// Clock readings saturate here (18 years after the base instant), so that a TAT plus the
-/// largest tolerance and wait still fits in [`TAT_BITS`].
-const MAX_NOW: u64 = 1 << 59;
-/// The largest tolerance (capacity times interval) and the largest `max_wait`: 4.5 years.
+/// A frame serves clock readings up to this many units past its epoch; then the epoch
+/// moves. With tolerance and wait at most [`MAX_SPAN`] each, a TAT stays below 2^59.
+const HORIZON: u64 = 1 << 58;
+/// A rebase puts `now` this many units past the new epoch, so that a reader whose clock
+/// reading is older (but not by this much) still counts it exactly.
+const REBASE_SLACK: u64 = HORIZON / 2;
+/// The largest tolerance (capacity times the units of a token) and the largest wait, in
+/// units: 4.5 years when a nanosecond is one unit.
 pub(crate) const MAX_SPAN: u64 = 1 << 57;
+/// The most units per nanosecond: a frame then lasts at least 2^33 ns (8.6 s) between
+/// rebases, and `max_wait` can reach at least that far.
+const MAX_UNITS_PER_NANO: u64 = 1 << 24;
+/// Clock readings saturate here, 146 years after the base instant.
+const MAX_NOW: u64 = 1 << 62;
 const SLOTS: usize = 16;
 
 /// A bucket's size and refill rate.
 ///
-/// The refill interval (the time one token takes to come back) is `period / tokens`,
-/// rounded *up* to the nanosecond: the limiter may admit a hair less than the configured
-/// rate (under one part in a million for intervals above a millisecond), never more, and a
-/// client whose requests are each at least `period / tokens` apart is never refused.
+/// `refill(tokens, period)` is kept exactly: the bucket counts time in units of
+/// `1 / tokens` of a nanosecond (reduced by their common factor with the period), so
+/// `tokens` refills add up to exactly `period` and a client whose requests are each at
+/// least `period / tokens` apart (as a real number) is never refused. Equal rates are
+/// equal quotas: `refill(2, 2s)` is `refill(1, 1s)`.
+///
+/// A quota is [`ConfigError::TooLarge`] when its capacity times `period / g` exceeds
+/// 2^57 (4.5 years of tolerance when `period` is a whole number of `tokens`
+/// nanoseconds), or when `tokens / g` exceeds 2^24, where `g` is the greatest common
+/// divisor of `tokens` and the period in nanoseconds.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Quota {
     capacity: u64,
-    interval: u64,
+    /// The units one token costs.
+    token: u64,
+    /// The units in one nanosecond.
+    unit: u64,
 }
 
 impl Quota {
@@ -47,27 +74,32 @@ impl Quota {
         refill_tokens: u64,
         refill_period: Duration,
     ) -> Result<Self, ConfigError> {
-        Self::checked(capacity, interval(refill_tokens, refill_period)?)
+        let (token, unit) = scale(refill_tokens, refill_period)?;
+        Self::checked(capacity, token, unit)
     }
 
-    fn checked(capacity: u64, interval: u64) -> Result<Self, ConfigError> {
+    fn checked(capacity: u64, token: u64, unit: u64) -> Result<Self, ConfigError> {
         if capacity == 0 {
             return Err(ConfigError::ZeroCapacity);
         }
-        match capacity.checked_mul(interval) {
-            Some(tolerance) if tolerance <= MAX_SPAN => Ok(Self { capacity, interval }),
+        match capacity.checked_mul(token) {
+            Some(tolerance) if tolerance <= MAX_SPAN && unit <= MAX_UNITS_PER_NANO => Ok(Self {
+                capacity,
+                token,
+                unit,
+            }),
             _ => Err(ConfigError::TooLarge),
         }
     }
 
     /// The same rate with another capacity.
     pub fn with_capacity(self, capacity: u64) -> Result<Self, ConfigError> {
-        Self::checked(capacity, self.interval)
+        Self::checked(capacity, self.token, self.unit)
     }
 
     /// The same capacity with another refill rate.
     pub fn with_refill(self, tokens: u64, period: Duration) -> Result<Self, ConfigError> {
-        Self::checked(self.capacity, interval(tokens, period)?)
+        Self::new(self.capacity, tokens, period)
     }
 
     /// The burst size: how many tokens a full bucket holds.
@@ -75,34 +107,63 @@ impl Quota {
         self.capacity
     }
 
-    /// The time one token takes to come back.
+    /// The time one token takes to come back, rounded up to the nanosecond (the bucket
+    /// itself counts it exactly).
     pub fn refill_interval(&self) -> Duration {
-        Duration::from_nanos(self.interval)
+        Duration::from_nanos(self.nanos_up(self.token))
     }
 
-    /// The time an empty bucket takes to fill up: the window of the IETF `RateLimit-Policy`.
+    /// The time an empty bucket takes to fill up, rounded up to the nanosecond: the
+    /// window of the IETF `RateLimit-Policy`.
     pub fn period(&self) -> Duration {
-        Duration::from_nanos(self.tolerance())
+        Duration::from_nanos(self.nanos_up(self.tolerance()))
+    }
+
+    /// The rate as `(tokens, nanoseconds)` in lowest terms: `tokens` refills take exactly
+    /// `nanoseconds`.
+    pub(crate) fn rate(&self) -> (u64, u64) {
+        (self.unit, self.token)
+    }
+
+    /// Whether a wait of `max_wait` fits in a TAT (see [`MAX_SPAN`]).
+    pub(crate) fn fits_wait(&self, max_wait: Duration) -> bool {
+        max_wait.as_nanos() * u128::from(self.unit) <= u128::from(MAX_SPAN)
     }
 
     #[inline]
     fn tolerance(&self) -> u64 {
-        self.capacity * self.interval
+        self.capacity * self.token
     }
 
-    /// The tokens a bucket whose TAT is `tat` holds at `now`.
+    /// `units` as nanoseconds, rounded up: a wait never ends before its slot.
+    #[inline]
+    fn nanos_up(&self, units: u64) -> u64 {
+        if units == 0 {
+            0
+        } else {
+            units.div_ceil(self.unit)
+        }
+    }
+
+    /// `max_wait` nanoseconds as units, capped at [`MAX_SPAN`].
+    #[inline]
+    fn wait_units(&self, max_wait: u64) -> u64 {
+        max_wait.saturating_mul(self.unit).min(MAX_SPAN)
+    }
+
+    /// The tokens a bucket whose TAT is `tat` holds at `now` (both in units).
     #[inline]
     pub(crate) fn available(&self, tat: u64, now: u64) -> u64 {
         let debt = tat.saturating_sub(now).min(self.tolerance());
-        (self.tolerance() - debt) / self.interval
+        (self.tolerance() - debt) / self.token
     }
 
-    /// The GCRA decision for a request of `cost` tokens arriving at `now`, willing to wait
-    /// up to `max_wait` nanoseconds.
+    /// The GCRA decision for a request of `cost` tokens arriving at `now` (units, below
+    /// [`HORIZON`]), willing to wait up to `max_wait` nanoseconds.
     #[inline]
     pub(crate) fn decide(&self, tat: u64, now: u64, cost: u64, max_wait: u64) -> Verdict {
         let tolerance = self.tolerance();
-        let increment = match cost.checked_mul(self.interval) {
+        let increment = match cost.checked_mul(self.token) {
             Some(increment) if increment <= tolerance => increment,
             _ => {
                 return Verdict::Deny(Denied::CostExceedsCapacity {
@@ -113,32 +174,41 @@ impl Quota {
         };
         let new_tat = tat.max(now) + increment;
         let wait = new_tat.saturating_sub(tolerance).saturating_sub(now);
-        if wait > max_wait {
+        if wait > self.wait_units(max_wait) {
             return Verdict::Deny(Denied::Limited {
-                retry_after: Duration::from_nanos(wait),
+                retry_after: Duration::from_nanos(self.nanos_up(wait)),
                 remaining: self.available(tat, now),
             });
         }
         Verdict::Admit {
             tat: new_tat,
-            wait,
+            now,
+            wait: self.nanos_up(wait),
             increment,
             quota: *self,
         }
     }
 
-    /// Re-expresses a TAT measured in `self` in `to`, keeping the tokens the bucket holds at
-    /// `now` (clamped to the new capacity) and any debt beyond empty (queued reservations).
-    pub(crate) fn rescale(&self, tat: u64, now: u64, to: &Quota) -> u64 {
+    /// What a bucket admitted at `now` with TAT `tat` reports (both in units).
+    pub(crate) fn status(&self, tat: u64, now: u64) -> (u64, Duration) {
+        let reset = Duration::from_nanos(self.nanos_up(tat.saturating_sub(now)));
+        (self.available(tat, now), reset)
+    }
+
+    /// Re-expresses a TAT measured in `self` (where the time is `now`) in `to` (where it
+    /// is `now_to`), keeping the tokens the bucket holds (clamped to the new capacity) and
+    /// any debt beyond empty (queued reservations).
+    fn rescale(&self, tat: u64, now: u64, to: &Quota, now_to: u64) -> u64 {
         let held = i128::from(self.tolerance()) - i128::from(tat.saturating_sub(now));
-        let held = (held * i128::from(to.interval)).div_euclid(i128::from(self.interval));
+        let held = (held * i128::from(to.token)).div_euclid(i128::from(self.token));
         let debt = i128::from(to.tolerance()) - held.min(i128::from(to.tolerance()));
-        let room = i128::from(TAT_MASK - now);
-        now + u64::try_from(debt.min(room)).unwrap_or(0)
+        let room = i128::from(TAT_MASK.saturating_sub(now_to));
+        now_to + u64::try_from(debt.min(room)).unwrap_or(0)
     }
 }
 
-fn interval(tokens: u64, period: Duration) -> Result<u64, ConfigError> {
+/// The units of a token and of a nanosecond for `tokens` per `period`.
+fn scale(tokens: u64, period: Duration) -> Result<(u64, u64), ConfigError> {
     if tokens == 0 {
         return Err(ConfigError::ZeroRefillTokens);
     }
@@ -149,7 +219,64 @@ fn interval(tokens: u64, period: Duration) -> Result<u64, ConfigError> {
     if nanos < u128::from(tokens) {
         return Err(ConfigError::RateTooHigh);
     }
-    u64::try_from(nanos.div_ceil(u128::from(tokens))).map_err(|_| ConfigError::TooLarge)
+    let common = gcd(nanos, u128::from(tokens));
+    let token = u64::try_from(nanos / common).map_err(|_| ConfigError::TooLarge)?;
+    // Cannot fail: a divisor of `tokens` fits where `tokens` does.
+    let unit = u64::try_from(u128::from(tokens) / common).map_err(|_| ConfigError::TooLarge)?;
+    Ok((token, unit))
+}
+
+pub(crate) fn gcd(mut a: u128, mut b: u128) -> u128 {
+    while b != 0 {
+        (a, b) = (b, a % b);
+    }
+    a
+}
+
+/// A quota and the epoch its TATs count from (nanoseconds since the bucket's base): what
+/// a bucket's tag names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub(crate) quota: Quota,
+    epoch: u64,
+}
+
+impl Frame {
+    /// `quota` with an epoch that puts `now` [`REBASE_SLACK`] units past it.
+    fn starting(quota: Quota, now: u64) -> Self {
+        Self {
+            quota,
+            epoch: now.saturating_sub(REBASE_SLACK / quota.unit),
+        }
+    }
+
+    /// `now` (nanoseconds since the base) in this frame's units; `None` once it lies
+    /// [`HORIZON`] units past the epoch (the frame must move on first).
+    #[inline]
+    pub(crate) fn units(&self, now: u64) -> Option<u64> {
+        let units = now
+            .saturating_sub(self.epoch)
+            .saturating_mul(self.quota.unit);
+        (units < HORIZON).then_some(units)
+    }
+
+    /// `now` in this frame's units, saturating: past the horizon every TAT of the frame
+    /// reads as a full bucket, which it is.
+    #[inline]
+    pub(crate) fn units_saturating(&self, now: u64) -> u64 {
+        now.saturating_sub(self.epoch)
+            .saturating_mul(self.quota.unit)
+    }
+
+    /// Re-expresses a TAT measured in `self` in `to` at `now` (nanoseconds since the base).
+    pub(crate) fn rescale(&self, tat: u64, now: u64, to: &Frame) -> u64 {
+        self.quota.rescale(
+            tat,
+            self.units_saturating(now),
+            &to.quota,
+            to.units_saturating(now),
+        )
+    }
 }
 
 /// Why a request was not admitted.
@@ -175,11 +302,13 @@ pub enum Denied {
 /// The outcome of [`Quota::decide`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Verdict {
-    /// Admitted, at once (`wait == 0`) or after `wait` nanoseconds; `tat` is the new TAT,
-    /// measured in `quota`. (The tokens left are not computed here: that takes a
-    /// division, which the success path only pays for when someone reads them.)
+    /// Admitted, at once (`wait == 0`) or after `wait` nanoseconds (rounded up); `tat` is
+    /// the new TAT and `now` the time of the decision, in `quota`'s units. (The tokens
+    /// left are not computed here: that takes a division, which the success path only
+    /// pays for when someone reads them.)
     Admit {
         tat: u64,
+        now: u64,
         wait: u64,
         increment: u64,
         quota: Quota,
@@ -187,11 +316,11 @@ pub(crate) enum Verdict {
     Deny(Denied),
 }
 
-/// `max_wait` in nanoseconds, capped at [`MAX_SPAN`] so that an admitted TAT always fits
-/// in [`TAT_BITS`] (a longer wait is refused, as if the request had asked for 4.5 years).
+/// `max_wait` in nanoseconds, saturating (a quota caps the wait it grants at
+/// [`MAX_SPAN`] units: a longer wait is refused, as if the request had asked for that).
 #[inline]
 pub(crate) fn max_wait_nanos(max_wait: Duration) -> u64 {
-    u64::try_from(max_wait.as_nanos()).map_or(MAX_SPAN, |nanos| nanos.min(MAX_SPAN))
+    u64::try_from(max_wait.as_nanos()).unwrap_or(u64::MAX)
 }
 
 /// Nanoseconds from `base` to `now`, saturating at both ends.
@@ -204,14 +333,17 @@ pub(crate) fn nanos_since(base: Instant, now: Instant) -> u64 {
 
 struct Slot {
     capacity: AtomicU64,
-    interval: AtomicU64,
+    token: AtomicU64,
+    unit: AtomicU64,
+    epoch: AtomicU64,
 }
 
-/// The quotas in force, published without a lock for readers.
+/// The frames in force, published without a lock for readers.
 ///
-/// Each change goes to the next of sixteen slots; a slot is overwritten only sixteen
-/// changes after it was current, by which time every atomic bucket has been moved off it
-/// by the writer (so a reader whose word still names it fails its compare-and-swap).
+/// Each change (of quota, or of epoch) goes to the next of sixteen slots; a slot is
+/// overwritten only sixteen changes after it was current, by which time every atomic
+/// bucket has been moved off it by the writer (so a reader whose word still names it
+/// fails its compare-and-swap).
 pub(crate) struct QuotaRing {
     slots: [Slot; SLOTS],
     generation: AtomicU64,
@@ -220,52 +352,61 @@ pub(crate) struct QuotaRing {
 
 impl QuotaRing {
     pub(crate) fn new(quota: Quota) -> Self {
+        let frame = Frame::starting(quota, 0);
         Self {
             slots: std::array::from_fn(|_| Slot {
-                capacity: AtomicU64::new(quota.capacity),
-                interval: AtomicU64::new(quota.interval),
+                capacity: AtomicU64::new(frame.quota.capacity),
+                token: AtomicU64::new(frame.quota.token),
+                unit: AtomicU64::new(frame.quota.unit),
+                epoch: AtomicU64::new(frame.epoch),
             }),
             generation: AtomicU64::new(0),
             writer: Mutex::new(()),
         }
     }
 
-    fn store(&self, tag: usize, quota: Quota) {
-        self.slots[tag]
-            .capacity
-            .store(quota.capacity, Ordering::Release);
-        self.slots[tag]
-            .interval
-            .store(quota.interval, Ordering::Release);
+    fn store(&self, tag: usize, frame: Frame) {
+        let slot = &self.slots[tag];
+        slot.capacity.store(frame.quota.capacity, Ordering::Release);
+        slot.token.store(frame.quota.token, Ordering::Release);
+        slot.unit.store(frame.quota.unit, Ordering::Release);
+        slot.epoch.store(frame.epoch, Ordering::Release);
     }
 
     #[inline]
-    fn load(&self, tag: usize) -> Quota {
-        Quota {
-            capacity: self.slots[tag].capacity.load(Ordering::Acquire),
-            interval: self.slots[tag].interval.load(Ordering::Acquire),
+    fn load(&self, tag: usize) -> Frame {
+        let slot = &self.slots[tag];
+        Frame {
+            quota: Quota {
+                capacity: slot.capacity.load(Ordering::Acquire),
+                token: slot.token.load(Ordering::Acquire),
+                unit: slot.unit.load(Ordering::Acquire),
+            },
+            epoch: slot.epoch.load(Ordering::Acquire),
         }
     }
 
-    /// The quota in force now.
+    /// The frame in force now.
     #[inline]
-    pub(crate) fn current(&self) -> Quota {
+    pub(crate) fn current(&self) -> Frame {
         loop {
             let generation = self.generation.load(Ordering::Acquire);
-            let quota = self.load(slot_of(generation));
+            let frame = self.load(slot_of(generation));
             // The slot was not rewritten under us unless a full turn of changes happened.
             let later = self.generation.load(Ordering::Acquire);
             if later.wrapping_sub(generation) < SLOTS as u64 - 1 {
-                return quota;
+                return frame;
             }
         }
     }
 
-    /// Publishes `change(current)` and hands the old and new quota (with their tags) to
-    /// `migrate` while still holding the writer lock, so that changes apply in order.
-    pub(crate) fn update(
+    /// Publishes a frame for `change(current quota)` starting at `now`, and hands the old
+    /// and new frame (with their tags) to `migrate` while still holding the writer lock,
+    /// so that changes apply in order. `change` returning `None` publishes nothing.
+    fn publish(
         &self,
-        change: impl FnOnce(Quota) -> Result<Quota, ConfigError>,
+        now: u64,
+        change: impl FnOnce(Frame) -> Result<Option<Quota>, ConfigError>,
         migrate: impl FnOnce(Migration),
     ) -> Result<(), ConfigError> {
         let _writer = self
@@ -274,7 +415,10 @@ impl QuotaRing {
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let generation = self.generation.load(Ordering::Acquire);
         let from = self.load(slot_of(generation));
-        let to = change(from)?;
+        let Some(quota) = change(from)? else {
+            return Ok(());
+        };
+        let to = Frame::starting(quota, now);
         let next = generation.wrapping_add(1);
         self.store(slot_of(next), to);
         self.generation.store(next, Ordering::Release);
@@ -286,24 +430,43 @@ impl QuotaRing {
         });
         Ok(())
     }
+
+    /// Publishes `change(current)` from `now` on.
+    pub(crate) fn update(
+        &self,
+        now: u64,
+        change: impl FnOnce(Quota) -> Result<Quota, ConfigError>,
+        migrate: impl FnOnce(Migration),
+    ) -> Result<(), ConfigError> {
+        self.publish(now, |from| change(from.quota).map(Some), migrate)
+    }
+
+    /// Moves the epoch forward if `now` lies beyond the current frame's horizon (unless
+    /// another thread just did).
+    #[cold]
+    pub(crate) fn rebase(&self, now: u64, migrate: impl FnOnce(Migration)) {
+        let stale = |from: Frame| Ok(from.units(now).is_none().then_some(from.quota));
+        // Cannot fail: the quota stays.
+        let _ = self.publish(now, stale, migrate);
+    }
 }
 
 fn slot_of(generation: u64) -> usize {
     (generation % SLOTS as u64) as usize
 }
 
-/// A quota change, handed to the buckets that must move to it.
+/// A frame change, handed to the buckets that must move to it.
 #[derive(Debug, Clone, Copy)]
 pub(crate) struct Migration {
-    from: Quota,
+    from: Frame,
     from_tag: u64,
-    to: Quota,
+    to: Frame,
     to_tag: u64,
 }
 
 #[inline]
 fn pack(tag: u64, tat: u64) -> u64 {
-    debug_assert!(tat <= TAT_MASK, "a TAT must not spill into the quota tag");
+    debug_assert!(tat <= TAT_MASK, "a TAT must not spill into the frame tag");
     (tag << TAT_BITS) | tat
 }
 
@@ -312,7 +475,7 @@ fn unpack(word: u64) -> (u64, u64) {
     (word >> TAT_BITS, word & TAT_MASK)
 }
 
-/// One lock-free bucket measured in a [`QuotaRing`]'s quotas.
+/// One lock-free bucket measured in a [`QuotaRing`]'s frames.
 ///
 /// Every admission writes the word, so it gets a cache line (a pair: adjacent-line
 /// prefetchers pull lines in twos) to itself: threads that read the quota ring or the
@@ -341,14 +504,16 @@ pub(crate) struct Claim {
 }
 
 impl AtomicBucket {
-    /// A full bucket measured in the ring's first quota.
+    /// A full bucket measured in the ring's first frame.
     pub(crate) fn new() -> Self {
         Self {
             word: CachePadded(AtomicU64::new(pack(0, 0))),
         }
     }
 
-    /// Takes `cost` tokens now, or reserves them within `max_wait`.
+    /// Takes `cost` tokens now, or reserves them within `max_wait`; `None` when `now`
+    /// lies beyond the horizon of the frame the bucket is measured in (rebase, then ask
+    /// again).
     #[inline]
     pub(crate) fn acquire(
         &self,
@@ -356,13 +521,14 @@ impl AtomicBucket {
         now: u64,
         cost: u64,
         max_wait: u64,
-    ) -> (Verdict, Claim) {
+    ) -> Option<(Verdict, Claim)> {
         let mut word = self.word.load(Ordering::Acquire);
         loop {
             let (tag, tat) = unpack(word);
-            let verdict = ring.load(tag as usize).decide(tat, now, cost, max_wait);
+            let frame = ring.load(tag as usize);
+            let verdict = frame.quota.decide(tat, frame.units(now)?, cost, max_wait);
             let Verdict::Admit { tat, increment, .. } = verdict else {
-                return (verdict, Claim { word, increment: 0 });
+                return Some((verdict, Claim { word, increment: 0 }));
             };
             let claimed = pack(tag, tat);
             match self.word.compare_exchange_weak(
@@ -376,7 +542,7 @@ impl AtomicBucket {
                         word: claimed,
                         increment,
                     };
-                    return (verdict, slot);
+                    return Some((verdict, slot));
                 }
                 Err(actual) => word = actual,
             }
@@ -399,10 +565,11 @@ impl AtomicBucket {
 
     pub(crate) fn available(&self, ring: &QuotaRing, now: u64) -> u64 {
         let (tag, tat) = unpack(self.word.load(Ordering::Acquire));
-        ring.load(tag as usize).available(tat, now)
+        let frame = ring.load(tag as usize);
+        frame.quota.available(tat, frame.units_saturating(now))
     }
 
-    /// Moves the bucket onto a new quota (called by the ring's writer only).
+    /// Moves the bucket onto a new frame (called by the ring's writer only).
     pub(crate) fn migrate(&self, migration: Migration, now: u64) {
         let mut word = self.word.load(Ordering::Acquire);
         loop {
@@ -484,7 +651,12 @@ impl TokenBucket {
     pub fn acquire(&self, cost: u64, now: Instant) -> Result<Admitted, Denied> {
         let now = self.nanos(now);
         match self.take(cost, 0, now) {
-            (Verdict::Admit { tat, quota, .. }, _) => Ok(Admitted {
+            (
+                Verdict::Admit {
+                    tat, now, quota, ..
+                },
+                _,
+            ) => Ok(Admitted {
                 remaining: quota.available(tat, now),
             }),
             (Verdict::Deny(denied), _) => Err(denied),
@@ -492,8 +664,10 @@ impl TokenBucket {
     }
 
     /// Takes `cost` tokens at `now`, or reserves the earliest slot at which they will be
-    /// there if that is no more than `max_wait` away (at most 2^57 ns, about 4.5 years:
-    /// a longer `max_wait` counts as that). Reservations are served in order.
+    /// there if that is no more than `max_wait` away (at most 2^57 units: 4.5 years when
+    /// the refill interval is a whole number of nanoseconds, at least 8.6 s for any quota;
+    /// a longer `max_wait` counts as that). The wait is rounded up to the nanosecond.
+    /// Reservations are served in order.
     pub fn reserve(
         &self,
         cost: u64,
@@ -511,7 +685,31 @@ impl TokenBucket {
 
     #[inline]
     pub(crate) fn take(&self, cost: u64, max_wait: u64, now: u64) -> (Verdict, Claim) {
-        self.bucket.acquire(&self.ring, now, cost, max_wait)
+        loop {
+            if let Some(decided) = self.bucket.acquire(&self.ring, now, cost, max_wait) {
+                return decided;
+            }
+            self.rebase(now);
+        }
+    }
+
+    /// The frame in force at `now` (nanoseconds since the base), moving the epoch first
+    /// if `now` lies beyond its horizon. Keyed buckets follow this frame.
+    #[inline]
+    pub(crate) fn frame(&self, now: u64) -> (Frame, u64) {
+        loop {
+            let frame = self.ring.current();
+            if let Some(units) = frame.units(now) {
+                return (frame, units);
+            }
+            self.rebase(now);
+        }
+    }
+
+    #[cold]
+    fn rebase(&self, now: u64) {
+        self.ring
+            .rebase(now, |migration| self.bucket.migrate(migration, now));
     }
 
     #[inline]
@@ -542,7 +740,7 @@ impl TokenBucket {
     /// The quota in force.
     #[inline]
     pub fn quota(&self) -> Quota {
-        self.ring.current()
+        self.ring.current().quota
     }
 
     /// Switches to `quota` at `now`, keeping the tokens the bucket holds (clamped to the
@@ -560,7 +758,7 @@ impl TokenBucket {
     ) -> Result<(), ConfigError> {
         let now = self.nanos(now);
         self.ring
-            .update(change, |migration| self.bucket.migrate(migration, now))
+            .update(now, change, |migration| self.bucket.migrate(migration, now))
     }
 }
 

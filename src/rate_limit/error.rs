@@ -124,10 +124,17 @@ pub enum ConfigError {
     /// More than one token per nanosecond: finer than the limiter's clock.
     #[error("rate limit refill is faster than one token per nanosecond")]
     RateTooHigh,
-    /// The capacity times the refill interval, or `max_wait`, exceeds 4.5 years.
+    /// The quota does not fit the bucket's exact arithmetic: its capacity times the
+    /// refill interval, or `max_wait`, exceeds 2^57 of its time units (4.5 years when the
+    /// interval is a whole number of nanoseconds), or the rate needs units finer than
+    /// 2^-24 ns (see [`Quota`](super::Quota)); or a store cannot hold it.
     #[error("rate limit capacity times refill interval, or max_wait, is too large")]
     TooLarge,
-    /// `max_keys` is zero: a keyed limiter needs room for at least one key.
+    /// `max_keys` is zero: a keyed limiter needs room for at least one key (also a
+    /// `RedisStore`'s `fallback_max_keys` and `lease_max_keys`, where they are used).
     #[error("rate limit max_keys must be at least 1")]
     ZeroMaxKeys,
+    /// A `RedisStore` batch of zero requests.
+    #[error("rate limit batch must be at least 1")]
+    ZeroBatch,
 }

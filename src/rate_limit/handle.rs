@@ -22,7 +22,10 @@ impl<St: Store> RateLimitHandle<St> {
         self.store.available(None)
     }
 
-    /// The tokens `key`'s bucket holds now (a full bucket for a key not tracked).
+    /// The tokens `key`'s bucket holds now. For a key not tracked: the bucket its next
+    /// request would be charged, a full one if the table has room for the key, else the
+    /// shared overflow bucket (see [at the cap](super#at-the-cap)). (A full table is
+    /// scanned for a full bucket a sweep would free: this costs a shard's length.)
     pub fn available_for(&self, key: &St::Key) -> u64 {
         self.store.available(Some(key))
     }

@@ -6,7 +6,7 @@ use std::sync::{Mutex, MutexGuard};
 
 use hashbrown::HashTable;
 
-use super::bucket::{CachePadded, Quota, Verdict};
+use super::bucket::{CachePadded, Frame, Verdict};
 
 const MAX_SHARDS: usize = 64;
 /// Shards are added only while each keeps at least this many keys: with a few keys per
@@ -16,29 +16,43 @@ const MIN_KEYS_PER_SHARD: usize = 1024;
 const MIN_SWEEP: usize = 64;
 const MIN_FULL_SWEEP_SPACING: u64 = 1_000_000;
 
-/// A key's bucket: its TAT and the quota that TAT is measured in (rescaled on the next
-/// visit after a runtime change).
+/// A key's bucket: its TAT and the frame (quota and epoch) that TAT is measured in
+/// (rescaled on the next visit after a runtime change or a move of the epoch).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
     tat: u64,
-    quota: Quota,
+    frame: Frame,
 }
 
 impl Entry {
-    fn full(quota: Quota) -> Self {
-        Self { tat: 0, quota }
+    fn full(frame: Frame) -> Self {
+        Self { tat: 0, frame }
     }
 
     #[inline]
-    fn moved_to(self, quota: Quota, now: u64) -> Self {
-        if self.quota == quota {
+    fn moved_to(self, frame: Frame, now: u64) -> Self {
+        if self.frame == frame {
             return self;
         }
         Self {
-            tat: self.quota.rescale(self.tat, now, &quota),
-            quota,
+            tat: self.frame.rescale(self.tat, now, &frame),
+            frame,
         }
     }
+
+    /// Whether the bucket is full at `now` (nanoseconds since the base).
+    fn is_full(&self, now: u64) -> bool {
+        self.tat <= self.frame.units_saturating(now)
+    }
+}
+
+/// The time of one decision: the frame in force and `now` in nanoseconds since the base
+/// and in the frame's units (below its horizon).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Clock {
+    pub(crate) frame: Frame,
+    pub(crate) nanos: u64,
+    pub(crate) units: u64,
 }
 
 struct Shard<K> {
@@ -49,8 +63,17 @@ struct Shard<K> {
 }
 
 impl<K: Hash + Eq> Shard<K> {
+    /// Whether [`make_room`](Self::make_room) would find room at `now`.
+    fn would_make_room(&self, cap: usize, now: u64) -> bool {
+        let len = self.buckets.len();
+        len < cap
+            || (now >= self.next_full_sweep
+                && self.buckets.iter().any(|(_, _, entry)| entry.is_full(now)))
+    }
+
     /// Makes room for one more key if it can; false when the shard is at its cap.
-    fn make_room(&mut self, cap: usize, quota: Quota, now: u64) -> bool {
+    fn make_room(&mut self, cap: usize, clock: Clock) -> bool {
+        let now = clock.nanos;
         let len = self.buckets.len();
         if len < self.sweep_at.min(cap) {
             return true;
@@ -58,11 +81,11 @@ impl<K: Hash + Eq> Shard<K> {
         if len >= cap && now < self.next_full_sweep {
             return false;
         }
-        self.buckets.retain(|(_, _, entry)| entry.tat > now);
+        self.buckets.retain(|(_, _, entry)| !entry.is_full(now));
         let len = self.buckets.len();
         self.sweep_at = (2 * len).max(MIN_SWEEP);
         if len >= cap {
-            let spacing = quota.refill_interval().as_nanos() as u64;
+            let spacing = clock.frame.quota.refill_interval().as_nanos() as u64;
             self.next_full_sweep = now + spacing.max(MIN_FULL_SWEEP_SPACING);
             return false;
         }
@@ -125,22 +148,22 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
     pub(crate) fn acquire(
         &self,
         key: &K,
-        quota: Quota,
-        now: u64,
+        clock: Clock,
         cost: u64,
         max_wait: u64,
     ) -> Option<(Verdict, KeyedClaim)> {
         let (hash, mut shard) = self.shard(key);
         if let Some((_, _, entry)) = shard.buckets.find_mut(hash, |(known, ..)| known == key) {
-            let (verdict, claim) = charge(entry.moved_to(quota, now), now, cost, max_wait);
+            let entry_now = entry.moved_to(clock.frame, clock.nanos);
+            let (verdict, claim) = charge(entry_now, clock.units, cost, max_wait);
             if claim.increment > 0 {
                 *entry = claim.claimed;
             }
             return Some((verdict, claim));
         }
-        let (verdict, claim) = charge(Entry::full(quota), now, cost, max_wait);
+        let (verdict, claim) = charge(Entry::full(clock.frame), clock.units, cost, max_wait);
         if claim.increment > 0 {
-            if !shard.make_room(self.shard_cap, quota, now) {
+            if !shard.make_room(self.shard_cap, clock) {
                 return None;
             }
             shard.buckets.insert_unique(
@@ -163,16 +186,19 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         }
     }
 
-    /// The tokens `key`'s bucket holds at `now` (a capacity's worth for an unknown key).
-    pub(crate) fn available(&self, key: &K, quota: Quota, now: u64) -> u64 {
+    /// The tokens `key`'s bucket holds at `clock`; `None` for an untracked key.
+    pub(crate) fn available(&self, key: &K, clock: Clock) -> Option<u64> {
         let (hash, shard) = self.shard(key);
-        let entry = shard
-            .buckets
-            .find(hash, |(known, ..)| known == key)
-            .map_or(Entry::full(quota), |(_, _, entry)| {
-                entry.moved_to(quota, now)
-            });
-        quota.available(entry.tat, now)
+        let (_, _, entry) = shard.buckets.find(hash, |(known, ..)| known == key)?;
+        let entry = entry.moved_to(clock.frame, clock.nanos);
+        Some(clock.frame.quota.available(entry.tat, clock.units))
+    }
+
+    /// Whether a request for the untracked `key` would find room in its shard (after a
+    /// sweep, which this does not run): false when it would be charged to the overflow
+    /// bucket.
+    pub(crate) fn has_room_for(&self, key: &K, now: u64) -> bool {
+        self.shard(key).1.would_make_room(self.shard_cap, now)
     }
 
     /// How many keys the table holds.
@@ -192,7 +218,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
 /// Decides on `entry`; the claim is the entry to store when admitted (`increment > 0`).
 #[inline]
 fn charge(entry: Entry, now: u64, cost: u64, max_wait: u64) -> (Verdict, KeyedClaim) {
-    let verdict = entry.quota.decide(entry.tat, now, cost, max_wait);
+    let verdict = entry.frame.quota.decide(entry.tat, now, cost, max_wait);
     let claim = match verdict {
         Verdict::Admit { tat, increment, .. } => KeyedClaim {
             claimed: Entry { tat, ..entry },

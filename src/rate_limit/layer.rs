@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use tower_layer::Layer;
 
-use super::bucket::{MAX_SPAN, Quota};
+use super::bucket::Quota;
 use super::error::ConfigError;
 use super::handle::RateLimitHandle;
 use super::key::Global;
@@ -115,8 +115,9 @@ impl<X, C, K, H> Builder<X, C, K, H> {
         self
     }
 
-    /// Refills `tokens` per `period`, continuously (one token every `period / tokens`,
-    /// rounded up to the nanosecond).
+    /// Refills `tokens` per `period`, continuously: one token every `period / tokens`,
+    /// counted exactly (`tokens` refills take exactly `period`; see [`Quota`] for the
+    /// bounds).
     pub fn refill(mut self, tokens: u64, period: Duration) -> Self {
         self.settings.refill_tokens = tokens;
         self.settings.refill_period = period;
@@ -126,6 +127,10 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     /// Zero (the default): a request over the limit is refused at once. Otherwise a
     /// request that can be served within `max_wait` reserves its slot and waits for it
     /// (waiters go in arrival order); one that cannot is refused at once.
+    ///
+    /// `build()` refuses a `max_wait` above 2^57 units of the quota
+    /// ([`ConfigError::TooLarge`]): 4.5 years when the refill interval is a whole number
+    /// of nanoseconds, `2^57 / (tokens / g)` ns in general, with `g` as in [`Quota`].
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.settings.max_wait = max_wait;
         self
@@ -211,8 +216,9 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     }
 
     /// Checks the configuration and builds the layer on the store `make_store` returns
-    /// for the configured quota (a fleet-wide store, say). `max_keys` is the in-process
-    /// store's and is ignored here.
+    /// for the configured quota (a fleet-wide store, say), failing with the store's own
+    /// configuration error if [`Store::validate`] reports one. `max_keys` is the
+    /// in-process store's and is ignored here.
     pub fn build_with<St>(
         self,
         make_store: impl FnOnce(Quota) -> St,
@@ -226,11 +232,13 @@ impl<X, C, K, H> Builder<X, C, K, H> {
             settings.refill_tokens,
             settings.refill_period,
         )?;
-        if settings.max_wait.as_nanos() > u128::from(MAX_SPAN) {
+        if !quota.fits_wait(settings.max_wait) {
             return Err(ConfigError::TooLarge);
         }
+        let store = make_store(quota);
+        store.validate()?;
         Ok(RateLimitLayer {
-            store: Arc::new(make_store(quota)),
+            store: Arc::new(store),
             policy: Arc::new(Policy {
                 extractor: self.extractor,
                 cost: self.cost,

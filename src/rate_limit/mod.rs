@@ -1,7 +1,9 @@
 //! A token-bucket rate limiter, global or per client.
 //!
 //! [`RateLimitLayer`] admits a burst of `capacity` requests and then `tokens` per
-//! `period`, refilled continuously. Over any stretch of time `t` it admits at most
+//! `period`, refilled continuously and counted exactly (in fractions of a nanosecond
+//! where `period / tokens` is none: `tokens` refills take exactly `period`, in process
+//! and on Redis alike). Over any stretch of time `t` it admits at most
 //! `capacity + rate * t` requests, and a client that keeps to the rate is never refused.
 //! A global bucket is one atomic word (GCRA), so its success path is a clock read and a
 //! compare-and-swap: no lock, no allocation. A keyed limiter adds one hash of the key

@@ -9,7 +9,7 @@ use tower::BoxError;
 
 use super::bucket::{Claim, Denied, Quota, TokenBucket, Verdict, max_wait_nanos};
 use super::error::ConfigError;
-use super::keyed::{KeyedBuckets, KeyedClaim};
+use super::keyed::{Clock, KeyedBuckets, KeyedClaim};
 use super::layer::RateLimitStatus;
 
 /// The bucket state behind a [`RateLimitLayer`](super::RateLimitLayer).
@@ -61,6 +61,13 @@ pub trait Store: Send + Sync + 'static {
 
     /// How many per-key buckets the store holds (zero for a global limiter).
     fn tracked_keys(&self) -> usize;
+
+    /// Checks the store's own options (the quota it was made for included):
+    /// [`build_with`](super::Builder::build_with) returns this error. The default accepts
+    /// everything.
+    fn validate(&self) -> Result<(), ConfigError> {
+        Ok(())
+    }
 }
 
 /// A [`Store`]'s answer for one request.
@@ -84,23 +91,22 @@ pub enum Decision<R> {
 
 impl<R> Decision<R> {
     #[inline]
-    fn from_verdict(
-        verdict: Verdict,
-        now: u64,
-        with_status: bool,
-        reserve: impl FnOnce() -> R,
-    ) -> Self {
+    fn from_verdict(verdict: Verdict, with_status: bool, reserve: impl FnOnce() -> R) -> Self {
         match verdict {
             Verdict::Admit {
                 wait: 0,
                 tat,
+                now,
                 quota,
                 ..
             } => Decision::Admitted {
-                status: with_status.then(|| RateLimitStatus {
-                    quota,
-                    remaining: quota.available(tat, now),
-                    reset: Duration::from_nanos(tat - now),
+                status: with_status.then(|| {
+                    let (remaining, reset) = quota.status(tat, now);
+                    RateLimitStatus {
+                        quota,
+                        remaining,
+                        reset,
+                    }
                 }),
             },
             Verdict::Admit { wait, .. } => Decision::Reserved {
@@ -136,6 +142,17 @@ enum Held<K> {
 }
 
 impl<K: Hash + Eq + Clone> LocalStore<K> {
+    /// The time of a keyed decision at `now` (nanoseconds since the base).
+    #[inline]
+    fn clock(&self, now: u64) -> Clock {
+        let (frame, units) = self.shared.frame(now);
+        Clock {
+            frame,
+            nanos: now,
+            units,
+        }
+    }
+
     pub(crate) fn global(quota: Quota) -> Self {
         Self {
             shared: TokenBucket::new(quota, Instant::now()),
@@ -160,15 +177,14 @@ impl<K: Hash + Eq + Clone> LocalStore<K> {
     ) -> Decision<LocalReservation<K>> {
         let now = self.shared.nanos(Instant::now());
         if let (Some(key), Some(keyed)) = (key, &self.keyed)
-            && let Some((verdict, claim)) =
-                keyed.acquire(key, self.shared.quota(), now, cost, max_wait)
+            && let Some((verdict, claim)) = keyed.acquire(key, self.clock(now), cost, max_wait)
         {
-            return Decision::from_verdict(verdict, now, with_status, || LocalReservation {
+            return Decision::from_verdict(verdict, with_status, || LocalReservation {
                 held: Held::Keyed(key.clone(), claim),
             });
         }
         let (verdict, claim) = self.shared.take(cost, max_wait, now);
-        Decision::from_verdict(verdict, now, with_status, || LocalReservation {
+        Decision::from_verdict(verdict, with_status, || LocalReservation {
             held: Held::Shared(claim),
         })
     }
@@ -219,11 +235,18 @@ where
         self.shared.update(Instant::now(), change)
     }
 
+    /// For a key the table does not track, the bucket its next request would be charged:
+    /// a fresh, full one if the table has room for the key, else the shared overflow
+    /// bucket (see [at the cap](super#at-the-cap)).
     fn available(&self, key: Option<&K>) -> u64 {
         let now = self.shared.nanos(Instant::now());
-        match (key, &self.keyed) {
-            (Some(key), Some(keyed)) => keyed.available(key, self.shared.quota(), now),
-            _ => self.shared.available_at(now),
+        let (Some(key), Some(keyed)) = (key, &self.keyed) else {
+            return self.shared.available_at(now);
+        };
+        match keyed.available(key, self.clock(now)) {
+            Some(held) => held,
+            None if keyed.has_room_for(key, now) => self.shared.quota().capacity(),
+            None => self.shared.available_at(now),
         }
     }
 
@@ -253,6 +276,43 @@ mod tests {
                 !matches!(decision, Ok(Decision::Denied(_)))
             })
             .count()
+    }
+
+    /// The tokens `tokens` per `period` refill in `elapsed`, exactly.
+    fn refilled(elapsed: Duration, tokens: u64, period: Duration) -> u64 {
+        (elapsed.as_nanos() * u128::from(tokens) / period.as_nanos()) as u64
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn keyed_and_shared_buckets_stay_exact_across_epoch_moves() {
+        // 2^24 - 3 units per nanosecond: the epoch moves once 2^58 units (17.2 s) have
+        // passed since it, and every 8.6 s after.
+        let (tokens, period) = ((1 << 24) - 3, Duration::from_secs(3600));
+        let quota = Quota::new(1000, tokens, period).unwrap();
+        let store = LocalStore::keyed(quota, 10);
+        tokio::time::advance(Duration::from_millis(17_150)).await;
+        for key in [None, Some(&1), Some(&2)] {
+            let drained = store.acquire(key, 1000, Duration::ZERO, false).into_inner();
+            assert!(matches!(drained, Ok(Decision::Admitted { .. })));
+        }
+        let elapsed = Duration::from_millis(100);
+        tokio::time::advance(elapsed).await;
+        let expected = refilled(elapsed, tokens, period);
+        assert_eq!(expected, 466);
+        // Key 1 is read first (its move drags the others' frame along), key 2 after.
+        assert_eq!(store.available(Some(&1)), expected);
+        assert_eq!(store.available(None), expected);
+        assert_eq!(store.available(Some(&2)), expected);
+        // Long idle, many moves later: full, and exact again from there.
+        tokio::time::advance(Duration::from_secs(100)).await;
+        assert_eq!(store.available(Some(&1)), 1000);
+        store
+            .acquire(Some(&1), 1000, Duration::ZERO, false)
+            .into_inner()
+            .unwrap();
+        tokio::time::advance(Duration::from_secs(9)).await;
+        let expected = refilled(Duration::from_secs(9), tokens, period).min(1000);
+        assert_eq!(store.available(Some(&1)), expected);
     }
 
     #[test]

@@ -161,6 +161,15 @@ impl RedisServer {
             .sum()
     }
 
+    pub async fn get(&self, key: &str) -> Option<String> {
+        let mut connection = self.connection().await.unwrap();
+        redis::cmd("GET")
+            .arg(key)
+            .query_async(&mut connection)
+            .await
+            .unwrap()
+    }
+
     pub async fn pttl(&self, key: &str) -> i64 {
         let mut connection = self.connection().await.unwrap();
         redis::cmd("PTTL")

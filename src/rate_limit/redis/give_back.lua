@@ -1,14 +1,16 @@
--- Hands back a reservation's tokens if nobody took tokens from the bucket since.
--- KEYS[1]: the bucket. ARGV: the TAT the reservation left, its increment (microseconds).
-if redis.call('GET', KEYS[1]) ~= ARGV[1] then
+-- Hands back a reservation's tokens if nobody took tokens from the bucket since (after
+-- bucket.lua).
+-- KEYS[1]: the bucket. ARGV: the TAT the reservation left (as stored), its increment
+-- (units), the units of a microsecond.
+local stored = redis.call('GET', KEYS[1])
+if stored ~= ARGV[1] then
   return 0
 end
-local time = redis.call('TIME')
-local now = tonumber(time[1]) * 1000000 + tonumber(time[2])
-local tat = tonumber(ARGV[1]) - tonumber(ARGV[2])
-if tat <= now then
+local unit = tonumber(ARGV[3])
+local debt = debt_of(stored, unit) - tonumber(ARGV[2])
+if debt <= 0 then
   redis.call('DEL', KEYS[1])
 else
-  redis.call('SET', KEYS[1], string.format('%.0f', tat), 'PX', math.ceil((tat - now) / 1000))
+  store(KEYS[1], debt, unit)
 end
 return 1

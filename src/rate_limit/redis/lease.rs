@@ -12,7 +12,7 @@ use std::time::Duration;
 use hashbrown::HashTable;
 use tokio::time::Instant;
 
-use super::super::bucket::CachePadded;
+use super::super::bucket::{CachePadded, Quota};
 
 const MAX_SHARDS: usize = 64;
 const MIN_KEYS_PER_SHARD: usize = 1024;
@@ -111,14 +111,22 @@ impl<K: Hash + Eq + Clone> Leases<K> {
         self.batch
     }
 
-    /// How long a lease taken now lives, for a quota refilling a token every `interval`:
-    /// the configured time, else the time the batch takes to refill, at most a second.
-    pub(super) fn lease_for(&self, interval: Duration) -> Duration {
+    /// How long a lease taken now lives under `quota`: the configured time, else the
+    /// time the batch takes to refill (exactly, rounded down), at most a second.
+    pub(super) fn lease_for(&self, quota: Quota) -> Duration {
         self.lease_for.unwrap_or_else(|| {
-            interval
-                .saturating_mul(u32::try_from(self.batch).unwrap_or(u32::MAX))
+            let (tokens, nanos) = quota.rate();
+            let refill = u128::from(self.batch) * u128::from(nanos) / u128::from(tokens);
+            Duration::from_nanos(u64::try_from(refill).unwrap_or(u64::MAX))
                 .min(Duration::from_secs(1))
         })
+    }
+
+    /// When a lease fetched by a request sent at `sent` expires. (The lease time is
+    /// capped at 4.5 years, so this never overflows; if it did, the lease would expire at
+    /// once, which only strands tokens.)
+    pub(super) fn expiry(&self, sent: Instant, quota: Quota) -> Instant {
+        sent.checked_add(self.lease_for(quota)).unwrap_or(sent)
     }
 
     /// Spends `cost` tokens of `key`'s lease, if it holds them and is not expired.
@@ -309,20 +317,28 @@ mod tests {
         assert_eq!(leases.len(), 1);
     }
 
+    fn every(interval: Duration) -> Quota {
+        Quota::new(1, 1, interval).unwrap()
+    }
+
     #[test]
     fn the_default_lease_time_is_the_batchs_refill_time_at_most_a_second() {
         let leases = Leases::<u8>::new(8, None, 2);
         assert_eq!(
-            leases.lease_for(Duration::from_millis(10)),
+            leases.lease_for(every(Duration::from_millis(10))),
             Duration::from_millis(80)
         );
         assert_eq!(
-            leases.lease_for(Duration::from_secs(60)),
+            leases.lease_for(every(Duration::from_secs(60))),
             Duration::from_secs(1)
         );
+        // Exactly: six of 10 / 3 ms are 20 ms (not 20 ms and 2 ns).
+        let leases = Leases::<u8>::new(6, None, 2);
+        let thirds = Quota::new(3, 3, Duration::from_millis(10)).unwrap();
+        assert_eq!(leases.lease_for(thirds), Duration::from_millis(20));
         let configured = Leases::<u8>::new(8, Some(Duration::from_millis(5)), 2);
         assert_eq!(
-            configured.lease_for(Duration::from_secs(60)),
+            configured.lease_for(every(Duration::from_secs(60))),
             Duration::from_millis(5)
         );
     }

@@ -16,7 +16,7 @@ use tower::BoxError;
 use self::health::{Health, Route};
 pub use self::key::RedisKey;
 use self::lease::{Batch, Leases, Refilling};
-use super::bucket::{Denied, Quota};
+use super::bucket::{Denied, Quota, gcd};
 use super::error::ConfigError;
 use super::layer::RateLimitStatus;
 use super::store::{Decision, LocalReservation, LocalStore, Store};
@@ -26,8 +26,25 @@ mod health;
 mod key;
 mod lease;
 
-static GCRA: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("gcra.lua")));
-static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("give_back.lua")));
+static GCRA: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("bucket.lua"),
+        include_str!("gcra.lua")
+    ))
+});
+static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| {
+    Script::new(concat!(
+        include_str!("bucket.lua"),
+        include_str!("give_back.lua")
+    ))
+});
+
+/// The largest tolerance the scripts count in (units): with a wait capped the same, every
+/// number they compute stays below 2^53, exact in Lua's doubles.
+const MAX_REDIS_SPAN: u64 = 1 << 51;
+/// The longest [`lease_for`](RedisOptions::lease_for): 2^57 ns, 4.5 years, like the
+/// longest `max_wait`.
+const MAX_LEASE_FOR: Duration = Duration::from_nanos(1 << 57);
 
 /// A [`Store`] that keeps the buckets on a Redis server (or Valkey, or any server that
 /// runs Redis Lua scripts), so that every replica of a service draws from the same
@@ -67,9 +84,14 @@ static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("
 /// script cache is empty) that does GCRA on the bucket's single key: it reads the
 /// bucket's *theoretical arrival time* (when it will be full again), decides, and writes
 /// it back, atomically. The script reads the time with `TIME` on the server, so replicas
-/// whose clocks disagree still agree on every bucket. Time is counted in microseconds:
-/// the refill interval is rounded up to the microsecond (this store admits at most one
-/// million requests per second per bucket, and never more than the quota).
+/// whose clocks disagree still agree on every bucket. The server's clock ticks in
+/// microseconds, and the script counts the refill exactly, in fractions of one:
+/// `refill(n, period)` gives `n` tokens in every `period` on Redis as in process (the
+/// TAT is stored as whole microseconds, then `.` and the units past them). The script
+/// counts in doubles, exact below 2^53: a quota whose capacity times its refill
+/// interval exceeds 2^51 of the script's units (71 years when the interval is a whole
+/// number of microseconds, less for finer rates) is [`ConfigError::TooLarge`], from
+/// [`build_with`](super::Builder::build_with) and from the handle's setters.
 ///
 /// A request that costs more than the capacity is refused without a round trip. A
 /// request dropped while Redis decides may still have spent its tokens (the script ran):
@@ -145,6 +167,17 @@ static GIVE_BACK: LazyLock<Script> = LazyLock::new(|| Script::new(include_str!("
 /// Batching pays off for hot buckets that one replica spends several tokens of within
 /// the lease time; for sparse keys it only strands tokens.
 ///
+/// # Invalid options
+///
+/// [`RedisStore::new`] does not fail: an option the local builder would refuse is
+/// reported by [`Store::validate`], which
+/// [`build_with`](super::Builder::build_with) calls, so that `build_with` returns the
+/// [`ConfigError`] (`batch(0)` is [`ConfigError::ZeroBatch`], `fallback_max_keys(0)` and
+/// `lease_max_keys(0)` are [`ConfigError::ZeroMaxKeys`], a `lease_for` above 4.5 years
+/// or a quota too large for the script is [`ConfigError::TooLarge`]). A store used
+/// without `build_with` treats such values as the nearest valid one (zero as one,
+/// `lease_for` as 4.5 years) and never panics.
+///
 /// # Handle
 ///
 /// [`RateLimitHandle::available`](super::RateLimitHandle::available) answers from the
@@ -165,7 +198,9 @@ struct Shared<K> {
     timeout: Duration,
     recheck: Duration,
     when_unavailable: WhenUnavailable,
-    quota: RwLock<Quota>,
+    quota: RwLock<Scaled>,
+    /// The first invalid option, for [`Store::validate`].
+    invalid: Option<ConfigError>,
     /// Only for [`WhenUnavailable::Local`].
     fallback: Option<LocalStore<K>>,
     health: Health,
@@ -251,28 +286,32 @@ impl RedisOptions {
     }
 
     /// The most keys the [local fallback](WhenUnavailable::Local) tracks (default
-    /// 100,000; see [`Builder::max_keys`](super::Builder::max_keys)).
+    /// 100,000; 0 is [`ConfigError::ZeroMaxKeys`]; see
+    /// [`Builder::max_keys`](super::Builder::max_keys)).
     pub fn fallback_max_keys(mut self, max_keys: usize) -> Self {
         self.fallback_max_keys = max_keys;
         self
     }
 
     /// Lease tokens `n` requests at a time (default 1: no batching, one round trip per
-    /// request; 0 counts as 1). See [local batching](RedisStore#local-batching).
+    /// request; 0 is [`ConfigError::ZeroBatch`]). See
+    /// [local batching](RedisStore#local-batching).
     pub fn batch(mut self, n: u32) -> Self {
         self.batch = n;
         self
     }
 
     /// How long a [batch](Self::batch)'s unspent tokens stay usable (default: the time
-    /// the bucket takes to refill a batch, `n` refill intervals, at most one second).
+    /// the bucket takes to refill a batch, `n` refill intervals, at most one second;
+    /// above 4.5 years is [`ConfigError::TooLarge`]; zero: a lease expires at once).
     pub fn lease_for(mut self, lease_for: Duration) -> Self {
         self.lease_for = Some(lease_for);
         self
     }
 
-    /// The most keys holding a [batch](Self::batch) at once (default 10,000): beyond
-    /// it, the requests of new keys go to Redis one by one until leases expire.
+    /// The most keys holding a [batch](Self::batch) at once (default 10,000; 0 is
+    /// [`ConfigError::ZeroMaxKeys`]): beyond it, the requests of new keys go to Redis one
+    /// by one until leases expire.
     pub fn lease_max_keys(mut self, max_keys: usize) -> Self {
         self.lease_max_keys = max_keys;
         self
@@ -285,7 +324,11 @@ where
 {
     /// A store on the server behind `connection`, for `quota` (the closure given to
     /// [`build_with`](super::Builder::build_with) receives it).
+    ///
+    /// Never fails: an invalid option is reported by [`Store::validate`] (and so by
+    /// `build_with`); see [invalid options](RedisStore#invalid-options).
     pub fn new(connection: ConnectionManager, quota: Quota, options: RedisOptions) -> Self {
+        let invalid = options.invalid().or(Scaled::of(quota).err());
         let fallback = match options.when_unavailable {
             WhenUnavailable::Local { replicas } => Some(LocalStore::keyed(
                 local_share(quota, replicas),
@@ -300,18 +343,79 @@ where
                 timeout: options.timeout,
                 recheck: options.recheck,
                 when_unavailable: options.when_unavailable,
-                quota: RwLock::new(quota),
+                quota: RwLock::new(Scaled::unchecked(quota)),
+                invalid,
                 fallback,
                 health: Health::new(options.recheck),
                 shared_available: AtomicU64::new(quota.capacity()),
                 leases: (options.batch > 1).then(|| {
                     Leases::new(
                         u64::from(options.batch),
-                        options.lease_for,
+                        options
+                            .lease_for
+                            .map(|lease_for| lease_for.min(MAX_LEASE_FOR)),
                         options.lease_max_keys.max(1),
                     )
                 }),
             }),
+        }
+    }
+}
+
+impl RedisOptions {
+    /// The first option the local builder would refuse too (a value that is ignored, such
+    /// as `lease_max_keys` without batching, is not checked).
+    fn invalid(&self) -> Option<ConfigError> {
+        let batching = self.batch > 1;
+        let local = matches!(self.when_unavailable, WhenUnavailable::Local { .. });
+        if self.batch == 0 {
+            Some(ConfigError::ZeroBatch)
+        } else if (local && self.fallback_max_keys == 0) || (batching && self.lease_max_keys == 0) {
+            Some(ConfigError::ZeroMaxKeys)
+        } else if batching
+            && self
+                .lease_for
+                .is_some_and(|lease_for| lease_for > MAX_LEASE_FOR)
+        {
+            Some(ConfigError::TooLarge)
+        } else {
+            None
+        }
+    }
+}
+
+/// A quota with the units the scripts count it in: a token is `token` units and a
+/// microsecond `unit` (the rate in lowest terms, per microsecond).
+#[derive(Debug, Clone, Copy)]
+struct Scaled {
+    quota: Quota,
+    token: u64,
+    unit: u64,
+}
+
+impl Scaled {
+    /// `quota` in the scripts' units, if they count it exactly.
+    fn of(quota: Quota) -> Result<Self, ConfigError> {
+        let scaled = Self::unchecked(quota);
+        match quota.capacity().checked_mul(scaled.token) {
+            Some(tolerance) if tolerance <= MAX_REDIS_SPAN => Ok(scaled),
+            _ => Err(ConfigError::TooLarge),
+        }
+    }
+
+    /// `quota` in the scripts' units, even if they cannot count it exactly (a store whose
+    /// quota [`validate`](Store::validate) refused still decides, never panics).
+    fn unchecked(quota: Quota) -> Self {
+        // `tokens` refills take exactly `nanos`, so `1000 * tokens` take `nanos` µs.
+        let (tokens, nanos) = quota.rate();
+        let per_micro = u128::from(tokens) * 1000;
+        let common = gcd(per_micro, u128::from(nanos));
+        Self {
+            quota,
+            // Cannot truncate: each is at most the number it was divided from, and
+            // `tokens` is at most 2^24.
+            token: (u128::from(nanos) / common) as u64,
+            unit: (per_micro / common) as u64,
         }
     }
 }
@@ -327,12 +431,13 @@ impl<K> RedisStore<K> {
 /// One replica's share of the fleet's quota.
 fn local_share(quota: Quota, replicas: NonZeroU32) -> Quota {
     let replicas = u64::from(replicas.get());
-    let interval = u64::try_from(quota.refill_interval().as_nanos()).unwrap_or(u64::MAX);
-    interval
+    // The same tokens in `replicas` times the time: the rate divided exactly.
+    let (tokens, nanos) = quota.rate();
+    nanos
         .checked_mul(replicas)
-        .and_then(|interval| {
+        .and_then(|nanos| {
             let capacity = quota.capacity().div_ceil(replicas);
-            Quota::new(capacity, 1, Duration::from_nanos(interval)).ok()
+            Quota::new(capacity, tokens, Duration::from_nanos(nanos)).ok()
         })
         // Only quotas spanning years do not divide; they keep the fleet's quota.
         .unwrap_or(quota)
@@ -344,19 +449,30 @@ struct Ask {
     cost: u64,
     max_wait: Duration,
     with_status: bool,
-    quota: Quota,
+    scaled: Scaled,
 }
 
-/// The GCRA script's answer: admitted (0/1), wait, tokens left, time until full, new
-/// TAT (microseconds), and how many times the cost it took (a batch).
-type Reply = (i64, i64, i64, i64, i64, i64);
+impl Ask {
+    fn quota(&self) -> Quota {
+        self.scaled.quota
+    }
+}
+
+/// The GCRA script's answer: admitted (0/1), wait and time until full (microseconds,
+/// rounded up), tokens left, the TAT stored, and how many times the cost it took (a
+/// batch).
+type Reply = (i64, i64, i64, i64, String, i64);
 
 impl<K> Shared<K>
 where
     K: RedisKey + Hash + Eq + Clone + Send + Sync + 'static,
 {
-    fn quota(&self) -> Quota {
+    fn scaled(&self) -> Scaled {
         *self.quota.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn quota(&self) -> Quota {
+        self.scaled().quota
     }
 
     fn bucket_key(&self, key: Option<&K>) -> Vec<u8> {
@@ -387,12 +503,13 @@ where
         };
         let batch = lease.as_ref().map_or(1, |(_, leases)| leases.batch());
         let bucket = self.bucket_key(key.as_ref());
-        let interval = micros_up(ask.quota.refill_interval());
+        let scaled = ask.scaled;
         let mut invocation = GCRA.prepare_invoke();
         invocation
             .key(&bucket)
-            .arg(interval)
-            .arg(ask.quota.capacity())
+            .arg(scaled.token)
+            .arg(scaled.unit)
+            .arg(ask.quota().capacity())
             .arg(ask.cost)
             .arg(micros_down(ask.max_wait))
             .arg(batch);
@@ -415,14 +532,15 @@ where
                     let left = (non_negative(reply.5) - 1) * ask.cost;
                     refilling.fill(Batch {
                         left,
-                        expires: sent + leases.lease_for(ask.quota.refill_interval()),
+                        expires: leases.expiry(sent, ask.quota()),
                         bucket_left: non_negative(reply.2),
                         full_at: sent + Duration::from_micros(non_negative(reply.3)),
                     });
                     // This request's status counts the tokens its replica holds.
                     reply.2 = reply.2.saturating_add_unsigned(left);
                 }
-                return Ok(decision(reply, bucket, interval * ask.cost, ask));
+                let increment = scaled.token.saturating_mul(ask.cost);
+                return Ok(decision(reply, bucket, increment, ask));
             }
             Ok(Err(error)) => Cause::Failed(error),
             Err(_elapsed) => Cause::TimedOut(self.timeout),
@@ -489,7 +607,7 @@ where
     }
 
     /// Gives a dropped waiter's tokens back on Redis, in the background.
-    fn give_back(&self, bucket: Vec<u8>, tat: i64, increment: u64) {
+    fn give_back(&self, held: Remote) {
         let Ok(runtime) = tokio::runtime::Handle::try_current() else {
             return;
         };
@@ -497,7 +615,11 @@ where
         let timeout = self.timeout;
         runtime.spawn(async move {
             let mut invocation = GIVE_BACK.prepare_invoke();
-            invocation.key(bucket).arg(tat).arg(increment);
+            invocation
+                .key(held.bucket)
+                .arg(held.tat)
+                .arg(held.increment)
+                .arg(held.unit);
             // Best effort: if Redis does not answer, the slot stays spent.
             let _ = tokio::time::timeout(timeout, invocation.invoke_async::<i64>(&mut connection))
                 .await;
@@ -523,7 +645,7 @@ fn decision<K>(
     if wait.is_zero() {
         return Decision::Admitted {
             status: ask.with_status.then(|| RateLimitStatus {
-                quota: ask.quota,
+                quota: ask.quota(),
                 remaining,
                 reset: Duration::from_micros(non_negative(until_full)),
             }),
@@ -532,22 +654,18 @@ fn decision<K>(
     Decision::Reserved {
         wait,
         reservation: RedisReservation {
-            held: Held::Remote {
+            held: Held::Remote(Remote {
                 bucket,
                 tat,
                 increment,
-            },
+                unit: ask.scaled.unit,
+            }),
         },
     }
 }
 
 fn non_negative(value: i64) -> u64 {
     u64::try_from(value).unwrap_or(0)
-}
-
-/// Rounded up, so that the fleet never admits more than the quota.
-fn micros_up(duration: Duration) -> u64 {
-    u64::try_from(duration.as_nanos().div_ceil(1000)).unwrap_or(u64::MAX)
 }
 
 /// Rounded down, so that no request waits longer than allowed.
@@ -571,7 +689,8 @@ where
         with_status: bool,
     ) -> RedisDecision<K> {
         let key = shared_or(key);
-        let quota = self.shared.quota();
+        let scaled = self.shared.scaled();
+        let quota = scaled.quota;
         if cost > quota.capacity() {
             return RedisDecision::ready(Ok(Decision::Denied(Denied::CostExceedsCapacity {
                 cost,
@@ -582,7 +701,7 @@ where
             cost,
             max_wait,
             with_status,
-            quota,
+            scaled,
         };
         let leases = self.shared.leases.as_ref();
         let now = Instant::now();
@@ -614,14 +733,7 @@ where
 
     fn cancel(&self, reservation: RedisReservation<K>) {
         match (reservation.held, &self.shared.fallback) {
-            (
-                Held::Remote {
-                    bucket,
-                    tat,
-                    increment,
-                },
-                _,
-            ) => self.shared.give_back(bucket, tat, increment),
+            (Held::Remote(held), _) => self.shared.give_back(held),
             (Held::Local(reservation), Some(fallback)) => fallback.cancel(reservation),
             (Held::Local(_), None) => {}
         }
@@ -640,14 +752,18 @@ where
             .quota
             .write()
             .unwrap_or_else(PoisonError::into_inner);
-        let changed = change(*quota)?;
+        let changed = Scaled::of(change(quota.quota)?)?;
         if let (Some(fallback), WhenUnavailable::Local { replicas }) =
             (&self.shared.fallback, self.shared.when_unavailable)
         {
-            fallback.update_quota(|_| Ok(local_share(changed, replicas)))?;
+            fallback.update_quota(|_| Ok(local_share(changed.quota, replicas)))?;
         }
         *quota = changed;
         Ok(())
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        self.shared.invalid.clone().map_or(Ok(()), Err)
     }
 
     fn available(&self, key: Option<&K>) -> u64 {
@@ -698,14 +814,20 @@ pub struct RedisReservation<K> {
 
 #[derive(Debug)]
 enum Held<K> {
-    /// On Redis: the bucket's key, the TAT the reservation left and its increment.
-    Remote {
-        bucket: Vec<u8>,
-        tat: i64,
-        increment: u64,
-    },
+    /// On Redis.
+    Remote(Remote),
     /// In the local fallback.
     Local(LocalReservation<K>),
+}
+
+/// A slot reserved on Redis: the bucket's key, the TAT the reservation left (as stored)
+/// and its increment, in units of which a microsecond is `unit`.
+#[derive(Debug)]
+struct Remote {
+    bucket: Vec<u8>,
+    tat: String,
+    increment: u64,
+    unit: u64,
 }
 
 type Answer<K> = Result<Decision<RedisReservation<K>>, BoxError>;
