@@ -221,20 +221,20 @@ impl RejectionsAsStatusLayer {
 }
 
 impl<S> Layer<S> for RejectionsAsStatusLayer {
-    type Service = RejectionsAsStatus<S>;
+    type Service = RejectionsAsStatusService<S>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RejectionsAsStatus { inner }
+        RejectionsAsStatusService { inner }
     }
 }
 
 /// The service made by [`RejectionsAsStatusLayer`].
 #[derive(Debug, Clone)]
-pub struct RejectionsAsStatus<S> {
+pub struct RejectionsAsStatusService<S> {
     inner: S,
 }
 
-impl<S, Req> Service<Req> for RejectionsAsStatus<S>
+impl<S, Req> Service<Req> for RejectionsAsStatusService<S>
 where
     S: Service<Req>,
     S::Error: Into<BoxError>,
@@ -256,7 +256,7 @@ where
     }
 }
 
-/// The response future of [`RejectionsAsStatus`].
+/// The response future of [`RejectionsAsStatusService`].
 #[pin_project::pin_project]
 #[derive(Debug)]
 pub struct RejectionsAsStatusFuture<F> {

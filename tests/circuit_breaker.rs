@@ -1,8 +1,9 @@
 //! The circuit breaker through its public API, on paused time.
 
 use palisade::circuit_breaker::{
-    CircuitBreaker, CircuitBreakerHandle, CircuitBreakerLayer, CircuitBreakerLayerBuilder,
-    CircuitOpen, ConfigError, OpenBackoff, SlidingWindow, State, Transition, TransitionReason,
+    CircuitBreakerConfigError, CircuitBreakerHandle, CircuitBreakerLayer,
+    CircuitBreakerLayerBuilder, CircuitBreakerService, CircuitOpen, OpenBackoff, SlidingWindow,
+    State, Transition, TransitionReason,
 };
 use palisade::classify::Outcome;
 use std::future::Future;
@@ -56,7 +57,7 @@ fn wire<C: Clone>(
     layer: CircuitBreakerLayer<C>,
 ) -> (
     CircuitBreakerHandle,
-    CircuitBreaker<impl Service<Call, Response = &'static str, Error = BoxError> + Clone, C>,
+    CircuitBreakerService<impl Service<Call, Response = &'static str, Error = BoxError> + Clone, C>,
 ) {
     (layer.handle(), layer.layer(backend(Arc::default())))
 }
@@ -282,7 +283,7 @@ async fn the_default_minimum_calls_fits_a_smaller_count_window() {
             .build()
             .map(|_| ())
             .unwrap_err(),
-        ConfigError::EmptyWindow
+        CircuitBreakerConfigError::EmptyWindow
     );
 }
 
@@ -705,7 +706,7 @@ fn window_sizes_are_bounded_at_build() {
     for buckets in [1025, 10_000_000, u32::MAX] {
         assert_eq!(
             time(buckets),
-            Err(ConfigError::TooManyBuckets { buckets, max: 1024 })
+            Err(CircuitBreakerConfigError::TooManyBuckets { buckets, max: 1024 })
         );
     }
     let count = |size| {
@@ -718,40 +719,46 @@ fn window_sizes_are_bounded_at_build() {
     let max = (1 << 20) - 1;
     assert_eq!(count(max), Ok(()), "the documented maximum");
     for size in [max + 1, u32::MAX as usize, usize::MAX] {
-        assert_eq!(count(size), Err(ConfigError::WindowTooLarge { size, max }));
+        assert_eq!(
+            count(size),
+            Err(CircuitBreakerConfigError::WindowTooLarge { size, max })
+        );
     }
 }
 
 #[test]
 fn build_rejects_every_invalid_configuration() {
     let builder = CircuitBreakerLayer::builder;
-    let cases: Vec<(Result<_, ConfigError>, ConfigError)> = vec![
+    let cases: Vec<(
+        Result<_, CircuitBreakerConfigError>,
+        CircuitBreakerConfigError,
+    )> = vec![
         (
             builder().failure_rate_threshold(0.0).build(),
-            ConfigError::FailureRate(0.0),
+            CircuitBreakerConfigError::FailureRate(0.0),
         ),
         (
             builder().failure_rate_threshold(1.5).build(),
-            ConfigError::FailureRate(1.5),
+            CircuitBreakerConfigError::FailureRate(1.5),
         ),
         (
             builder().slow_calls(Duration::from_secs(1), -0.1).build(),
-            ConfigError::SlowCallRate(-0.1),
+            CircuitBreakerConfigError::SlowCallRate(-0.1),
         ),
         (
             builder().slow_calls(Duration::ZERO, 0.5).build(),
-            ConfigError::ZeroSlowCallDuration,
+            CircuitBreakerConfigError::ZeroSlowCallDuration,
         ),
         (
             builder().minimum_calls(0).build(),
-            ConfigError::ZeroMinimumCalls,
+            CircuitBreakerConfigError::ZeroMinimumCalls,
         ),
         (
             builder()
                 .minimum_calls(11)
                 .sliding_window(SlidingWindow::count(10))
                 .build(),
-            ConfigError::MinimumCallsAboveWindow {
+            CircuitBreakerConfigError::MinimumCallsAboveWindow {
                 minimum_calls: 11,
                 window: 10,
             },
@@ -761,13 +768,13 @@ fn build_rejects_every_invalid_configuration() {
                 .minimum_calls(1)
                 .sliding_window(SlidingWindow::count(0))
                 .build(),
-            ConfigError::EmptyWindow,
+            CircuitBreakerConfigError::EmptyWindow,
         ),
         (
             builder()
                 .sliding_window(SlidingWindow::count(1 << 24))
                 .build(),
-            ConfigError::WindowTooLarge {
+            CircuitBreakerConfigError::WindowTooLarge {
                 size: 1 << 24,
                 max: (1 << 20) - 1,
             },
@@ -776,20 +783,20 @@ fn build_rejects_every_invalid_configuration() {
             builder()
                 .sliding_window(SlidingWindow::time(Duration::from_secs(1)).buckets(0))
                 .build(),
-            ConfigError::NoBuckets,
+            CircuitBreakerConfigError::NoBuckets,
         ),
         (
             builder()
                 .sliding_window(SlidingWindow::time(Duration::from_millis(5)))
                 .build(),
-            ConfigError::BucketTooShort {
+            CircuitBreakerConfigError::BucketTooShort {
                 span: Duration::from_millis(5),
                 buckets: 10,
             },
         ),
         (
             builder().open_for(Duration::ZERO).build(),
-            ConfigError::ZeroOpenDuration,
+            CircuitBreakerConfigError::ZeroOpenDuration,
         ),
         (
             builder()
@@ -797,7 +804,7 @@ fn build_rejects_every_invalid_configuration() {
                     OpenBackoff::exponential(Duration::from_secs(2)).max(Duration::from_secs(1)),
                 )
                 .build(),
-            ConfigError::MaxOpenBelowInitial {
+            CircuitBreakerConfigError::MaxOpenBelowInitial {
                 initial: Duration::from_secs(2),
                 max: Duration::from_secs(1),
             },
@@ -806,17 +813,17 @@ fn build_rejects_every_invalid_configuration() {
             builder()
                 .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)).multiplier(0.5))
                 .build(),
-            ConfigError::Multiplier(0.5),
+            CircuitBreakerConfigError::Multiplier(0.5),
         ),
         (
             builder()
                 .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)).jitter(1.0))
                 .build(),
-            ConfigError::Jitter(1.0),
+            CircuitBreakerConfigError::Jitter(1.0),
         ),
         (
             builder().open_for(Duration::MAX).build(),
-            ConfigError::OpenDurationTooLong {
+            CircuitBreakerConfigError::OpenDurationTooLong {
                 duration: Duration::MAX,
                 max: CENTURY,
             },
@@ -825,7 +832,7 @@ fn build_rejects_every_invalid_configuration() {
             builder()
                 .open_for(CENTURY + Duration::from_nanos(1))
                 .build(),
-            ConfigError::OpenDurationTooLong {
+            CircuitBreakerConfigError::OpenDurationTooLong {
                 duration: CENTURY + Duration::from_nanos(1),
                 max: CENTURY,
             },
@@ -834,7 +841,7 @@ fn build_rejects_every_invalid_configuration() {
             builder()
                 .open_backoff(OpenBackoff::exponential(Duration::from_secs(1)).max(Duration::MAX))
                 .build(),
-            ConfigError::OpenDurationTooLong {
+            CircuitBreakerConfigError::OpenDurationTooLong {
                 duration: Duration::MAX,
                 max: CENTURY,
             },
@@ -843,7 +850,7 @@ fn build_rejects_every_invalid_configuration() {
             builder()
                 .open_backoff(OpenBackoff::exponential(2 * CENTURY))
                 .build(),
-            ConfigError::OpenDurationTooLong {
+            CircuitBreakerConfigError::OpenDurationTooLong {
                 duration: 2 * CENTURY,
                 max: CENTURY,
             },
@@ -852,7 +859,7 @@ fn build_rejects_every_invalid_configuration() {
             builder()
                 .sliding_window(SlidingWindow::time(Duration::MAX))
                 .build(),
-            ConfigError::WindowSpanTooLong {
+            CircuitBreakerConfigError::WindowSpanTooLong {
                 span: Duration::MAX,
                 max: CENTURY,
             },
@@ -861,21 +868,21 @@ fn build_rejects_every_invalid_configuration() {
             builder()
                 .sliding_window(SlidingWindow::time(CENTURY + Duration::from_millis(1)))
                 .build(),
-            ConfigError::WindowSpanTooLong {
+            CircuitBreakerConfigError::WindowSpanTooLong {
                 span: CENTURY + Duration::from_millis(1),
                 max: CENTURY,
             },
         ),
         (
             builder().half_open_probes(0).build(),
-            ConfigError::Probes {
+            CircuitBreakerConfigError::Probes {
                 probes: 0,
                 max: 4095,
             },
         ),
         (
             builder().half_open_probes(5000).build(),
-            ConfigError::Probes {
+            CircuitBreakerConfigError::Probes {
                 probes: 5000,
                 max: 4095,
             },

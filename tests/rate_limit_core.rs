@@ -4,7 +4,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
-use palisade::rate_limit::{ConfigError, Denied, Quota, Reservation, TokenBucket};
+use palisade::rate_limit::{Denied, Quota, RateLimitConfigError, Reservation, TokenBucket};
 use proptest::prelude::*;
 use tokio::time::Instant;
 
@@ -452,28 +452,40 @@ fn quota_changes_keep_the_tokens_held() {
 #[test]
 fn invalid_quotas_are_errors() {
     let second = Duration::from_secs(1);
-    assert_eq!(Quota::new(0, 1, second), Err(ConfigError::ZeroCapacity));
-    assert_eq!(Quota::new(1, 0, second), Err(ConfigError::ZeroRefillTokens));
+    assert_eq!(
+        Quota::new(0, 1, second),
+        Err(RateLimitConfigError::ZeroCapacity)
+    );
+    assert_eq!(
+        Quota::new(1, 0, second),
+        Err(RateLimitConfigError::ZeroRefillTokens)
+    );
     assert_eq!(
         Quota::new(1, 1, Duration::ZERO),
-        Err(ConfigError::ZeroRefillPeriod)
+        Err(RateLimitConfigError::ZeroRefillPeriod)
     );
     assert_eq!(
         Quota::new(1, 2, Duration::from_nanos(1)),
-        Err(ConfigError::RateTooHigh)
+        Err(RateLimitConfigError::RateTooHigh)
     );
-    assert_eq!(Quota::new(u64::MAX, 1, second), Err(ConfigError::TooLarge));
+    assert_eq!(
+        Quota::new(u64::MAX, 1, second),
+        Err(RateLimitConfigError::TooLarge)
+    );
     // Units finer than 2^-24 ns.
     let tokens = (1 << 24) + 1;
     assert_eq!(
         Quota::new(1, tokens, Duration::from_nanos(tokens + 1)),
-        Err(ConfigError::TooLarge)
+        Err(RateLimitConfigError::TooLarge)
     );
     // Capacity times the units of a token above 2^57: seven per second in units of a
     // seventh of a nanosecond allow at most 2^57 / 10^9 tokens.
     let most = (1u64 << 57) / 1_000_000_000;
     assert!(Quota::new(most, 7, second).is_ok());
-    assert_eq!(Quota::new(most + 1, 7, second), Err(ConfigError::TooLarge));
+    assert_eq!(
+        Quota::new(most + 1, 7, second),
+        Err(RateLimitConfigError::TooLarge)
+    );
 }
 
 #[test]

@@ -6,7 +6,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use palisade::rate_limit::{
-    ConfigError, CostExceedsCapacity, MissingKey, RateLimitLayer, RateLimited, WhenKeyMissing,
+    CostExceedsCapacity, MissingKey, RateLimitConfigError, RateLimitLayer, RateLimited,
+    WhenKeyMissing,
 };
 use tokio::time::advance;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
@@ -241,10 +242,13 @@ async fn runtime_changes_apply_to_later_requests() {
     }
     assert!(send(&mut service, 0).await.is_err());
 
-    assert_eq!(handle.set_capacity(0), Err(ConfigError::ZeroCapacity));
+    assert_eq!(
+        handle.set_capacity(0),
+        Err(RateLimitConfigError::ZeroCapacity)
+    );
     assert_eq!(
         handle.set_rate(1, Duration::ZERO),
-        Err(ConfigError::ZeroRefillPeriod)
+        Err(RateLimitConfigError::ZeroRefillPeriod)
     );
     assert_eq!(handle.quota().capacity(), 5);
 }
@@ -254,25 +258,25 @@ fn build_rejects_invalid_configuration() {
     let error = |builder: palisade::rate_limit::Builder| builder.build().unwrap_err();
     assert_eq!(
         error(RateLimitLayer::builder().refill(1, SECOND)),
-        ConfigError::ZeroCapacity
+        RateLimitConfigError::ZeroCapacity
     );
     assert_eq!(
         error(RateLimitLayer::builder().capacity(1)),
-        ConfigError::ZeroRefillTokens
+        RateLimitConfigError::ZeroRefillTokens
     );
     assert_eq!(
         error(bucket(1, Duration::ZERO)),
-        ConfigError::ZeroRefillPeriod
+        RateLimitConfigError::ZeroRefillPeriod
     );
     assert_eq!(
         error(bucket(1, SECOND).max_wait(Duration::MAX)),
-        ConfigError::TooLarge
+        RateLimitConfigError::TooLarge
     );
     let keyed = bucket(1, SECOND)
         .keyed::<_, u32>(|key: &u32| Some(*key))
         .max_keys(0)
         .build();
-    assert_eq!(keyed.unwrap_err(), ConfigError::ZeroMaxKeys);
+    assert_eq!(keyed.unwrap_err(), RateLimitConfigError::ZeroMaxKeys);
 }
 
 #[tokio::test(start_paused = true)]

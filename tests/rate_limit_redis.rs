@@ -16,8 +16,8 @@ use std::num::NonZeroU32;
 use std::time::Duration;
 
 use palisade::rate_limit::{
-    ConfigError, CostExceedsCapacity, RateLimitLayer, RateLimited, RedisOptions, RedisStore,
-    RedisUnavailable, Store, WhenUnavailable,
+    CostExceedsCapacity, RateLimitConfigError, RateLimitLayer, RateLimited, RedisOptions,
+    RedisStore, RedisUnavailable, Store, WhenUnavailable,
 };
 use tokio::time::{Instant, sleep, timeout};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
@@ -268,18 +268,21 @@ async fn invalid_redis_options_are_errors_from_build_with_not_panics() {
     let cases = [
         (
             RedisOptions::default().batch(4).lease_for(Duration::MAX),
-            ConfigError::TooLarge,
+            RateLimitConfigError::TooLarge,
         ),
-        (RedisOptions::default().batch(0), ConfigError::ZeroBatch),
+        (
+            RedisOptions::default().batch(0),
+            RateLimitConfigError::ZeroBatch,
+        ),
         (
             RedisOptions::default().batch(4).lease_max_keys(0),
-            ConfigError::ZeroMaxKeys,
+            RateLimitConfigError::ZeroMaxKeys,
         ),
         (
             RedisOptions::default()
                 .when_unavailable(local())
                 .fallback_max_keys(0),
-            ConfigError::ZeroMaxKeys,
+            RateLimitConfigError::ZeroMaxKeys,
         ),
     ];
     for (options, expected) in cases {
@@ -311,7 +314,7 @@ async fn invalid_redis_options_are_errors_from_build_with_not_panics() {
         .capacity(1 << 52)
         .refill(1, Duration::from_nanos(1))
         .build_with(|quota| RedisStore::new(manager, quota, strict("fine:")));
-    assert_eq!(too_fine.err(), Some(ConfigError::TooLarge));
+    assert_eq!(too_fine.err(), Some(RateLimitConfigError::TooLarge));
     // 2^20 tokens of 2^33 + 1 ns each: 2^53 units of a nanosecond (fine in process),
     // and as many of the script's (a thousandth of a microsecond, as 1000 does not divide
     // the interval).
@@ -325,7 +328,7 @@ async fn invalid_redis_options_are_errors_from_build_with_not_panics() {
     let before = handle.quota();
     assert_eq!(
         handle.set_rate(1, Duration::from_nanos((1 << 33) + 1)),
-        Err(ConfigError::TooLarge)
+        Err(RateLimitConfigError::TooLarge)
     );
     assert_eq!(handle.quota(), before);
 }

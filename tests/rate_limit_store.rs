@@ -11,7 +11,8 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use palisade::rate_limit::{
-    ConfigError, Decision, Quota, RateLimitLayer, RateLimited, Reservation, Store, TokenBucket,
+    Decision, Quota, RateLimitConfigError, RateLimitLayer, RateLimited, Reservation, Store,
+    TokenBucket,
 };
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
@@ -77,9 +78,9 @@ impl Store for RoundTripStore {
         self.bucket.quota()
     }
 
-    fn update_quota<F>(&self, change: F) -> Result<(), ConfigError>
+    fn update_quota<F>(&self, change: F) -> Result<(), RateLimitConfigError>
     where
-        F: FnOnce(Quota) -> Result<Quota, ConfigError>,
+        F: FnOnce(Quota) -> Result<Quota, RateLimitConfigError>,
     {
         self.bucket
             .set_quota(change(self.bucket.quota())?, Instant::now());

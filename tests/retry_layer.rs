@@ -2,8 +2,8 @@
 #![cfg(feature = "http")]
 use http::{HeaderValue, Method, Request, Response, StatusCode};
 use palisade::retry::{
-    AttemptTimedOut, Backoff, ConfigError, DeadlineExceeded, GrpcRetry, HttpRetry, Jitter,
-    RetryBudget, RetryEvent, RetryLayer, RetryReason,
+    AttemptTimedOut, Backoff, DeadlineExceeded, GrpcRetry, HttpRetry, Jitter, RetryBudget,
+    RetryConfigError, RetryEvent, RetryLayer, RetryReason,
 };
 use std::future::Future;
 use std::pin::Pin;
@@ -847,42 +847,42 @@ fn invalid_configurations_are_errors() {
     let err = |builder: palisade::retry::RetryLayerBuilder| builder.build().expect_err("invalid");
     assert_eq!(
         err(RetryLayer::builder().max_attempts(0)),
-        ConfigError::ZeroAttempts
+        RetryConfigError::ZeroAttempts
     );
     assert_eq!(
         err(RetryLayer::builder().backoff(Backoff::exponential(MS).multiplier(0.5))),
-        ConfigError::Multiplier(0.5)
+        RetryConfigError::Multiplier(0.5)
     );
     assert!(matches!(
         err(RetryLayer::builder().backoff(Backoff::exponential(MS).multiplier(f64::NAN))),
-        ConfigError::Multiplier(_)
+        RetryConfigError::Multiplier(_)
     ));
     assert_eq!(
         err(RetryLayer::builder().backoff(Backoff::constant(10 * MS).max(MS))),
-        ConfigError::CapBelowBase {
+        RetryConfigError::CapBelowBase {
             base: 10 * MS,
             cap: MS
         }
     );
     assert_eq!(
         err(RetryLayer::builder().backoff(Backoff::constant(MS).jitter(Jitter::Proportional(1.5)))),
-        ConfigError::Jitter(1.5)
+        RetryConfigError::Jitter(1.5)
     );
     assert_eq!(
         err(RetryLayer::builder().budget(RetryBudget::new(Duration::ZERO, 1, 0.1))),
-        ConfigError::BudgetTtl(Duration::ZERO)
+        RetryConfigError::BudgetTtl(Duration::ZERO)
     );
     assert_eq!(
         err(RetryLayer::builder().budget(RetryBudget::new(Duration::from_secs(1), 1, -0.1))),
-        ConfigError::BudgetRatio(-0.1)
+        RetryConfigError::BudgetRatio(-0.1)
     );
     assert_eq!(
         err(RetryLayer::builder().per_attempt_timeout(Duration::ZERO)),
-        ConfigError::ZeroTimeout
+        RetryConfigError::ZeroTimeout
     );
     assert_eq!(
         err(RetryLayer::builder().deadline(Duration::ZERO)),
-        ConfigError::ZeroTimeout
+        RetryConfigError::ZeroTimeout
     );
 }
 
@@ -898,35 +898,35 @@ fn budgets_outside_the_bounds_are_errors() {
     // Each of these used to build, then wrap the balance negative on the first deposit.
     assert_eq!(
         build(Duration::MAX, 1, 0.2),
-        Err(ConfigError::BudgetTtl(Duration::MAX))
+        Err(RetryConfigError::BudgetTtl(Duration::MAX))
     );
     assert_eq!(
         build(secs(10), 10, 1e300),
-        Err(ConfigError::BudgetRatio(1e300))
+        Err(RetryConfigError::BudgetRatio(1e300))
     );
     assert_eq!(
         build(secs(10), u32::MAX, 0.2),
-        Err(ConfigError::BudgetMinPerSec(u32::MAX))
+        Err(RetryConfigError::BudgetMinPerSec(u32::MAX))
     );
     assert_eq!(
         build(secs(61), 1, 0.2),
-        Err(ConfigError::BudgetTtl(secs(61)))
+        Err(RetryConfigError::BudgetTtl(secs(61)))
     );
     assert_eq!(
         build(999 * MS, 1, 0.2),
-        Err(ConfigError::BudgetTtl(999 * MS))
+        Err(RetryConfigError::BudgetTtl(999 * MS))
     );
     assert_eq!(
         build(secs(10), 1, 1000.5),
-        Err(ConfigError::BudgetRatio(1000.5))
+        Err(RetryConfigError::BudgetRatio(1000.5))
     );
     assert_eq!(
         build(secs(10), 1, f64::INFINITY),
-        Err(ConfigError::BudgetRatio(f64::INFINITY))
+        Err(RetryConfigError::BudgetRatio(f64::INFINITY))
     );
     assert!(matches!(
         build(secs(10), 1, f64::NAN),
-        Err(ConfigError::BudgetRatio(_))
+        Err(RetryConfigError::BudgetRatio(_))
     ));
     // The bounds themselves are accepted.
     assert_eq!(build(RetryBudget::MIN_TTL, 0, 0.0), Ok(()));

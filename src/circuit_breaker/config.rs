@@ -1,6 +1,6 @@
 //! The breaker's settings: the sliding window, slow calls and the open-time schedule.
 
-use super::error::ConfigError;
+use super::error::CircuitBreakerConfigError;
 use super::window::{MAX_BUCKETS, MAX_COUNT_WINDOW, MIN_BUCKET_WIDTH};
 use std::time::Duration;
 
@@ -29,7 +29,7 @@ pub(crate) enum WindowKind {
 impl SlidingWindow {
     /// The last `calls` outcomes, exactly: a ring where each call replaces the oldest.
     /// At most 1 048 575 (4 MiB of slots, allocated at build time); more is a
-    /// [`ConfigError::WindowTooLarge`].
+    /// [`CircuitBreakerConfigError::WindowTooLarge`].
     pub const fn count(calls: usize) -> Self {
         Self {
             kind: WindowKind::Count(calls),
@@ -47,7 +47,7 @@ impl SlidingWindow {
 
     /// Splits a time window into `buckets` buckets instead of 10: more buckets slide
     /// more smoothly and cost a few more loads per call. At most 1024 (more is a
-    /// [`ConfigError::TooManyBuckets`]). No effect on a count window.
+    /// [`CircuitBreakerConfigError::TooManyBuckets`]). No effect on a count window.
     pub const fn buckets(self, buckets: u32) -> Self {
         match self.kind {
             WindowKind::Time { span, .. } => Self {
@@ -65,31 +65,31 @@ impl SlidingWindow {
         }
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), CircuitBreakerConfigError> {
         match self.kind {
-            WindowKind::Count(0) => Err(ConfigError::EmptyWindow),
+            WindowKind::Count(0) => Err(CircuitBreakerConfigError::EmptyWindow),
             WindowKind::Count(size) if size > MAX_COUNT_WINDOW => {
-                Err(ConfigError::WindowTooLarge {
+                Err(CircuitBreakerConfigError::WindowTooLarge {
                     size,
                     max: MAX_COUNT_WINDOW,
                 })
             }
             WindowKind::Count(_) => Ok(()),
-            WindowKind::Time { buckets: 0, .. } => Err(ConfigError::NoBuckets),
+            WindowKind::Time { buckets: 0, .. } => Err(CircuitBreakerConfigError::NoBuckets),
             WindowKind::Time { buckets, .. } if buckets > MAX_BUCKETS => {
-                Err(ConfigError::TooManyBuckets {
+                Err(CircuitBreakerConfigError::TooManyBuckets {
                     buckets,
                     max: MAX_BUCKETS,
                 })
             }
             WindowKind::Time { span, .. } if span > MAX_DURATION => {
-                Err(ConfigError::WindowSpanTooLong {
+                Err(CircuitBreakerConfigError::WindowSpanTooLong {
                     span,
                     max: MAX_DURATION,
                 })
             }
             WindowKind::Time { span, buckets } if span / buckets < MIN_BUCKET_WIDTH => {
-                Err(ConfigError::BucketTooShort { span, buckets })
+                Err(CircuitBreakerConfigError::BucketTooShort { span, buckets })
             }
             WindowKind::Time { .. } => Ok(()),
         }
@@ -195,26 +195,26 @@ impl OpenBackoff {
         self.initial
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
-        let too_long = |duration| ConfigError::OpenDurationTooLong {
+    fn validate(&self) -> Result<(), CircuitBreakerConfigError> {
+        let too_long = |duration| CircuitBreakerConfigError::OpenDurationTooLong {
             duration,
             max: MAX_DURATION,
         };
         if self.initial.is_zero() {
-            Err(ConfigError::ZeroOpenDuration)
+            Err(CircuitBreakerConfigError::ZeroOpenDuration)
         } else if self.initial > MAX_DURATION {
             Err(too_long(self.initial))
         } else if self.max > MAX_DURATION {
             Err(too_long(self.max))
         } else if self.max < self.initial {
-            Err(ConfigError::MaxOpenBelowInitial {
+            Err(CircuitBreakerConfigError::MaxOpenBelowInitial {
                 initial: self.initial,
                 max: self.max,
             })
         } else if !(self.multiplier >= 1.0 && self.multiplier.is_finite()) {
-            Err(ConfigError::Multiplier(self.multiplier))
+            Err(CircuitBreakerConfigError::Multiplier(self.multiplier))
         } else if !(0.0..1.0).contains(&self.jitter) {
-            Err(ConfigError::Jitter(self.jitter))
+            Err(CircuitBreakerConfigError::Jitter(self.jitter))
         } else {
             Ok(())
         }
@@ -277,29 +277,29 @@ impl Config {
             })
     }
 
-    pub(crate) fn validate(self) -> Result<Self, ConfigError> {
-        check_rate(self.failure_rate).map_err(ConfigError::FailureRate)?;
+    pub(crate) fn validate(self) -> Result<Self, CircuitBreakerConfigError> {
+        check_rate(self.failure_rate).map_err(CircuitBreakerConfigError::FailureRate)?;
         if let Some(slow) = self.slow {
-            check_rate(slow.rate).map_err(ConfigError::SlowCallRate)?;
+            check_rate(slow.rate).map_err(CircuitBreakerConfigError::SlowCallRate)?;
             if slow.threshold.is_zero() {
-                return Err(ConfigError::ZeroSlowCallDuration);
+                return Err(CircuitBreakerConfigError::ZeroSlowCallDuration);
             }
         }
         if self.minimum_calls == 0 {
-            return Err(ConfigError::ZeroMinimumCalls);
+            return Err(CircuitBreakerConfigError::ZeroMinimumCalls);
         }
         self.window.validate()?;
         if let Some(size) = self.window.capacity()
             && self.minimum_calls > size as u64
         {
-            return Err(ConfigError::MinimumCallsAboveWindow {
+            return Err(CircuitBreakerConfigError::MinimumCallsAboveWindow {
                 minimum_calls: self.minimum_calls,
                 window: size,
             });
         }
         self.open.validate()?;
         if self.probes == 0 || self.probes > MAX_PROBES {
-            return Err(ConfigError::Probes {
+            return Err(CircuitBreakerConfigError::Probes {
                 probes: self.probes,
                 max: MAX_PROBES,
             });

@@ -35,7 +35,7 @@ impl CircuitOpen {
 /// refused a configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub enum CircuitBreakerConfigError {
     /// The failure rate threshold is outside `(0, 1]`.
     #[error("failure rate threshold must be in (0, 1], got {0}")]
     FailureRate(f64),

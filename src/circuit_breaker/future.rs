@@ -8,7 +8,7 @@ use std::pin::Pin;
 use std::task::{Context, Poll, ready};
 use tower::BoxError;
 
-/// The response future of [`CircuitBreaker`](super::CircuitBreaker).
+/// The response future of [`CircuitBreakerService`](super::CircuitBreakerService).
 ///
 /// Resolves to [`CircuitOpen`] at once when the breaker rejected the call; otherwise
 /// to the inner service's result, classified. Dropped before that, it records nothing

@@ -1,8 +1,8 @@
 use super::config::{Config, OpenBackoff, SlidingWindow, SlowCalls};
-use super::error::ConfigError;
+use super::error::CircuitBreakerConfigError;
 use super::handle::CircuitBreakerHandle;
 use super::lanes::CoreRefs;
-use super::service::CircuitBreaker;
+use super::service::CircuitBreakerService;
 use super::state::{Core, Observer, Transition};
 use crate::classify::ErrorsAsFailures;
 use std::fmt;
@@ -63,10 +63,10 @@ impl<C> CircuitBreakerLayer<C> {
 }
 
 impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
-    type Service = CircuitBreaker<S, C>;
+    type Service = CircuitBreakerService<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreaker::new(inner, Arc::clone(&self.lanes), self.classify.clone())
+        CircuitBreakerService::new(inner, Arc::clone(&self.lanes), self.classify.clone())
     }
 }
 
@@ -98,7 +98,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
     }
 
     /// No verdict before the window holds this many calls: at least 1, and at most a
-    /// count window's size (more is a [`ConfigError::MinimumCallsAboveWindow`]). Unset,
+    /// count window's size (more is a [`CircuitBreakerConfigError::MinimumCallsAboveWindow`]). Unset,
     /// it is 20, or the size of a count window of fewer than 20 calls.
     pub fn minimum_calls(mut self, calls: u64) -> Self {
         self.minimum_calls = Some(calls);
@@ -158,7 +158,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
     }
 
     /// Checks the configuration and creates the breaker's state.
-    pub fn build(self) -> Result<CircuitBreakerLayer<C>, ConfigError> {
+    pub fn build(self) -> Result<CircuitBreakerLayer<C>, CircuitBreakerConfigError> {
         let mut config = self.config;
         config.minimum_calls = self
             .minimum_calls

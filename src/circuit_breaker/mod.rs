@@ -89,9 +89,9 @@ mod window;
 mod model_tests;
 
 pub use self::config::{OpenBackoff, SlidingWindow};
-pub use self::error::{CircuitOpen, ConfigError};
+pub use self::error::{CircuitBreakerConfigError, CircuitOpen};
 pub use self::future::ResponseFuture;
 pub use self::handle::CircuitBreakerHandle;
 pub use self::layer::{CircuitBreakerLayer, CircuitBreakerLayerBuilder};
-pub use self::service::{CallReport, CircuitBreaker};
+pub use self::service::{CallReport, CircuitBreakerService};
 pub use self::state::{Metrics, State, Transition, TransitionReason};

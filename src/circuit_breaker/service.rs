@@ -11,13 +11,13 @@ use tower_service::Service;
 
 /// A service behind a circuit breaker; made by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
-pub struct CircuitBreaker<S, C = ErrorsAsFailures> {
+pub struct CircuitBreakerService<S, C = ErrorsAsFailures> {
     inner: S,
     lanes: Arc<CoreRefs>,
     classify: C,
 }
 
-impl<S, C> CircuitBreaker<S, C> {
+impl<S, C> CircuitBreakerService<S, C> {
     pub(crate) fn new(inner: S, lanes: Arc<CoreRefs>, classify: C) -> Self {
         Self {
             inner,
@@ -42,7 +42,7 @@ impl<S, C> CircuitBreaker<S, C> {
     }
 }
 
-impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
+impl<S: Clone, C: Clone> Clone for CircuitBreakerService<S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -52,16 +52,16 @@ impl<S: Clone, C: Clone> Clone for CircuitBreaker<S, C> {
     }
 }
 
-impl<S: fmt::Debug, C> fmt::Debug for CircuitBreaker<S, C> {
+impl<S: fmt::Debug, C> fmt::Debug for CircuitBreakerService<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("CircuitBreaker")
+        f.debug_struct("CircuitBreakerService")
             .field("inner", &self.inner)
             .field("core", self.lanes.core())
             .finish_non_exhaustive()
     }
 }
 
-impl<S, C, Request> Service<Request> for CircuitBreaker<S, C>
+impl<S, C, Request> Service<Request> for CircuitBreakerService<S, C>
 where
     S: Service<Request>,
     S::Error: Into<BoxError>,

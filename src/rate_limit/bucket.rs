@@ -24,7 +24,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::error::ConfigError;
+use super::error::RateLimitConfigError;
 use crate::sync::{AtomicU64, Ordering};
 
 const TAT_BITS: u32 = 60;
@@ -53,7 +53,7 @@ const SLOTS: usize = 16;
 /// least `period / tokens` apart (as a real number) is never refused. Equal rates are
 /// equal quotas: `refill(2, 2s)` is `refill(1, 1s)`.
 ///
-/// A quota is [`ConfigError::TooLarge`] when its capacity times `period / g` exceeds
+/// A quota is [`RateLimitConfigError::TooLarge`] when its capacity times `period / g` exceeds
 /// 2^57 (4.5 years of tolerance when `period` is a whole number of `tokens`
 /// nanoseconds), or when `tokens / g` exceeds 2^24, where `g` is the greatest common
 /// divisor of `tokens` and the period in nanoseconds.
@@ -73,14 +73,14 @@ impl Quota {
         capacity: u64,
         refill_tokens: u64,
         refill_period: Duration,
-    ) -> Result<Self, ConfigError> {
+    ) -> Result<Self, RateLimitConfigError> {
         let (token, unit) = scale(refill_tokens, refill_period)?;
         Self::checked(capacity, token, unit)
     }
 
-    fn checked(capacity: u64, token: u64, unit: u64) -> Result<Self, ConfigError> {
+    fn checked(capacity: u64, token: u64, unit: u64) -> Result<Self, RateLimitConfigError> {
         if capacity == 0 {
-            return Err(ConfigError::ZeroCapacity);
+            return Err(RateLimitConfigError::ZeroCapacity);
         }
         match capacity.checked_mul(token) {
             Some(tolerance) if tolerance <= MAX_SPAN && unit <= MAX_UNITS_PER_NANO => Ok(Self {
@@ -88,17 +88,17 @@ impl Quota {
                 token,
                 unit,
             }),
-            _ => Err(ConfigError::TooLarge),
+            _ => Err(RateLimitConfigError::TooLarge),
         }
     }
 
     /// The same rate with another capacity.
-    pub fn with_capacity(self, capacity: u64) -> Result<Self, ConfigError> {
+    pub fn with_capacity(self, capacity: u64) -> Result<Self, RateLimitConfigError> {
         Self::checked(capacity, self.token, self.unit)
     }
 
     /// The same capacity with another refill rate.
-    pub fn with_refill(self, tokens: u64, period: Duration) -> Result<Self, ConfigError> {
+    pub fn with_refill(self, tokens: u64, period: Duration) -> Result<Self, RateLimitConfigError> {
         Self::new(self.capacity, tokens, period)
     }
 
@@ -208,21 +208,22 @@ impl Quota {
 }
 
 /// The units of a token and of a nanosecond for `tokens` per `period`.
-fn scale(tokens: u64, period: Duration) -> Result<(u64, u64), ConfigError> {
+fn scale(tokens: u64, period: Duration) -> Result<(u64, u64), RateLimitConfigError> {
     if tokens == 0 {
-        return Err(ConfigError::ZeroRefillTokens);
+        return Err(RateLimitConfigError::ZeroRefillTokens);
     }
     if period.is_zero() {
-        return Err(ConfigError::ZeroRefillPeriod);
+        return Err(RateLimitConfigError::ZeroRefillPeriod);
     }
     let nanos = period.as_nanos();
     if nanos < u128::from(tokens) {
-        return Err(ConfigError::RateTooHigh);
+        return Err(RateLimitConfigError::RateTooHigh);
     }
     let common = gcd(nanos, u128::from(tokens));
-    let token = u64::try_from(nanos / common).map_err(|_| ConfigError::TooLarge)?;
+    let token = u64::try_from(nanos / common).map_err(|_| RateLimitConfigError::TooLarge)?;
     // Cannot fail: a divisor of `tokens` fits where `tokens` does.
-    let unit = u64::try_from(u128::from(tokens) / common).map_err(|_| ConfigError::TooLarge)?;
+    let unit =
+        u64::try_from(u128::from(tokens) / common).map_err(|_| RateLimitConfigError::TooLarge)?;
     Ok((token, unit))
 }
 
@@ -406,9 +407,9 @@ impl QuotaRing {
     fn publish(
         &self,
         now: u64,
-        change: impl FnOnce(Frame) -> Result<Option<Quota>, ConfigError>,
+        change: impl FnOnce(Frame) -> Result<Option<Quota>, RateLimitConfigError>,
         migrate: impl FnOnce(Migration),
-    ) -> Result<(), ConfigError> {
+    ) -> Result<(), RateLimitConfigError> {
         let _writer = self
             .writer
             .lock()
@@ -435,9 +436,9 @@ impl QuotaRing {
     pub(crate) fn update(
         &self,
         now: u64,
-        change: impl FnOnce(Quota) -> Result<Quota, ConfigError>,
+        change: impl FnOnce(Quota) -> Result<Quota, RateLimitConfigError>,
         migrate: impl FnOnce(Migration),
-    ) -> Result<(), ConfigError> {
+    ) -> Result<(), RateLimitConfigError> {
         self.publish(now, |from| change(from.quota).map(Some), migrate)
     }
 
@@ -607,7 +608,7 @@ impl AtomicBucket {
 /// let Err(Denied::Limited { retry_after, .. }) = bucket.acquire(1, start) else { panic!() };
 /// assert_eq!(retry_after, Duration::from_secs(1));
 /// assert!(bucket.acquire(1, start + retry_after).is_ok());
-/// # Ok::<(), palisade::rate_limit::ConfigError>(())
+/// # Ok::<(), palisade::rate_limit::RateLimitConfigError>(())
 /// ```
 pub struct TokenBucket {
     ring: QuotaRing,
@@ -754,8 +755,8 @@ impl TokenBucket {
     pub(crate) fn update(
         &self,
         now: Instant,
-        change: impl FnOnce(Quota) -> Result<Quota, ConfigError>,
-    ) -> Result<(), ConfigError> {
+        change: impl FnOnce(Quota) -> Result<Quota, RateLimitConfigError>,
+    ) -> Result<(), RateLimitConfigError> {
         let now = self.nanos(now);
         self.ring
             .update(now, change, |migration| self.bucket.migrate(migration, now))

@@ -111,7 +111,7 @@ impl MissingKey {
 /// An invalid rate limiter configuration, reported by `build()` and the handle's setters.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub enum RateLimitConfigError {
     /// The capacity (burst size) is zero: nothing could ever pass.
     #[error("rate limit capacity must be at least 1")]
     ZeroCapacity,

@@ -14,7 +14,7 @@ use super::error::{CostExceedsCapacity, RateLimited};
 use super::layer::{OnAdmitted, RateLimitStatus};
 use super::store::{Decision, Store};
 
-/// The response future of [`RateLimit`](super::RateLimit).
+/// The response future of [`RateLimitService`](super::RateLimitService).
 #[pin_project]
 pub struct ResponseFuture<S, Req, St, H>
 where

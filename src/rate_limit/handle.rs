@@ -2,7 +2,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use super::bucket::Quota;
-use super::error::ConfigError;
+use super::error::RateLimitConfigError;
 use super::store::{LocalStore, Store};
 
 /// Observes and controls the buckets of a [`RateLimitLayer`](super::RateLimitLayer):
@@ -36,7 +36,7 @@ impl<St: Store> RateLimitHandle<St> {
     }
 
     /// Refills `tokens` per `period` from now on. Buckets keep the tokens they hold.
-    pub fn set_rate(&self, tokens: u64, period: Duration) -> Result<(), ConfigError> {
+    pub fn set_rate(&self, tokens: u64, period: Duration) -> Result<(), RateLimitConfigError> {
         self.store
             .update_quota(|quota| quota.with_refill(tokens, period))
     }
@@ -44,7 +44,7 @@ impl<St: Store> RateLimitHandle<St> {
     /// Holds at most `capacity` tokens from now on. Buckets keep the tokens they hold,
     /// up to the new capacity: raising it does not hand out a free burst, the extra
     /// tokens accrue at the refill rate.
-    pub fn set_capacity(&self, capacity: u64) -> Result<(), ConfigError> {
+    pub fn set_capacity(&self, capacity: u64) -> Result<(), RateLimitConfigError> {
         self.store
             .update_quota(|quota| quota.with_capacity(capacity))
     }

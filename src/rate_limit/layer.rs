@@ -6,10 +6,10 @@ use std::time::Duration;
 use tower_layer::Layer;
 
 use super::bucket::Quota;
-use super::error::ConfigError;
+use super::error::RateLimitConfigError;
 use super::handle::RateLimitHandle;
 use super::key::Global;
-use super::service::RateLimit;
+use super::service::RateLimitService;
 use super::store::{LocalStore, Store};
 
 /// Applies a token-bucket rate limit, global or per key, to every service it builds.
@@ -21,7 +21,7 @@ pub struct RateLimitLayer<X = Global, C = UnitCost, St = LocalStore, H = NoHeade
     policy: Arc<Policy<X, C, H>>,
 }
 
-/// What a [`RateLimit`] service does with each request, apart from the store.
+/// What a [`RateLimitService`] does with each request, apart from the store.
 #[derive(Debug)]
 pub(crate) struct Policy<X, C, H> {
     pub(crate) extractor: X,
@@ -60,10 +60,10 @@ impl<X, C, St: Store, H> RateLimitLayer<X, C, St, H> {
 }
 
 impl<S, X, C, St, H> Layer<S> for RateLimitLayer<X, C, St, H> {
-    type Service = RateLimit<S, X, C, St, H>;
+    type Service = RateLimitService<S, X, C, St, H>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        RateLimit::new(inner, self.store.clone(), self.policy.clone())
+        RateLimitService::new(inner, self.store.clone(), self.policy.clone())
     }
 }
 
@@ -129,7 +129,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     /// (waiters go in arrival order); one that cannot is refused at once.
     ///
     /// `build()` refuses a `max_wait` above 2^57 units of the quota
-    /// ([`ConfigError::TooLarge`]): 4.5 years when the refill interval is a whole number
+    /// ([`RateLimitConfigError::TooLarge`]): 4.5 years when the refill interval is a whole number
     /// of nanoseconds, `2^57 / (tokens / g)` ns in general, with `g` as in [`Quota`].
     pub fn max_wait(mut self, max_wait: Duration) -> Self {
         self.settings.max_wait = max_wait;
@@ -196,7 +196,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     }
 
     /// Checks the configuration and builds the layer with the in-process store.
-    pub fn build(self) -> Result<RateLimitLayer<X, C, LocalStore<K>, H>, ConfigError>
+    pub fn build(self) -> Result<RateLimitLayer<X, C, LocalStore<K>, H>, RateLimitConfigError>
     where
         K: Hash + Eq + Clone + Send + Sync + 'static,
     {
@@ -204,7 +204,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
             keyed, max_keys, ..
         } = self.settings;
         if keyed && max_keys == 0 {
-            return Err(ConfigError::ZeroMaxKeys);
+            return Err(RateLimitConfigError::ZeroMaxKeys);
         }
         self.build_with(|quota| {
             if keyed {
@@ -222,7 +222,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     pub fn build_with<St>(
         self,
         make_store: impl FnOnce(Quota) -> St,
-    ) -> Result<RateLimitLayer<X, C, St, H>, ConfigError>
+    ) -> Result<RateLimitLayer<X, C, St, H>, RateLimitConfigError>
     where
         St: Store<Key = K>,
     {
@@ -233,7 +233,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
             settings.refill_period,
         )?;
         if !quota.fits_wait(settings.max_wait) {
-            return Err(ConfigError::TooLarge);
+            return Err(RateLimitConfigError::TooLarge);
         }
         let store = make_store(quota);
         store.validate()?;

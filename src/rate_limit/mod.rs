@@ -107,7 +107,7 @@ mod service;
 mod store;
 
 pub use self::bucket::{Admitted, Denied, Quota, Reservation, TokenBucket};
-pub use self::error::{ConfigError, CostExceedsCapacity, MissingKey, RateLimited};
+pub use self::error::{CostExceedsCapacity, MissingKey, RateLimitConfigError, RateLimited};
 pub use self::future::ResponseFuture;
 pub use self::handle::RateLimitHandle;
 pub use self::layer::{
@@ -118,5 +118,5 @@ pub use self::redis::{
     RedisDecision, RedisKey, RedisOptions, RedisReservation, RedisStore, RedisUnavailable,
     WhenUnavailable,
 };
-pub use self::service::RateLimit;
+pub use self::service::RateLimitService;
 pub use self::store::{Decision, LocalReservation, LocalStore, Store};

@@ -17,13 +17,13 @@ use super::store::{LocalStore, Store};
 /// [`RateLimited`](super::RateLimited) error from the response future, without the inner
 /// service being called. Waiting requests (with `max_wait`) hold a clone of the inner
 /// service, so the inner service must be `Clone`.
-pub struct RateLimit<S, X = Global, C = UnitCost, St = LocalStore, H = NoHeaders> {
+pub struct RateLimitService<S, X = Global, C = UnitCost, St = LocalStore, H = NoHeaders> {
     inner: S,
     store: Arc<St>,
     policy: Arc<Policy<X, C, H>>,
 }
 
-impl<S, X, C, St, H> RateLimit<S, X, C, St, H> {
+impl<S, X, C, St, H> RateLimitService<S, X, C, St, H> {
     pub(crate) fn new(inner: S, store: Arc<St>, policy: Arc<Policy<X, C, H>>) -> Self {
         Self {
             inner,
@@ -48,7 +48,7 @@ impl<S, X, C, St, H> RateLimit<S, X, C, St, H> {
     }
 }
 
-impl<S, X, C, St, H, Req> Service<Req> for RateLimit<S, X, C, St, H>
+impl<S, X, C, St, H, Req> Service<Req> for RateLimitService<S, X, C, St, H>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
@@ -110,7 +110,7 @@ fn take_ready<S: Clone>(inner: &mut S) -> S {
     std::mem::replace(inner, clone)
 }
 
-impl<S: Clone, X, C, St, H> Clone for RateLimit<S, X, C, St, H> {
+impl<S: Clone, X, C, St, H> Clone for RateLimitService<S, X, C, St, H> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -121,7 +121,7 @@ impl<S: Clone, X, C, St, H> Clone for RateLimit<S, X, C, St, H> {
 }
 
 impl<S: std::fmt::Debug, X, C, St: std::fmt::Debug, H> std::fmt::Debug
-    for RateLimit<S, X, C, St, H>
+    for RateLimitService<S, X, C, St, H>
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimit")

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 use tower::BoxError;
 
 use super::bucket::{Claim, Denied, Quota, TokenBucket, Verdict, max_wait_nanos};
-use super::error::ConfigError;
+use super::error::RateLimitConfigError;
 use super::keyed::{Clock, KeyedBuckets, KeyedClaim};
 use super::layer::RateLimitStatus;
 
@@ -51,9 +51,9 @@ pub trait Store: Send + Sync + 'static {
 
     /// Replaces the quota with `change(current)`; buckets keep the tokens they hold,
     /// clamped to the new capacity.
-    fn update_quota<F>(&self, change: F) -> Result<(), ConfigError>
+    fn update_quota<F>(&self, change: F) -> Result<(), RateLimitConfigError>
     where
-        F: FnOnce(Quota) -> Result<Quota, ConfigError>;
+        F: FnOnce(Quota) -> Result<Quota, RateLimitConfigError>;
 
     /// The tokens `key`'s bucket holds now (a remote store may answer from what it last
     /// saw).
@@ -65,7 +65,7 @@ pub trait Store: Send + Sync + 'static {
     /// Checks the store's own options (the quota it was made for included):
     /// [`build_with`](super::Builder::build_with) returns this error. The default accepts
     /// everything.
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), RateLimitConfigError> {
         Ok(())
     }
 }
@@ -226,9 +226,9 @@ where
         self.shared.quota()
     }
 
-    fn update_quota<F>(&self, change: F) -> Result<(), ConfigError>
+    fn update_quota<F>(&self, change: F) -> Result<(), RateLimitConfigError>
     where
-        F: FnOnce(Quota) -> Result<Quota, ConfigError>,
+        F: FnOnce(Quota) -> Result<Quota, RateLimitConfigError>,
     {
         // Keyed buckets remember the quota they were measured in and move on their next
         // request; only the shared bucket must move now.

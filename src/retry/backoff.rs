@@ -164,16 +164,16 @@ impl Backoff {
         self.max.unwrap_or(Duration::MAX)
     }
 
-    pub(crate) fn validate(&self) -> Result<(), super::ConfigError> {
-        use super::ConfigError;
+    pub(crate) fn validate(&self) -> Result<(), super::RetryConfigError> {
+        use super::RetryConfigError;
         if let Growth::Exponential { multiplier } = self.growth {
             // NaN fails the range check too.
             if !(1.0..f64::INFINITY).contains(&multiplier) {
-                return Err(ConfigError::Multiplier(multiplier));
+                return Err(RetryConfigError::Multiplier(multiplier));
             }
         }
         if self.cap() < self.base {
-            return Err(ConfigError::CapBelowBase {
+            return Err(RetryConfigError::CapBelowBase {
                 base: self.base,
                 cap: self.cap(),
             });
@@ -181,7 +181,7 @@ impl Backoff {
         if let Jitter::Proportional(spread) = self.jitter
             && !(0.0..=1.0).contains(&spread)
         {
-            return Err(ConfigError::Jitter(spread));
+            return Err(RetryConfigError::Jitter(spread));
         }
         Ok(())
     }

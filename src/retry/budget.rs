@@ -144,17 +144,17 @@ impl RetryBudget {
         self.ratio
     }
 
-    pub(crate) fn validate(&self) -> Result<(), super::ConfigError> {
-        use super::ConfigError;
+    pub(crate) fn validate(&self) -> Result<(), super::RetryConfigError> {
+        use super::RetryConfigError;
         if !(Self::MIN_TTL..=Self::MAX_TTL).contains(&self.ttl) {
-            return Err(ConfigError::BudgetTtl(self.ttl));
+            return Err(RetryConfigError::BudgetTtl(self.ttl));
         }
         if self.min_per_sec > Self::MAX_MIN_PER_SEC {
-            return Err(ConfigError::BudgetMinPerSec(self.min_per_sec));
+            return Err(RetryConfigError::BudgetMinPerSec(self.min_per_sec));
         }
         // NaN fails the range check too.
         if !(0.0..=Self::MAX_RATIO).contains(&self.ratio) {
-            return Err(ConfigError::BudgetRatio(self.ratio));
+            return Err(RetryConfigError::BudgetRatio(self.ratio));
         }
         Ok(())
     }

@@ -17,7 +17,7 @@ use tokio::time::{Instant, Sleep, sleep_until};
 use tower::BoxError;
 use tower_service::Service;
 
-/// The response future of [`Retry`](super::Retry): attempts, waits between them, and
+/// The response future of [`RetryService`](super::RetryService): attempts, waits between them, and
 /// resolves to the last result.
 ///
 /// Dropping it stops everything: the attempt in flight or the pending delay is

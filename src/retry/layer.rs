@@ -1,6 +1,8 @@
 //! The layer, its builder, its handle and its configuration errors.
 
-use super::{Backoff, CloneRequest, Jitter, Retry, RetryBudget, RetryErrors, RetryIf, RetryReason};
+use super::{
+    Backoff, CloneRequest, Jitter, RetryBudget, RetryErrors, RetryIf, RetryReason, RetryService,
+};
 use crate::sync::{AtomicU64, Ordering};
 use std::fmt;
 use std::sync::Arc;
@@ -65,10 +67,10 @@ impl<P, D> RetryLayer<P, D> {
 }
 
 impl<S, P, D> Layer<S> for RetryLayer<P, D> {
-    type Service = Retry<S, P, D>;
+    type Service = RetryService<S, P, D>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        Retry::new(inner, self.shared.clone())
+        RetryService::new(inner, self.shared.clone())
     }
 }
 
@@ -202,15 +204,15 @@ impl<P, D> RetryLayerBuilder<P, D> {
     }
 
     /// Checks the configuration and builds the layer.
-    pub fn build(self) -> Result<RetryLayer<P, D>, ConfigError> {
+    pub fn build(self) -> Result<RetryLayer<P, D>, RetryConfigError> {
         if self.max_attempts == 0 {
-            return Err(ConfigError::ZeroAttempts);
+            return Err(RetryConfigError::ZeroAttempts);
         }
         self.backoff.validate()?;
         self.budget.validate()?;
         if self.per_attempt_timeout == Some(Duration::ZERO) || self.deadline == Some(Duration::ZERO)
         {
-            return Err(ConfigError::ZeroTimeout);
+            return Err(RetryConfigError::ZeroTimeout);
         }
         Ok(RetryLayer {
             shared: Arc::new(Shared {
@@ -250,7 +252,7 @@ impl<P> RetryLayerBuilder<P, super::ReplayBodies> {
 /// An invalid [`RetryLayerBuilder`] configuration.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
-pub enum ConfigError {
+pub enum RetryConfigError {
     /// `max_attempts(0)`: the first attempt counts, so at least 1 is needed.
     #[error("max_attempts must be at least 1 (it counts the first attempt)")]
     ZeroAttempts,

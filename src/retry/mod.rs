@@ -80,12 +80,12 @@ pub use self::budget::{RetryBudget, Withdrawal};
 pub use self::error::{AttemptTimedOut, DeadlineExceeded};
 pub use self::future::ResponseFuture;
 pub use self::layer::{
-    ConfigError, RetryEvent, RetryHandle, RetryLayer, RetryLayerBuilder, RetryMetrics,
+    RetryConfigError, RetryEvent, RetryHandle, RetryLayer, RetryLayerBuilder, RetryMetrics,
 };
 pub use self::policy::{Decision, RetryErrors, RetryIf, RetryPolicy, RetryReason, retry_rejection};
 #[cfg(feature = "http")]
 pub use self::policy::{GrpcRetry, HttpRetry, parse_retry_after};
-pub use self::service::Retry;
+pub use self::service::RetryService;
 
 #[cfg(test)]
 mod tests;

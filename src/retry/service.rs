@@ -8,12 +8,12 @@ use tower::BoxError;
 use tower_service::Service;
 
 /// The service [`RetryLayer`](super::RetryLayer) builds: retries calls to `S`.
-pub struct Retry<S, P, D> {
+pub struct RetryService<S, P, D> {
     inner: S,
     shared: Arc<Shared<P, D>>,
 }
 
-impl<S, P, D> Retry<S, P, D> {
+impl<S, P, D> RetryService<S, P, D> {
     pub(crate) fn new(inner: S, shared: Arc<Shared<P, D>>) -> Self {
         Self { inner, shared }
     }
@@ -34,7 +34,7 @@ impl<S, P, D> Retry<S, P, D> {
     }
 }
 
-impl<S: Clone, P, D> Clone for Retry<S, P, D> {
+impl<S: Clone, P, D> Clone for RetryService<S, P, D> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
@@ -43,7 +43,7 @@ impl<S: Clone, P, D> Clone for Retry<S, P, D> {
     }
 }
 
-impl<S: fmt::Debug, P, D> fmt::Debug for Retry<S, P, D> {
+impl<S: fmt::Debug, P, D> fmt::Debug for RetryService<S, P, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Retry")
             .field("inner", &self.inner)
@@ -51,7 +51,7 @@ impl<S: fmt::Debug, P, D> fmt::Debug for Retry<S, P, D> {
     }
 }
 
-impl<S, P, D, Req> Service<Req> for Retry<S, P, D>
+impl<S, P, D, Req> Service<Req> for RetryService<S, P, D>
 where
     D: Duplicate<Req>,
     P: RetryPolicy<Req, S::Response>,

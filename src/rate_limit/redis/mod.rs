@@ -17,7 +17,7 @@ use self::health::{Health, Route};
 pub use self::key::RedisKey;
 use self::lease::{Batch, Leases, Refilling};
 use super::bucket::{Denied, Quota, gcd};
-use super::error::ConfigError;
+use super::error::RateLimitConfigError;
 use super::layer::RateLimitStatus;
 use super::store::{Decision, LocalReservation, LocalStore, Store};
 use crate::sync::{AtomicU64, Ordering};
@@ -90,7 +90,7 @@ const MAX_LEASE_FOR: Duration = Duration::from_nanos(1 << 57);
 /// TAT is stored as whole microseconds, then `.` and the units past them). The script
 /// counts in doubles, exact below 2^53: a quota whose capacity times its refill
 /// interval exceeds 2^51 of the script's units (71 years when the interval is a whole
-/// number of microseconds, less for finer rates) is [`ConfigError::TooLarge`], from
+/// number of microseconds, less for finer rates) is [`RateLimitConfigError::TooLarge`], from
 /// [`build_with`](super::Builder::build_with) and from the handle's setters.
 ///
 /// A request that costs more than the capacity is refused without a round trip. A
@@ -172,9 +172,9 @@ const MAX_LEASE_FOR: Duration = Duration::from_nanos(1 << 57);
 /// [`RedisStore::new`] does not fail: an option the local builder would refuse is
 /// reported by [`Store::validate`], which
 /// [`build_with`](super::Builder::build_with) calls, so that `build_with` returns the
-/// [`ConfigError`] (`batch(0)` is [`ConfigError::ZeroBatch`], `fallback_max_keys(0)` and
-/// `lease_max_keys(0)` are [`ConfigError::ZeroMaxKeys`], a `lease_for` above 4.5 years
-/// or a quota too large for the script is [`ConfigError::TooLarge`]). A store used
+/// [`RateLimitConfigError`] (`batch(0)` is [`RateLimitConfigError::ZeroBatch`], `fallback_max_keys(0)` and
+/// `lease_max_keys(0)` are [`RateLimitConfigError::ZeroMaxKeys`], a `lease_for` above 4.5 years
+/// or a quota too large for the script is [`RateLimitConfigError::TooLarge`]). A store used
 /// without `build_with` treats such values as the nearest valid one (zero as one,
 /// `lease_for` as 4.5 years) and never panics.
 ///
@@ -200,7 +200,7 @@ struct Shared<K> {
     when_unavailable: WhenUnavailable,
     quota: RwLock<Scaled>,
     /// The first invalid option, for [`Store::validate`].
-    invalid: Option<ConfigError>,
+    invalid: Option<RateLimitConfigError>,
     /// Only for [`WhenUnavailable::Local`].
     fallback: Option<LocalStore<K>>,
     health: Health,
@@ -286,7 +286,7 @@ impl RedisOptions {
     }
 
     /// The most keys the [local fallback](WhenUnavailable::Local) tracks (default
-    /// 100,000; 0 is [`ConfigError::ZeroMaxKeys`]; see
+    /// 100,000; 0 is [`RateLimitConfigError::ZeroMaxKeys`]; see
     /// [`Builder::max_keys`](super::Builder::max_keys)).
     pub fn fallback_max_keys(mut self, max_keys: usize) -> Self {
         self.fallback_max_keys = max_keys;
@@ -294,7 +294,7 @@ impl RedisOptions {
     }
 
     /// Lease tokens `n` requests at a time (default 1: no batching, one round trip per
-    /// request; 0 is [`ConfigError::ZeroBatch`]). See
+    /// request; 0 is [`RateLimitConfigError::ZeroBatch`]). See
     /// [local batching](RedisStore#local-batching).
     pub fn batch(mut self, n: u32) -> Self {
         self.batch = n;
@@ -303,14 +303,14 @@ impl RedisOptions {
 
     /// How long a [batch](Self::batch)'s unspent tokens stay usable (default: the time
     /// the bucket takes to refill a batch, `n` refill intervals, at most one second;
-    /// above 4.5 years is [`ConfigError::TooLarge`]; zero: a lease expires at once).
+    /// above 4.5 years is [`RateLimitConfigError::TooLarge`]; zero: a lease expires at once).
     pub fn lease_for(mut self, lease_for: Duration) -> Self {
         self.lease_for = Some(lease_for);
         self
     }
 
     /// The most keys holding a [batch](Self::batch) at once (default 10,000; 0 is
-    /// [`ConfigError::ZeroMaxKeys`]): beyond it, the requests of new keys go to Redis one
+    /// [`RateLimitConfigError::ZeroMaxKeys`]): beyond it, the requests of new keys go to Redis one
     /// by one until leases expire.
     pub fn lease_max_keys(mut self, max_keys: usize) -> Self {
         self.lease_max_keys = max_keys;
@@ -365,19 +365,19 @@ where
 impl RedisOptions {
     /// The first option the local builder would refuse too (a value that is ignored, such
     /// as `lease_max_keys` without batching, is not checked).
-    fn invalid(&self) -> Option<ConfigError> {
+    fn invalid(&self) -> Option<RateLimitConfigError> {
         let batching = self.batch > 1;
         let local = matches!(self.when_unavailable, WhenUnavailable::Local { .. });
         if self.batch == 0 {
-            Some(ConfigError::ZeroBatch)
+            Some(RateLimitConfigError::ZeroBatch)
         } else if (local && self.fallback_max_keys == 0) || (batching && self.lease_max_keys == 0) {
-            Some(ConfigError::ZeroMaxKeys)
+            Some(RateLimitConfigError::ZeroMaxKeys)
         } else if batching
             && self
                 .lease_for
                 .is_some_and(|lease_for| lease_for > MAX_LEASE_FOR)
         {
-            Some(ConfigError::TooLarge)
+            Some(RateLimitConfigError::TooLarge)
         } else {
             None
         }
@@ -395,11 +395,11 @@ struct Scaled {
 
 impl Scaled {
     /// `quota` in the scripts' units, if they count it exactly.
-    fn of(quota: Quota) -> Result<Self, ConfigError> {
+    fn of(quota: Quota) -> Result<Self, RateLimitConfigError> {
         let scaled = Self::unchecked(quota);
         match quota.capacity().checked_mul(scaled.token) {
             Some(tolerance) if tolerance <= MAX_REDIS_SPAN => Ok(scaled),
-            _ => Err(ConfigError::TooLarge),
+            _ => Err(RateLimitConfigError::TooLarge),
         }
     }
 
@@ -743,9 +743,9 @@ where
         self.shared.quota()
     }
 
-    fn update_quota<F>(&self, change: F) -> Result<(), ConfigError>
+    fn update_quota<F>(&self, change: F) -> Result<(), RateLimitConfigError>
     where
-        F: FnOnce(Quota) -> Result<Quota, ConfigError>,
+        F: FnOnce(Quota) -> Result<Quota, RateLimitConfigError>,
     {
         let mut quota = self
             .shared
@@ -762,7 +762,7 @@ where
         Ok(())
     }
 
-    fn validate(&self) -> Result<(), ConfigError> {
+    fn validate(&self) -> Result<(), RateLimitConfigError> {
         self.shared.invalid.clone().map_or(Ok(()), Err)
     }
 
