@@ -121,6 +121,7 @@ impl Quota {
 
     /// The rate as `(tokens, nanoseconds)` in lowest terms: `tokens` refills take exactly
     /// `nanoseconds`.
+    #[cfg(feature = "redis")]
     pub(crate) fn rate(&self) -> (u64, u64) {
         (self.unit, self.token)
     }
