@@ -2,69 +2,12 @@
 //! against the peers, with the same settings (trip at 50% over 100 calls or 30 s, at
 //! least 20 calls, 30 s open, 5 probes); then two threads sharing one breaker.
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
-use palisade::circuit_breaker::{CircuitBreakerLayer, SlidingWindow};
+use palisade_bench::stacks::{
+    bare, breaker_count, breaker_time_slow, failsafe_breaker, tower_resilience_breaker,
+};
 use std::hint::black_box;
 use std::time::{Duration, Instant};
-use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
-
-fn bare()
--> impl Service<u64, Response = u64, Error = BoxError, Future: Send> + Clone + Send + 'static {
-    service_fn(|request: u64| async move { Ok::<_, BoxError>(request) })
-}
-
-fn count_breaker() -> CircuitBreakerLayer {
-    CircuitBreakerLayer::builder()
-        .failure_rate_threshold(0.5)
-        .minimum_calls(20)
-        .sliding_window(SlidingWindow::count(100))
-        .open_for(Duration::from_secs(30))
-        .half_open_probes(5)
-        .build()
-        .expect("valid")
-}
-
-fn time_breaker() -> CircuitBreakerLayer {
-    CircuitBreakerLayer::builder()
-        .failure_rate_threshold(0.5)
-        .minimum_calls(20)
-        .sliding_window(SlidingWindow::time(Duration::from_secs(30)))
-        .slow_calls(Duration::from_secs(2), 0.8)
-        .open_for(Duration::from_secs(30))
-        .half_open_probes(5)
-        .build()
-        .expect("valid")
-}
-
-fn tower_resilience_breaker<S>(
-    service: S,
-) -> tower_resilience::circuitbreaker::CircuitBreaker<
-    S,
-    tower_resilience::circuitbreaker::DefaultClassifier,
->
-where
-    S: Clone,
-{
-    tower_resilience::circuitbreaker::CircuitBreakerLayer::builder()
-        .failure_rate_threshold(0.5)
-        .minimum_number_of_calls(20)
-        .sliding_window_size(100)
-        .wait_duration_in_open(Duration::from_secs(30))
-        .permitted_calls_in_half_open(5)
-        .build()
-        .expect("valid")
-        .layer(service)
-}
-
-fn failsafe_breaker() -> impl failsafe::futures::CircuitBreaker + Clone + Send + 'static {
-    let backoff = failsafe::backoff::constant(Duration::from_secs(30));
-    let policy = failsafe::failure_policy::success_rate_over_time_window(
-        0.5,
-        20,
-        Duration::from_secs(30),
-        backoff,
-    );
-    failsafe::Config::new().failure_policy(policy).build()
-}
+use tower::{Layer, Service, ServiceExt};
 
 fn runtime() -> tokio::runtime::Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -94,22 +37,14 @@ where
 
 fn single_thread(c: &mut Criterion) {
     bench_service(c, "bare", bare());
-    bench_service(c, "palisade/count_window", count_breaker().layer(bare()));
+    bench_service(c, "palisade/count_window", breaker_count().layer(bare()));
     bench_service(
         c,
         "palisade/time_window_slow_calls",
-        time_breaker().layer(bare()),
+        breaker_time_slow().layer(bare()),
     );
     bench_service(c, "tower_resilience", tower_resilience_breaker(bare()));
-    let breaker = failsafe_breaker();
-    bench_service(
-        c,
-        "failsafe",
-        service_fn(move |request: u64| {
-            use failsafe::futures::CircuitBreaker;
-            breaker.call(async move { Ok::<_, BoxError>(request) })
-        }),
-    );
+    bench_service(c, "failsafe", failsafe_breaker());
 }
 
 /// `threads` threads, each with its own clone of `service` (sharing whatever state the
@@ -154,7 +89,7 @@ fn shared_between_threads(c: &mut Criterion) {
         group.bench_function(format!("bare/{threads}"), |b| {
             b.iter_custom(|iters| run_threads(&bare, threads, iters))
         });
-        let ours = count_breaker().layer(bare.clone());
+        let ours = breaker_count().layer(bare.clone());
         group.bench_function(format!("palisade/{threads}"), |b| {
             b.iter_custom(|iters| run_threads(&ours, threads, iters))
         });

@@ -5,21 +5,20 @@
 //! Every measurement runs its requests in one `block_on` (criterion's `iter_custom`),
 //! so the numbers are the service stack's, not the executor's.
 
-use std::future::{Ready, ready};
 use std::hint::black_box;
-use std::num::NonZeroU32;
 use std::sync::Arc;
-use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, criterion_group, criterion_main};
-use futures_util::future::Either;
-use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota as GovernorQuota};
-use http::{Request, Response};
+use governor::DefaultDirectRateLimiter;
 use palisade::rate_limit::RateLimitLayer;
-use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+use palisade_bench::stacks::{
+    bare, bare_http, governor_direct, governor_keyed, keyed_request, never_throttled,
+    rate_limit_global, rate_limit_keyed_http, tower_governor_keyed,
+};
+use tower::{Layer, Service, ServiceExt};
 
 const KEYS: u64 = 10_000;
 
@@ -51,23 +50,6 @@ where
     })
 }
 
-fn bare_service() -> impl Service<u64, Response = u64, Error = BoxError, Future: Send> + Clone + Send
-{
-    service_fn(|request: u64| ready(Ok::<_, BoxError>(request)))
-}
-
-fn ours_global() -> RateLimitLayer {
-    RateLimitLayer::builder()
-        .capacity(1_000_000_000_000)
-        .refill(1_000_000_000, Duration::from_secs(1))
-        .build()
-        .expect("config")
-}
-
-fn never_throttled() -> GovernorQuota {
-    GovernorQuota::per_second(NonZeroU32::MAX)
-}
-
 fn measure(
     group: &mut BenchmarkGroup<'_, WallTime>,
     name: &str,
@@ -76,58 +58,16 @@ fn measure(
     group.bench_function(name, |b| b.iter_custom(&mut run));
 }
 
-/// governor in the smallest tower wrapper that rejects in `call`: `admit` is its
-/// direct `check()` or keyed `check_key()`.
-#[derive(Clone)]
-struct Governed<S, F> {
-    inner: S,
-    admit: F,
-}
-
-impl<S, F> Service<u64> for Governed<S, F>
-where
-    S: Service<u64, Error = BoxError>,
-    F: Fn(&u64) -> bool,
-{
-    type Response = S::Response;
-    type Error = BoxError;
-    type Future = Either<S::Future, Ready<Result<S::Response, BoxError>>>;
-
-    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
-        self.inner.poll_ready(cx)
-    }
-
-    fn call(&mut self, request: u64) -> Self::Future {
-        if (self.admit)(&request) {
-            Either::Left(self.inner.call(request))
-        } else {
-            Either::Right(ready(Err("rate limited".into())))
-        }
-    }
-}
-
-fn governor_direct(
-    limiter: Arc<DefaultDirectRateLimiter>,
-) -> Governed<
-    impl Service<u64, Error = BoxError> + Clone + Send,
-    impl Fn(&u64) -> bool + Clone + Send,
-> {
-    Governed {
-        inner: bare_service(),
-        admit: move |_: &u64| limiter.check().is_ok(),
-    }
-}
-
 fn single_thread(c: &mut Criterion) {
     let runtime = &runtime();
     let mut group = c.benchmark_group("rate_limit");
 
-    let mut bare = bare_service();
+    let mut bare_service = bare();
     measure(&mut group, "bare", |iters| {
-        drive(runtime, &mut bare, iters, |i| i)
+        drive(runtime, &mut bare_service, iters, |i| i)
     });
 
-    let mut global = ours_global().layer(bare_service());
+    let mut global = rate_limit_global().layer(bare());
     measure(&mut group, "ours_global", |iters| {
         drive(runtime, &mut global, iters, |i| i)
     });
@@ -139,15 +79,16 @@ fn single_thread(c: &mut Criterion) {
             .keyed(|request: &u64| Some(*request))
             .build()
             .expect("config")
-            .layer(bare_service());
+            .layer(bare());
         measure(&mut group, label, move |iters| {
             drive(runtime, &mut keyed, iters, |i| i % keys)
         });
     }
 
-    let mut direct = governor_direct(Arc::new(
-        DefaultDirectRateLimiter::direct(never_throttled()),
-    ));
+    let mut direct = governor_direct(
+        bare(),
+        Arc::new(DefaultDirectRateLimiter::direct(never_throttled())),
+    );
     measure(&mut group, "governor_direct", |iters| {
         drive(runtime, &mut direct, iters, |i| i)
     });
@@ -156,11 +97,7 @@ fn single_thread(c: &mut Criterion) {
         ("governor_keyed_1_key", 1),
         ("governor_keyed_10k_keys", KEYS),
     ] {
-        let limiter = DefaultKeyedRateLimiter::<u64>::keyed(never_throttled());
-        let mut keyed = Governed {
-            inner: bare_service(),
-            admit: move |key: &u64| limiter.check_key(key).is_ok(),
-        };
+        let mut keyed = governor_keyed(bare());
         measure(&mut group, label, move |iters| {
             drive(runtime, &mut keyed, iters, |i| i % keys)
         });
@@ -169,7 +106,7 @@ fn single_thread(c: &mut Criterion) {
     // tower's RateLimit arms its sleep on construction: it needs the runtime's context.
     let _context = runtime.enter();
     let mut tower_limit =
-        tower::limit::RateLimitLayer::new(u64::MAX, Duration::from_secs(1)).layer(bare_service());
+        tower::limit::RateLimitLayer::new(u64::MAX, Duration::from_secs(1)).layer(bare());
     measure(&mut group, "tower_rate_limit", |iters| {
         drive(runtime, &mut tower_limit, iters, |i| i)
     });
@@ -180,7 +117,7 @@ fn single_thread(c: &mut Criterion) {
     )
     .build()
     .expect("config")
-    .layer(bare_service());
+    .layer(bare());
     measure(&mut group, "tower_resilience", |iters| {
         drive(runtime, &mut resilience, iters, |i| i)
     });
@@ -190,58 +127,20 @@ fn single_thread(c: &mut Criterion) {
 /// tower_governor only takes `http::Request`s: compared with an HTTP bare service and our
 /// keyed limiter on the same requests, keyed on a `u64` request extension.
 fn http(c: &mut Criterion) {
-    #[derive(Clone)]
-    struct ExtensionKey;
-
-    impl tower_governor::key_extractor::KeyExtractor for ExtensionKey {
-        type Key = u64;
-
-        fn extract<T>(&self, request: &Request<T>) -> Result<u64, tower_governor::GovernorError> {
-            request
-                .extensions()
-                .get::<u64>()
-                .copied()
-                .ok_or(tower_governor::GovernorError::UnableToExtractKey)
-        }
-    }
-
-    fn http_service()
-    -> impl Service<Request<()>, Response = Response<Body>, Error = BoxError> + Clone {
-        service_fn(|_: Request<()>| ready(Ok::<_, BoxError>(Response::new(Body::empty()))))
-    }
-
-    fn request(key: u64) -> Request<()> {
-        let mut request = Request::new(());
-        request.extensions_mut().insert(key);
-        request
-    }
-
     let runtime = runtime();
     let mut group = c.benchmark_group("rate_limit_http");
-    let mut bare = http_service();
+    let mut bare_service = bare_http::<Body>();
     group.bench_function("bare_http", |b| {
-        b.iter_custom(|iters| drive(&runtime, &mut bare, iters, request))
+        b.iter_custom(|iters| drive(&runtime, &mut bare_service, iters, keyed_request))
     });
     for (suffix, keys) in [("1_key", 1), ("10k_keys", KEYS)] {
-        let mut ours = RateLimitLayer::builder()
-            .capacity(1_000_000_000_000)
-            .refill(1_000_000_000, Duration::from_secs(1))
-            .keyed(|request: &Request<()>| request.extensions().get::<u64>().copied())
-            .build()
-            .expect("config")
-            .layer(http_service());
+        let mut ours = rate_limit_keyed_http(bare_http::<Body>());
         group.bench_function(format!("ours_keyed_{suffix}"), |b| {
-            b.iter_custom(|iters| drive(&runtime, &mut ours, iters, |i| request(i % keys)))
+            b.iter_custom(|iters| drive(&runtime, &mut ours, iters, |i| keyed_request(i % keys)))
         });
-        let config = tower_governor::governor::GovernorConfigBuilder::default()
-            .per_nanosecond(1)
-            .burst_size(u32::MAX)
-            .key_extractor(ExtensionKey)
-            .finish()
-            .expect("config");
-        let mut theirs = tower_governor::GovernorLayer::new(config).layer(http_service());
+        let mut theirs = tower_governor_keyed(bare_http::<Body>());
         group.bench_function(format!("tower_governor_keyed_{suffix}"), |b| {
-            b.iter_custom(|iters| drive(&runtime, &mut theirs, iters, |i| request(i % keys)))
+            b.iter_custom(|iters| drive(&runtime, &mut theirs, iters, |i| keyed_request(i % keys)))
         });
     }
     group.finish();
@@ -251,14 +150,16 @@ fn http(c: &mut Criterion) {
 /// (so half the one-thread time would be perfect scaling).
 fn two_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("rate_limit_threads");
-    let ours = ours_global();
+    let ours = rate_limit_global();
     let governor = Arc::new(DefaultDirectRateLimiter::direct(never_throttled()));
     for threads in [1u32, 2] {
         group.bench_function(format!("ours_global_{threads}_threads"), |b| {
-            b.iter_custom(|iters| run_threads(threads, iters, || ours.layer(bare_service())))
+            b.iter_custom(|iters| run_threads(threads, iters, || ours.layer(bare())))
         });
         group.bench_function(format!("governor_direct_{threads}_threads"), |b| {
-            b.iter_custom(|iters| run_threads(threads, iters, || governor_direct(governor.clone())))
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, || governor_direct(bare(), governor.clone()))
+            })
         });
     }
     group.finish();

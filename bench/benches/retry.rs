@@ -10,12 +10,18 @@ use futures_util::FutureExt;
 use http::{Request, Response};
 use http_body_util::{BodyExt, Full};
 use palisade::retry::{HttpRetry, RetryLayer};
-use std::future::{Ready, ready};
+use palisade_bench::stacks::{bare_http, retry, tower_retry};
+use std::future::ready;
 use std::hint::black_box;
 use tokio::runtime::Runtime;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
 type Empty = Request<()>;
+
+/// The bare service: an empty response, at once.
+fn bare() -> impl Service<Empty, Response = Response<()>, Error = BoxError> + Clone {
+    bare_http::<()>()
+}
 
 fn runtime() -> Runtime {
     tokio::runtime::Builder::new_current_thread()
@@ -49,36 +55,6 @@ fn bench_service<S, Req>(
     });
 }
 
-fn bare() -> impl Service<
-    Empty,
-    Response = Response<()>,
-    Error = BoxError,
-    Future = Ready<Result<Response<()>, BoxError>>,
-> + Clone {
-    service_fn(|_request: Empty| ready(Ok::<_, BoxError>(Response::new(()))))
-}
-
-/// tower's retry with a policy that never retries but clones every request, as any
-/// tower retry policy must.
-#[derive(Clone)]
-struct NeverRetry;
-
-impl tower::retry::Policy<Empty, Response<()>, BoxError> for NeverRetry {
-    type Future = Ready<()>;
-
-    fn retry(
-        &mut self,
-        _: &mut Empty,
-        _: &mut Result<Response<()>, BoxError>,
-    ) -> Option<Self::Future> {
-        None
-    }
-
-    fn clone_request(&mut self, request: &Empty) -> Option<Empty> {
-        Some(request.clone())
-    }
-}
-
 #[derive(Debug, Clone)]
 struct Unreachable;
 
@@ -87,12 +63,11 @@ fn success_path(c: &mut Criterion) {
 
     bench_service(c, "bare", &runtime, bare(), Request::default);
 
-    let ours = RetryLayer::builder().build().expect("config");
     bench_service(
         c,
         "palisade retry",
         &runtime,
-        ours.layer(bare()),
+        retry().layer(bare()),
         Request::default,
     );
 
@@ -123,12 +98,11 @@ fn success_path(c: &mut Criterion) {
         post,
     );
 
-    let tower_retry = tower::retry::RetryLayer::new(NeverRetry);
     bench_service(
         c,
         "tower retry (cloning policy)",
         &runtime,
-        tower_retry.layer(bare()),
+        tower_retry(bare()),
         Request::default,
     );
 
