@@ -84,6 +84,7 @@ pub mod tonic;
 
 mod builder;
 mod metrics;
+mod rng;
 mod sync;
 
 // The lock-free cores as the loom model checks in tests/loom.rs drive them.

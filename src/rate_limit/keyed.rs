@@ -4,9 +4,11 @@
 use std::hash::{BuildHasher, Hash, RandomState};
 use std::sync::{Mutex, MutexGuard};
 
+use crate::sync::{CachePadded, lock};
+
 use hashbrown::HashTable;
 
-use super::bucket::{CachePadded, Frame, Verdict};
+use super::bucket::{Frame, Verdict};
 
 const MAX_SHARDS: usize = 64;
 /// Shards are added only while each keeps at least this many keys: with a few keys per
@@ -136,10 +138,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         // and tags with the top seven.
         let index = (hash >> 32) as usize & (self.shards.len() - 1);
         // A panic cannot leave a shard half-updated (every update is one assignment).
-        let shard = self.shards[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        (hash, shard)
+        (hash, lock(&self.shards[index]))
     }
 
     /// Charges `key`'s bucket; `None` when the key is new and the table is at its cap
@@ -205,11 +204,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
     pub(crate) fn len(&self) -> usize {
         (0..self.shards.len())
             .map(|index| {
-                self.shards[index]
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .buckets
-                    .len()
+                lock(&self.shards[index]).buckets.len()
             })
             .sum()
     }

@@ -1,4 +1,4 @@
-use super::backoff::random_u64;
+use crate::rng::random_u64;
 use super::layer::Shared;
 use super::{
     AttemptTimedOut, Backoff, DeadlineExceeded, Decision, Duplicate, RetryEvent, RetryPolicy,

@@ -6,13 +6,14 @@
 //! round trip that refills a lease runs outside of it.
 
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use hashbrown::HashTable;
 use tokio::time::Instant;
 
-use super::super::bucket::{CachePadded, Quota};
+use super::super::bucket::Quota;
+use crate::sync::{CachePadded, lock};
 
 const MAX_SHARDS: usize = 64;
 const MIN_KEYS_PER_SHARD: usize = 1024;
@@ -229,11 +230,6 @@ impl<K: Hash + Eq + Clone> Leases<K> {
         let index = (hash >> 32) as usize & (self.shards.len() - 1);
         (hash, lock(&self.shards[index]))
     }
-}
-
-/// Every update of a lease is one assignment: a panic cannot leave one half-written.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Hands the refill back to other requests unless the batch arrived: a request dropped

@@ -4,7 +4,7 @@ use std::future::Future;
 use std::hash::Hash;
 use std::num::NonZeroU32;
 use std::pin::Pin;
-use std::sync::{Arc, LazyLock, PoisonError, RwLock};
+use std::sync::{Arc, LazyLock, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -20,7 +20,7 @@ use super::bucket::{Denied, Quota, gcd};
 use super::error::RateLimitConfigError;
 use super::layer::RateLimitStatus;
 use super::store::{Decision, LocalReservation, LocalStore, Store};
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, Ordering, read, write};
 
 mod health;
 mod key;
@@ -468,7 +468,7 @@ where
     K: RedisKey + Hash + Eq + Clone + Send + Sync + 'static,
 {
     fn scaled(&self) -> Scaled {
-        *self.quota.read().unwrap_or_else(PoisonError::into_inner)
+        *read(&self.quota)
     }
 
     fn quota(&self) -> Quota {
@@ -747,11 +747,7 @@ where
     where
         F: FnOnce(Quota) -> Result<Quota, RateLimitConfigError>,
     {
-        let mut quota = self
-            .shared
-            .quota
-            .write()
-            .unwrap_or_else(PoisonError::into_inner);
+        let mut quota = write(&self.shared.quota);
         let changed = Scaled::of(change(quota.quota)?)?;
         if let (Some(fallback), WhenUnavailable::Local { replicas }) =
             (&self.shared.fallback, self.shared.when_unavailable)
