@@ -2,7 +2,9 @@
 //! (std's, or loom's under `--cfg loom` so that the model checks in `tests/loom.rs`
 //! explore every interleaving), cache padding for hot words, and lock recovery.
 
-use std::sync::{Mutex, MutexGuard, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::{Mutex, MutexGuard, PoisonError};
+#[cfg(feature = "redis")]
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 #[cfg(loom)]
 #[allow(unused_imports)] // each core takes what it needs
@@ -38,12 +40,15 @@ pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)
 }
 
-/// Locks `lock` for reading, recovering it if a panic poisoned it.
+/// Locks `lock` for reading, recovering it if a panic poisoned it. (Only the Redis
+/// store's quota, read on every request and written by the handle, is an `RwLock`.)
+#[cfg(feature = "redis")]
 pub(crate) fn read<T: ?Sized>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
     lock.read().unwrap_or_else(PoisonError::into_inner)
 }
 
 /// Locks `lock` for writing, recovering it if a panic poisoned it.
+#[cfg(feature = "redis")]
 pub(crate) fn write<T: ?Sized>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
     lock.write().unwrap_or_else(PoisonError::into_inner)
 }

@@ -120,7 +120,8 @@ impl Quota {
     }
 
     /// The rate as `(tokens, nanoseconds)` in lowest terms: `tokens` refills take exactly
-    /// `nanoseconds`.
+    /// `nanoseconds`. (What the Redis store scales its scripts' units by.)
+    #[cfg(feature = "redis")]
     pub(crate) fn rate(&self) -> (u64, u64) {
         (self.unit, self.token)
     }
