@@ -71,6 +71,7 @@ pub mod classify;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod correlation;
+pub mod key;
 pub mod rate_limit;
 pub mod retry;
 

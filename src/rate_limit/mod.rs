@@ -98,13 +98,16 @@ mod future;
 mod handle;
 #[cfg(feature = "http")]
 pub mod headers;
-pub mod key;
 mod keyed;
 mod layer;
 #[cfg(feature = "redis")]
 mod redis;
 mod service;
 mod store;
+
+/// The key extractors, at their old path: they are the crate's [`key`](crate::key)
+/// module, shared by every keyed layer.
+pub use crate::key;
 
 pub use self::bucket::{Admitted, Denied, Quota, Reservation, TokenBucket};
 pub use self::error::{CostExceedsCapacity, MissingKey, RateLimitConfigError, RateLimited};

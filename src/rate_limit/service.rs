@@ -7,9 +7,9 @@ use tower_service::Service;
 
 use super::MissingKey;
 use super::future::{Next, ResponseFuture};
-use super::key::{Global, KeyExtractor};
 use super::layer::{Cost, NoHeaders, OnAdmitted, Policy, UnitCost, WhenKeyMissing};
 use super::store::{LocalStore, Store};
+use crate::key::{Global, KeyExtractor};
 
 /// A service rate limited by a [`RateLimitLayer`](super::RateLimitLayer).
 ///

@@ -50,11 +50,11 @@ pub use self::replay::*;
 #[cfg(feature = "http")]
 mod replay {
     use super::Duplicate;
+    use crate::sync::lock;
     use bytes::Bytes;
     use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
     use http_body::{Body, Frame, SizeHint};
     use std::pin::Pin;
-    use crate::sync::lock;
     use std::sync::{Arc, Mutex, OnceLock};
     use std::task::{Context, Poll};
 

@@ -1,22 +1,19 @@
 //! Tokens a replica took from a Redis bucket in one batch, spent in process until they
 //! run out or expire ([`RedisOptions::batch`](super::RedisOptions::batch)).
 //!
-//! One lease per bucket, in a sharded table bounded by a key count. Each lease is held
-//! under its shard's mutex for a few instructions (a compare and a subtraction); the
-//! round trip that refills a lease runs outside of it.
+//! One lease per bucket, in the crate's bounded keyed table. Each lease is held under
+//! its shard's mutex for a few instructions (a compare and a subtraction); the round trip
+//! that refills a lease runs outside of it.
 
-use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::{Mutex, MutexGuard};
+use std::hash::Hash;
+use std::sync::Mutex;
 use std::time::Duration;
 
-use hashbrown::HashTable;
 use tokio::time::Instant;
 
 use super::super::bucket::Quota;
+use crate::key::{Idle, KeyedTable, MIN_SWEEP_SPACING};
 use crate::sync::{CachePadded, lock};
-
-const MAX_SHARDS: usize = 64;
-const MIN_KEYS_PER_SHARD: usize = 1024;
 
 /// A bucket's lease.
 #[derive(Debug, Clone, Copy)]
@@ -45,9 +42,14 @@ impl Lease {
             full_at: now,
         }
     }
+}
 
-    fn is_live(&self, now: Instant) -> bool {
-        self.refilling || now < self.expires
+impl Idle for Lease {
+    type Now = Instant;
+
+    /// Expired and not being refilled: what no lease at all means too.
+    fn is_idle(&self, now: Instant) -> bool {
+        !self.refilling && now >= self.expires
     }
 }
 
@@ -69,41 +71,24 @@ pub(super) struct Batch {
     pub(super) full_at: Instant,
 }
 
-struct Shard<K> {
-    /// Each key with its hash; the shared bucket's lease lives apart.
-    leases: HashTable<(K, u64, Lease)>,
-}
-
 /// The leases of one store.
 pub(super) struct Leases<K> {
     batch: u64,
     lease_for: Option<Duration>,
+    /// The shared bucket's lease lives apart from the keys'.
     shared: CachePadded<Mutex<Option<Lease>>>,
-    shards: Box<[CachePadded<Mutex<Shard<K>>>]>,
-    hasher: RandomState,
-    shard_cap: usize,
+    keyed: KeyedTable<K, Lease>,
 }
 
 impl<K: Hash + Eq + Clone> Leases<K> {
     /// Leases of `batch` requests' worth of tokens (`batch >= 2`), for at most `max_keys`
     /// keys (`max_keys >= 1`) besides the shared bucket.
     pub(super) fn new(batch: u64, lease_for: Option<Duration>, max_keys: usize) -> Self {
-        let shards = (max_keys / MIN_KEYS_PER_SHARD).clamp(1, MAX_SHARDS);
-        // The largest power of two not above `shards`, so that a mask picks the shard.
-        let shards = 1 << (usize::BITS - 1 - shards.leading_zeros());
         Self {
             batch,
             lease_for,
             shared: CachePadded(Mutex::new(None)),
-            shards: (0..shards)
-                .map(|_| {
-                    CachePadded(Mutex::new(Shard {
-                        leases: HashTable::new(),
-                    }))
-                })
-                .collect(),
-            hasher: RandomState::new(),
-            shard_cap: max_keys / shards,
+            keyed: KeyedTable::new(max_keys),
         }
     }
 
@@ -157,26 +142,18 @@ impl<K: Hash + Eq + Clone> Leases<K> {
             *shared = Some(Lease::refilling(now));
             return true;
         };
-        let (hash, mut shard) = self.shard(key);
-        if let Some((_, _, lease)) = shard.leases.find_mut(hash, |(known, ..)| known == key) {
+        let mut slot = self.keyed.slot(key);
+        if let Some(lease) = slot.get_mut() {
             if lease.refilling {
                 return false;
             }
             *lease = Lease::refilling(now);
             return true;
         }
-        if shard.leases.len() >= self.shard_cap {
-            shard.leases.retain(|(_, _, lease)| lease.is_live(now));
-            if shard.leases.len() >= self.shard_cap {
-                return false;
-            }
-        }
-        shard.leases.insert_unique(
-            hash,
-            (key.clone(), hash, Lease::refilling(now)),
-            |(_, hash, _)| *hash,
-        );
-        true
+        // Leases expire within the lease time, so a full table is worth another look
+        // soon.
+        let retry_at = || now.checked_add(MIN_SWEEP_SPACING).unwrap_or(now);
+        slot.insert(Lease::refilling(now), now, retry_at)
     }
 
     /// Stores the batch fetched by the request that [started the
@@ -207,28 +184,14 @@ impl<K: Hash + Eq + Clone> Leases<K> {
     /// How many keys hold a lease (or a slot for one), the shared bucket aside.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| lock(shard).leases.len())
-            .sum()
+        self.keyed.len()
     }
 
     fn with_lease<T>(&self, key: Option<&K>, f: impl FnOnce(Option<&mut Lease>) -> T) -> T {
         let Some(key) = key else {
             return f(lock(&self.shared).as_mut());
         };
-        let (hash, mut shard) = self.shard(key);
-        f(shard
-            .leases
-            .find_mut(hash, |(known, ..)| known == key)
-            .map(|(_, _, lease)| lease))
-    }
-
-    fn shard(&self, key: &K) -> (u64, MutexGuard<'_, Shard<K>>) {
-        let hash = self.hasher.hash_one(key);
-        // The table indexes with the low bits and tags with the top seven.
-        let index = (hash >> 32) as usize & (self.shards.len() - 1);
-        (hash, lock(&self.shards[index]))
+        f(self.keyed.slot(key).get_mut())
     }
 }
 
