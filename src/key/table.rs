@@ -50,10 +50,12 @@ pub(crate) trait Idle {
 /// A sharded table of at most `max_keys` entries.
 pub(crate) struct KeyedTable<K, V: Idle> {
     /// Padded so that threads working on different shards do not share cache lines.
-    shards: Box<[CachePadded<Mutex<Shard<K, V>>>]>,
+    shards: Box<[PaddedShard<K, V>]>,
     hasher: RandomState,
     shard_cap: usize,
 }
+
+type PaddedShard<K, V> = CachePadded<Mutex<Shard<K, V>>>;
 
 struct Shard<K, V: Idle> {
     /// Each key with its hash, so that growing the table does not hash keys again.

@@ -12,7 +12,7 @@
 //! is the tokens left and `t` the seconds until the bucket is full again (on a refusal:
 //! until the request would pass). Seconds are rounded up, so a client that waits that
 //! long is never early. The fields are written by
-//! [`insert_rate_limit_fields`](crate::rejection::insert_rate_limit_fields), which
+//! [`insert_rate_limit_fields`], which
 //! answers every rate limit of the [rejection contract](crate::rejection).
 
 use http::Response;

@@ -105,8 +105,8 @@ mod redis;
 mod service;
 mod store;
 
-/// The key extractors, at their old path: they are the crate's [`key`](crate::key)
-/// module, shared by every keyed layer.
+/// The key extractors, at their old path: this is the crate-level [`crate::key`] module,
+/// shared by every keyed layer.
 pub use crate::key;
 
 pub use self::bucket::{Admitted, Denied, Quota, Reservation, TokenBucket};
@@ -118,8 +118,10 @@ pub use self::layer::{
 };
 #[cfg(feature = "redis")]
 pub use self::redis::{
-    RedisDecision, RedisKey, RedisOptions, RedisReservation, RedisStore, RedisUnavailable,
+    RedisKey, RedisOptions, RedisReservation, RedisRoundTrip, RedisStore, RedisUnavailable,
     WhenUnavailable,
 };
 pub use self::service::RateLimitService;
-pub use self::store::{Decision, LocalReservation, LocalStore, Store};
+pub use self::store::{
+    Acquire, Admission, Answer, LocalReservation, LocalStore, NeverPending, StatusWanted, Store,
+};

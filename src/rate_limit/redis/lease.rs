@@ -6,7 +6,7 @@
 //! that refills a lease runs outside of it.
 
 use std::hash::Hash;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -130,10 +130,23 @@ impl<K: Hash + Eq + Clone> Leases<K> {
         })
     }
 
-    /// Claims the right to fetch `key`'s next batch: false if another request is
+    /// Claims the right to fetch `key`'s next batch: `None` if another request is
     /// fetching it, or the table is full of live leases (the request then goes to Redis
-    /// alone). Whatever the old lease held is forfeited.
-    pub(super) fn start_refill(&self, key: Option<&K>, now: Instant) -> bool {
+    /// alone). Whatever the old lease held is forfeited. The claim is owned, so that it
+    /// lets go even if the round trip it is for is dropped before it starts.
+    pub(super) fn start_refill(
+        self: &Arc<Self>,
+        key: Option<&K>,
+        now: Instant,
+    ) -> Option<Refilling<K>> {
+        self.claim_refill(key, now).then(|| Refilling {
+            leases: self.clone(),
+            key: key.cloned(),
+            filled: false,
+        })
+    }
+
+    fn claim_refill(&self, key: Option<&K>, now: Instant) -> bool {
         let Some(key) = key else {
             let mut shared = lock(&self.shared);
             if shared.is_some_and(|lease| lease.refilling) {
@@ -195,27 +208,37 @@ impl<K: Hash + Eq + Clone> Leases<K> {
     }
 }
 
-/// Hands the refill back to other requests unless the batch arrived: a request dropped
-/// or refused mid-refill must not leave its key refilling for ever.
-pub(super) struct Refilling<'a, K: Hash + Eq + Clone> {
-    leases: &'a Leases<K>,
-    key: Option<&'a K>,
+/// The right to fetch a key's next batch. Hands the refill back to other requests unless
+/// the batch arrived: a request dropped or refused mid-refill (or before its round trip
+/// started) must not leave its key refilling for ever.
+pub(super) struct Refilling<K: Hash + Eq + Clone> {
+    leases: Arc<Leases<K>>,
+    key: Option<K>,
+    filled: bool,
 }
 
-impl<'a, K: Hash + Eq + Clone> Refilling<'a, K> {
-    pub(super) fn new(leases: &'a Leases<K>, key: Option<&'a K>) -> Self {
-        Self { leases, key }
+impl<K: Hash + Eq + Clone> Refilling<K> {
+    /// How many requests' worth of tokens to fetch.
+    pub(super) fn batch(&self) -> u64 {
+        self.leases.batch()
     }
 
-    pub(super) fn fill(self, batch: Batch) {
-        self.leases.fill(self.key, batch);
-        std::mem::forget(self);
+    /// When the batch fetched by a request sent at `sent` expires.
+    pub(super) fn expiry(&self, sent: Instant, quota: Quota) -> Instant {
+        self.leases.expiry(sent, quota)
+    }
+
+    pub(super) fn fill(mut self, batch: Batch) {
+        self.leases.fill(self.key.as_ref(), batch);
+        self.filled = true;
     }
 }
 
-impl<K: Hash + Eq + Clone> Drop for Refilling<'_, K> {
+impl<K: Hash + Eq + Clone> Drop for Refilling<K> {
     fn drop(&mut self) {
-        self.leases.abandon(self.key);
+        if !self.filled {
+            self.leases.abandon(self.key.as_ref());
+        }
     }
 }
 
@@ -234,45 +257,57 @@ mod tests {
 
     #[test]
     fn a_lease_is_spent_until_empty_or_expired() {
-        let leases = Leases::<u8>::new(4, None, 10);
+        let leases = Arc::new(Leases::<u8>::new(4, None, 10));
         let now = Instant::now();
         let life = Duration::from_millis(100);
         assert!(leases.spend(Some(&1), 1, now).is_none());
-        assert!(leases.start_refill(Some(&1), now));
-        Refilling::new(&leases, Some(&1)).fill(filled(3, now, life));
+        let refill = leases.start_refill(Some(&1), now).unwrap();
+        refill.fill(filled(3, now, life));
         let spent = leases.spend(Some(&1), 2, now).unwrap();
         assert_eq!(spent.remaining, 11);
         assert!(leases.spend(Some(&1), 1, now).is_some());
         assert!(leases.spend(Some(&1), 1, now).is_none(), "empty");
 
-        assert!(leases.start_refill(Some(&1), now));
-        Refilling::new(&leases, Some(&1)).fill(filled(3, now, life));
+        let refill = leases.start_refill(Some(&1), now).unwrap();
+        refill.fill(filled(3, now, life));
         assert!(leases.spend(Some(&1), 1, now + life).is_none(), "expired");
     }
 
     #[test]
     fn one_request_refills_a_lease_at_a_time_and_a_dropped_one_lets_go() {
-        let leases = Leases::<u8>::new(4, None, 10);
+        let leases = Arc::new(Leases::<u8>::new(4, None, 10));
         let now = Instant::now();
-        assert!(leases.start_refill(None, now));
-        assert!(!leases.start_refill(None, now), "already refilling");
-        drop(Refilling::new(&leases, None));
-        assert!(leases.start_refill(None, now));
+        let refill = leases.start_refill(None, now).unwrap();
+        assert!(
+            leases.start_refill(None, now).is_none(),
+            "already refilling"
+        );
+        drop(refill);
+        assert!(leases.start_refill(None, now).is_some());
+        // A key's claim lets go the same way, and a filled one does not undo its batch.
+        let refill = leases.start_refill(Some(&1), now).unwrap();
+        drop(refill);
+        let refill = leases.start_refill(Some(&1), now).unwrap();
+        refill.fill(filled(3, now, Duration::from_millis(100)));
+        assert!(leases.spend(Some(&1), 1, now).is_some());
     }
 
     #[test]
     fn the_table_holds_at_most_max_keys_live_leases() {
-        let leases = Leases::<u8>::new(4, None, 2);
+        let leases = Arc::new(Leases::<u8>::new(4, None, 2));
         let now = Instant::now();
         let life = Duration::from_millis(100);
         for key in [1, 2] {
-            assert!(leases.start_refill(Some(&key), now));
-            Refilling::new(&leases, Some(&key)).fill(filled(3, now, life));
+            let refill = leases.start_refill(Some(&key), now).unwrap();
+            refill.fill(filled(3, now, life));
         }
-        assert!(!leases.start_refill(Some(&3), now), "full of live leases");
+        assert!(
+            leases.start_refill(Some(&3), now).is_none(),
+            "full of live leases"
+        );
         assert_eq!(leases.len(), 2);
         // Once they expire, they make room.
-        assert!(leases.start_refill(Some(&3), now + life));
+        assert!(leases.start_refill(Some(&3), now + life).is_some());
         assert_eq!(leases.len(), 1);
     }
 
