@@ -25,7 +25,8 @@
 //!   the buckets and change rate and capacity while serving.
 //! - **Pluggable state.** The buckets live in a [`Store`]; the in-process
 //!   [`LocalStore`] is the default; with the `redis` feature, `RedisStore` keeps them on
-//!   a Redis server so that a whole fleet of replicas shares one limit.
+//!   a Redis server so that a whole fleet of replicas shares one limit. A store of your
+//!   own answers at once or later (its [`Answer`]); the [`Store`] docs show one.
 //! - **HTTP answers** (feature `http`): [`headers::too_many_requests`] turns
 //!   [`RateLimited`] into a 429 with `Retry-After` and the IETF `RateLimit-Policy` and
 //!   `RateLimit` fields; [`Builder::headers_on_success`] adds the fields to admitted

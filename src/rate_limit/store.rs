@@ -393,7 +393,8 @@ impl<R> Admission<R> {
 ///
 /// The shared bucket is the whole limiter when it is global; for a keyed limiter it is
 /// the bucket of requests without a key (when so configured) and of new keys beyond
-/// `max_keys`.
+/// `max_keys`. It always answers at once ([`Answer::Now`]; its `Pending` is
+/// [`NeverPending`]).
 pub struct LocalStore<K = ()> {
     shared: TokenBucket,
     keyed: Option<KeyedBuckets<K>>,
