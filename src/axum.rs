@@ -104,7 +104,7 @@
 //!   (`tower::util::BoxCloneSyncService::new(stack)`).
 //!
 //! [`ServerErrorsAsFailures`]: crate::classify::ServerErrorsAsFailures
-//! [`PeerIp`]: crate::rate_limit::key::PeerIp
+//! [`PeerIp`]: crate::key::PeerIp
 //! [`MissingKey`]: crate::rate_limit::MissingKey
 
 use axum_core::response::Response;

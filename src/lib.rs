@@ -71,6 +71,7 @@ pub mod classify;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod correlation;
+pub mod key;
 pub mod rate_limit;
 pub mod retry;
 
@@ -84,6 +85,7 @@ pub mod tonic;
 
 mod builder;
 mod metrics;
+mod rng;
 mod sync;
 
 // The lock-free cores as the loom model checks in tests/loom.rs drive them.

@@ -1,5 +1,10 @@
-//! The atomics the lock-free cores use: std's, or loom's under `--cfg loom` so that the
-//! model checks in `tests/loom.rs` explore every interleaving.
+//! The synchronisation pieces every layer shares: the atomics the lock-free cores use
+//! (std's, or loom's under `--cfg loom` so that the model checks in `tests/loom.rs`
+//! explore every interleaving), cache padding for hot words, and lock recovery.
+
+use std::sync::{Mutex, MutexGuard, PoisonError};
+#[cfg(feature = "redis")]
+use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 #[cfg(loom)]
 #[allow(unused_imports)] // each core takes what it needs
@@ -8,3 +13,42 @@ pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsiz
 #[cfg(not(loom))]
 #[allow(unused_imports)] // each core takes what it needs
 pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+
+/// Keeps a hot value on a pair of cache lines of its own (adjacent-line prefetchers pull
+/// lines in twos), so that threads hammering it do not also evict their neighbours, and
+/// threads that only read the neighbours do not steal it from the thread about to write
+/// it.
+#[derive(Debug, Default)]
+#[repr(align(128))]
+pub(crate) struct CachePadded<T>(pub(crate) T);
+
+impl<T> std::ops::Deref for CachePadded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
+    }
+}
+
+// Every lock in the crate guards state that each update leaves whole (one assignment, or
+// a value rebuilt before it is stored), so a panic elsewhere while the lock was held
+// cannot have left it half-written: a poisoned lock is used as is rather than turning
+// one user panic into a panic in every later request.
+
+/// Locks `mutex`, recovering it if a panic poisoned it.
+pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Locks `lock` for reading, recovering it if a panic poisoned it. (Only the Redis
+/// store's quota, read on every request and written by the handle, is an `RwLock`.)
+#[cfg(feature = "redis")]
+pub(crate) fn read<T: ?Sized>(lock: &RwLock<T>) -> RwLockReadGuard<'_, T> {
+    lock.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Locks `lock` for writing, recovering it if a panic poisoned it.
+#[cfg(feature = "redis")]
+pub(crate) fn write<T: ?Sized>(lock: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
+    lock.write().unwrap_or_else(PoisonError::into_inner)
+}

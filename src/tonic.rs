@@ -116,9 +116,9 @@
 //!   above the breaker: it does not retry an open circuit before its `retry_after()`,
 //!   and gives up at once when that is beyond `max_server_delay`.
 //! - **Per-client limits on a server**: tonic records the peer as `TcpConnectInfo`, not
-//!   `SocketAddr`, so [`PeerIp`](crate::rate_limit::key::PeerIp) finds no key there
+//!   `SocketAddr`, so [`PeerIp`](crate::key::PeerIp) finds no key there
 //!   (every call is `INVALID_ARGUMENT`). Key on metadata with
-//!   [`Header`](crate::rate_limit::key::Header) (an API key, a tenant), or on
+//!   [`Header`](crate::key::Header) (an API key, a tenant), or on
 //!   `request.extensions().get::<TcpConnectInfo>()` in a closure.
 //! - **Shared state.** `Server::builder().layer` builds the stack per connection; every
 //!   copy shares the layer's breaker and buckets.

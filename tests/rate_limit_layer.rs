@@ -610,3 +610,69 @@ mod http_answers {
         assert_eq!(Forwarded::new(1).extract(&unknown), None);
     }
 }
+
+/// The crate-level `key` module is the one `rate_limit::key` re-exports.
+#[cfg(feature = "http")]
+mod authority {
+    use super::*;
+    use palisade::key::{Authority, KeyExtractor};
+
+    fn request(uri: &str, host: Option<&str>) -> http::Request<()> {
+        let mut builder = http::Request::get(uri);
+        if let Some(host) = host {
+            builder = builder.header(http::header::HOST, host);
+        }
+        builder.body(()).unwrap()
+    }
+
+    fn key(uri: &str, host: Option<&str>) -> Option<String> {
+        Authority
+            .extract(&request(uri, host))
+            .map(|authority| authority.to_string())
+    }
+
+    #[test]
+    fn authority_keys_on_the_uri_else_the_host_header() {
+        // A client's request (or an HTTP/2 one) names its authority in the URI, which
+        // wins over a `Host` header.
+        assert_eq!(
+            key("http://orders.internal:8080/v1", Some("other")).as_deref(),
+            Some("orders.internal:8080")
+        );
+        // An HTTP/1.1 request to a server has an origin-form URI and a `Host` header.
+        assert_eq!(
+            key("/v1", Some("api.example.com")).as_deref(),
+            Some("api.example.com")
+        );
+        assert_eq!(key("/v1", None), None);
+        assert_eq!(key("/v1", Some("")), None);
+        assert_eq!(key("/v1", Some("bad host")), None);
+        // One upstream is one key, however its name is cased.
+        let upper = Authority.extract(&request("http://Orders.Internal/", None));
+        let lower = Authority.extract(&request("/", Some("orders.internal")));
+        assert_eq!(upper, lower);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_limiter_keyed_by_authority_limits_each_upstream_alone() {
+        let layer = RateLimitLayer::builder()
+            .capacity(1)
+            .refill(1, SECOND)
+            .keyed(palisade::rate_limit::key::Authority)
+            .build()
+            .unwrap();
+        let mut service = layer.layer(service_fn(|_: http::Request<()>| async {
+            Ok::<_, BoxError>(())
+        }));
+        send(&mut service, request("http://a.internal/", None))
+            .await
+            .unwrap();
+        send(&mut service, request("http://b.internal/", None))
+            .await
+            .unwrap();
+        let error = send(&mut service, request("/", Some("A.internal")))
+            .await
+            .unwrap_err();
+        assert!(error.is::<RateLimited>());
+    }
+}

@@ -735,3 +735,18 @@ async fn waiting_requests_are_not_batched() {
     assert!(start.elapsed() >= Duration::from_millis(150));
     assert_eq!(server.script_runs().await - before, 3);
 }
+
+#[tokio::test]
+async fn a_batching_request_dropped_before_it_is_polled_lets_the_next_one_fetch_the_batch() {
+    let server = RedisServer::start().await;
+    let mut replicas = two_batched_replicas(&server, "unpolled:", Duration::from_secs(10)).await;
+    // `call` claims the right to fetch the shared bucket's batch; the caller drops the
+    // response future before it ever runs its round trip.
+    drop(replicas[0].ready().await.unwrap().call(0));
+    // The claim went with it: the next request fetches the batch, and the one after
+    // spends from it in process.
+    let start = server.script_runs().await;
+    send(&mut replicas[0], 1).await.unwrap();
+    send(&mut replicas[0], 2).await.unwrap();
+    assert_eq!(server.script_runs().await - start, 1);
+}

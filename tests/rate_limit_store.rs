@@ -1,7 +1,8 @@
-//! The layer on a store of our own that answers after a round trip (as a fleet-wide
-//! store will): the `Store` trait is enough to plug one in, decisions that are not ready
-//! at once work, and a request dropped while the store decides or while it waits
-//! leaks nothing and never reaches the inner service.
+//! The layer on stores of our own that answer later (as a fleet-wide store does): the
+//! `Store` trait and its docs are enough to write one, answers that come later work, and
+//! a request dropped while the store decides or while it waits leaks nothing and never
+//! reaches the inner service. `ServerStore` is one written from the docs alone: its
+//! bucket lives on another task ("another server") that answers over channels.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -11,9 +12,10 @@ use std::task::{Context, Poll};
 use std::time::Duration;
 
 use palisade::rate_limit::{
-    Decision, Quota, RateLimitConfigError, RateLimitLayer, RateLimited, Reservation, Store,
-    TokenBucket,
+    Acquire, Admission, Answer, Quota, RateLimitConfigError, RateLimitLayer, RateLimited,
+    Reservation, Store, TokenBucket,
 };
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
@@ -32,7 +34,7 @@ struct RoundTrip {
 }
 
 impl Future for RoundTrip {
-    type Output = Result<Decision<Reservation>, BoxError>;
+    type Output = Result<Admission<Reservation>, BoxError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         if !self.sent {
@@ -40,17 +42,7 @@ impl Future for RoundTrip {
             cx.waker().wake_by_ref();
             return Poll::Pending;
         }
-        let decision = match self
-            .bucket
-            .reserve(self.cost, self.max_wait, Instant::now())
-        {
-            Ok(reservation) if reservation.wait().is_zero() => Decision::Admitted { status: None },
-            Ok(reservation) => Decision::Reserved {
-                wait: reservation.wait(),
-                reservation,
-            },
-            Err(denied) => Decision::Denied(denied),
-        };
+        let decision = admission(&self.bucket, self.cost, self.max_wait);
         Poll::Ready(Ok(decision))
     }
 }
@@ -58,16 +50,16 @@ impl Future for RoundTrip {
 impl Store for RoundTripStore {
     type Key = ();
     type Reservation = Reservation;
-    type Future = RoundTrip;
+    type Pending = RoundTrip;
 
-    fn acquire(&self, _: Option<&()>, cost: u64, max_wait: Duration, _: bool) -> RoundTrip {
+    fn acquire(&self, request: Acquire<'_, ()>) -> Answer<Self> {
         self.round_trips.fetch_add(1, Ordering::SeqCst);
-        RoundTrip {
+        Answer::Later(RoundTrip {
             bucket: self.bucket.clone(),
-            cost,
-            max_wait,
+            cost: request.cost,
+            max_wait: request.max_wait,
             sent: false,
-        }
+        })
     }
 
     fn cancel(&self, reservation: Reservation) {
@@ -93,6 +85,18 @@ impl Store for RoundTripStore {
 
     fn tracked_keys(&self) -> usize {
         0
+    }
+}
+
+/// The bucket's decision on a request of `cost` that may wait `max_wait`.
+fn admission(bucket: &TokenBucket, cost: u64, max_wait: Duration) -> Admission<Reservation> {
+    match bucket.reserve(cost, max_wait, Instant::now()) {
+        Ok(reservation) if reservation.wait().is_zero() => Admission::Admitted { status: None },
+        Ok(reservation) => Admission::Reserved {
+            wait: reservation.wait(),
+            reservation,
+        },
+        Err(denied) => Admission::Denied(denied),
     }
 }
 
@@ -190,4 +194,212 @@ async fn a_remote_reservation_waits_and_is_given_back_when_dropped() {
     let start = Instant::now();
     service.ready().await.unwrap().call(3).await.unwrap();
     assert_eq!(start.elapsed(), Duration::ZERO);
+}
+
+/// What `ServerStore` asks its server.
+enum Message {
+    Acquire {
+        cost: u64,
+        max_wait: Duration,
+        reply: oneshot::Sender<Admission<Reservation>>,
+    },
+    Cancel(Reservation),
+    Available(oneshot::Sender<u64>),
+    Shutdown,
+}
+
+/// A store whose bucket lives on another task: every decision is a message there and an
+/// answer back, a cancelled reservation a message there. (Clones talk to the same
+/// server: the tests keep one to look at it.)
+#[derive(Clone)]
+struct ServerStore {
+    quota: Quota,
+    server: mpsc::UnboundedSender<Message>,
+    cancelled: Arc<AtomicUsize>,
+}
+
+impl ServerStore {
+    fn start(quota: Quota) -> Self {
+        let (server, mut inbox) = mpsc::unbounded_channel();
+        tokio::spawn(async move {
+            let bucket = TokenBucket::new(quota, Instant::now());
+            while let Some(message) = inbox.recv().await {
+                match message {
+                    Message::Acquire {
+                        cost,
+                        max_wait,
+                        reply,
+                    } => {
+                        let _ = reply.send(admission(&bucket, cost, max_wait));
+                    }
+                    Message::Cancel(reservation) => bucket.cancel(reservation),
+                    Message::Available(reply) => {
+                        let _ = reply.send(bucket.available(Instant::now()));
+                    }
+                    Message::Shutdown => break,
+                }
+            }
+        });
+        Self {
+            quota,
+            server,
+            cancelled: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Asks the server how many tokens its bucket holds.
+    async fn available_on_server(&self) -> u64 {
+        let (reply, answer) = oneshot::channel();
+        self.server.send(Message::Available(reply)).unwrap();
+        answer.await.unwrap()
+    }
+}
+
+/// The server's answer on its way back.
+struct ServerReply(oneshot::Receiver<Admission<Reservation>>);
+
+impl Future for ServerReply {
+    type Output = Result<Admission<Reservation>, BoxError>;
+
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        Pin::new(&mut self.0)
+            .poll(cx)
+            .map_err(|_| "the rate limit server went away".into())
+    }
+}
+
+impl Store for ServerStore {
+    type Key = ();
+    type Reservation = Reservation;
+    type Pending = ServerReply;
+
+    fn acquire(&self, request: Acquire<'_, ()>) -> Answer<Self> {
+        // A request that can never pass is refused without a round trip.
+        if request.cost > self.quota.capacity() {
+            return Answer::Now(Ok(Admission::Denied(
+                palisade::rate_limit::Denied::CostExceedsCapacity {
+                    cost: request.cost,
+                    capacity: self.quota.capacity(),
+                },
+            )));
+        }
+        let (reply, answer) = oneshot::channel();
+        let message = Message::Acquire {
+            cost: request.cost,
+            max_wait: request.max_wait,
+            reply,
+        };
+        match self.server.send(message) {
+            Ok(()) => Answer::Later(ServerReply(answer)),
+            Err(_) => Answer::Now(Err("the rate limit server went away".into())),
+        }
+    }
+
+    fn cancel(&self, reservation: Reservation) {
+        self.cancelled.fetch_add(1, Ordering::SeqCst);
+        let _ = self.server.send(Message::Cancel(reservation));
+    }
+
+    fn quota(&self) -> Quota {
+        self.quota
+    }
+
+    fn update_quota<F>(&self, _: F) -> Result<(), RateLimitConfigError>
+    where
+        F: FnOnce(Quota) -> Result<Quota, RateLimitConfigError>,
+    {
+        Ok(())
+    }
+
+    fn available(&self, _: Option<&()>) -> u64 {
+        self.quota.capacity()
+    }
+
+    fn tracked_keys(&self) -> usize {
+        0
+    }
+}
+
+/// A service limited on a server of its own, the server, and the service's call count.
+fn on_server(
+    max_wait: Duration,
+) -> (
+    impl Service<u32, Response = u32, Error = BoxError> + use<>,
+    ServerStore,
+    Arc<AtomicUsize>,
+) {
+    let mut store = None;
+    let layer = RateLimitLayer::builder()
+        .capacity(2)
+        .refill(1, Duration::from_secs(1))
+        .max_wait(max_wait)
+        .build_with(|quota| {
+            let started = ServerStore::start(quota);
+            store = Some(started.clone());
+            started
+        })
+        .unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    let service = layer.layer(counting(&calls));
+    (service, store.unwrap(), calls)
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_on_another_task_admits_refuses_and_reserves() {
+    let (mut service, server, calls) = on_server(Duration::from_secs(5));
+    for i in 0..2 {
+        assert_eq!(service.ready().await.unwrap().call(i).await.unwrap(), i);
+    }
+    // The third reserves the slot the server refills at 1 s, and waits for it.
+    let start = Instant::now();
+    assert_eq!(service.ready().await.unwrap().call(2).await.unwrap(), 2);
+    assert_eq!(start.elapsed(), Duration::from_secs(1));
+    assert_eq!(calls.load(Ordering::SeqCst), 3);
+    assert_eq!(
+        server.cancelled.load(Ordering::SeqCst),
+        0,
+        "used, not cancelled"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_reservation_on_another_task_is_cancelled_when_its_request_is_dropped() {
+    let (mut service, server, calls) = on_server(Duration::from_secs(5));
+    for i in 0..2 {
+        service.ready().await.unwrap().call(i).await.unwrap();
+    }
+    let waiter = service.ready().await.unwrap().call(2);
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), waiter)
+            .await
+            .is_err()
+    );
+    assert_eq!(server.cancelled.load(Ordering::SeqCst), 1);
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    // The server got the slot back: at 1 s its bucket holds the token again.
+    tokio::time::advance(Duration::from_millis(500)).await;
+    assert_eq!(server.available_on_server().await, 1);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_store_on_another_task_refuses_with_the_servers_retry_after() {
+    let (mut service, server, calls) = on_server(Duration::ZERO);
+    for i in 0..2 {
+        service.ready().await.unwrap().call(i).await.unwrap();
+    }
+    let error = service.ready().await.unwrap().call(2).await.unwrap_err();
+    let limited = error.downcast_ref::<RateLimited>().unwrap();
+    assert_eq!(limited.retry_after(), Duration::from_secs(1));
+    assert_eq!(calls.load(Ordering::SeqCst), 2);
+    assert_eq!(server.cancelled.load(Ordering::SeqCst), 0);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_server_that_went_away_is_an_error_not_a_call() {
+    let (mut service, server, calls) = on_server(Duration::ZERO);
+    service.ready().await.unwrap().call(0).await.unwrap();
+    server.server.send(Message::Shutdown).unwrap();
+    let error = service.ready().await.unwrap().call(1).await.unwrap_err();
+    assert_eq!(error.to_string(), "the rate limit server went away");
+    assert_eq!(calls.load(Ordering::SeqCst), 1);
 }

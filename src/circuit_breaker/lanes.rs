@@ -2,8 +2,7 @@
 //! cache line over a few lanes, one per CPU: a thread always uses the same lane.
 
 use super::state::Core;
-use super::window::Padded;
-use crate::sync::{AtomicU32, AtomicU64, Ordering};
+use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
 use std::sync::Arc;
 
 /// How many lanes a breaker has: the CPUs (at most 32), rounded up to a power of two.
@@ -67,9 +66,9 @@ impl CoreRefs {
 /// N outcomes give or take the positions reserved but not yet used (at most one block
 /// per lane, an eighth of the window), which keep the outcome of the lap before.
 pub(crate) struct Cursor {
-    shared: Padded<AtomicU32>,
+    shared: CachePadded<AtomicU32>,
     /// Per lane: the next position (high half) and the end of its block (low half).
-    blocks: Box<[Padded<AtomicU64>]>,
+    blocks: Box<[CachePadded<AtomicU64>]>,
     block: u32,
 }
 
@@ -78,11 +77,11 @@ impl Cursor {
         let lanes = count();
         let block = (window / (8 * lanes)).clamp(1, 64) as u32;
         Self {
-            shared: Padded(AtomicU32::new(0)),
+            shared: CachePadded(AtomicU32::new(0)),
             blocks: if block == 1 {
                 Box::new([])
             } else {
-                (0..lanes).map(|_| Padded(AtomicU64::new(0))).collect()
+                (0..lanes).map(|_| CachePadded(AtomicU64::new(0))).collect()
             },
             block,
         }

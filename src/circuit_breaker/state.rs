@@ -11,12 +11,10 @@
 
 use super::config::{Config, MAX_PROBES};
 use super::error::CircuitOpen;
-use super::window::{Counts, Padded, Sample, Window};
+use super::window::{Counts, Sample, Window};
 use crate::classify::Outcome;
-use crate::sync::{AtomicU32, AtomicU64, Ordering};
-use std::collections::hash_map::RandomState;
+use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
 use std::fmt;
-use std::hash::{BuildHasher, Hasher};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -247,7 +245,7 @@ impl Probes {
 
 /// The shared state of one breaker.
 pub(crate) struct Core {
-    state: Padded<AtomicU64>,
+    state: CachePadded<AtomicU64>,
     probes: AtomicU64,
     consecutive_trips: AtomicU32,
     jitter_seed: AtomicU64,
@@ -255,7 +253,7 @@ pub(crate) struct Core {
     last_transition: AtomicU64,
     /// Calls rejected since build or reset. Written only on rejection, on a line of its
     /// own so that a flood of rejections does not contend with the probes or the config.
-    rejected: Padded<AtomicU64>,
+    rejected: CachePadded<AtomicU64>,
     window: Window,
     config: Config,
     base: Instant,
@@ -275,11 +273,11 @@ impl fmt::Debug for Core {
 impl Core {
     /// A closed breaker. `now` is the base all later instants are measured from.
     pub(crate) fn new(config: Config, observer: Option<Observer>, now: Instant) -> Self {
-        // Seed the jitter per breaker (std's hasher keys are random per process and per
-        // hasher) so that a fleet of breakers built at the same moment still spreads out.
-        let seed = RandomState::new().build_hasher().finish();
+        // Seed the jitter per breaker so that a fleet of breakers built at the same moment
+        // still spreads out.
+        let seed = crate::rng::random_u64();
         Self {
-            state: Padded(AtomicU64::new(
+            state: CachePadded(AtomicU64::new(
                 Word {
                     state: State::Closed,
                     generation: 0,
@@ -291,7 +289,7 @@ impl Core {
             consecutive_trips: AtomicU32::new(0),
             jitter_seed: AtomicU64::new(seed),
             last_transition: AtomicU64::new(0),
-            rejected: Padded(AtomicU64::new(0)),
+            rejected: CachePadded(AtomicU64::new(0)),
             window: Window::new(config.window, now),
             config,
             base: now,

@@ -7,22 +7,6 @@ use crate::sync::{AtomicU32, AtomicU64, Ordering};
 use std::time::Duration;
 use tokio::time::Instant;
 
-/// Keeps a hot atomic on a cache line (and the adjacent-line prefetch pair) of its
-/// own, so that threads hammering it do not also evict their neighbours: the `Arc`
-/// reference count, the state word and the ring cursor are each written or read on
-/// every call.
-#[derive(Debug, Default)]
-#[repr(align(128))]
-pub(crate) struct Padded<T>(pub(crate) T);
-
-impl<T> std::ops::Deref for Padded<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
-}
-
 /// What the window holds: the number of calls recorded, and how many of them failed
 /// or were slow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]

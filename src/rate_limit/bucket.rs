@@ -25,7 +25,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::error::RateLimitConfigError;
-use crate::sync::{AtomicU64, Ordering};
+use crate::sync::{AtomicU64, CachePadded, Ordering, lock};
 
 const TAT_BITS: u32 = 60;
 const TAT_MASK: u64 = (1 << TAT_BITS) - 1;
@@ -120,7 +120,7 @@ impl Quota {
     }
 
     /// The rate as `(tokens, nanoseconds)` in lowest terms: `tokens` refills take exactly
-    /// `nanoseconds`.
+    /// `nanoseconds`. (What the Redis store scales its scripts' units by.)
     #[cfg(feature = "redis")]
     pub(crate) fn rate(&self) -> (u64, u64) {
         (self.unit, self.token)
@@ -411,10 +411,7 @@ impl QuotaRing {
         change: impl FnOnce(Frame) -> Result<Option<Quota>, RateLimitConfigError>,
         migrate: impl FnOnce(Migration),
     ) -> Result<(), RateLimitConfigError> {
-        let _writer = self
-            .writer
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
+        let _writer = lock(&self.writer);
         let generation = self.generation.load(Ordering::Acquire);
         let from = self.load(slot_of(generation));
         let Some(quota) = change(from)? else {
@@ -484,18 +481,6 @@ fn unpack(word: u64) -> (u64, u64) {
 /// clock base do not steal it from the thread about to compare-and-swap it.
 pub(crate) struct AtomicBucket {
     word: CachePadded<AtomicU64>,
-}
-
-/// Aligns (and so pads) a value to a pair of cache lines.
-#[repr(align(128))]
-pub(crate) struct CachePadded<T>(pub(crate) T);
-
-impl<T> std::ops::Deref for CachePadded<T> {
-    type Target = T;
-
-    fn deref(&self) -> &T {
-        &self.0
-    }
 }
 
 /// A slot a waiting request holds in an [`AtomicBucket`] or a keyed bucket.

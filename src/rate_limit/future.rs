@@ -12,7 +12,7 @@ use tower_service::Service;
 use super::bucket::Denied;
 use super::error::{CostExceedsCapacity, RateLimited};
 use super::layer::{OnAdmitted, RateLimitStatus};
-use super::store::{Decision, Store};
+use super::store::{Admission, Store};
 
 /// The response future of [`RateLimitService`](super::RateLimitService).
 #[pin_project]
@@ -27,7 +27,7 @@ where
     on_admitted: H,
 }
 
-/// An admitted request's state is the first: the throttled and remote-store states are
+/// An admitted request's state is the first: the throttled and pending-answer states are
 /// boxed together, so that the future of an admitted request stays as small as the inner
 /// service's and its poll and drop stay short.
 #[pin_project(project = StateProj)]
@@ -48,9 +48,10 @@ where
 
 #[pin_project(project = SlowProj)]
 enum Slow<S, Req, St: Store> {
-    /// A remote store is deciding.
+    /// The store answers later: waiting for its answer.
     Deciding {
-        decision: St::Future,
+        #[pin]
+        pending: St::Pending,
         ready: Option<(S, Req)>,
         store: Arc<St>,
     },
@@ -89,11 +90,11 @@ where
         loop {
             match self.as_mut().project() {
                 SlowProj::Deciding {
-                    decision,
+                    pending,
                     ready,
                     store,
                 } => {
-                    let decision = ready!(Pin::new(decision).poll(cx));
+                    let decision = ready!(pending.poll(cx));
                     let Some((mut service, request)) = ready.take() else {
                         return Poll::Ready(State::failed(completed()));
                     };
@@ -172,18 +173,18 @@ impl<St: Store> Next<St> {
     #[inline]
     pub(crate) fn resolve(
         store: &Arc<St>,
-        decision: Result<Decision<St::Reservation>, BoxError>,
+        decision: Result<Admission<St::Reservation>, BoxError>,
     ) -> Self {
         match decision {
-            Ok(Decision::Admitted { status }) => Next::Go(status),
-            Ok(Decision::Reserved { wait, reservation }) => Next::Wait(
+            Ok(Admission::Admitted { status }) => Next::Go(status),
+            Ok(Admission::Reserved { wait, reservation }) => Next::Wait(
                 wait,
                 ReservationGuard {
                     store: store.clone(),
                     reservation: Some(reservation),
                 },
             ),
-            Ok(Decision::Denied(Denied::Limited {
+            Ok(Admission::Denied(Denied::Limited {
                 retry_after,
                 remaining,
             })) => {
@@ -192,7 +193,7 @@ impl<St: Store> Next<St> {
                 crate::metrics::rate_limited();
                 Next::Fail(RateLimited::new(retry_after, store.quota(), remaining).into())
             }
-            Ok(Decision::Denied(Denied::CostExceedsCapacity { cost, capacity })) => {
+            Ok(Admission::Denied(Denied::CostExceedsCapacity { cost, capacity })) => {
                 Next::Fail(CostExceedsCapacity { cost, capacity }.into())
             }
             Err(error) => Next::Fail(error),
@@ -239,14 +240,14 @@ where
     }
 
     pub(crate) fn deciding(
-        decision: St::Future,
+        pending: St::Pending,
         service: S,
         request: Req,
         store: Arc<St>,
         on_admitted: H,
     ) -> Self {
         let slow = Slow::Deciding {
-            decision,
+            pending,
             ready: Some((service, request)),
             store,
         };

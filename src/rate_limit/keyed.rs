@@ -1,20 +1,10 @@
-//! One bucket per key, in a sharded table with a hard size bound (the module docs of
+//! One bucket per key, in the crate's bounded keyed table (the module docs of
 //! `rate_limit` describe eviction and the cap).
 
-use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::{Mutex, MutexGuard};
+use std::hash::Hash;
 
-use hashbrown::HashTable;
-
-use super::bucket::{CachePadded, Frame, Verdict};
-
-const MAX_SHARDS: usize = 64;
-/// Shards are added only while each keeps at least this many keys: with a few keys per
-/// shard, hashing puts two clients in one shard long before the table is full, and the
-/// second is pushed to the shared overflow bucket.
-const MIN_KEYS_PER_SHARD: usize = 1024;
-const MIN_SWEEP: usize = 64;
-const MIN_FULL_SWEEP_SPACING: u64 = 1_000_000;
+use super::bucket::{Frame, Verdict};
+use crate::key::{Idle, KeyedTable, MIN_SWEEP_SPACING};
 
 /// A key's bucket: its TAT and the frame (quota and epoch) that TAT is measured in
 /// (rescaled on the next visit after a runtime change or a move of the epoch).
@@ -39,9 +29,14 @@ impl Entry {
             frame,
         }
     }
+}
 
-    /// Whether the bucket is full at `now` (nanoseconds since the base).
-    fn is_full(&self, now: u64) -> bool {
+impl Idle for Entry {
+    /// Nanoseconds since the store's base.
+    type Now = u64;
+
+    /// A full bucket: a fresh one would be full too.
+    fn is_idle(&self, now: u64) -> bool {
         self.tat <= self.frame.units_saturating(now)
     }
 }
@@ -55,44 +50,6 @@ pub(crate) struct Clock {
     pub(crate) units: u64,
 }
 
-struct Shard<K> {
-    /// Each key with its hash (SipHash, randomly keyed: keys are client-controlled).
-    buckets: HashTable<(K, u64, Entry)>,
-    sweep_at: usize,
-    next_full_sweep: u64,
-}
-
-impl<K: Hash + Eq> Shard<K> {
-    /// Whether [`make_room`](Self::make_room) would find room at `now`.
-    fn would_make_room(&self, cap: usize, now: u64) -> bool {
-        let len = self.buckets.len();
-        len < cap
-            || (now >= self.next_full_sweep
-                && self.buckets.iter().any(|(_, _, entry)| entry.is_full(now)))
-    }
-
-    /// Makes room for one more key if it can; false when the shard is at its cap.
-    fn make_room(&mut self, cap: usize, clock: Clock) -> bool {
-        let now = clock.nanos;
-        let len = self.buckets.len();
-        if len < self.sweep_at.min(cap) {
-            return true;
-        }
-        if len >= cap && now < self.next_full_sweep {
-            return false;
-        }
-        self.buckets.retain(|(_, _, entry)| !entry.is_full(now));
-        let len = self.buckets.len();
-        self.sweep_at = (2 * len).max(MIN_SWEEP);
-        if len >= cap {
-            let spacing = clock.frame.quota.refill_interval().as_nanos() as u64;
-            self.next_full_sweep = now + spacing.max(MIN_FULL_SWEEP_SPACING);
-            return false;
-        }
-        true
-    }
-}
-
 /// The slot a waiting request holds in its key's bucket.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) struct KeyedClaim {
@@ -102,44 +59,15 @@ pub(crate) struct KeyedClaim {
 
 /// The per-key buckets of a keyed limiter.
 pub(crate) struct KeyedBuckets<K> {
-    /// Padded so that threads working on different shards do not share cache lines.
-    shards: Box<[CachePadded<Mutex<Shard<K>>>]>,
-    hasher: RandomState,
-    shard_cap: usize,
+    table: KeyedTable<K, Entry>,
 }
 
 impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
-    /// A table that never holds more than `max_keys` keys (`max_keys >= 1`), and holds
-    /// exactly `max_keys` when that is under two shards' worth (one shard then).
+    /// Buckets for at most `max_keys` keys (`max_keys >= 1`).
     pub(crate) fn new(max_keys: usize) -> Self {
-        let shards = prev_power_of_two((max_keys / MIN_KEYS_PER_SHARD).clamp(1, MAX_SHARDS));
         Self {
-            shards: (0..shards)
-                .map(|_| {
-                    CachePadded(Mutex::new(Shard {
-                        buckets: HashTable::new(),
-                        sweep_at: MIN_SWEEP,
-                        next_full_sweep: 0,
-                    }))
-                })
-                .collect(),
-            hasher: RandomState::new(),
-            shard_cap: max_keys / shards,
+            table: KeyedTable::new(max_keys),
         }
-    }
-
-    /// The key's hash and its locked shard.
-    #[inline]
-    fn shard(&self, key: &K) -> (u64, MutexGuard<'_, Shard<K>>) {
-        let hash = self.hasher.hash_one(key);
-        // The shard takes bits the table does not lean on: it indexes with the low bits
-        // and tags with the top seven.
-        let index = (hash >> 32) as usize & (self.shards.len() - 1);
-        // A panic cannot leave a shard half-updated (every update is one assignment).
-        let shard = self.shards[index]
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner());
-        (hash, shard)
     }
 
     /// Charges `key`'s bucket; `None` when the key is new and the table is at its cap
@@ -152,8 +80,8 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         cost: u64,
         max_wait: u64,
     ) -> Option<(Verdict, KeyedClaim)> {
-        let (hash, mut shard) = self.shard(key);
-        if let Some((_, _, entry)) = shard.buckets.find_mut(hash, |(known, ..)| known == key) {
+        let mut slot = self.table.slot(key);
+        if let Some(entry) = slot.get_mut() {
             let entry_now = entry.moved_to(clock.frame, clock.nanos);
             let (verdict, claim) = charge(entry_now, clock.units, cost, max_wait);
             if claim.increment > 0 {
@@ -162,15 +90,9 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
             return Some((verdict, claim));
         }
         let (verdict, claim) = charge(Entry::full(clock.frame), clock.units, cost, max_wait);
-        if claim.increment > 0 {
-            if !shard.make_room(self.shard_cap, clock) {
-                return None;
-            }
-            shard.buckets.insert_unique(
-                hash,
-                (key.clone(), hash, claim.claimed),
-                |(.., hash, _)| *hash,
-            );
+        // A refused request leaves the fresh (full) bucket as it was: nothing to track.
+        if claim.increment > 0 && !slot.insert(claim.claimed, clock.nanos, || next_sweep(clock)) {
+            return None;
         }
         Some((verdict, claim))
     }
@@ -178,8 +100,8 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
     /// Gives a reserved slot back if the key's bucket has not moved since (see
     /// [`AtomicBucket::cancel`](super::bucket::AtomicBucket::cancel)).
     pub(crate) fn cancel(&self, key: &K, claim: KeyedClaim) {
-        let (hash, mut shard) = self.shard(key);
-        if let Some((_, _, entry)) = shard.buckets.find_mut(hash, |(known, ..)| known == key)
+        let mut slot = self.table.slot(key);
+        if let Some(entry) = slot.get_mut()
             && *entry == claim.claimed
         {
             entry.tat = entry.tat.saturating_sub(claim.increment);
@@ -188,9 +110,11 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
 
     /// The tokens `key`'s bucket holds at `clock`; `None` for an untracked key.
     pub(crate) fn available(&self, key: &K, clock: Clock) -> Option<u64> {
-        let (hash, shard) = self.shard(key);
-        let (_, _, entry) = shard.buckets.find(hash, |(known, ..)| known == key)?;
-        let entry = entry.moved_to(clock.frame, clock.nanos);
+        let entry = self
+            .table
+            .slot(key)
+            .get()?
+            .moved_to(clock.frame, clock.nanos);
         Some(clock.frame.quota.available(entry.tat, clock.units))
     }
 
@@ -198,21 +122,22 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
     /// sweep, which this does not run): false when it would be charged to the overflow
     /// bucket.
     pub(crate) fn has_room_for(&self, key: &K, now: u64) -> bool {
-        self.shard(key).1.would_make_room(self.shard_cap, now)
+        self.table.slot(key).has_room(now)
     }
 
     /// How many keys the table holds.
     pub(crate) fn len(&self) -> usize {
-        (0..self.shards.len())
-            .map(|index| {
-                self.shards[index]
-                    .lock()
-                    .unwrap_or_else(|poisoned| poisoned.into_inner())
-                    .buckets
-                    .len()
-            })
-            .sum()
+        self.table.len()
     }
+}
+
+/// When a full shard that a sweep could not thin may sweep again: once a bucket has had
+/// time to refill a token (and so perhaps to fill up), and not within a millisecond.
+fn next_sweep(clock: Clock) -> u64 {
+    let spacing = clock.frame.quota.refill_interval().max(MIN_SWEEP_SPACING);
+    clock
+        .nanos
+        .saturating_add(u64::try_from(spacing.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// Decides on `entry`; the claim is the entry to store when admitted (`increment > 0`).
@@ -230,8 +155,4 @@ fn charge(entry: Entry, now: u64, cost: u64, max_wait: u64) -> (Verdict, KeyedCl
         },
     };
     (verdict, claim)
-}
-
-fn prev_power_of_two(n: usize) -> usize {
-    1 << (usize::BITS - 1 - n.leading_zeros())
 }

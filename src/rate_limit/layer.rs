@@ -8,9 +8,9 @@ use tower_layer::Layer;
 use super::bucket::Quota;
 use super::error::RateLimitConfigError;
 use super::handle::RateLimitHandle;
-use super::key::Global;
 use super::service::RateLimitService;
 use super::store::{LocalStore, Store};
+use crate::key::Global;
 
 /// Applies a token-bucket rate limit, global or per key, to every service it builds.
 ///
@@ -151,7 +151,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     }
 
     /// Gives each key its own bucket. `extractor` is a closure `Fn(&Req) -> Option<K>` or
-    /// one of the [`key`](super::key) extractors.
+    /// one of the [`key`](crate::key) extractors.
     ///
     /// The key type `K` is inferred from the service the layer wraps; where nothing else
     /// pins it down (a layer built but not yet applied), name it:

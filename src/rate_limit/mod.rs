@@ -25,7 +25,8 @@
 //!   the buckets and change rate and capacity while serving.
 //! - **Pluggable state.** The buckets live in a [`Store`]; the in-process
 //!   [`LocalStore`] is the default; with the `redis` feature, `RedisStore` keeps them on
-//!   a Redis server so that a whole fleet of replicas shares one limit.
+//!   a Redis server so that a whole fleet of replicas shares one limit. A store of your
+//!   own answers at once or later (its [`Answer`]); the [`Store`] docs show one.
 //! - **HTTP answers** (feature `http`): [`headers::too_many_requests`] turns
 //!   [`RateLimited`] into a 429 with `Retry-After` and the IETF `RateLimit-Policy` and
 //!   `RateLimit` fields; [`Builder::headers_on_success`] adds the fields to admitted
@@ -98,13 +99,16 @@ mod future;
 mod handle;
 #[cfg(feature = "http")]
 pub mod headers;
-pub mod key;
 mod keyed;
 mod layer;
 #[cfg(feature = "redis")]
 mod redis;
 mod service;
 mod store;
+
+/// The key extractors, at their old path: this is the crate-level [`crate::key`] module,
+/// shared by every keyed layer.
+pub use crate::key;
 
 pub use self::bucket::{Admitted, Denied, Quota, Reservation, TokenBucket};
 pub use self::error::{CostExceedsCapacity, MissingKey, RateLimitConfigError, RateLimited};
@@ -115,8 +119,10 @@ pub use self::layer::{
 };
 #[cfg(feature = "redis")]
 pub use self::redis::{
-    RedisDecision, RedisKey, RedisOptions, RedisReservation, RedisStore, RedisUnavailable,
+    RedisKey, RedisOptions, RedisReservation, RedisRoundTrip, RedisStore, RedisUnavailable,
     WhenUnavailable,
 };
 pub use self::service::RateLimitService;
-pub use self::store::{Decision, LocalReservation, LocalStore, Store};
+pub use self::store::{
+    Acquire, Admission, Answer, LocalReservation, LocalStore, NeverPending, StatusWanted, Store,
+};

@@ -1,15 +1,14 @@
-use std::pin::Pin;
 use std::sync::Arc;
-use std::task::{Context, Poll, Waker};
+use std::task::{Context, Poll};
 
 use tower::BoxError;
 use tower_service::Service;
 
 use super::MissingKey;
 use super::future::{Next, ResponseFuture};
-use super::key::{Global, KeyExtractor};
 use super::layer::{Cost, NoHeaders, OnAdmitted, Policy, UnitCost, WhenKeyMissing};
-use super::store::{LocalStore, Store};
+use super::store::{Acquire, Answer, LocalStore, StatusWanted, Store};
+use crate::key::{Global, KeyExtractor};
 
 /// A service rate limited by a [`RateLimitLayer`](super::RateLimitLayer).
 ///
@@ -72,25 +71,24 @@ where
         if key.is_none() && policy.when_key_missing == WhenKeyMissing::Reject {
             return ResponseFuture::failed(MissingKey.into(), on_admitted);
         }
-        let cost = policy.cost.cost(&request);
-        let with_status = H::ACTIVE;
-        let mut decision = self
-            .store
-            .acquire(key.as_ref(), cost, policy.max_wait, with_status);
-        // The in-process store answers at once: then the service polled ready is called
-        // right here, with no clone.
-        let answer = Pin::new(&mut decision).poll(&mut Context::from_waker(Waker::noop()));
-        let Poll::Ready(result) = answer else {
-            let ready = take_ready(&mut self.inner);
-            return ResponseFuture::deciding(
-                decision,
-                ready,
-                request,
-                self.store.clone(),
-                on_admitted,
-            );
+        let status = if H::ACTIVE {
+            StatusWanted::Yes
+        } else {
+            StatusWanted::No
         };
-        match Next::resolve(&self.store, result) {
+        let acquire = Acquire::new(key.as_ref(), policy.cost.cost(&request))
+            .max_wait(policy.max_wait)
+            .status(status);
+        // An answer known now calls the service polled ready right here, with no clone.
+        let decided = match self.store.acquire(acquire) {
+            Answer::Now(decided) => decided,
+            Answer::Later(pending) => {
+                let ready = take_ready(&mut self.inner);
+                let store = self.store.clone();
+                return ResponseFuture::deciding(pending, ready, request, store, on_admitted);
+            }
+        };
+        match Next::resolve(&self.store, decided) {
             Next::Go(status) => {
                 ResponseFuture::calling(self.inner.call(request), status, on_admitted)
             }

@@ -1,7 +1,11 @@
 //! Where bucket state lives: the [`Store`] trait and the in-process [`LocalStore`].
 
-use std::future::{Ready, ready};
+use std::convert::Infallible;
+use std::future::Future;
 use std::hash::Hash;
+use std::marker::PhantomData;
+use std::pin::Pin;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::time::Instant;
@@ -14,34 +18,164 @@ use super::layer::RateLimitStatus;
 
 /// The bucket state behind a [`RateLimitLayer`](super::RateLimitLayer).
 ///
-/// The layer asks the store for one decision per request and otherwise knows nothing of
-/// where the buckets live. The in-process [`LocalStore`] is the default; a fleet-wide
-/// store (Redis) implements the same trait with one round trip per decision and its own
-/// clock.
+/// The layer asks the store for one [`Admission`] per request and otherwise knows
+/// nothing of where the buckets live. A store answers [at once](Answer::Now) (the
+/// in-process [`LocalStore`], whose answer is a few atomic operations) or
+/// [later](Answer::Later), through a future the layer's response future polls (a
+/// fleet-wide store such as `RedisStore`, after its round trip). Its
+/// [`Pending`](Store::Pending) type says which: a store that always answers at once
+/// names [`NeverPending`], which cannot be made, and the layer carries no pending state
+/// for it. A store may answer at once for some requests and later for others.
 ///
-/// `key` is `None` for the shared bucket: the only bucket of a global limiter, and the
-/// fallback bucket of a keyed one.
+/// `request.key` is `None` for the shared bucket: the only bucket of a global limiter,
+/// and the fallback bucket of a keyed one.
+///
+/// A store that admits a request for later ([`Admission::Reserved`]) holds its slot in a
+/// [`Reservation`](Store::Reservation). The layer makes the request wait, and hands the
+/// reservation back to [`cancel`](Store::cancel) if the request is dropped before its
+/// turn; a reservation whose request went ahead is dropped.
+///
+/// # Example
+///
+/// A store that decides on "another server": a task that owns the bucket and answers
+/// over a channel, as a remote store would after a round trip.
+///
+/// ```
+/// use std::future::Future;
+/// use std::pin::Pin;
+/// use std::sync::Arc;
+/// use std::task::{Context, Poll};
+/// use std::time::Duration;
+///
+/// use palisade::rate_limit::{
+///     Acquire, Admission, Answer, Quota, RateLimitConfigError, RateLimitLayer, RateLimited,
+///     Reservation, Store, TokenBucket,
+/// };
+/// use tokio::sync::{mpsc, oneshot};
+/// use tokio::time::Instant;
+/// use tower::{BoxError, Service, ServiceExt, service_fn};
+///
+/// /// What the "server" is asked.
+/// enum Message {
+///     Acquire { cost: u64, max_wait: Duration, reply: oneshot::Sender<Admission<Reservation>> },
+///     Cancel(Reservation),
+/// }
+///
+/// struct ServerStore {
+///     /// The server's bucket, which this example also reads and reconfigures directly.
+///     bucket: Arc<TokenBucket>,
+///     server: mpsc::UnboundedSender<Message>,
+/// }
+///
+/// impl ServerStore {
+///     /// Starts the "server" (it runs until the store is dropped).
+///     fn start(quota: Quota) -> Self {
+///         let bucket = Arc::new(TokenBucket::new(quota, Instant::now()));
+///         let (server, mut inbox) = mpsc::unbounded_channel();
+///         let on_server = bucket.clone();
+///         tokio::spawn(async move {
+///             let bucket = on_server;
+///             while let Some(message) = inbox.recv().await {
+///                 match message {
+///                     Message::Acquire { cost, max_wait, reply } => {
+///                         let admission = match bucket.reserve(cost, max_wait, Instant::now()) {
+///                             Ok(slot) if slot.wait().is_zero() => Admission::Admitted { status: None },
+///                             Ok(slot) => Admission::Reserved { wait: slot.wait(), reservation: slot },
+///                             Err(denied) => Admission::Denied(denied),
+///                         };
+///                         let _ = reply.send(admission);
+///                     }
+///                     Message::Cancel(slot) => bucket.cancel(slot),
+///                 }
+///             }
+///         });
+///         Self { bucket, server }
+///     }
+/// }
+///
+/// /// The answer on its way back.
+/// struct Reply(oneshot::Receiver<Admission<Reservation>>);
+///
+/// impl Future for Reply {
+///     type Output = Result<Admission<Reservation>, BoxError>;
+///
+///     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+///         Pin::new(&mut self.0).poll(cx).map_err(|_| "the server went away".into())
+///     }
+/// }
+///
+/// impl Store for ServerStore {
+///     type Key = ();
+///     type Reservation = Reservation;
+///     type Pending = Reply;
+///
+///     fn acquire(&self, request: Acquire<'_, ()>) -> Answer<Self> {
+///         let (reply, answer) = oneshot::channel();
+///         let message = Message::Acquire { cost: request.cost, max_wait: request.max_wait, reply };
+///         if self.server.send(message).is_err() {
+///             return Answer::Now(Err("the server went away".into()));
+///         }
+///         Answer::Later(Reply(answer))
+///     }
+///
+///     fn cancel(&self, reservation: Reservation) {
+///         let _ = self.server.send(Message::Cancel(reservation));
+///     }
+///
+///     fn quota(&self) -> Quota {
+///         self.bucket.quota()
+///     }
+///
+///     fn update_quota<F>(&self, change: F) -> Result<(), RateLimitConfigError>
+///     where
+///         F: FnOnce(Quota) -> Result<Quota, RateLimitConfigError>,
+///     {
+///         self.bucket.set_quota(change(self.bucket.quota())?, Instant::now());
+///         Ok(())
+///     }
+///
+///     fn available(&self, _key: Option<&()>) -> u64 {
+///         self.bucket.available(Instant::now())
+///     }
+///
+///     fn tracked_keys(&self) -> usize {
+///         0
+///     }
+/// }
+///
+/// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+/// # async fn main() -> Result<(), BoxError> {
+/// let limit = RateLimitLayer::builder()
+///     .capacity(1)
+///     .refill(1, Duration::from_secs(1))
+///     .build_with(ServerStore::start)?;
+/// let mut service = tower::ServiceBuilder::new()
+///     .layer(limit)
+///     .service(service_fn(|request: u32| async move { Ok::<_, BoxError>(request) }));
+/// assert_eq!(service.ready().await?.call(1).await?, 1);
+/// let refused = service.ready().await?.call(2).await.unwrap_err();
+/// assert!(refused.is::<RateLimited>());
+/// # Ok(())
+/// # }
+/// ```
+///
+/// `tests/rate_limit_store.rs` runs such a store with reservations, and checks that a
+/// request dropped while the store decides or while it waits leaks nothing.
 pub trait Store: Send + Sync + 'static {
     /// The key type of a keyed limiter (`()` for a global one).
     type Key;
     /// A slot a waiting request holds; handed to [`cancel`](Store::cancel) when the
     /// request is dropped before its turn.
     type Reservation: Send + 'static;
-    /// The decision. `Unpin` so that the layer can poll it once in `call` and, when it is
-    /// ready at once (the in-process store's `std::future::Ready` always is), call the
-    /// inner service without cloning it. A remote store may box its future.
-    type Future: Future<Output = Result<Decision<Self::Reservation>, BoxError>> + Unpin;
+    /// An answer still to come ([`Answer::Later`]); [`NeverPending`] for a store that
+    /// always answers at once.
+    type Pending: Future<Output = Result<Admission<Self::Reservation>, BoxError>>;
 
-    /// Charges `cost` tokens to `key`'s bucket, or reserves them within `max_wait`.
-    /// `with_status` asks for the bucket's [`RateLimitStatus`] on admission (the layer
-    /// asks only when it adds the `RateLimit` fields to responses).
-    fn acquire(
-        &self,
-        key: Option<&Self::Key>,
-        cost: u64,
-        max_wait: Duration,
-        with_status: bool,
-    ) -> Self::Future;
+    /// Charges `request.cost` tokens to `request.key`'s bucket, or reserves them within
+    /// `request.max_wait`. The status on admission is asked for only when
+    /// `request.status` is [`StatusWanted::Yes`] (the layer asks when it adds the
+    /// `RateLimit` fields to responses).
+    fn acquire(&self, request: Acquire<'_, Self::Key>) -> Answer<Self>;
 
     /// Hands back the slot of a request that gave up waiting (best effort).
     fn cancel(&self, reservation: Self::Reservation);
@@ -70,12 +204,135 @@ pub trait Store: Send + Sync + 'static {
     }
 }
 
-/// A [`Store`]'s answer for one request.
+/// What the layer asks a [`Store`] for one request.
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct Acquire<'a, K> {
+    /// The request's bucket: `None` for the shared bucket.
+    pub key: Option<&'a K>,
+    /// The tokens the request costs.
+    pub cost: u64,
+    /// How long the request may wait for its tokens (zero: admit now or refuse).
+    pub max_wait: Duration,
+    /// Whether to report the bucket's state on admission.
+    pub status: StatusWanted,
+}
+
+impl<'a, K> Acquire<'a, K> {
+    /// `cost` tokens from `key`'s bucket, now or never, without the status.
+    pub fn new(key: Option<&'a K>, cost: u64) -> Self {
+        Self {
+            key,
+            cost,
+            max_wait: Duration::ZERO,
+            status: StatusWanted::No,
+        }
+    }
+
+    /// Lets the request wait up to `max_wait` for its tokens.
+    pub fn max_wait(self, max_wait: Duration) -> Self {
+        Self { max_wait, ..self }
+    }
+
+    /// Asks for the bucket's state on admission, or not.
+    pub fn status(self, status: StatusWanted) -> Self {
+        Self { status, ..self }
+    }
+}
+
+// Not derived: a derive would ask `K: Clone` of a request that holds only `&K`.
+impl<K> Clone for Acquire<'_, K> {
+    fn clone(&self) -> Self {
+        *self
+    }
+}
+
+impl<K> Copy for Acquire<'_, K> {}
+
+/// Whether a [`Store`] reports the bucket's [`RateLimitStatus`] with an admission: only
+/// when something reads it, since computing it costs a local store a little.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum StatusWanted {
+    /// Report it ([`Admission::Admitted`]'s `status` is `Some`).
+    Yes,
+    /// Nobody reads it: leave it out.
+    No,
+}
+
+impl StatusWanted {
+    /// `status()` if the status is wanted, else `None` (without calling `status`).
+    #[inline]
+    pub fn report(self, status: impl FnOnce() -> RateLimitStatus) -> Option<RateLimitStatus> {
+        match self {
+            StatusWanted::Yes => Some(status()),
+            StatusWanted::No => None,
+        }
+    }
+}
+
+/// A [`Store`]'s answer to [`acquire`](Store::acquire): known now, or still to come.
+pub enum Answer<St: Store + ?Sized> {
+    /// Decided at once: the layer calls the inner service (or refuses) within `call`.
+    Now(Result<Admission<St::Reservation>, BoxError>),
+    /// Decided when this future resolves: the response future polls it.
+    Later(St::Pending),
+}
+
+impl<St> Answer<St>
+where
+    St: Store<Pending = NeverPending<<St as Store>::Reservation>> + ?Sized,
+{
+    /// The answer of a store that always answers at once.
+    pub fn into_now(self) -> Result<Admission<St::Reservation>, BoxError> {
+        match self {
+            Answer::Now(decided) => decided,
+            Answer::Later(never) => match never.never {},
+        }
+    }
+}
+
+impl<St> std::fmt::Debug for Answer<St>
+where
+    St: Store + ?Sized,
+    St::Reservation: std::fmt::Debug,
+{
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Answer::Now(decided) => f.debug_tuple("Now").field(decided).finish(),
+            Answer::Later(_) => f.debug_tuple("Later").finish_non_exhaustive(),
+        }
+    }
+}
+
+/// The [`Pending`](Store::Pending) type of a store that always answers at once: it has
+/// no values, so [`Answer::Later`] cannot be made with it and a layer on such a store
+/// carries no pending state.
+pub struct NeverPending<R> {
+    never: Infallible,
+    // `fn() -> R`: what the future would yield, without asking `R: Send + Sync + Unpin`.
+    reservation: PhantomData<fn() -> R>,
+}
+
+impl<R> Future for NeverPending<R> {
+    type Output = Result<Admission<R>, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.never {}
+    }
+}
+
+impl<R> std::fmt::Debug for NeverPending<R> {
+    fn fmt(&self, _: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.never {}
+    }
+}
+
+/// A [`Store`]'s decision for one request.
 #[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decision<R> {
+pub enum Admission<R> {
     /// Go ahead now.
     Admitted {
-        /// The bucket's state after the request, if asked for.
+        /// The bucket's state after the request, if [wanted](StatusWanted).
         status: Option<RateLimitStatus>,
     },
     /// Go ahead after `wait`; the slot is held by `reservation` until then.
@@ -89,9 +346,22 @@ pub enum Decision<R> {
     Denied(Denied),
 }
 
-impl<R> Decision<R> {
+impl<R> Admission<R> {
+    /// The same decision with the reservation (if any) made into another (a store that
+    /// wraps another store's reservations in its own).
+    pub fn map_reservation<T>(self, f: impl FnOnce(R) -> T) -> Admission<T> {
+        match self {
+            Admission::Admitted { status } => Admission::Admitted { status },
+            Admission::Reserved { wait, reservation } => Admission::Reserved {
+                wait,
+                reservation: f(reservation),
+            },
+            Admission::Denied(denied) => Admission::Denied(denied),
+        }
+    }
+
     #[inline]
-    fn from_verdict(verdict: Verdict, with_status: bool, reserve: impl FnOnce() -> R) -> Self {
+    fn from_verdict(verdict: Verdict, status: StatusWanted, reserve: impl FnOnce() -> R) -> Self {
         match verdict {
             Verdict::Admit {
                 wait: 0,
@@ -99,8 +369,8 @@ impl<R> Decision<R> {
                 now,
                 quota,
                 ..
-            } => Decision::Admitted {
-                status: with_status.then(|| {
+            } => Admission::Admitted {
+                status: status.report(|| {
                     let (remaining, reset) = quota.status(tat, now);
                     RateLimitStatus {
                         quota,
@@ -109,11 +379,11 @@ impl<R> Decision<R> {
                     }
                 }),
             },
-            Verdict::Admit { wait, .. } => Decision::Reserved {
+            Verdict::Admit { wait, .. } => Admission::Reserved {
                 wait: Duration::from_nanos(wait),
                 reservation: reserve(),
             },
-            Verdict::Deny(denied) => Decision::Denied(denied),
+            Verdict::Deny(denied) => Admission::Denied(denied),
         }
     }
 }
@@ -123,7 +393,8 @@ impl<R> Decision<R> {
 ///
 /// The shared bucket is the whole limiter when it is global; for a keyed limiter it is
 /// the bucket of requests without a key (when so configured) and of new keys beyond
-/// `max_keys`.
+/// `max_keys`. It always answers at once ([`Answer::Now`]; its `Pending` is
+/// [`NeverPending`]).
 pub struct LocalStore<K = ()> {
     shared: TokenBucket,
     keyed: Option<KeyedBuckets<K>>,
@@ -132,11 +403,12 @@ pub struct LocalStore<K = ()> {
 /// A slot held in a [`LocalStore`].
 #[derive(Debug)]
 pub struct LocalReservation<K> {
-    held: Held<K>,
+    reserved_in: ReservedIn<K>,
 }
 
+/// The bucket a [`LocalReservation`] holds its slot in.
 #[derive(Debug)]
-enum Held<K> {
+enum ReservedIn<K> {
     Shared(Claim),
     Keyed(K, KeyedClaim),
 }
@@ -168,24 +440,22 @@ impl<K: Hash + Eq + Clone> LocalStore<K> {
     }
 
     #[inline]
-    fn decide(
-        &self,
-        key: Option<&K>,
-        cost: u64,
-        max_wait: u64,
-        with_status: bool,
-    ) -> Decision<LocalReservation<K>> {
+    fn decide(&self, request: Acquire<'_, K>) -> Admission<LocalReservation<K>> {
+        let Acquire {
+            key, cost, status, ..
+        } = request;
+        let max_wait = max_wait_nanos(request.max_wait);
         let now = self.shared.nanos(Instant::now());
         if let (Some(key), Some(keyed)) = (key, &self.keyed)
             && let Some((verdict, claim)) = keyed.acquire(key, self.clock(now), cost, max_wait)
         {
-            return Decision::from_verdict(verdict, with_status, || LocalReservation {
-                held: Held::Keyed(key.clone(), claim),
+            return Admission::from_verdict(verdict, status, || LocalReservation {
+                reserved_in: ReservedIn::Keyed(key.clone(), claim),
             });
         }
         let (verdict, claim) = self.shared.take(cost, max_wait, now);
-        Decision::from_verdict(verdict, with_status, || LocalReservation {
-            held: Held::Shared(claim),
+        Admission::from_verdict(verdict, status, || LocalReservation {
+            reserved_in: ReservedIn::Shared(claim),
         })
     }
 }
@@ -196,29 +466,18 @@ where
 {
     type Key = K;
     type Reservation = LocalReservation<K>;
-    type Future = Ready<Result<Decision<LocalReservation<K>>, BoxError>>;
+    type Pending = NeverPending<LocalReservation<K>>;
 
     #[inline]
-    fn acquire(
-        &self,
-        key: Option<&K>,
-        cost: u64,
-        max_wait: Duration,
-        with_status: bool,
-    ) -> Self::Future {
-        ready(Ok(self.decide(
-            key,
-            cost,
-            max_wait_nanos(max_wait),
-            with_status,
-        )))
+    fn acquire(&self, request: Acquire<'_, K>) -> Answer<Self> {
+        Answer::Now(Ok(self.decide(request)))
     }
 
     fn cancel(&self, reservation: LocalReservation<K>) {
-        match (reservation.held, &self.keyed) {
-            (Held::Keyed(key, claim), Some(keyed)) => keyed.cancel(&key, claim),
-            (Held::Shared(claim), _) => self.shared.give_back(claim),
-            (Held::Keyed(..), None) => {}
+        match (reservation.reserved_in, &self.keyed) {
+            (ReservedIn::Keyed(key, claim), Some(keyed)) => keyed.cancel(&key, claim),
+            (ReservedIn::Shared(claim), _) => self.shared.give_back(claim),
+            (ReservedIn::Keyed(..), None) => {}
         }
     }
 
@@ -272,8 +531,8 @@ mod tests {
     fn admitted_with_unbounded_wait(store: &LocalStore<u8>, key: Option<&u8>) -> usize {
         (0..200)
             .filter(|_| {
-                let decision = store.acquire(key, 1, Duration::MAX, false).into_inner();
-                !matches!(decision, Ok(Decision::Denied(_)))
+                let request = Acquire::new(key, 1).max_wait(Duration::MAX);
+                !matches!(store.acquire(request).into_now(), Ok(Admission::Denied(_)))
             })
             .count()
     }
@@ -292,8 +551,8 @@ mod tests {
         let store = LocalStore::keyed(quota, 10);
         tokio::time::advance(Duration::from_millis(17_150)).await;
         for key in [None, Some(&1), Some(&2)] {
-            let drained = store.acquire(key, 1000, Duration::ZERO, false).into_inner();
-            assert!(matches!(drained, Ok(Decision::Admitted { .. })));
+            let drained = store.acquire(Acquire::new(key, 1000)).into_now();
+            assert!(matches!(drained, Ok(Admission::Admitted { .. })));
         }
         let elapsed = Duration::from_millis(100);
         tokio::time::advance(elapsed).await;
@@ -307,8 +566,8 @@ mod tests {
         tokio::time::advance(Duration::from_secs(100)).await;
         assert_eq!(store.available(Some(&1)), 1000);
         store
-            .acquire(Some(&1), 1000, Duration::ZERO, false)
-            .into_inner()
+            .acquire(Acquire::new(Some(&1), 1000))
+            .into_now()
             .unwrap();
         tokio::time::advance(Duration::from_secs(9)).await;
         let expected = refilled(Duration::from_secs(9), tokens, period).min(1000);

@@ -50,11 +50,12 @@ pub use self::replay::*;
 #[cfg(feature = "http")]
 mod replay {
     use super::Duplicate;
+    use crate::sync::lock;
     use bytes::Bytes;
     use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
     use http_body::{Body, Frame, SizeHint};
     use std::pin::Pin;
-    use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
+    use std::sync::{Arc, Mutex, OnceLock};
     use std::task::{Context, Poll};
 
     /// The default most bytes of a request body kept for a retry: 64 KiB.
@@ -311,11 +312,6 @@ mod replay {
     #[derive(Debug, thiserror::Error)]
     #[error("the rest of the request body is still held by an earlier attempt")]
     struct OriginalInUse;
-
-    fn lock<B>(rest: &Mutex<Option<Rest<B>>>) -> MutexGuard<'_, Option<Rest<B>>> {
-        // A hand-over is a single assignment: a panic elsewhere cannot leave it torn.
-        rest.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
-    }
 
     impl<B: Body<Data = Bytes>> ReplayBody<B> {
         fn once(body: B) -> Self {

@@ -1,10 +1,10 @@
-use super::backoff::random_u64;
 use super::layer::Shared;
 use super::{
     AttemptTimedOut, Backoff, DeadlineExceeded, Decision, Duplicate, RetryEvent, RetryPolicy,
     RetryReason, Withdrawal,
 };
 use crate::rejection::Rejection;
+use crate::rng::random_u64;
 use pin_project::{pin_project, pinned_drop};
 use std::fmt;
 use std::future::Future;

@@ -6,7 +6,8 @@ use std::sync::Arc;
 ///
 /// Implemented for strings, byte strings, integers, IP and socket addresses, `()` (the
 /// global limiter) and, with the `http` feature, `http::HeaderValue` (the
-/// [`Header`](super::super::key::Header) extractor's key). Two keys that are different
+/// [`Header`](crate::key::Header) extractor's key) and `http::uri::Authority` (the
+/// [`Authority`](crate::key::Authority) extractor's, lowercased as it compares). Two keys that are different
 /// must write different bytes, or their clients share a bucket.
 pub trait RedisKey {
     /// Whether this is the key of a global limiter (`()`, and only `()`): its requests
@@ -50,6 +51,14 @@ as_bytes!(str, String, [u8], Vec<u8>);
 #[cfg(feature = "http")]
 as_bytes!(http::HeaderValue);
 
+#[cfg(feature = "http")]
+impl RedisKey for http::uri::Authority {
+    fn write_redis_key(&self, out: &mut Vec<u8>) {
+        // Authorities that differ only in case are one key: so are their bytes.
+        out.extend(self.as_str().bytes().map(|byte| byte.to_ascii_lowercase()));
+    }
+}
+
 /// Types whose `Display` is their identity.
 macro_rules! displayed {
     ($($ty:ty),*) => {$(
@@ -75,3 +84,20 @@ displayed!(
     IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr, u8, u16, u32, u64, u128, usize, i8, i16, i32, i64,
     i128, isize
 );
+
+#[cfg(all(test, feature = "http"))]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn authorities_equal_without_regard_to_case_write_the_same_bytes() {
+        let bytes = |text: &str| {
+            let mut out = Vec::new();
+            let authority: http::uri::Authority = text.parse().unwrap();
+            authority.write_redis_key(&mut out);
+            out
+        };
+        assert_eq!(bytes("Orders.Internal:8080"), b"orders.internal:8080");
+        assert_eq!(bytes("Orders.Internal:8080"), bytes("orders.internal:8080"));
+    }
+}

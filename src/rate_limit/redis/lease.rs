@@ -1,21 +1,19 @@
 //! Tokens a replica took from a Redis bucket in one batch, spent in process until they
 //! run out or expire ([`RedisOptions::batch`](super::RedisOptions::batch)).
 //!
-//! One lease per bucket, in a sharded table bounded by a key count. Each lease is held
-//! under its shard's mutex for a few instructions (a compare and a subtraction); the
-//! round trip that refills a lease runs outside of it.
+//! One lease per bucket, in the crate's bounded keyed table. Each lease is held under
+//! its shard's mutex for a few instructions (a compare and a subtraction); the round trip
+//! that refills a lease runs outside of it.
 
-use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::hash::Hash;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use hashbrown::HashTable;
 use tokio::time::Instant;
 
-use super::super::bucket::{CachePadded, Quota};
-
-const MAX_SHARDS: usize = 64;
-const MIN_KEYS_PER_SHARD: usize = 1024;
+use super::super::bucket::Quota;
+use crate::key::{Idle, KeyedTable, MIN_SWEEP_SPACING};
+use crate::sync::{CachePadded, lock};
 
 /// A bucket's lease.
 #[derive(Debug, Clone, Copy)]
@@ -44,9 +42,14 @@ impl Lease {
             full_at: now,
         }
     }
+}
 
-    fn is_live(&self, now: Instant) -> bool {
-        self.refilling || now < self.expires
+impl Idle for Lease {
+    type Now = Instant;
+
+    /// Expired and not being refilled: what no lease at all means too.
+    fn is_idle(&self, now: Instant) -> bool {
+        !self.refilling && now >= self.expires
     }
 }
 
@@ -68,41 +71,24 @@ pub(super) struct Batch {
     pub(super) full_at: Instant,
 }
 
-struct Shard<K> {
-    /// Each key with its hash; the shared bucket's lease lives apart.
-    leases: HashTable<(K, u64, Lease)>,
-}
-
 /// The leases of one store.
 pub(super) struct Leases<K> {
     batch: u64,
     lease_for: Option<Duration>,
+    /// The shared bucket's lease lives apart from the keys'.
     shared: CachePadded<Mutex<Option<Lease>>>,
-    shards: Box<[CachePadded<Mutex<Shard<K>>>]>,
-    hasher: RandomState,
-    shard_cap: usize,
+    keyed: KeyedTable<K, Lease>,
 }
 
 impl<K: Hash + Eq + Clone> Leases<K> {
     /// Leases of `batch` requests' worth of tokens (`batch >= 2`), for at most `max_keys`
     /// keys (`max_keys >= 1`) besides the shared bucket.
     pub(super) fn new(batch: u64, lease_for: Option<Duration>, max_keys: usize) -> Self {
-        let shards = (max_keys / MIN_KEYS_PER_SHARD).clamp(1, MAX_SHARDS);
-        // The largest power of two not above `shards`, so that a mask picks the shard.
-        let shards = 1 << (usize::BITS - 1 - shards.leading_zeros());
         Self {
             batch,
             lease_for,
             shared: CachePadded(Mutex::new(None)),
-            shards: (0..shards)
-                .map(|_| {
-                    CachePadded(Mutex::new(Shard {
-                        leases: HashTable::new(),
-                    }))
-                })
-                .collect(),
-            hasher: RandomState::new(),
-            shard_cap: max_keys / shards,
+            keyed: KeyedTable::new(max_keys),
         }
     }
 
@@ -144,10 +130,23 @@ impl<K: Hash + Eq + Clone> Leases<K> {
         })
     }
 
-    /// Claims the right to fetch `key`'s next batch: false if another request is
+    /// Claims the right to fetch `key`'s next batch: `None` if another request is
     /// fetching it, or the table is full of live leases (the request then goes to Redis
-    /// alone). Whatever the old lease held is forfeited.
-    pub(super) fn start_refill(&self, key: Option<&K>, now: Instant) -> bool {
+    /// alone). Whatever the old lease held is forfeited. The claim is owned, so that it
+    /// lets go even if the round trip it is for is dropped before it starts.
+    pub(super) fn start_refill(
+        self: &Arc<Self>,
+        key: Option<&K>,
+        now: Instant,
+    ) -> Option<Refilling<K>> {
+        self.claim_refill(key, now).then(|| Refilling {
+            leases: self.clone(),
+            key: key.cloned(),
+            filled: false,
+        })
+    }
+
+    fn claim_refill(&self, key: Option<&K>, now: Instant) -> bool {
         let Some(key) = key else {
             let mut shared = lock(&self.shared);
             if shared.is_some_and(|lease| lease.refilling) {
@@ -156,26 +155,18 @@ impl<K: Hash + Eq + Clone> Leases<K> {
             *shared = Some(Lease::refilling(now));
             return true;
         };
-        let (hash, mut shard) = self.shard(key);
-        if let Some((_, _, lease)) = shard.leases.find_mut(hash, |(known, ..)| known == key) {
+        let mut slot = self.keyed.slot(key);
+        if let Some(lease) = slot.get_mut() {
             if lease.refilling {
                 return false;
             }
             *lease = Lease::refilling(now);
             return true;
         }
-        if shard.leases.len() >= self.shard_cap {
-            shard.leases.retain(|(_, _, lease)| lease.is_live(now));
-            if shard.leases.len() >= self.shard_cap {
-                return false;
-            }
-        }
-        shard.leases.insert_unique(
-            hash,
-            (key.clone(), hash, Lease::refilling(now)),
-            |(_, hash, _)| *hash,
-        );
-        true
+        // Leases expire within the lease time, so a full table is worth another look
+        // soon.
+        let retry_at = || now.checked_add(MIN_SWEEP_SPACING).unwrap_or(now);
+        slot.insert(Lease::refilling(now), now, retry_at)
     }
 
     /// Stores the batch fetched by the request that [started the
@@ -206,57 +197,48 @@ impl<K: Hash + Eq + Clone> Leases<K> {
     /// How many keys hold a lease (or a slot for one), the shared bucket aside.
     #[cfg(test)]
     fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|shard| lock(shard).leases.len())
-            .sum()
+        self.keyed.len()
     }
 
     fn with_lease<T>(&self, key: Option<&K>, f: impl FnOnce(Option<&mut Lease>) -> T) -> T {
         let Some(key) = key else {
             return f(lock(&self.shared).as_mut());
         };
-        let (hash, mut shard) = self.shard(key);
-        f(shard
-            .leases
-            .find_mut(hash, |(known, ..)| known == key)
-            .map(|(_, _, lease)| lease))
-    }
-
-    fn shard(&self, key: &K) -> (u64, MutexGuard<'_, Shard<K>>) {
-        let hash = self.hasher.hash_one(key);
-        // The table indexes with the low bits and tags with the top seven.
-        let index = (hash >> 32) as usize & (self.shards.len() - 1);
-        (hash, lock(&self.shards[index]))
+        f(self.keyed.slot(key).get_mut())
     }
 }
 
-/// Every update of a lease is one assignment: a panic cannot leave one half-written.
-fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
-    mutex.lock().unwrap_or_else(PoisonError::into_inner)
+/// The right to fetch a key's next batch. Hands the refill back to other requests unless
+/// the batch arrived: a request dropped or refused mid-refill (or before its round trip
+/// started) must not leave its key refilling for ever.
+pub(super) struct Refilling<K: Hash + Eq + Clone> {
+    leases: Arc<Leases<K>>,
+    key: Option<K>,
+    filled: bool,
 }
 
-/// Hands the refill back to other requests unless the batch arrived: a request dropped
-/// or refused mid-refill must not leave its key refilling for ever.
-pub(super) struct Refilling<'a, K: Hash + Eq + Clone> {
-    leases: &'a Leases<K>,
-    key: Option<&'a K>,
-}
-
-impl<'a, K: Hash + Eq + Clone> Refilling<'a, K> {
-    pub(super) fn new(leases: &'a Leases<K>, key: Option<&'a K>) -> Self {
-        Self { leases, key }
+impl<K: Hash + Eq + Clone> Refilling<K> {
+    /// How many requests' worth of tokens to fetch.
+    pub(super) fn batch(&self) -> u64 {
+        self.leases.batch()
     }
 
-    pub(super) fn fill(self, batch: Batch) {
-        self.leases.fill(self.key, batch);
-        std::mem::forget(self);
+    /// When the batch fetched by a request sent at `sent` expires.
+    pub(super) fn expiry(&self, sent: Instant, quota: Quota) -> Instant {
+        self.leases.expiry(sent, quota)
+    }
+
+    pub(super) fn fill(mut self, batch: Batch) {
+        self.leases.fill(self.key.as_ref(), batch);
+        self.filled = true;
     }
 }
 
-impl<K: Hash + Eq + Clone> Drop for Refilling<'_, K> {
+impl<K: Hash + Eq + Clone> Drop for Refilling<K> {
     fn drop(&mut self) {
-        self.leases.abandon(self.key);
+        if !self.filled {
+            self.leases.abandon(self.key.as_ref());
+        }
     }
 }
 
@@ -275,45 +257,57 @@ mod tests {
 
     #[test]
     fn a_lease_is_spent_until_empty_or_expired() {
-        let leases = Leases::<u8>::new(4, None, 10);
+        let leases = Arc::new(Leases::<u8>::new(4, None, 10));
         let now = Instant::now();
         let life = Duration::from_millis(100);
         assert!(leases.spend(Some(&1), 1, now).is_none());
-        assert!(leases.start_refill(Some(&1), now));
-        Refilling::new(&leases, Some(&1)).fill(filled(3, now, life));
+        let refill = leases.start_refill(Some(&1), now).unwrap();
+        refill.fill(filled(3, now, life));
         let spent = leases.spend(Some(&1), 2, now).unwrap();
         assert_eq!(spent.remaining, 11);
         assert!(leases.spend(Some(&1), 1, now).is_some());
         assert!(leases.spend(Some(&1), 1, now).is_none(), "empty");
 
-        assert!(leases.start_refill(Some(&1), now));
-        Refilling::new(&leases, Some(&1)).fill(filled(3, now, life));
+        let refill = leases.start_refill(Some(&1), now).unwrap();
+        refill.fill(filled(3, now, life));
         assert!(leases.spend(Some(&1), 1, now + life).is_none(), "expired");
     }
 
     #[test]
     fn one_request_refills_a_lease_at_a_time_and_a_dropped_one_lets_go() {
-        let leases = Leases::<u8>::new(4, None, 10);
+        let leases = Arc::new(Leases::<u8>::new(4, None, 10));
         let now = Instant::now();
-        assert!(leases.start_refill(None, now));
-        assert!(!leases.start_refill(None, now), "already refilling");
-        drop(Refilling::new(&leases, None));
-        assert!(leases.start_refill(None, now));
+        let refill = leases.start_refill(None, now).unwrap();
+        assert!(
+            leases.start_refill(None, now).is_none(),
+            "already refilling"
+        );
+        drop(refill);
+        assert!(leases.start_refill(None, now).is_some());
+        // A key's claim lets go the same way, and a filled one does not undo its batch.
+        let refill = leases.start_refill(Some(&1), now).unwrap();
+        drop(refill);
+        let refill = leases.start_refill(Some(&1), now).unwrap();
+        refill.fill(filled(3, now, Duration::from_millis(100)));
+        assert!(leases.spend(Some(&1), 1, now).is_some());
     }
 
     #[test]
     fn the_table_holds_at_most_max_keys_live_leases() {
-        let leases = Leases::<u8>::new(4, None, 2);
+        let leases = Arc::new(Leases::<u8>::new(4, None, 2));
         let now = Instant::now();
         let life = Duration::from_millis(100);
         for key in [1, 2] {
-            assert!(leases.start_refill(Some(&key), now));
-            Refilling::new(&leases, Some(&key)).fill(filled(3, now, life));
+            let refill = leases.start_refill(Some(&key), now).unwrap();
+            refill.fill(filled(3, now, life));
         }
-        assert!(!leases.start_refill(Some(&3), now), "full of live leases");
+        assert!(
+            leases.start_refill(Some(&3), now).is_none(),
+            "full of live leases"
+        );
         assert_eq!(leases.len(), 2);
         // Once they expire, they make room.
-        assert!(leases.start_refill(Some(&3), now + life));
+        assert!(leases.start_refill(Some(&3), now + life).is_some());
         assert_eq!(leases.len(), 1);
     }
 

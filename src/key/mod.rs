@@ -1,34 +1,77 @@
-//! What a keyed limiter keys on: any closure `Fn(&Req) -> Option<K>`, or (with the `http`
-//! feature) the ready-made extractors for HTTP requests here.
+//! What a keyed layer keys on: any closure `Fn(&Req) -> Option<K>`, or (with the `http`
+//! feature) the ready-made extractors for HTTP requests here. Every keyed layer takes a
+//! [`KeyExtractor`]: the rate limiter gives each key its own bucket
+//! ([`rate_limit::Builder::keyed`](crate::rate_limit::Builder::keyed)), and the keyed
+//! layers to come give each key its own breaker or concurrency limit.
 //!
-//! A request whose key cannot be extracted is refused with
-//! [`MissingKey`](super::MissingKey), or charged to the shared fallback bucket, as
-//! chosen with [`when_key_missing`](super::Builder::when_key_missing).
+//! A request whose key cannot be extracted is the layer's to decide: a keyed rate limiter
+//! refuses it with [`MissingKey`](crate::rate_limit::MissingKey), or charges it to its
+//! shared fallback bucket, as chosen with
+//! [`when_key_missing`](crate::rate_limit::Builder::when_key_missing).
+//!
+//! Every keyed layer keeps its per-key state in one kind of table: sharded, hashed with
+//! randomly keyed SipHash (keys are client-controlled), and bounded by its `max_keys`.
+//! It drops the state of idle keys (state a fresh key would have anyway), and at its cap
+//! it tracks no new key rather than evict a live one, so a flood of fresh keys can
+//! neither grow memory past the cap nor reset a real client's state.
+//!
+//! # Example
+//!
+//! ```
+//! # #[cfg(feature = "http")] {
+//! use std::net::{IpAddr, SocketAddr};
+//! use http::{HeaderName, Request};
+//! use palisade::key::{Authority, ForwardedFor, Header, KeyExtractor, PeerIp};
+//!
+//! let mut request = Request::get("/orders")
+//!     .header("host", "orders.internal:8080")
+//!     .header("x-api-key", "tenant-7")
+//!     .header("x-forwarded-for", "203.0.113.9, 10.0.0.2")
+//!     .body(())
+//!     .unwrap();
+//! request.extensions_mut().insert("10.0.0.3:40000".parse::<SocketAddr>().unwrap());
+//!
+//! assert_eq!(PeerIp.extract(&request), Some("10.0.0.3".parse::<IpAddr>().unwrap()));
+//! // One proxy of ours appended the address it got the request from.
+//! assert_eq!(ForwardedFor::new(1).extract(&request), Some("10.0.0.2".parse().unwrap()));
+//! assert_eq!(ForwardedFor::new(2).extract(&request), Some("203.0.113.9".parse().unwrap()));
+//! let api_key = Header::new(HeaderName::from_static("x-api-key"));
+//! assert_eq!(api_key.extract(&request).unwrap(), "tenant-7");
+//! assert_eq!(Authority.extract(&request).unwrap(), "orders.internal:8080");
+//! // Any closure is an extractor too.
+//! let by_path = |request: &Request<()>| Some(request.uri().path().to_owned());
+//! assert_eq!(by_path.extract(&request).as_deref(), Some("/orders"));
+//! # }
+//! ```
 //!
 //! # Which address to trust
 //!
 //! [`PeerIp`] is the address of the TCP peer: it cannot be spoofed, but behind a reverse
-//! proxy or load balancer it is the proxy's, so every client shares one bucket.
+//! proxy or load balancer it is the proxy's, so every client shares one key.
 //! [`ForwardedFor`] and [`Forwarded`] read the client address the proxies recorded. Each
 //! proxy *appends* the address it received the request from, and anything further left
 //! came from the client, who can write whatever it likes there. So these extractors take
 //! the address exactly `trusted_proxies` entries from the right end. Configure the number
 //! of proxies you actually run: too high and clients choose their own key (and can dodge
-//! the limit by rotating it); too low and the key is one of your proxies. Read only the
+//! a limit by rotating it); too low and the key is one of your proxies. Read only the
 //! header your proxies set: a client may send the other one.
 
 #[cfg(feature = "http")]
 use std::net::{IpAddr, SocketAddr};
 
 #[cfg(feature = "http")]
-use http::{HeaderName, HeaderValue, Request};
+use http::{HeaderName, HeaderValue, Request, header, uri};
 
-/// Extracts the rate limiting key of a request.
+mod table;
+
+pub(crate) use self::table::{Idle, KeyedTable, MIN_SWEEP_SPACING};
+
+/// Extracts the key of a request for a keyed layer.
 ///
 /// Implemented for every closure `Fn(&Req) -> Option<K>`; `None` means the request has
 /// no key.
 pub trait KeyExtractor<Req> {
-    /// The key: each distinct value gets its own bucket.
+    /// The key: each distinct value gets its own state (its own bucket, its own breaker).
     type Key;
 
     /// The request's key, if it has one.
@@ -46,7 +89,8 @@ where
     }
 }
 
-/// The extractor of a global limiter: every request shares the one bucket.
+/// The extractor of a global layer: every request has the one key `()`, so every
+/// request shares the layer's one bucket.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Global;
 
@@ -112,6 +156,28 @@ impl<B> KeyExtractor<Request<B>> for Header {
             .get(&self.name)
             .filter(|value| !value.is_empty())
             .cloned()
+    }
+}
+
+/// Keys on the authority a request is addressed to (`host[:port]`, compared without
+/// regard to case): the URI's authority (an absolute-form or HTTP/2 request, and a
+/// client's outgoing request), else the `Host` header (an HTTP/1.1 request to a server).
+/// A request with neither, or with an unparsable `Host`, has no key. On the client side
+/// this is one key per upstream, what a keyed circuit breaker wants.
+#[cfg(feature = "http")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Authority;
+
+#[cfg(feature = "http")]
+impl<B> KeyExtractor<Request<B>> for Authority {
+    type Key = uri::Authority;
+
+    fn extract(&self, request: &Request<B>) -> Option<uri::Authority> {
+        if let Some(authority) = request.uri().authority() {
+            return Some(authority.clone());
+        }
+        let host = request.headers().get(header::HOST)?;
+        uri::Authority::try_from(host.as_bytes()).ok()
     }
 }
 
