@@ -68,6 +68,7 @@
 
 pub mod circuit_breaker;
 pub mod classify;
+pub mod context;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod correlation;
@@ -84,6 +85,7 @@ pub mod tonic;
 
 mod builder;
 mod metrics;
+mod rng;
 mod sync;
 
 // The lock-free cores as the loom model checks in tests/loom.rs drive them.

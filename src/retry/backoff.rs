@@ -1,7 +1,6 @@
 //! The delay schedule between attempts: a sans-io core, driven by the retry future and
 //! by the property tests.
 
-use std::hash::{BuildHasher, Hasher};
 use std::time::Duration;
 
 /// How long to wait before each retry.
@@ -241,24 +240,9 @@ fn unit_interval(random: u64) -> f64 {
     (random >> 11) as f64 / (1u64 << 53) as f64
 }
 
-/// A random `u64` for jitter, without a `rand` dependency: std's `RandomState` is
-/// seeded from the OS once per thread and stepped on every call, and SipHash scrambles
-/// the step. Drawn only when a retry is scheduled.
-pub(crate) fn random_u64() -> u64 {
-    std::collections::hash_map::RandomState::new()
-        .build_hasher()
-        .finish()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn random_values_differ() {
-        let draws: std::collections::HashSet<u64> = (0..64).map(|_| random_u64()).collect();
-        assert_eq!(draws.len(), 64);
-    }
 
     #[test]
     fn unit_interval_spans_zero_to_one() {
