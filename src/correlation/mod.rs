@@ -81,6 +81,8 @@ mod deadline;
 #[cfg(feature = "axum")]
 mod extract;
 mod id;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod scope;
 mod server;
 

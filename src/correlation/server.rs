@@ -377,7 +377,9 @@ impl RequestSpan {
             span.record("trace_id", tracing::field::display(trace.trace_id()));
         }
         #[cfg(feature = "opentelemetry")]
-        super::otel::set_parent(&span, _headers);
+        if context.trace().is_some() {
+            super::otel::set_parent(&span, _headers);
+        }
         Self(span)
     }
 
