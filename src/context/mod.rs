@@ -72,7 +72,9 @@ pub use self::trace::{
     InvalidTraceContext, MAX_TRACESTATE_MEMBERS, SpanId, TraceContext, TraceId, TraceState,
 };
 
-pub(crate) use self::scope::{in_scope, with_current};
+#[cfg(feature = "http")]
+pub(crate) use self::scope::in_scope;
+pub(crate) use self::scope::with_current;
 #[cfg(feature = "http")]
 pub use self::wire::{
     DEFAULT_TIMEOUT_HEADER, GRPC_PREVIOUS_ATTEMPTS, GRPC_TIMEOUT, HTTP_PREVIOUS_ATTEMPTS,

@@ -168,6 +168,7 @@ fn swap_current(context: Option<RequestContext>) -> Option<RequestContext> {
 }
 
 /// Runs `f` with the context in `slot` (if any, else none) as the current one.
+#[cfg(feature = "http")]
 pub(crate) fn in_scope<R>(slot: &mut Option<RequestContext>, f: impl FnOnce() -> R) -> R {
     let _entered = Entered::new(slot);
     f()
@@ -201,6 +202,7 @@ impl<F> Scoped<F> {
 
     /// Drops the inner future now, inside the scope (a deadline passed), leaving this
     /// one finished.
+    #[cfg(feature = "http")]
     pub(crate) fn cancel(self: Pin<&mut Self>) {
         let mut this = self.project();
         let _entered = Entered::new(this.context);
@@ -209,6 +211,7 @@ impl<F> Scoped<F> {
 
     /// Gives the context back once the future has completed, so the caller needs no
     /// clone.
+    #[cfg(feature = "http")]
     pub(crate) fn take_context(self: Pin<&mut Self>) -> Option<RequestContext> {
         self.project().context.take()
     }

@@ -423,6 +423,9 @@ pub struct ResponseFuture<F> {
     echo_header: Option<HeaderName>,
 }
 
+// `Running` is the common case: boxing it to shrink the rare `Refused` would allocate
+// on every request.
+#[allow(clippy::large_enum_variant)]
 #[pin_project(project = KindProjection)]
 enum Kind<F> {
     Running {
