@@ -68,6 +68,7 @@
 
 pub mod circuit_breaker;
 pub mod classify;
+pub mod context;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
 pub mod correlation;

@@ -1,11 +1,11 @@
 //! The crate's one source of randomness (jitter for retries and for breakers' open
-//! times), without a `rand` dependency.
+//! times, fresh trace span ids), without a `rand` dependency.
 
 use std::hash::{BuildHasher, Hasher, RandomState};
 
-/// A random `u64`: std's `RandomState` is seeded from the OS once per thread and stepped
-/// on every call, and SipHash scrambles the step. Not for cryptography; cheap enough for
-/// the cold paths that draw it (a retry being scheduled, a breaker being built).
+/// A random `u64` without a syscall per draw: std's `RandomState` is seeded from the OS
+/// once per thread and stepped on every call, and SipHash scrambles the step. Not for
+/// cryptography.
 pub(crate) fn random_u64() -> u64 {
     RandomState::new().build_hasher().finish()
 }

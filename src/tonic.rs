@@ -310,7 +310,7 @@ mod tests {
                 Code::DeadlineExceeded,
             ),
             (
-                DeadlineExceeded::new(Duration::from_secs(1)).into(),
+                DeadlineExceeded::new(Some(Duration::from_secs(1))).into(),
                 Code::DeadlineExceeded,
             ),
             (

@@ -19,7 +19,7 @@ use std::time::Duration;
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt, service_fn};
 
 /// What the handler saw.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 struct Seen {
     headers: HeaderMap,
     extension: Option<CorrelationId>,

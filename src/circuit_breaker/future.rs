@@ -1,4 +1,3 @@
-use super::error::CircuitOpen;
 use super::service::CallReport;
 use crate::classify::Classify;
 use pin_project::pin_project;
@@ -10,7 +9,9 @@ use tower::BoxError;
 
 /// The response future of [`CircuitBreakerService`](super::CircuitBreakerService).
 ///
-/// Resolves to [`CircuitOpen`] at once when the breaker rejected the call; otherwise
+/// Resolves to [`CircuitOpen`](super::CircuitOpen) at once when the breaker rejected the
+/// call (or to [`DeadlineExceeded`](crate::context::DeadlineExceeded) when the request
+/// context's deadline had passed before it); otherwise
 /// to the inner service's result, classified. Dropped before that, it records nothing
 /// and gives back any half-open probe slot.
 #[pin_project]
@@ -27,9 +28,8 @@ enum Kind<F, C> {
         report: Option<CallReport>,
         classify: C,
     },
-    Rejected {
-        error: Option<CircuitOpen>,
-    },
+    /// An open circuit, or a caller's deadline that passed before the call.
+    Rejected { error: Option<BoxError> },
 }
 
 impl<F, C> ResponseFuture<F, C> {
@@ -43,9 +43,11 @@ impl<F, C> ResponseFuture<F, C> {
         }
     }
 
-    pub(crate) fn rejected(error: CircuitOpen) -> Self {
+    pub(crate) fn rejected(error: impl Into<BoxError>) -> Self {
         Self {
-            kind: Kind::Rejected { error: Some(error) },
+            kind: Kind::Rejected {
+                error: Some(error.into()),
+            },
         }
     }
 }
@@ -85,8 +87,7 @@ where
             }
             KindProjection::Rejected { error } => Poll::Ready(Err(error
                 .take()
-                .expect("circuit breaker future polled after completion")
-                .into())),
+                .expect("circuit breaker future polled after completion"))),
         }
     }
 }

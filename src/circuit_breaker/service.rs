@@ -2,6 +2,7 @@ use super::future::ResponseFuture;
 use super::lanes::{CoreRef, CoreRefs};
 use super::state::Permit;
 use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
+use crate::context::DeadlineExceeded;
 use std::fmt;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -11,6 +12,10 @@ use tower_service::Service;
 
 /// A service behind a circuit breaker; made by
 /// [`CircuitBreakerLayer`](super::CircuitBreakerLayer).
+///
+/// A call made when the [request context](crate::context)'s deadline has already
+/// passed is not sent and not counted: it fails at once with
+/// [`DeadlineExceeded`], since a caller that gave up says nothing about the dependency.
 pub struct CircuitBreakerService<S, C = ErrorsAsFailures> {
     inner: S,
     lanes: Arc<CoreRefs>,
@@ -76,6 +81,13 @@ where
     }
 
     fn call(&mut self, request: Request) -> Self::Future {
+        // A caller that gave up before the call says nothing about the dependency: it
+        // is neither sent nor counted.
+        if let Some(deadline) = crate::context::deadline()
+            && deadline <= Instant::now()
+        {
+            return ResponseFuture::rejected(DeadlineExceeded::new(None));
+        }
         match self.lanes.core().admit(Instant::now) {
             Ok(permit) => {
                 let report = CallReport::new(self.lanes.take(), permit);

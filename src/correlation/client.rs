@@ -1,11 +1,21 @@
-//! The client side: put the current ID on every outgoing request.
+//! The client side: put the current request context on every outgoing request.
 
 use super::server::DEFAULT_HEADER;
 use super::{CorrelationId, Generator};
+use crate::context::{
+    DEFAULT_TIMEOUT_HEADER, DeadlineExceeded, RequestContext, TRACEPARENT, TRACESTATE,
+    TraceContext, with_current, write_previous_attempts, write_timeout,
+};
 use http::Request;
-use http::header::HeaderName;
+use http::header::{HeaderMap, HeaderName, HeaderValue};
+use pin_project::pin_project;
+use std::fmt;
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
+use tower::BoxError;
 use tower_layer::Layer;
 use tower_service::Service;
 
@@ -18,7 +28,25 @@ use tower_service::Service;
 /// [`mint_when_absent`](Self::mint_when_absent), a new one. Otherwise the request goes
 /// out without one.
 ///
-/// The response future is the inner service's own: the layer adds no work after `call`.
+/// The rest of the [request context](crate::context) goes along:
+///
+/// - the **deadline**: the time left, less a [margin](Self::deadline_margin) for the
+///   network, as `grpc-timeout` on gRPC requests and as
+///   [`x-request-timeout-ms`](Self::deadline_header) on the others (a shorter timeout
+///   the request already carries is kept). With less than
+///   [`min_time_left`](Self::min_time_left) to send (by default: nothing), the request
+///   is not sent and the call fails at once with [`DeadlineExceeded`];
+/// - the **trace context**: a `traceparent` with the same trace-id, a fresh parent-id
+///   for every call, the sampled flag carried and other flags zeroed, and the
+///   `tracestate` unchanged; none when no trace came in unless
+///   [`start_trace_when_absent`](Self::start_trace_when_absent). A `traceparent` the
+///   request already carries is kept. With the `opentelemetry` feature, the current
+///   `tracing` span's OpenTelemetry context is injected instead, through
+///   OpenTelemetry's own `TraceContextPropagator`, when it has one;
+/// - the caller's **earlier attempts**, so that the hop below knows the request is
+///   part of a retry (`grpc-previous-rpc-attempts` / `x-previous-attempts`).
+///
+/// The response future is the inner service's own, or an error at once.
 #[derive(Clone, Debug, Default)]
 pub struct PropagateCorrelationIdLayer {
     config: Arc<Config>,
@@ -28,6 +56,10 @@ pub struct PropagateCorrelationIdLayer {
 struct Config {
     header: HeaderName,
     mint: Option<Generator>,
+    deadline_header: HeaderName,
+    margin: Duration,
+    min_time_left: Duration,
+    start_trace: Option<bool>,
 }
 
 impl Default for Config {
@@ -35,6 +67,10 @@ impl Default for Config {
         Self {
             header: DEFAULT_HEADER,
             mint: None,
+            deadline_header: DEFAULT_TIMEOUT_HEADER,
+            margin: Duration::ZERO,
+            min_time_left: Duration::ZERO,
+            start_trace: None,
         }
     }
 }
@@ -108,16 +144,131 @@ impl PropagateCorrelationIdLayer {
         Arc::make_mut(&mut self.config).mint = Some(generator);
         self
     }
+
+    /// The HTTP header the time left is sent in, in whole milliseconds
+    /// (`x-request-timeout-ms` unless set; gRPC requests use `grpc-timeout`).
+    pub fn deadline_header(mut self, name: HeaderName) -> Self {
+        Arc::make_mut(&mut self.config).deadline_header = name;
+        self
+    }
+
+    /// Sends the time left less `margin`, the time the request and its answer spend on
+    /// the network, so that the callee gives up while the caller still waits for its
+    /// answer. Zero unless set.
+    pub fn deadline_margin(mut self, margin: Duration) -> Self {
+        Arc::make_mut(&mut self.config).margin = margin;
+        self
+    }
+
+    /// Does not send a request with less than this left (after the margin): it fails
+    /// at once with [`DeadlineExceeded`]. By default only a request with nothing left
+    /// is refused.
+    ///
+    /// ```
+    /// use http::{Request, Response};
+    /// use palisade::context::{DeadlineExceeded, RequestContext};
+    /// use palisade::correlation::PropagateCorrelationIdLayer;
+    /// use std::time::Duration;
+    /// use tower::{BoxError, ServiceBuilder, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() {
+    /// let client = ServiceBuilder::new()
+    ///     .layer(
+    ///         PropagateCorrelationIdLayer::new()
+    ///             .deadline_margin(Duration::from_millis(5))
+    ///             .min_time_left(Duration::from_millis(10)),
+    ///     )
+    ///     .service(service_fn(|request: Request<()>| async move {
+    ///         let sent = request.headers()["x-request-timeout-ms"].clone();
+    ///         Ok::<_, BoxError>(Response::new(sent))
+    ///     }));
+    ///
+    /// let call = |left| {
+    ///     let client = client.clone();
+    ///     RequestContext::new()
+    ///         .with_timeout(Duration::from_millis(left))
+    ///         .scope(async move { client.oneshot(Request::new(())).await })
+    /// };
+    /// assert_eq!(call(100).await.unwrap().body(), "95");
+    /// let refused = call(14).await.unwrap_err();
+    /// assert!(refused.is::<DeadlineExceeded>());
+    /// # }
+    /// ```
+    pub fn min_time_left(mut self, min: Duration) -> Self {
+        Arc::make_mut(&mut self.config).min_time_left = min;
+        self
+    }
+
+    /// Starts a new trace (random trace-id, `sampled` or not) for a request made
+    /// without a trace context, instead of sending no `traceparent`.
+    pub fn start_trace_when_absent(mut self, sampled: bool) -> Self {
+        Arc::make_mut(&mut self.config).start_trace = Some(sampled);
+        self
+    }
 }
 
 impl Config {
-    fn id_for<B>(&self, request: &Request<B>) -> Option<CorrelationId> {
+    fn id_for<B>(
+        &self,
+        request: &Request<B>,
+        context: Option<&RequestContext>,
+    ) -> Option<CorrelationId> {
         request
             .extensions()
             .get::<CorrelationId>()
+            .or_else(|| context?.correlation_id())
             .cloned()
-            .or_else(CorrelationId::current)
             .or_else(|| self.mint.as_ref().map(Generator::generate))
+    }
+
+    /// Writes the context onto the request, or says why it must not be sent.
+    fn stamp<B>(
+        &self,
+        request: &mut Request<B>,
+        context: Option<&RequestContext>,
+    ) -> Result<(), DeadlineExceeded> {
+        if !request.headers().contains_key(&self.header)
+            && let Some(id) = self.id_for(request, context)
+        {
+            let value = id.into_header_value();
+            request.headers_mut().insert(self.header.clone(), value);
+        }
+        let headers = request.headers_mut();
+        if let Some(left) = context.and_then(RequestContext::time_left) {
+            let send = left.saturating_sub(self.margin);
+            if send.is_zero() || send < self.min_time_left {
+                return Err(DeadlineExceeded::new(None));
+            }
+            write_timeout(headers, &self.deadline_header, send);
+        }
+        if let Some(context) = context {
+            write_previous_attempts(headers, context.previous_attempts());
+        }
+        if !headers.contains_key(TRACEPARENT) {
+            self.send_trace(headers, context.and_then(RequestContext::trace));
+        }
+        Ok(())
+    }
+
+    fn send_trace(&self, headers: &mut HeaderMap, incoming: Option<&TraceContext>) {
+        #[cfg(feature = "opentelemetry")]
+        if super::otel::inject_current_span(headers) {
+            return;
+        }
+        let outgoing = match (incoming, self.start_trace) {
+            (Some(incoming), _) => incoming.child(),
+            (None, Some(sampled)) => TraceContext::new_root(sampled),
+            (None, None) => return,
+        };
+        if let Ok(value) = HeaderValue::try_from(outgoing.to_string()) {
+            headers.insert(TRACEPARENT, value);
+        }
+        if let Some(state) = outgoing.state()
+            && let Ok(value) = HeaderValue::try_from(state.as_str())
+        {
+            headers.insert(TRACESTATE, value);
+        }
     }
 }
 
@@ -151,24 +302,73 @@ impl<S: Clone> Clone for PropagateCorrelationIdService<S> {
 impl<S, B> Service<Request<B>> for PropagateCorrelationIdService<S>
 where
     S: Service<Request<B>>,
+    S::Error: Into<BoxError>,
 {
     type Response = S::Response;
-    type Error = S::Error;
-    type Future = S::Future;
+    type Error = BoxError;
+    type Future = PropagateFuture<S::Future>;
 
     fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
-        self.inner.poll_ready(cx)
+        self.inner.poll_ready(cx).map_err(Into::into)
     }
 
     fn call(&mut self, mut request: Request<B>) -> Self::Future {
-        let header = &self.config.header;
-        if !request.headers().contains_key(header)
-            && let Some(id) = self.config.id_for(&request)
-        {
-            request
-                .headers_mut()
-                .insert(header.clone(), id.into_header_value());
+        let stamped = with_current(|context| self.config.stamp(&mut request, context));
+        match stamped {
+            Ok(()) => PropagateFuture {
+                kind: PropagateKind::Sent {
+                    future: self.inner.call(request),
+                },
+            },
+            Err(refused) => PropagateFuture {
+                kind: PropagateKind::Refused {
+                    error: Some(refused),
+                },
+            },
         }
-        self.inner.call(request)
+    }
+}
+
+/// The response future of [`PropagateCorrelationIdService`]: the inner service's, or
+/// [`DeadlineExceeded`] at once when too little time was left to send the request.
+#[pin_project]
+#[must_use = "futures do nothing unless polled"]
+pub struct PropagateFuture<F> {
+    #[pin]
+    kind: PropagateKind<F>,
+}
+
+#[pin_project(project = PropagateKindProjection)]
+enum PropagateKind<F> {
+    Sent {
+        #[pin]
+        future: F,
+    },
+    Refused {
+        error: Option<DeadlineExceeded>,
+    },
+}
+
+impl<F, T, E> Future for PropagateFuture<F>
+where
+    F: Future<Output = Result<T, E>>,
+    E: Into<BoxError>,
+{
+    type Output = Result<T, BoxError>;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        match self.project().kind.project() {
+            PropagateKindProjection::Sent { future } => future.poll(cx).map_err(Into::into),
+            PropagateKindProjection::Refused { error } => Poll::Ready(Err(error
+                .take()
+                .expect("PropagateFuture polled after completion")
+                .into())),
+        }
+    }
+}
+
+impl<F> fmt::Debug for PropagateFuture<F> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("PropagateFuture").finish_non_exhaustive()
     }
 }

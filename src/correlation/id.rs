@@ -265,34 +265,6 @@ impl fmt::Debug for Generator {
     }
 }
 
-/// The trace-id of a valid W3C `traceparent` (version `00`).
-///
-/// `00-<32 lowercase hex trace-id>-<16 lowercase hex parent-id>-<2 lowercase hex flags>`,
-/// neither ID all zeros. Anything else is `None`.
-pub(crate) fn trace_id_of(traceparent: &HeaderValue) -> Option<CorrelationId> {
-    const TRACE_ID: std::ops::Range<usize> = 3..35;
-    const PARENT_ID: std::ops::Range<usize> = 36..52;
-    const FLAGS: std::ops::Range<usize> = 53..55;
-
-    let bytes = traceparent.as_bytes();
-    let well_formed = bytes.len() == 55
-        && bytes.starts_with(b"00-")
-        && bytes[35] == b'-'
-        && bytes[52] == b'-'
-        && [TRACE_ID, PARENT_ID, FLAGS]
-            .into_iter()
-            .all(|field| bytes[field].iter().all(|&b| is_lower_hex(b)));
-    let not_zero = |field: std::ops::Range<usize>| bytes[field].iter().any(|&b| b != b'0');
-    if !(well_formed && not_zero(TRACE_ID) && not_zero(PARENT_ID)) {
-        return None;
-    }
-    CorrelationId::parse(&bytes[TRACE_ID]).ok()
-}
-
-fn is_lower_hex(b: u8) -> bool {
-    b.is_ascii_digit() || (b'a'..=b'f').contains(&b)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -376,31 +348,5 @@ mod tests {
         let fixed = Generator::custom(|| CorrelationId::parse("fixed").unwrap());
         assert_eq!(fixed.generate(), "fixed");
         assert_eq!(format!("{fixed:?}"), "Generator(Custom)");
-    }
-
-    #[test]
-    fn traceparent_trace_id_is_used_only_when_valid() {
-        let valid = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
-        let id = trace_id_of(&HeaderValue::from_static(valid)).unwrap();
-        assert_eq!(id, "4bf92f3577b34da6a3ce929d0e0e4736");
-
-        for invalid in [
-            "01-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01", // version
-            "00-4BF92F3577B34DA6A3CE929D0E0E4736-00f067aa0ba902b7-01", // uppercase
-            "00-00000000000000000000000000000000-00f067aa0ba902b7-01", // zero trace-id
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-0000000000000000-01", // zero parent-id
-            "00-4bf92f3577b34da6a3ce929d0e0e473-00f067aa0ba902b7-01",  // short trace-id
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01-extra",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736_00f067aa0ba902b7-01",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-0g",
-            "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902bx-01",
-            "",
-        ] {
-            assert_eq!(
-                trace_id_of(&HeaderValue::from_static(invalid)),
-                None,
-                "{invalid}"
-            );
-        }
     }
 }

@@ -77,15 +77,22 @@
 //! [`CorrelationId::scope`]).
 
 mod client;
+mod deadline;
 #[cfg(feature = "axum")]
 mod extract;
 mod id;
+#[cfg(feature = "opentelemetry")]
+mod otel;
 mod scope;
 mod server;
 
-pub use self::client::{PropagateCorrelationIdLayer, PropagateCorrelationIdService};
+pub use self::client::{
+    PropagateCorrelationIdLayer, PropagateCorrelationIdService, PropagateFuture,
+};
+pub use self::deadline::{DeadlineConfigError, IncomingDeadlines, IncomingDeadlinesBuilder};
 #[cfg(feature = "axum")]
 pub use self::extract::MissingCorrelationId;
 pub use self::id::{CorrelationId, Generator, InvalidCorrelationId};
-pub use self::scope::{Scoped, WithCorrelationId};
+pub use self::scope::WithCorrelationId;
 pub use self::server::{CorrelationIdLayer, CorrelationIdService, ResponseFuture};
+pub use crate::context::Scoped;

@@ -1,8 +1,10 @@
 //! The server side: accept or mint an ID, echo it, scope the handler in it.
 
-use super::id::trace_id_of;
-use super::scope::in_scope;
-use super::{CorrelationId, Generator, Scoped};
+use super::{CorrelationId, Generator, IncomingDeadlines};
+use crate::context::{
+    DeadlineExceeded, RequestContext, Scoped, TRACEPARENT, TRACESTATE, TraceContext, TraceState,
+    in_scope, is_grpc, read_previous_attempts, refusal,
+};
 use http::header::{HeaderMap, HeaderName};
 use http::{Request, Response};
 use pin_project::pin_project;
@@ -11,13 +13,13 @@ use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
+use tokio::time::{Sleep, sleep_until};
 use tower_layer::Layer;
 use tower_service::Service;
 
 /// The header the ID travels in unless configured otherwise.
 pub(crate) const DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-request-id");
-
-const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 
 /// Gives every request a [`CorrelationId`]: the one it brings if valid, else a new one.
 ///
@@ -41,6 +43,20 @@ const TRACEPARENT: HeaderName = HeaderName::from_static("traceparent");
 ///    every event the request logs carries the ID;
 /// 4. sets the ID on the response, in the header it came in (the primary header when
 ///    minted or taken from `traceparent`), overwriting any value the handler set.
+///
+/// The ID is one part of the [request context](crate::context) the layer makes current;
+/// the others are:
+///
+/// - the W3C **trace context** of a valid `traceparent` (and `tracestate`), also put in
+///   the request extensions as a [`TraceContext`]; on by default, see
+///   [`accept_trace_context`](Self::accept_trace_context);
+/// - the caller's count of **earlier attempts** (`grpc-previous-rpc-attempts`, or
+///   `x-previous-attempts` on HTTP), which the retry layer reads;
+/// - the **deadline**, only with [`accept_deadlines`](Self::accept_deadlines): the
+///   caller's `grpc-timeout` or HTTP timeout header, bounded and defaulted. A request
+///   arriving with too little left is refused at once, and a handler still running at
+///   the deadline is dropped, both answered as the rejection contract answers
+///   [`DeadlineExceeded`] (504, or gRPC `DEADLINE_EXCEEDED`), with the ID echoed.
 ///
 /// # Repeated headers
 ///
@@ -66,6 +82,8 @@ struct Config {
     fallbacks: Vec<HeaderName>,
     generator: Generator,
     trust_traceparent: bool,
+    accept_trace_context: bool,
+    deadlines: Option<IncomingDeadlines>,
 }
 
 impl Default for Config {
@@ -75,6 +93,8 @@ impl Default for Config {
             fallbacks: Vec::new(),
             generator: Generator::default(),
             trust_traceparent: false,
+            accept_trace_context: true,
+            deadlines: None,
         }
     }
 }
@@ -113,6 +133,58 @@ impl CorrelationIdLayer {
         Arc::make_mut(&mut self.config).trust_traceparent = trust;
         self
     }
+
+    /// Takes each request's W3C trace context (a valid `traceparent` sent once, and
+    /// its `tracestate`, as [`TraceContext::parse`] and [`TraceState::parse`] check
+    /// them) into the request context and extensions, so that
+    /// [`PropagateCorrelationIdLayer`](super::PropagateCorrelationIdLayer) continues the
+    /// trace. On by default; an invalid `tracestate` is dropped, an invalid
+    /// `traceparent` drops both.
+    pub fn accept_trace_context(mut self, accept: bool) -> Self {
+        Arc::make_mut(&mut self.config).accept_trace_context = accept;
+        self
+    }
+
+    /// Takes each request's deadline as `deadlines` says, refuses requests that arrive
+    /// with too little time left, and stops handlers at the deadline. Off unless set.
+    ///
+    /// ```
+    /// use http::{Request, Response, StatusCode};
+    /// use palisade::context;
+    /// use palisade::correlation::{CorrelationIdLayer, IncomingDeadlines};
+    /// use std::time::Duration;
+    /// use tower::{BoxError, ServiceBuilder, ServiceExt, service_fn};
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), BoxError> {
+    /// let deadlines = IncomingDeadlines::builder()
+    ///     .max(Duration::from_secs(10))
+    ///     .default(Duration::from_secs(2))
+    ///     .build()?;
+    /// let server = ServiceBuilder::new()
+    ///     .layer(CorrelationIdLayer::new().accept_deadlines(deadlines))
+    ///     .service(service_fn(|_request: Request<()>| async {
+    ///         let left = context::time_left().unwrap();
+    ///         tokio::time::sleep(Duration::from_millis(500)).await;
+    ///         Ok::<_, BoxError>(Response::new(format!("{}", left.as_millis())))
+    ///     }));
+    ///
+    /// // The caller has 800 ms left.
+    /// let request = Request::builder().header("x-request-timeout-ms", "800").body(())?;
+    /// let response = server.clone().oneshot(request).await?;
+    /// assert_eq!(response.body(), "800");
+    ///
+    /// // 300 ms is too little for this handler: it is stopped at the deadline.
+    /// let request = Request::builder().header("x-request-timeout-ms", "300").body(())?;
+    /// let response = server.oneshot(request).await?;
+    /// assert_eq!(response.status(), StatusCode::GATEWAY_TIMEOUT);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn accept_deadlines(mut self, deadlines: IncomingDeadlines) -> Self {
+        Arc::make_mut(&mut self.config).deadlines = Some(deadlines);
+        self
+    }
 }
 
 impl Config {
@@ -132,13 +204,29 @@ impl Config {
         if !self.trust_traceparent {
             return None;
         }
-        // W3C Trace Context: a repeated `traceparent` is invalid and the trace restarts,
-        // so neither value may pick the ID.
-        let mut values = headers.get_all(TRACEPARENT).iter();
-        match (values.next(), values.next()) {
-            (Some(only), None) => trace_id_of(only),
-            _ => None,
+        let trace = trace_context_of(headers)?;
+        CorrelationId::parse(trace.trace_id().to_string()).ok()
+    }
+
+    /// The request's context, but for its ID: trace, earlier attempts, deadline.
+    fn context_of<B>(&self, request: &mut Request<B>) -> (RequestContext, Option<Duration>) {
+        let headers = request.headers();
+        let mut context =
+            RequestContext::new().with_previous_attempts(read_previous_attempts(headers));
+        let timeout = self
+            .deadlines
+            .as_ref()
+            .and_then(|deadlines| deadlines.timeout_of(headers));
+        if let Some(timeout) = timeout {
+            context = context.with_timeout(timeout);
         }
+        if self.accept_trace_context
+            && let Some(trace) = trace_context_of(headers)
+        {
+            request.extensions_mut().insert(trace.clone());
+            context = context.with_trace(trace);
+        }
+        (context, timeout)
     }
 
     /// Settles the request's ID, records it on the request, and names the header to
@@ -193,6 +281,7 @@ impl<S: Clone> Clone for CorrelationIdService<S> {
 impl<S, ReqBody, ResBody> Service<Request<ReqBody>> for CorrelationIdService<S>
 where
     S: Service<Request<ReqBody>, Response = Response<ResBody>>,
+    ResBody: Default,
 {
     type Response = Response<ResBody>;
     type Error = S::Error;
@@ -204,15 +293,60 @@ where
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
         let (id, header) = self.config.identify(&mut request);
-        let span = RequestSpan::new(&id);
-        let mut scope = Some(id);
+        let (context, timeout) = self.config.context_of(&mut request);
+        let grpc = is_grpc(request.headers());
+        let echo_header = Some(header.clone());
+        if let Some(timeout) = timeout
+            && self
+                .config
+                .deadlines
+                .as_ref()
+                .is_some_and(|deadlines| deadlines.refuses(timeout))
+        {
+            return ResponseFuture {
+                kind: Kind::Refused {
+                    id: Some(id),
+                    timeout,
+                },
+                grpc,
+                echo_header,
+            };
+        }
+        let span = RequestSpan::new(&id, &context, request.headers());
+        let timer = context.deadline().map(sleep_until);
+        let mut scope = Some(context.with_correlation_id(id));
         let inner = &mut self.inner;
         let future = span.in_scope(|| in_scope(&mut scope, || inner.call(request)));
         ResponseFuture {
-            inner: Scoped::new(scope, span.instrument(future)),
-            echo_header: Some(header.clone()),
+            kind: Kind::Running {
+                inner: Scoped::new(scope, span.instrument(future)),
+                timer,
+            },
+            grpc,
+            echo_header,
         }
     }
+}
+
+/// The trace context of a valid `traceparent` sent once, with its `tracestate` if
+/// that is valid. W3C Trace Context: a repeated `traceparent` is invalid and the trace
+/// restarts, so neither value may be used.
+fn trace_context_of(headers: &HeaderMap) -> Option<TraceContext> {
+    let mut values = headers.get_all(TRACEPARENT).iter();
+    let (Some(only), None) = (values.next(), values.next()) else {
+        return None;
+    };
+    let trace = TraceContext::parse(only.as_bytes()).ok()?;
+    let states = headers.get_all(TRACESTATE);
+    if states.iter().next().is_none() {
+        return Some(trace);
+    }
+    Some(
+        match TraceState::parse(states.iter().map(|value| value.as_bytes())) {
+            Ok(state) => trace.with_state(state),
+            Err(_) => trace,
+        },
+    )
 }
 
 #[cfg(feature = "tracing")]
@@ -220,23 +354,33 @@ type Traced<F> = tracing::instrument::Instrumented<F>;
 #[cfg(not(feature = "tracing"))]
 type Traced<F> = F;
 
-/// The span `correlation{correlation_id=...}` every event of the request is logged in.
+/// The span `correlation{correlation_id=... trace_id=...}` every event of the request is
+/// logged in.
 #[cfg(feature = "tracing")]
 struct RequestSpan(tracing::Span);
 
 #[cfg(feature = "tracing")]
 impl RequestSpan {
-    fn new(id: &CorrelationId) -> Self {
+    fn new(id: &CorrelationId, context: &RequestContext, _headers: &HeaderMap) -> Self {
         // One relaxed load when no subscriber was ever installed, instead of a callsite
         // check (and, if `tracing/log` is on, a `log` lookup) per request.
         if !tracing::dispatcher::has_been_set() {
             return Self(tracing::Span::none());
         }
-        Self(tracing::error_span!(
+        let span = tracing::error_span!(
             target: "palisade::correlation",
             "correlation",
-            correlation_id = %id
-        ))
+            correlation_id = %id,
+            trace_id = tracing::field::Empty,
+        );
+        if let Some(trace) = context.trace() {
+            span.record("trace_id", tracing::field::display(trace.trace_id()));
+        }
+        #[cfg(feature = "opentelemetry")]
+        if context.trace().is_some() {
+            super::otel::set_parent(&span, _headers);
+        }
+        Self(span)
     }
 
     fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
@@ -254,7 +398,7 @@ struct RequestSpan;
 
 #[cfg(not(feature = "tracing"))]
 impl RequestSpan {
-    fn new(_id: &CorrelationId) -> Self {
+    fn new(_id: &CorrelationId, _context: &RequestContext, _headers: &HeaderMap) -> Self {
         Self
     }
 
@@ -267,26 +411,71 @@ impl RequestSpan {
     }
 }
 
-/// The response future of [`CorrelationIdService`]: runs the inner future in the ID's
-/// scope and echoes the ID on the response.
+/// The response future of [`CorrelationIdService`]: runs the inner future in the
+/// request context's scope until it finishes or the deadline passes, and echoes the ID
+/// on the response.
 #[pin_project]
 #[must_use = "futures do nothing unless polled"]
 pub struct ResponseFuture<F> {
     #[pin]
-    inner: Scoped<Traced<F>>,
+    kind: Kind<F>,
+    grpc: bool,
     echo_header: Option<HeaderName>,
+}
+
+// `Running` is the common case: boxing it to shrink the rare `Refused` would allocate
+// on every request.
+#[allow(clippy::large_enum_variant)]
+#[pin_project(project = KindProjection)]
+enum Kind<F> {
+    Running {
+        #[pin]
+        inner: Scoped<Traced<F>>,
+        /// The deadline, when there is one.
+        #[pin]
+        timer: Option<Sleep>,
+    },
+    /// Refused on arrival: too little time left.
+    Refused {
+        id: Option<CorrelationId>,
+        timeout: Duration,
+    },
 }
 
 impl<F, ResBody, E> Future for ResponseFuture<F>
 where
     F: Future<Output = Result<Response<ResBody>, E>>,
+    ResBody: Default,
 {
     type Output = Result<Response<ResBody>, E>;
 
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let mut this = self.project();
-        let mut response = ready!(this.inner.as_mut().poll(cx))?;
-        if let (Some(header), Some(id)) = (this.echo_header.take(), this.inner.take_id()) {
+        let this = self.project();
+        let (mut response, id) = match this.kind.project() {
+            KindProjection::Running { mut inner, timer } => {
+                let response = match inner.as_mut().poll(cx) {
+                    Poll::Ready(result) => result?,
+                    Poll::Pending => {
+                        let Some(timer) = timer.as_pin_mut() else {
+                            return Poll::Pending;
+                        };
+                        ready!(timer.poll(cx));
+                        // Nobody waits for the answer any more: stop the work.
+                        inner.as_mut().cancel();
+                        refusal(*this.grpc, &DeadlineExceeded::new(None).rejection())
+                    }
+                };
+                let id = inner
+                    .take_context()
+                    .and_then(|mut context| context.take_correlation_id());
+                (response, id)
+            }
+            KindProjection::Refused { id, timeout } => {
+                let refused = DeadlineExceeded::new(Some(*timeout)).rejection();
+                (refusal(*this.grpc, &refused), id.take())
+            }
+        };
+        if let (Some(header), Some(id)) = (this.echo_header.take(), id) {
             response
                 .headers_mut()
                 .insert(header, id.into_header_value());

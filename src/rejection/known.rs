@@ -47,5 +47,5 @@ known_rejections! {
     #[cfg(feature = "redis")]
     crate::rate_limit::RedisUnavailable,
     crate::retry::AttemptTimedOut,
-    crate::retry::DeadlineExceeded,
+    crate::context::DeadlineExceeded,
 }

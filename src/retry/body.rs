@@ -52,7 +52,7 @@ mod replay {
     use super::Duplicate;
     use crate::sync::lock;
     use bytes::Bytes;
-    use http::{HeaderMap, HeaderName, HeaderValue, Request, header};
+    use http::{HeaderMap, HeaderName, HeaderValue, Request};
     use http_body::{Body, Frame, SizeHint};
     use std::pin::Pin;
     use std::sync::{Arc, Mutex, OnceLock};
@@ -152,12 +152,12 @@ mod replay {
         fn again(&self, copy: &HttpCopy<B>, attempt: u32) -> Option<Self::Request> {
             let mut request = with_head(&copy.head, copy.body.replay()?);
             let headers = request.headers_mut();
-            if is_grpc(headers) {
-                headers.insert(
-                    "grpc-previous-rpc-attempts",
-                    HeaderValue::from(attempt.saturating_sub(1)),
-                );
-            }
+            // Carried onward, so that the hops below know this is a retry (see
+            // `RetryLayerBuilder::defer_to_retrying_caller`).
+            let earlier = attempt
+                .saturating_sub(1)
+                .max(crate::context::previous_attempts());
+            crate::context::write_previous_attempts(headers, earlier);
             self.stamp(headers, attempt);
             Some(request)
         }
@@ -172,12 +172,6 @@ mod replay {
         *request.headers_mut() = like.headers().clone();
         *request.extensions_mut() = like.extensions().clone();
         request
-    }
-
-    fn is_grpc(headers: &HeaderMap) -> bool {
-        headers
-            .get(header::CONTENT_TYPE)
-            .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
     }
 
     /// The body the inner service receives from [`ReplayBodies`]: the original body, or

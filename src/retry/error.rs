@@ -27,28 +27,3 @@ impl AttemptTimedOut {
         Rejection::new(RejectionKind::DeadlineExceeded, "attempt timed out")
     }
 }
-
-/// The [deadline](super::RetryLayerBuilder::deadline) of the whole call passed during an
-/// attempt, or while a retry waited for the service to be ready. Never retried.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("retry deadline of {deadline:?} exceeded")]
-pub struct DeadlineExceeded {
-    deadline: Duration,
-}
-
-impl DeadlineExceeded {
-    pub(crate) fn new(deadline: Duration) -> Self {
-        Self { deadline }
-    }
-
-    /// The deadline that passed.
-    pub fn deadline(&self) -> Duration {
-        self.deadline
-    }
-
-    /// How this rejection describes itself: a
-    /// [`DeadlineExceeded`](RejectionKind::DeadlineExceeded).
-    pub fn rejection(&self) -> Rejection {
-        Rejection::new(RejectionKind::DeadlineExceeded, "deadline exceeded")
-    }
-}

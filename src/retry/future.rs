@@ -60,6 +60,8 @@ enum State<F, R> {
     Waiting {
         request: Box<R>,
     },
+    /// The request context's deadline had passed before the call: nothing is sent.
+    Expired,
     Done,
 }
 
@@ -74,7 +76,10 @@ struct Progress {
     /// The last backoff delay, for [`Jitter::Decorrelated`](super::Jitter::Decorrelated);
     /// zero when the schedule starts over.
     previous_delay: Duration,
+    /// The earlier of the layer's own deadline and the request context's.
     deadline: Option<Instant>,
+    /// The time from the start to `deadline`, for the error.
+    given: Option<Duration>,
     timer_is_deadline: bool,
 }
 
@@ -98,16 +103,9 @@ where
         retry: Option<(S, D::Copy)>,
         shared: Arc<Shared<P, D>>,
         now: Instant,
+        caller_deadline: Option<Instant>,
     ) -> Self {
-        let mut progress = Progress {
-            attempt: 1,
-            backoff_retries: 0,
-            previous_delay: Duration::ZERO,
-            deadline: shared
-                .deadline
-                .and_then(|deadline| now.checked_add(deadline)),
-            timer_is_deadline: false,
-        };
+        let mut progress = Progress::new(&shared, now, caller_deadline);
         let timer = progress
             .attempt_timer(now, shared.per_attempt_timeout)
             .map(|at| Box::pin(sleep_until(at)));
@@ -123,7 +121,49 @@ where
     }
 }
 
+impl<S, P, D, Req> ResponseFuture<S, P, D, Req>
+where
+    D: Duplicate<Req>,
+    S: Service<D::Request>,
+{
+    /// A call whose caller's deadline passed before it: resolves to
+    /// [`DeadlineExceeded`] without calling the service.
+    pub(crate) fn expired(
+        shared: Arc<Shared<P, D>>,
+        now: Instant,
+        caller_deadline: Instant,
+    ) -> Self {
+        Self {
+            state: State::Expired,
+            timer: None,
+            retry: None,
+            progress: Progress::new(&shared, now, Some(caller_deadline)),
+            withdrawal: None,
+            shared,
+            _request: PhantomData,
+        }
+    }
+}
+
 impl Progress {
+    fn new<P, D>(shared: &Shared<P, D>, now: Instant, caller_deadline: Option<Instant>) -> Self {
+        let own = shared
+            .deadline
+            .and_then(|deadline| now.checked_add(deadline));
+        let deadline = match (own, caller_deadline) {
+            (Some(own), Some(caller)) => Some(own.min(caller)),
+            (own, caller) => own.or(caller),
+        };
+        Progress {
+            attempt: 1,
+            backoff_retries: 0,
+            previous_delay: Duration::ZERO,
+            deadline,
+            given: deadline.map(|deadline| deadline.saturating_duration_since(now)),
+            timer_is_deadline: false,
+        }
+    }
+
     /// When the attempt starting `now` must end, if ever; notes whether that is the
     /// deadline.
     #[inline]
@@ -376,6 +416,10 @@ where
                         None => *this.timer = None,
                     }
                 }
+                StateProj::Expired => {
+                    this.state.set(State::Done);
+                    return Poll::Ready(deadline_exceeded(this.shared, this.progress));
+                }
                 StateProj::Done => panic!("ResponseFuture polled after completion"),
             }
         }
@@ -404,11 +448,10 @@ fn deadline_expired(
 
 /// Ends the call with [`DeadlineExceeded`].
 fn deadline_exceeded<P, D, T>(shared: &Shared<P, D>, progress: &Progress) -> Result<T, BoxError> {
-    let deadline = shared.deadline.unwrap_or_default();
     finish(
         shared,
         progress,
-        Err(DeadlineExceeded::new(deadline).into()),
+        Err(DeadlineExceeded::new(progress.given).into()),
         false,
     )
 }

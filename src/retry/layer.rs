@@ -51,6 +51,7 @@ impl RetryLayer {
             duplicate: CloneRequest,
             per_attempt_timeout: None,
             deadline: None,
+            defer_to_retrying_caller: true,
             max_server_delay: Duration::from_secs(30),
             on_retry: None,
         }
@@ -83,6 +84,7 @@ pub struct RetryLayerBuilder<P = RetryErrors, D = CloneRequest> {
     duplicate: D,
     per_attempt_timeout: Option<Duration>,
     deadline: Option<Duration>,
+    defer_to_retrying_caller: bool,
     max_server_delay: Duration,
     on_retry: Option<OnRetry>,
 }
@@ -135,6 +137,7 @@ impl<P, D> RetryLayerBuilder<P, D> {
             duplicate: self.duplicate,
             per_attempt_timeout: self.per_attempt_timeout,
             deadline: self.deadline,
+            defer_to_retrying_caller: self.defer_to_retrying_caller,
             max_server_delay: self.max_server_delay,
             on_retry: self.on_retry,
         }
@@ -159,6 +162,7 @@ impl<P, D> RetryLayerBuilder<P, D> {
             duplicate,
             per_attempt_timeout: self.per_attempt_timeout,
             deadline: self.deadline,
+            defer_to_retrying_caller: self.defer_to_retrying_caller,
             max_server_delay: self.max_server_delay,
             on_retry: self.on_retry,
         }
@@ -184,8 +188,33 @@ impl<P, D> RetryLayerBuilder<P, D> {
     /// would start after it, and an attempt still running then, or a retry still
     /// waiting for the service to be ready, fails with
     /// [`DeadlineExceeded`](super::DeadlineExceeded).
+    ///
+    /// The [request context](crate::context)'s deadline, when the call runs inside one,
+    /// bounds it the same way whether or not this is set (the earlier of the two wins),
+    /// and caps the [per-attempt timeout](Self::per_attempt_timeout); a call made after
+    /// that deadline passed fails at once, without an attempt.
     pub fn deadline(mut self, deadline: Duration) -> Self {
         self.deadline = Some(deadline);
+        self
+    }
+
+    /// Whether this hop makes a single attempt of a request that its caller is itself
+    /// retrying (the [request context](crate::context) says the caller made earlier
+    /// attempts: `grpc-previous-rpc-attempts` or `x-previous-attempts` came in). **On
+    /// by default.**
+    ///
+    /// Without it, retries multiply down a call chain: three hops that each try three
+    /// times turn one failure at the bottom into 27 calls. With it, the caller's retry
+    /// is the only one: a gateway and a service that each make 3 attempts send at most
+    /// 3 + 1 + 1 = 5 calls to a failing dependency instead of 9, and the count stays
+    /// additive however deep the chain (the retry layer carries the count onward on
+    /// every retry it sends). A request that is not a retry, and every request outside
+    /// a server's context, is retried as configured, so a single retrying hop behaves
+    /// as before; what is given up is only a second level of retries for a request the
+    /// caller already retries, which is the amplification. Turn it off for a hop whose
+    /// callers are known not to retry.
+    pub fn defer_to_retrying_caller(mut self, defer: bool) -> Self {
+        self.defer_to_retrying_caller = defer;
         self
     }
 
@@ -222,6 +251,7 @@ impl<P, D> RetryLayerBuilder<P, D> {
                 duplicate: self.duplicate,
                 per_attempt_timeout: self.per_attempt_timeout,
                 deadline: self.deadline,
+                defer_to_retrying_caller: self.defer_to_retrying_caller,
                 max_server_delay: self.max_server_delay,
                 on_retry: self.on_retry,
                 ledger: Arc::new(Ledger {
@@ -306,6 +336,7 @@ pub(crate) struct Shared<P, D> {
     pub(crate) duplicate: D,
     pub(crate) per_attempt_timeout: Option<Duration>,
     pub(crate) deadline: Option<Duration>,
+    pub(crate) defer_to_retrying_caller: bool,
     pub(crate) max_server_delay: Duration,
     on_retry: Option<OnRetry>,
     pub(crate) ledger: Arc<Ledger>,

@@ -77,7 +77,7 @@ pub use self::body::{CloneRequest, Duplicate};
 #[cfg(feature = "http")]
 pub use self::body::{DEFAULT_REPLAY_LIMIT, HttpCopy, ReplayBodies, ReplayBody};
 pub use self::budget::{RetryBudget, Withdrawal};
-pub use self::error::{AttemptTimedOut, DeadlineExceeded};
+pub use self::error::AttemptTimedOut;
 pub use self::future::ResponseFuture;
 pub use self::layer::{
     RetryConfigError, RetryEvent, RetryHandle, RetryLayer, RetryLayerBuilder, RetryMetrics,
@@ -86,6 +86,9 @@ pub use self::policy::{Decision, RetryErrors, RetryIf, RetryPolicy, RetryReason,
 #[cfg(feature = "http")]
 pub use self::policy::{GrpcRetry, HttpRetry, parse_retry_after};
 pub use self::service::RetryService;
+/// Re-exported from [`crate::context`], where every layer that refuses a request past its
+/// deadline finds it.
+pub use crate::context::DeadlineExceeded;
 
 #[cfg(test)]
 mod tests;

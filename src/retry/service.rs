@@ -71,7 +71,16 @@ where
         let shared = &self.shared;
         let now = Instant::now();
         shared.ledger.budget.deposit(now);
-        let keep = shared.max_attempts > 1 && shared.policy.is_retryable(&request);
+        let (caller_deadline, caller_retries) = crate::context::with_current(|context| {
+            context.map_or((None, false), |context| {
+                (context.deadline(), context.previous_attempts() > 0)
+            })
+        });
+        if let Some(deadline) = caller_deadline.filter(|&deadline| deadline <= now) {
+            return ResponseFuture::expired(shared.clone(), now, deadline);
+        }
+        let retries_here = !(caller_retries && shared.defer_to_retrying_caller);
+        let keep = retries_here && shared.max_attempts > 1 && shared.policy.is_retryable(&request);
         let (request, copy) = shared.duplicate.first(request, keep);
         // The service polled ready is the one called; the future keeps it to retry.
         let (future, retry) = match copy {
@@ -82,6 +91,6 @@ where
             }
             None => (self.inner.call(request), None),
         };
-        ResponseFuture::new(future, retry, shared.clone(), now)
+        ResponseFuture::new(future, retry, shared.clone(), now, caller_deadline)
     }
 }
