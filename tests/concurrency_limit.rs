@@ -418,7 +418,7 @@ struct Recording {
 }
 
 impl LimitAlgorithm for Recording {
-    fn initial_limit(&self) -> u32 {
+    fn starting_limit(&self) -> u32 {
         4
     }
 
@@ -617,7 +617,7 @@ async fn a_limit_can_be_raised_while_requests_wait() {
     #[derive(Debug)]
     struct Doubling(u32);
     impl LimitAlgorithm for Doubling {
-        fn initial_limit(&self) -> u32 {
+        fn starting_limit(&self) -> u32 {
             self.0
         }
         fn update(&mut self, _: Sample) -> u32 {

@@ -122,7 +122,7 @@ impl Limiter {
 
     /// A limit that `algorithm` moves, starting at its initial limit.
     pub(crate) fn adaptive(algorithm: Box<dyn LimitAlgorithm>) -> Self {
-        let limit = algorithm.initial_limit().clamp(1, MAX_LIMIT);
+        let limit = algorithm.starting_limit().clamp(1, MAX_LIMIT);
         Self {
             algorithm: Some(Mutex::new(algorithm)),
             ..Self::fixed(limit)

@@ -115,7 +115,7 @@ impl Aimd {
 }
 
 impl LimitAlgorithm for Aimd {
-    fn initial_limit(&self) -> u32 {
+    fn starting_limit(&self) -> u32 {
         self.initial_limit
     }
 

@@ -50,7 +50,7 @@ const MIN_LIMIT_WINDOWS: u32 = 5;
 /// let mut gradient = Gradient::new().initial_limit(40).min_rtt_requests(2);
 /// let start = Instant::now();
 /// // The minimum RTT is measured first, at the minimum limit.
-/// assert_eq!(gradient.initial_limit(), 3);
+/// assert_eq!(gradient.starting_limit(), 3);
 /// gradient.update(Sample::new(ms(10), 1, false, start + ms(10)));
 /// assert_eq!(gradient.update(Sample::new(ms(10), 2, false, start + ms(10))), 40);
 /// // A window later the latency is twice the minimum: the limit shrinks.
@@ -231,7 +231,7 @@ impl Gradient {
 }
 
 impl LimitAlgorithm for Gradient {
-    fn initial_limit(&self) -> u32 {
+    fn starting_limit(&self) -> u32 {
         self.min_limit
     }
 

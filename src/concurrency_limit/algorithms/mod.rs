@@ -65,7 +65,7 @@ impl Sample {
 /// struct Halving(u32);
 ///
 /// impl LimitAlgorithm for Halving {
-///     fn initial_limit(&self) -> u32 {
+///     fn starting_limit(&self) -> u32 {
 ///         self.0
 ///     }
 ///
@@ -85,7 +85,7 @@ impl Sample {
 /// ```
 pub trait LimitAlgorithm: Send + 'static {
     /// The limit before any request has finished.
-    fn initial_limit(&self) -> u32;
+    fn starting_limit(&self) -> u32;
 
     /// Learns from a finished request and returns the limit from now on. The layer
     /// clamps it to at least 1.
