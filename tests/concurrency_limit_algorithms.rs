@@ -35,6 +35,7 @@ struct AimdModel {
     max: u64,
     ratio: f64,
     threshold: Duration,
+    good: u64,
     last_decrease: Option<Instant>,
 }
 
@@ -45,10 +46,15 @@ impl AimdModel {
             let admitted = sample.now - sample.rtt;
             if self.last_decrease.is_none_or(|at| admitted >= at) {
                 self.limit = ((self.limit as f64 * self.ratio) as u64).max(self.min);
+                self.good = 0;
                 self.last_decrease = Some(sample.now);
             }
         } else if 2 * u64::from(sample.in_flight) >= self.limit {
-            self.limit = (self.limit + 1).min(self.max);
+            self.good += 1;
+            if self.good == self.limit {
+                self.limit = (self.limit + 1).min(self.max);
+                self.good = 0;
+            }
         }
         self.limit
     }
@@ -77,6 +83,7 @@ proptest! {
             max: u64::from(max),
             ratio,
             threshold,
+            good: 0,
             last_decrease: None,
         };
         prop_assert_eq!(aimd.starting_limit(), initial);
@@ -282,7 +289,12 @@ fn aimd_backs_off_once_per_round() {
     assert_eq!(aimd.update(Sample::new(ms(200), 100, true, now + ms(50))), 90);
     // Admitted after it: the new limit is too high as well.
     assert_eq!(aimd.update(Sample::new(ms(200), 90, true, now + ms(250))), 81);
-    // Light traffic does not grow the limit.
-    assert_eq!(aimd.update(Sample::new(ms(10), 10, false, now + ms(300))), 81);
+    // Light traffic does not grow the limit; a round of 81 good requests does.
+    for _ in 0..100 {
+        assert_eq!(aimd.update(Sample::new(ms(10), 10, false, now + ms(300))), 81);
+    }
+    for _ in 0..80 {
+        assert_eq!(aimd.update(Sample::new(ms(10), 41, false, now + ms(300))), 81);
+    }
     assert_eq!(aimd.update(Sample::new(ms(10), 41, false, now + ms(300))), 82);
 }

@@ -5,12 +5,15 @@ use tokio::time::Instant;
 
 use super::{LimitAlgorithm, Sample, check_duration, check_limits};
 
-/// Additive increase, multiplicative decrease (as Netflix's `AimdLimit`): one more for
-/// every request that was neither congested nor slower than the latency threshold
-/// while the limit was in use, and the limit times the backoff ratio for one that was.
+/// Additive increase, multiplicative decrease, as TCP's congestion avoidance: one more
+/// per round of good requests, and the limit times the backoff ratio for a round with
+/// a congested or slow one.
 ///
-/// - **Increase**: by one, up to `max_limit`, for a good request admitted with at
-///   least half the limit in flight (an idle layer says nothing about the backend's
+/// - **Increase**: by one, up to `max_limit`, once `limit` good requests (neither
+///   congested nor slower than the latency threshold) have finished since the limit
+///   last moved: about one per round trip, so that the limit probes upwards without
+///   overshooting by a round's worth of requests. Only requests admitted with at least
+///   half the limit in flight count (an idle layer says nothing about the backend's
 ///   capacity, so the limit does not grow while traffic is light).
 /// - **Decrease**: to `floor(limit * backoff_ratio)`, down to `min_limit`, for a request
 ///   that was [congested](Sample::congested) or took longer than `latency_threshold`;
@@ -29,7 +32,10 @@ use super::{LimitAlgorithm, Sample, check_duration, check_limits};
 /// let mut aimd = Aimd::new().initial_limit(10).latency_threshold(Duration::from_millis(100));
 /// let now = Instant::now();
 /// let fast = Sample::new(Duration::from_millis(20), 10, false, now);
-/// assert_eq!(aimd.update(fast), 11);
+/// for _ in 0..9 {
+///     assert_eq!(aimd.update(fast), 10);
+/// }
+/// assert_eq!(aimd.update(fast), 11); // a round of 10 good requests
 /// let slow = Sample::new(Duration::from_millis(150), 10, false, now);
 /// assert_eq!(aimd.update(slow), 9); // floor(11 * 0.9)
 /// ```
@@ -41,6 +47,8 @@ pub struct Aimd {
     backoff_ratio: f64,
     latency_threshold: Duration,
     limit: u32,
+    /// Good requests since the limit last moved.
+    good: u32,
     last_decrease: Option<Instant>,
 }
 
@@ -60,6 +68,7 @@ impl Aimd {
             backoff_ratio: 0.9,
             latency_threshold: Duration::from_secs(5),
             limit: 20,
+            good: 0,
             last_decrease: None,
         }
     }
@@ -110,6 +119,7 @@ impl Aimd {
         // `limit * ratio` is below 2^31 and exact enough in an f64; the cast saturates.
         let reduced = (f64::from(self.limit) * self.backoff_ratio).floor() as u32;
         self.limit = reduced.max(self.min_limit);
+        self.good = 0;
         self.last_decrease = Some(now);
     }
 }
@@ -128,7 +138,11 @@ impl LimitAlgorithm for Aimd {
                 self.decrease(sample.now);
             }
         } else if sample.in_flight.saturating_mul(2) >= self.limit {
-            self.limit = self.limit.saturating_add(1).min(self.max_limit);
+            self.good += 1;
+            if self.good >= self.limit {
+                self.limit = self.limit.saturating_add(1).min(self.max_limit);
+                self.good = 0;
+            }
         }
         self.limit
     }
