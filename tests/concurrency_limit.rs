@@ -13,8 +13,8 @@ use futures_util::FutureExt;
 use palisade::ServiceBuilderExt;
 use palisade::classify::Outcome;
 use palisade::concurrency_limit::{
-    Aimd, ConcurrencyLimitConfigError, ConcurrencyLimitLayer, Gradient, LimitAlgorithm,
-    Overloaded, Sample,
+    Aimd, ConcurrencyLimitConfigError, ConcurrencyLimitLayer, Gradient, LimitAlgorithm, Overloaded,
+    Sample,
 };
 use palisade::rejection::{Rejection, RejectionKind};
 use tokio::sync::{Notify, oneshot};
@@ -78,9 +78,16 @@ async fn over_the_limit_a_request_is_refused_in_call_without_reaching_the_backen
     let (_, c) = request();
     let refused = service.call(c).now_or_never().expect("refused at once");
     let error = refused.unwrap_err();
-    assert_eq!(overloaded(&error).retry_after(), Duration::from_millis(1500));
+    assert_eq!(
+        overloaded(&error).retry_after(),
+        Duration::from_millis(1500)
+    );
     assert_eq!(overloaded(&error).limit(), 2);
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "the refused request never reached the backend");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the refused request never reached the backend"
+    );
     assert_eq!(handle.rejected(), 1);
 
     finish_a.send(Ok("a")).unwrap();
@@ -192,7 +199,10 @@ async fn overloaded_is_a_rejection_answered_503_with_retry_after() {
     assert_eq!(response.headers()["retry-after"], "3", "rounded up");
     let status = palisade::tonic::rejection_status(&*error).expect("a status");
     assert_eq!(status.code(), tonic::Code::Unavailable);
-    assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "2100");
+    assert_eq!(
+        status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+        "2100"
+    );
 }
 
 /// Records the order in which the backend is called.
@@ -231,7 +241,15 @@ async fn queued_requests_are_served_first_come_first_served() {
     assert_eq!((handle.in_flight(), handle.queued()), (1, 3));
     // The queue is full: the fifth is refused at once.
     let (_, done) = request();
-    overloaded(&service.ready().await.unwrap().call((4, done)).await.unwrap_err());
+    overloaded(
+        &service
+            .ready()
+            .await
+            .unwrap()
+            .call((4, done))
+            .await
+            .unwrap_err(),
+    );
 
     for _ in 0..4 {
         finishers.pop_front().unwrap().send(Ok("")).unwrap();
@@ -242,7 +260,10 @@ async fn queued_requests_are_served_first_come_first_served() {
         assert_eq!(future.await.unwrap().unwrap(), id);
     }
     assert_eq!(*order.lock().unwrap(), vec![0, 1, 2, 3]);
-    assert_eq!((handle.in_flight(), handle.queued(), handle.rejected()), (0, 0, 1));
+    assert_eq!(
+        (handle.in_flight(), handle.queued(), handle.rejected()),
+        (0, 0, 1)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -289,7 +310,10 @@ async fn a_waiter_is_refused_when_max_wait_runs_out_and_not_a_moment_before() {
     let error = waiter.await.unwrap().unwrap_err();
     overloaded(&error);
     assert_eq!(started.elapsed(), Duration::from_millis(300));
-    assert_eq!((handle.queued(), handle.rejected(), handle.in_flight()), (0, 1, 1));
+    assert_eq!(
+        (handle.queued(), handle.rejected(), handle.in_flight()),
+        (0, 1, 1)
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -317,7 +341,11 @@ async fn a_dropped_waiter_frees_its_place_and_takes_no_permit() {
     held.await.unwrap();
     finish_c.send(Ok("c")).unwrap();
     assert_eq!(next.await.unwrap(), "c");
-    assert_eq!(calls.load(Ordering::SeqCst), 2, "the dropped waiter never called the backend");
+    assert_eq!(
+        calls.load(Ordering::SeqCst),
+        2,
+        "the dropped waiter never called the backend"
+    );
     assert_eq!(handle.in_flight(), 0);
 }
 
@@ -387,7 +415,9 @@ async fn many_tasks_through_one_layer_never_exceed_the_limit() {
                 let call = service.ready().await.unwrap().call((task + i) % 7);
                 // Every third caller gives up early.
                 let result = if (task + i) % 3 == 0 {
-                    tokio::time::timeout(Duration::from_millis(2), call).await.ok()
+                    tokio::time::timeout(Duration::from_millis(2), call)
+                        .await
+                        .ok()
                 } else {
                     Some(call.await)
                 };
@@ -403,7 +433,11 @@ async fn many_tasks_through_one_layer_never_exceed_the_limit() {
     for task in tasks {
         refused += task.await.unwrap();
     }
-    assert!(peak.load(Ordering::SeqCst) <= LIMIT, "peak {}", peak.load(Ordering::SeqCst));
+    assert!(
+        peak.load(Ordering::SeqCst) <= LIMIT,
+        "peak {}",
+        peak.load(Ordering::SeqCst)
+    );
     assert_eq!(peak.load(Ordering::SeqCst), LIMIT, "the limit was used");
     assert!(refused > 0 && served.load(Ordering::SeqCst) > 0);
     assert_eq!(refused, handle.rejected());
@@ -473,7 +507,10 @@ async fn an_adaptive_limit_sees_latency_errors_and_drops_as_its_classifier_says(
     drop(dropped);
 
     let samples = recording.samples.lock().unwrap().clone();
-    let seen: Vec<_> = samples.iter().map(|s| (s.rtt, s.congested, s.in_flight)).collect();
+    let seen: Vec<_> = samples
+        .iter()
+        .map(|s| (s.rtt, s.congested, s.in_flight))
+        .collect();
     assert_eq!(
         seen,
         vec![
@@ -502,7 +539,10 @@ async fn a_static_limit_reads_no_clock_and_reports_nothing() {
     let future = service.ready().await.unwrap().call(a);
     finish.send(Ok("a")).unwrap();
     future.await.unwrap();
-    assert_eq!((handle.limit(), handle.in_flight(), handle.rejected()), (3, 0, 0));
+    assert_eq!(
+        (handle.limit(), handle.in_flight(), handle.rejected()),
+        (3, 0, 0)
+    );
 }
 
 mod bodies {
@@ -511,13 +551,13 @@ mod bodies {
     use http_body_util::{BodyExt, StreamBody};
     use palisade::classify::ServerErrorsAsFailures;
 
-    type Frames = tokio::sync::mpsc::Receiver<Result<http_body::Frame<Bytes>, BoxError>>;
+    type Frame = Result<http_body::Frame<Bytes>, BoxError>;
+    type Frames = tokio::sync::mpsc::Receiver<Frame>;
+    /// A body that yields what the test sends, and ends when the sender is dropped.
+    type Streamed = StreamBody<futures_util::stream::BoxStream<'static, Frame>>;
 
-    fn streaming() -> impl Service<
-        Frames,
-        Response = http::Response<StreamBody<futures_util::stream::BoxStream<'static, Result<http_body::Frame<Bytes>, BoxError>>>>,
-        Error = BoxError,
-    > + Clone {
+    fn streaming()
+    -> impl Service<Frames, Response = http::Response<Streamed>, Error = BoxError> + Clone {
         service_fn(|frames: Frames| async move {
             let stream = futures_util::stream::unfold(frames, |mut frames| async move {
                 frames.recv().await.map(|frame| (frame, frames))
@@ -539,11 +579,20 @@ mod bodies {
         let (frames, rx) = tokio::sync::mpsc::channel(4);
         let response = service.ready().await.unwrap().call(rx).await.unwrap();
         let mut body = response.into_body();
-        frames.send(Ok(http_body::Frame::data(Bytes::from("one")))).await.unwrap();
+        frames
+            .send(Ok(http_body::Frame::data(Bytes::from("one"))))
+            .await
+            .unwrap();
         assert!(body.frame().await.unwrap().is_ok());
-        assert_eq!(handle.in_flight(), 1, "the head is out, the stream still runs");
+        assert_eq!(
+            handle.in_flight(),
+            1,
+            "the head is out, the stream still runs"
+        );
         let (_, rx2) = tokio::sync::mpsc::channel(1);
-        assert!(matches!(service.ready().await.unwrap().call(rx2).await, Err(error) if error.is::<Overloaded>()));
+        assert!(
+            matches!(service.ready().await.unwrap().call(rx2).await, Err(error) if error.is::<Overloaded>())
+        );
         drop(frames);
         assert!(body.frame().await.is_none());
         assert_eq!(handle.in_flight(), 0, "released at the end of the body");
@@ -560,7 +609,10 @@ mod bodies {
         let mut service = layer.layer(streaming());
         let (frames, rx) = tokio::sync::mpsc::channel(4);
         let response = service.ready().await.unwrap().call(rx).await.unwrap();
-        frames.send(Ok(http_body::Frame::data(Bytes::from("one")))).await.unwrap();
+        frames
+            .send(Ok(http_body::Frame::data(Bytes::from("one"))))
+            .await
+            .unwrap();
         assert_eq!(handle.in_flight(), 1);
         drop(response);
         assert_eq!(handle.in_flight(), 0);
@@ -576,7 +628,9 @@ mod bodies {
             .unwrap();
         let handle = layer.handle();
         let mut service = layer.layer(service_fn(|()| async {
-            Ok::<_, BoxError>(http::Response::new(http_body_util::Full::new(Bytes::from("all"))))
+            Ok::<_, BoxError>(http::Response::new(http_body_util::Full::new(Bytes::from(
+                "all",
+            ))))
         }));
         let response = service.ready().await.unwrap().call(()).await.unwrap();
         let mut body = response.into_body();
@@ -643,16 +697,17 @@ async fn a_limit_can_be_raised_while_requests_wait() {
         }
     }));
     let first = tokio::spawn(service.ready().await.unwrap().call(()));
-    let waiting: Vec<_> = (0..2)
-        .map(|_| tokio::spawn(service.call(())))
-        .collect();
+    let waiting: Vec<_> = (0..2).map(|_| tokio::spawn(service.call(()))).collect();
     tokio::task::yield_now().await;
     assert_eq!((handle.in_flight(), handle.queued()), (1, 2));
     notify.notify_one();
     first.await.unwrap().unwrap();
     tokio::task::yield_now().await;
     // The first sample doubled the limit to 2, and both waiters got in.
-    assert_eq!((handle.limit(), handle.in_flight(), handle.queued()), (2, 2, 0));
+    assert_eq!(
+        (handle.limit(), handle.in_flight(), handle.queued()),
+        (2, 2, 0)
+    );
     notify.notify_waiters();
     for waiter in waiting {
         waiter.await.unwrap().unwrap();
@@ -662,19 +717,44 @@ async fn a_limit_can_be_raised_while_requests_wait() {
 #[test]
 fn invalid_configurations_are_errors() {
     use ConcurrencyLimitConfigError as E;
-    let build = |builder: palisade::concurrency_limit::ConcurrencyLimitLayerBuilder| builder.build().err();
+    let build =
+        |builder: palisade::concurrency_limit::ConcurrencyLimitLayerBuilder| builder.build().err();
     let b = ConcurrencyLimitLayer::builder;
     assert_eq!(build(b()), Some(E::NoLimit));
-    assert!(matches!(build(b().max_in_flight(0)), Some(E::Limit { limit: 0, .. })));
-    assert!(matches!(build(b().max_in_flight(u32::MAX)), Some(E::Limit { .. })));
+    assert!(matches!(
+        build(b().max_in_flight(0)),
+        Some(E::Limit { limit: 0, .. })
+    ));
+    assert!(matches!(
+        build(b().max_in_flight(u32::MAX)),
+        Some(E::Limit { .. })
+    ));
     assert!(build(b().max_in_flight((1 << 31) - 1)).is_none());
-    assert_eq!(build(b().max_in_flight(1).retry_after(Duration::ZERO)), Some(E::RetryAfter(Duration::ZERO)));
+    assert_eq!(
+        build(b().max_in_flight(1).retry_after(Duration::ZERO)),
+        Some(E::RetryAfter(Duration::ZERO))
+    );
     let day = Duration::from_secs(86_400);
     assert!(build(b().max_in_flight(1).retry_after(day)).is_none());
-    assert!(build(b().max_in_flight(1).retry_after(day + Duration::from_nanos(1))).is_some());
-    assert!(matches!(build(b().max_in_flight(1).queue(0, MS)), Some(E::QueueSize { .. })));
-    assert!(matches!(build(b().max_in_flight(1).queue(usize::MAX, MS)), Some(E::QueueSize { .. })));
-    assert_eq!(build(b().max_in_flight(1).queue(1, Duration::ZERO)), Some(E::MaxWait(Duration::ZERO)));
+    assert!(
+        build(
+            b().max_in_flight(1)
+                .retry_after(day + Duration::from_nanos(1))
+        )
+        .is_some()
+    );
+    assert!(matches!(
+        build(b().max_in_flight(1).queue(0, MS)),
+        Some(E::QueueSize { .. })
+    ));
+    assert!(matches!(
+        build(b().max_in_flight(1).queue(usize::MAX, MS)),
+        Some(E::QueueSize { .. })
+    ));
+    assert_eq!(
+        build(b().max_in_flight(1).queue(1, Duration::ZERO)),
+        Some(E::MaxWait(Duration::ZERO))
+    );
     assert!(build(b().max_in_flight(1).queue(1, Duration::MAX)).is_some());
 
     let aimd = |aimd: Aimd| build(b().aimd(aimd));
@@ -691,7 +771,16 @@ fn invalid_configurations_are_errors() {
         Aimd::new().latency_threshold(Duration::ZERO),
         Aimd::new().latency_threshold(Duration::MAX),
     ] {
-        assert!(matches!(aimd(bad.clone()), Some(E::Algorithm { algorithm: "Aimd", .. })), "{bad:?}");
+        assert!(
+            matches!(
+                aimd(bad.clone()),
+                Some(E::Algorithm {
+                    algorithm: "Aimd",
+                    ..
+                })
+            ),
+            "{bad:?}"
+        );
     }
     let gradient = |gradient: Gradient| build(b().gradient(gradient));
     assert!(gradient(Gradient::new()).is_none());
@@ -709,6 +798,15 @@ fn invalid_configurations_are_errors() {
         Gradient::new().min_rtt_requests(0),
         Gradient::new().min_rtt_requests(1025),
     ] {
-        assert!(matches!(gradient(bad.clone()), Some(E::Algorithm { algorithm: "Gradient", .. })), "{bad:?}");
+        assert!(
+            matches!(
+                gradient(bad.clone()),
+                Some(E::Algorithm {
+                    algorithm: "Gradient",
+                    ..
+                })
+            ),
+            "{bad:?}"
+        );
     }
 }

@@ -11,7 +11,12 @@ type Step = (u64, u64, u32, bool);
 
 fn steps(max_in_flight: u32) -> impl Strategy<Value = Vec<Step>> {
     proptest::collection::vec(
-        (0u64..60, 0u64..400, 1u32..max_in_flight, proptest::bool::weighted(0.15)),
+        (
+            0u64..60,
+            0u64..400,
+            1u32..max_in_flight,
+            proptest::bool::weighted(0.15),
+        ),
         1..300,
     )
 }
@@ -162,7 +167,11 @@ impl GradientModel {
             return self.limit;
         }
         if self.window.len() < 1024 {
-            self.window.push(if sample.congested { Duration::MAX } else { sample.rtt });
+            self.window.push(if sample.congested {
+                Duration::MAX
+            } else {
+                sample.rtt
+            });
         }
         if sample.now >= self.window_end {
             let sample_rtt = self.nearest_rank(&self.window.clone());
@@ -276,7 +285,10 @@ fn gradient_measures_again_after_five_windows_at_the_minimum() {
     assert_eq!(gradient.update(Sample::new(ms(20), 3, false, now)), 3);
     now += ms(100);
     let grown = gradient.update(Sample::new(ms(20), 3, false, now));
-    assert_eq!(grown, 5, "3 * 1.25 + sqrt(3.75): the latency is within the buffer");
+    assert_eq!(
+        grown, 5,
+        "3 * 1.25 + sqrt(3.75): the latency is within the buffer"
+    );
 }
 
 #[test]
@@ -286,15 +298,30 @@ fn aimd_backs_off_once_per_round() {
     let now = Instant::now() + Duration::from_secs(1);
     assert_eq!(aimd.update(Sample::new(ms(200), 100, false, now)), 90);
     // Admitted before that decrease: ran under the old limit.
-    assert_eq!(aimd.update(Sample::new(ms(200), 100, true, now + ms(50))), 90);
+    assert_eq!(
+        aimd.update(Sample::new(ms(200), 100, true, now + ms(50))),
+        90
+    );
     // Admitted after it: the new limit is too high as well.
-    assert_eq!(aimd.update(Sample::new(ms(200), 90, true, now + ms(250))), 81);
+    assert_eq!(
+        aimd.update(Sample::new(ms(200), 90, true, now + ms(250))),
+        81
+    );
     // Light traffic does not grow the limit; a round of 81 good requests does.
     for _ in 0..100 {
-        assert_eq!(aimd.update(Sample::new(ms(10), 10, false, now + ms(300))), 81);
+        assert_eq!(
+            aimd.update(Sample::new(ms(10), 10, false, now + ms(300))),
+            81
+        );
     }
     for _ in 0..80 {
-        assert_eq!(aimd.update(Sample::new(ms(10), 41, false, now + ms(300))), 81);
+        assert_eq!(
+            aimd.update(Sample::new(ms(10), 41, false, now + ms(300))),
+            81
+        );
     }
-    assert_eq!(aimd.update(Sample::new(ms(10), 41, false, now + ms(300))), 82);
+    assert_eq!(
+        aimd.update(Sample::new(ms(10), 41, false, now + ms(300))),
+        82
+    );
 }

@@ -46,7 +46,12 @@ async fn simulate(name: &str, layer: ConcurrencyLimitLayer, load: f64) -> Figure
     // (admitted, finished at, latency) per request.
     let outcomes = Arc::new(Mutex::new(Vec::new()));
     let limits = Arc::new(Mutex::new(Vec::new()));
-    let sampler = tokio::spawn(sample_limit(handle.clone(), limits.clone(), settled_from, start + RUN));
+    let sampler = tokio::spawn(sample_limit(
+        handle.clone(),
+        limits.clone(),
+        settled_from,
+        start + RUN,
+    ));
     let capacity_per_sec = f64::from(C) / SERVICE.as_secs_f64();
     let gap = Duration::from_secs_f64(1.0 / (capacity_per_sec * load));
     let mut next = start;
@@ -59,7 +64,10 @@ async fn simulate(name: &str, layer: ConcurrencyLimitLayer, load: f64) -> Figure
             let sent = Instant::now();
             let result = service.oneshot(()).await;
             let finished = Instant::now();
-            outcomes.lock().unwrap().push((result.is_ok(), finished, finished - sent));
+            outcomes
+                .lock()
+                .unwrap()
+                .push((result.is_ok(), finished, finished - sent));
         }));
         next += gap;
     }
@@ -67,7 +75,13 @@ async fn simulate(name: &str, layer: ConcurrencyLimitLayer, load: f64) -> Figure
         task.await.unwrap();
     }
     sampler.await.unwrap();
-    figures(name, &outcomes.lock().unwrap(), &limits.lock().unwrap(), settled_from, capacity_per_sec)
+    figures(
+        name,
+        &outcomes.lock().unwrap(),
+        &limits.lock().unwrap(),
+        settled_from,
+        capacity_per_sec,
+    )
 }
 
 type BackendFuture = std::pin::Pin<Box<dyn Future<Output = Result<(), BoxError>> + Send>>;
@@ -82,7 +96,10 @@ impl Service<()> for Backend {
     type Error = BoxError;
     type Future = BackendFuture;
 
-    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), BoxError>> {
+    fn poll_ready(
+        &mut self,
+        _: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Result<(), BoxError>> {
         std::task::Poll::Ready(Ok(()))
     }
 
@@ -173,7 +190,12 @@ fn aimd(initial: u32) -> ConcurrencyLimitLayer {
 
 fn gradient(initial: u32) -> ConcurrencyLimitLayer {
     ConcurrencyLimitLayer::builder()
-        .gradient(Gradient::new().initial_limit(initial).min_limit(1).max_limit(1000))
+        .gradient(
+            Gradient::new()
+                .initial_limit(initial)
+                .min_limit(1)
+                .max_limit(1000),
+        )
         .build()
         .unwrap()
 }
@@ -186,22 +208,44 @@ fn assert_settled(figures: &Figures, band: (u32, u32)) {
         "{}: the limit ranged {least}..{most}, outside {band:?}",
         figures.name
     );
-    assert!(figures.p99 <= 2.0, "{}: admitted p99 {:.2}x unloaded", figures.name, figures.p99);
-    assert!(figures.goodput >= 0.9, "{}: goodput {:.2} of capacity", figures.name, figures.goodput);
+    assert!(
+        figures.p99 <= 2.0,
+        "{}: admitted p99 {:.2}x unloaded",
+        figures.name,
+        figures.p99
+    );
+    assert!(
+        figures.goodput >= 0.9,
+        "{}: goodput {:.2} of capacity",
+        figures.name,
+        figures.goodput
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn aimd_settles_from_far_above_and_far_below() {
     let band = (C * 8 / 10, C * 3 / 2);
-    assert_settled(&simulate("AIMD from 20c, 5x overload", aimd(20 * C), 5.0).await, band);
-    assert_settled(&simulate("AIMD from 1, 5x overload", aimd(1), 5.0).await, band);
+    assert_settled(
+        &simulate("AIMD from 20c, 5x overload", aimd(20 * C), 5.0).await,
+        band,
+    );
+    assert_settled(
+        &simulate("AIMD from 1, 5x overload", aimd(1), 5.0).await,
+        band,
+    );
 }
 
 #[tokio::test(start_paused = true)]
 async fn gradient_settles_from_far_above_and_far_below() {
     let band = (C, 2 * C);
-    assert_settled(&simulate("Gradient from 20c, 5x overload", gradient(20 * C), 5.0).await, band);
-    assert_settled(&simulate("Gradient from 1, 5x overload", gradient(1), 5.0).await, band);
+    assert_settled(
+        &simulate("Gradient from 20c, 5x overload", gradient(20 * C), 5.0).await,
+        band,
+    );
+    assert_settled(
+        &simulate("Gradient from 1, 5x overload", gradient(1), 5.0).await,
+        band,
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -209,7 +253,10 @@ async fn without_a_limit_the_queue_grows_without_bound() {
     // The baseline the figures above are measured against: the same load with a static
     // limit far above capacity lets the backend's queue, and every request's latency,
     // grow for as long as the overload lasts.
-    let layer = ConcurrencyLimitLayer::builder().max_in_flight(100_000).build().unwrap();
+    let layer = ConcurrencyLimitLayer::builder()
+        .max_in_flight(100_000)
+        .build()
+        .unwrap();
     let figures = simulate("no effective limit, 5x overload", layer, 5.0).await;
     assert!(figures.p99 > 10.0, "p99 {:.2}x", figures.p99);
 }

@@ -78,7 +78,13 @@ async fn until_rejected(handle: &ConcurrencyLimitHandle, n: u64) {
     }
 }
 
-async fn serve_axum(gate: Gate, limit: ConcurrencyLimitLayer<ServerErrorsAsFailures, palisade::concurrency_limit::ReleaseOnBodyEnd>) -> SocketAddr {
+async fn serve_axum(
+    gate: Gate,
+    limit: ConcurrencyLimitLayer<
+        ServerErrorsAsFailures,
+        palisade::concurrency_limit::ReleaseOnBodyEnd,
+    >,
+) -> SocketAddr {
     let app = Router::new()
         .route(
             "/",
@@ -129,7 +135,11 @@ async fn an_overloaded_axum_server_answers_every_request_200_or_503_and_never_ex
                 let response = client.request(request).await.expect("answered");
                 let (parts, body) = response.into_parts();
                 let body = body.collect().await.expect("a whole body").to_bytes();
-                (parts.status, parts.headers.get("retry-after").cloned(), body)
+                (
+                    parts.status,
+                    parts.headers.get("retry-after").cloned(),
+                    body,
+                )
             })
         })
         .collect();
@@ -150,7 +160,10 @@ async fn an_overloaded_axum_server_answers_every_request_200_or_503_and_never_ex
         .await
         .expect("no request hangs");
 
-    let served = answers.iter().filter(|(status, _, _)| *status == StatusCode::OK).count();
+    let served = answers
+        .iter()
+        .filter(|(status, _, _)| *status == StatusCode::OK)
+        .count();
     let shed: Vec<_> = answers
         .iter()
         .filter(|(status, _, _)| *status == StatusCode::SERVICE_UNAVAILABLE)
@@ -161,7 +174,11 @@ async fn an_overloaded_axum_server_answers_every_request_200_or_503_and_never_ex
         assert_eq!(retry_after.as_ref().expect("Retry-After"), "2");
         assert!(body.is_empty(), "no error text reaches the client");
     }
-    assert_eq!(gate.peak.load(Ordering::SeqCst), LIMIT, "in flight never exceeded the limit");
+    assert_eq!(
+        gate.peak.load(Ordering::SeqCst),
+        LIMIT,
+        "in flight never exceeded the limit"
+    );
     assert_eq!(handle.in_flight(), 0, "every permit came back");
 }
 
@@ -247,7 +264,10 @@ async fn a_tonic_server_sheds_with_unavailable_and_pushback_and_a_retry_client_w
         let status = plain.check(check()).await.expect_err("shed");
         assert_eq!(status.code(), Code::Unavailable);
         assert_eq!(status.message(), "overloaded");
-        assert_eq!(status.metadata().get("grpc-retry-pushback-ms").unwrap(), "150");
+        assert_eq!(
+            status.metadata().get("grpc-retry-pushback-ms").unwrap(),
+            "150"
+        );
         assert_eq!(handle.rejected(), 1);
 
         // A retrying client is shed too, waits the pushback, and gets through once the
@@ -273,10 +293,16 @@ async fn a_tonic_server_sheds_with_unavailable_and_pushback_and_a_retry_client_w
         until_rejected(&handle, 2).await;
         gate.let_through(2);
         held.await.unwrap().expect("the held call is served");
-        let response = waited.await.unwrap().expect("served after waiting out the pushback");
+        let response = waited
+            .await
+            .unwrap()
+            .expect("served after waiting out the pushback");
         assert_eq!(response.into_inner().status, ServingStatus::Serving as i32);
         let metrics = retry_handle.metrics();
-        assert!(metrics.retries >= 1 && metrics.success_with_retry == 1, "{metrics:?}");
+        assert!(
+            metrics.retries >= 1 && metrics.success_with_retry == 1,
+            "{metrics:?}"
+        );
         assert_eq!(gate.peak.load(Ordering::SeqCst), 1);
     };
     tokio::time::timeout(Duration::from_secs(20), test)

@@ -414,7 +414,10 @@ mod concurrency_limit {
                 .collect();
             join_all(threads);
             assert_eq!(permits.in_flight(), 0);
-            assert!(matches!(permits.admit(), Admit::Permit), "a free permit is taken");
+            assert!(
+                matches!(permits.admit(), Admit::Permit),
+                "a free permit is taken"
+            );
         });
     }
 
@@ -438,7 +441,10 @@ mod concurrency_limit {
             }
             assert_eq!((permits.in_flight(), permits.queued()), (1, 0));
             permits.release();
-            assert!(matches!(permits.admit(), Admit::Permit), "the queue flag was left set");
+            assert!(
+                matches!(permits.admit(), Admit::Permit),
+                "the queue flag was left set"
+            );
         });
     }
 
@@ -462,6 +468,31 @@ mod concurrency_limit {
             releaser.join().unwrap();
             assert_eq!((permits.in_flight(), permits.queued()), (0, 0));
             assert!(matches!(permits.admit(), Admit::Permit));
+        });
+    }
+
+    /// A newcomer arrives while the holder releases with a request already queued: the
+    /// permit goes to the waiter, and the newcomer queues behind it (no overtaking).
+    #[test]
+    fn a_newcomer_racing_a_release_never_overtakes_a_waiter() {
+        model(None, || {
+            let permits = Arc::new(Permits::new(1, 2));
+            assert!(matches!(permits.admit(), Admit::Permit));
+            let Admit::Queued(waiter) = permits.admit() else {
+                panic!("queued");
+            };
+            let releaser = {
+                let permits = permits.clone();
+                thread::spawn(move || permits.release())
+            };
+            let newcomer = permits.admit();
+            releaser.join().unwrap();
+            assert!(waiter.is_granted(), "the waiter got the permit");
+            match newcomer {
+                Admit::Queued(place) => assert!(!place.is_granted()),
+                other => panic!("the newcomer overtook the waiter: {other:?}"),
+            }
+            assert_eq!((permits.in_flight(), permits.queued()), (1, 1));
         });
     }
 

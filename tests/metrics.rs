@@ -233,7 +233,10 @@ async fn a_concurrency_limit_counts_its_rejections_and_reports_its_limit() {
     let snapshotter = recorder.snapshotter();
     let _guard = metrics::set_default_local_recorder(&recorder);
 
-    let layer = ConcurrencyLimitLayer::builder().algorithm(ToOne).build().unwrap();
+    let layer = ConcurrencyLimitLayer::builder()
+        .algorithm(ToOne)
+        .build()
+        .unwrap();
     let mut service = layer.layer(service_fn(|wait: bool| async move {
         if wait {
             std::future::pending::<()>().await;
@@ -241,7 +244,10 @@ async fn a_concurrency_limit_counts_its_rejections_and_reports_its_limit() {
         Ok::<_, BoxError>(())
     }));
     service.ready().await.unwrap().call(false).await.unwrap();
-    assert_eq!(gauge(&snapshotter, "palisade_concurrency_limit_limit"), Some(1.0));
+    assert_eq!(
+        gauge(&snapshotter, "palisade_concurrency_limit_limit"),
+        Some(1.0)
+    );
     let _held = service.ready().await.unwrap().call(true);
     for _ in 0..2 {
         let refused = service.ready().await.unwrap().call(false).await;

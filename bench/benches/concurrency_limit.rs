@@ -25,9 +25,7 @@ fn palisade_limit() -> ConcurrencyLimitLayer {
 
 /// tower's shedding stack: `LoadShed` turns `ConcurrencyLimit`'s not-ready into an
 /// error. Its clones share one semaphore, as palisade's share one limit.
-fn tower_shed<S>(
-    service: S,
-) -> tower::load_shed::LoadShed<tower::limit::ConcurrencyLimit<S>> {
+fn tower_shed<S>(service: S) -> tower::load_shed::LoadShed<tower::limit::ConcurrencyLimit<S>> {
     ServiceBuilder::new()
         .load_shed()
         .concurrency_limit(LIMIT)

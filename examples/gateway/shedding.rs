@@ -41,7 +41,11 @@ struct Replica {
 }
 
 async fn list_orders(State(replica): State<Replica>) -> &'static str {
-    let delay = if replica.slow.load(Ordering::SeqCst) { SLOW } else { FAST };
+    let delay = if replica.slow.load(Ordering::SeqCst) {
+        SLOW
+    } else {
+        FAST
+    };
     tokio::time::sleep(delay).await;
     "[]"
 }
@@ -191,13 +195,13 @@ pub(crate) async fn step(report: &mut Report) {
     let fastest_served = served.iter().min().copied().unwrap_or_default();
     report.check(
         limits.windows(2).all(|pair| pair[1] < pair[0]),
-        format!(
-            "three bursts of 40 while orders takes {SLOW:?}: the limit falls {limits:?}"
-        ),
+        format!("three bursts of 40 while orders takes {SLOW:?}: the limit falls {limits:?}"),
     );
     report.check(
         !shed.is_empty()
-            && shed.iter().all(|(retry_after, _)| retry_after.as_deref() == Some("1"))
+            && shed
+                .iter()
+                .all(|(retry_after, _)| retry_after.as_deref() == Some("1"))
             && slowest_shed < SLOW / 2,
         format!(
             "{} requests get 503 + Retry-After: 1 at once (the slowest in {slowest_shed:?}), \
@@ -208,7 +212,10 @@ pub(crate) async fn step(report: &mut Report) {
     );
     report.check(
         shedding.limit.rejected() == shed.len() as u64,
-        format!("the handle counted {} rejections", shedding.limit.rejected()),
+        format!(
+            "the handle counted {} rejections",
+            shedding.limit.rejected()
+        ),
     );
 
     shedding.replica.slow.store(false, Ordering::SeqCst);

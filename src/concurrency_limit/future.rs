@@ -92,7 +92,12 @@ where
     }
 
     #[inline]
-    pub(crate) fn called(future: S::Future, permit: Permit, report: SampleReport, classify: C) -> Self {
+    pub(crate) fn called(
+        future: S::Future,
+        permit: Permit,
+        report: SampleReport,
+        classify: C,
+    ) -> Self {
         let admitted = Some((permit, report));
         Self::new(State::Called { future, admitted }, classify)
     }

@@ -209,7 +209,8 @@ impl<C, H> ConcurrencyLimitLayerBuilder<C, H> {
             }
             LimitChoice::Fixed(limit) => Limiter::fixed(limit),
             LimitChoice::Aimd(aimd) => {
-                aimd.validate().map_err(|reason| algorithm("Aimd", reason))?;
+                aimd.validate()
+                    .map_err(|reason| algorithm("Aimd", reason))?;
                 Limiter::adaptive(Box::new(aimd))
             }
             LimitChoice::Gradient(gradient) => {

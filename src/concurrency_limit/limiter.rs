@@ -3,9 +3,9 @@
 //!
 //! The word holds the in-flight count in its low 32 bits, the limit in the next 31 and,
 //! in the top bit, whether anyone is queued. Admitting is one compare-and-swap that
-//! reads the limit and the count together; releasing is one more. Only when the queue
-//! flag is set do either take the queue's lock, so that a released permit goes to the
-//! oldest waiter and no newcomer can overtake it. The flag is set and cleared under that
+//! reads the limit and the count together; releasing is one subtraction. Only when the
+//! queue flag is set do either take the queue's lock, so that a released permit goes to
+//! the oldest waiter and no newcomer can overtake it. The flag is set and cleared under that
 //! lock, and is set exactly while the queue holds a waiter.
 
 use std::collections::VecDeque;
@@ -83,7 +83,7 @@ pub(crate) enum Admission {
 
 /// The shared state of one concurrency limit.
 pub(crate) struct Limiter {
-    word: AtomicU64,
+    word: Padded<AtomicU64>,
     rejected: AtomicU64,
     queue: Option<Queue>,
     algorithm: Option<Mutex<Box<dyn LimitAlgorithm>>>,
@@ -112,7 +112,7 @@ impl Limiter {
     /// A static limit of `limit` (at most [`MAX_LIMIT`]).
     pub(crate) fn fixed(limit: u32) -> Self {
         Self {
-            word: AtomicU64::new(Word::new(limit.max(1)).0),
+            word: Padded(AtomicU64::new(Word::new(limit.max(1)).0)),
             rejected: AtomicU64::new(0),
             queue: None,
             algorithm: None,
@@ -171,7 +171,9 @@ impl Limiter {
     }
 
     pub(crate) fn queued(&self) -> usize {
-        self.queue.as_ref().map_or(0, |queue| lock(&queue.waiters).len())
+        self.queue
+            .as_ref()
+            .map_or(0, |queue| lock(&queue.waiters).len())
     }
 
     /// Takes a permit if there is room and nobody is queued; else queues (when there is
@@ -245,36 +247,24 @@ impl Limiter {
     }
 
     /// Gives a permit back: to the oldest waiter if there is one and room for it.
+    ///
+    /// One subtraction, whatever happens meanwhile: a newcomer that finds the queue
+    /// flag set takes the lock, so it cannot take the permit this frees before the
+    /// waiters get it under the lock below; one that set the flag after this
+    /// subtraction saw the room it made and was admitted instead of queueing.
     #[inline]
     pub(crate) fn release(&self) {
-        let mut current = self.word.load(Ordering::Relaxed);
-        loop {
-            let word = Word(current);
-            if word.queued() {
-                return self.release_slow();
-            }
-            match self.word.compare_exchange_weak(
-                current,
-                word.release().0,
-                Ordering::Release,
-                Ordering::Relaxed,
-            ) {
-                Ok(_) => return,
-                Err(actual) => current = actual,
-            }
+        let previous = Word(self.word.fetch_sub(1, Ordering::Release));
+        if previous.queued() {
+            self.hand_over_released();
         }
     }
 
     #[inline(never)]
-    fn release_slow(&self) {
-        let Some(queue) = &self.queue else {
-            // The flag is only ever set with a queue.
-            self.word.fetch_sub(1, Ordering::Release);
-            return;
-        };
-        let mut waiters = lock(&queue.waiters);
-        self.word.fetch_sub(1, Ordering::Release);
-        self.hand_over(&mut waiters);
+    fn hand_over_released(&self) {
+        if let Some(queue) = &self.queue {
+            self.hand_over(&mut lock(&queue.waiters));
+        }
     }
 
     /// Under the queue's lock: gives permits to the oldest waiters while there is room,
@@ -313,7 +303,10 @@ impl Limiter {
             return waiter.is_granted();
         };
         let mut waiters = lock(&queue.waiters);
-        match waiters.iter().position(|queued| Arc::ptr_eq(queued, waiter)) {
+        match waiters
+            .iter()
+            .position(|queued| Arc::ptr_eq(queued, waiter))
+        {
             Some(index) => {
                 waiters.remove(index);
                 self.hand_over(&mut waiters);
@@ -362,6 +355,20 @@ impl Limiter {
                 Err(actual) => current = actual,
             }
         }
+    }
+}
+
+/// The word on cache lines of its own: every admission and release writes it, and
+/// nothing else (the reference counts of the `Arc` it lives in, the rejection count)
+/// should bounce with it between cores.
+#[repr(align(128))]
+struct Padded<T>(T);
+
+impl<T> std::ops::Deref for Padded<T> {
+    type Target = T;
+
+    fn deref(&self) -> &T {
+        &self.0
     }
 }
 

@@ -120,7 +120,7 @@ pub use self::error::{ConcurrencyLimitConfigError, Overloaded};
 pub use self::future::ResponseFuture;
 pub use self::handle::ConcurrencyLimitHandle;
 pub use self::layer::{ConcurrencyLimitLayer, ConcurrencyLimitLayerBuilder};
+pub use self::release::{Permit, Release, ReleaseOnResponse, SampleReport};
 #[cfg(feature = "http")]
 pub use self::release::{PermitBody, ReleaseOnBodyEnd};
-pub use self::release::{Permit, Release, ReleaseOnResponse, SampleReport};
 pub use self::service::ConcurrencyLimitService;

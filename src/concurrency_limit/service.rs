@@ -53,7 +53,11 @@ impl<S, C, H> ConcurrencyLimitService<S, C, H> {
 
 impl<S: Clone, C: Clone, H> Clone for ConcurrencyLimitService<S, C, H> {
     fn clone(&self) -> Self {
-        Self::new(self.inner.clone(), Arc::clone(&self.limiter), self.classify.clone())
+        Self::new(
+            self.inner.clone(),
+            Arc::clone(&self.limiter),
+            self.classify.clone(),
+        )
     }
 }
 

@@ -173,7 +173,10 @@ impl Gradient {
 
     pub(crate) fn validate(&self) -> Result<(), &'static str> {
         check_limits(self.min_limit, self.initial_limit, self.max_limit)?;
-        check_duration(self.interval, "interval must be above zero and at most a day")?;
+        check_duration(
+            self.interval,
+            "interval must be above zero and at most a day",
+        )?;
         check_duration(
             self.min_rtt_interval,
             "min_rtt_interval must be above zero and at most a day",
