@@ -59,12 +59,6 @@ impl Word {
         Self(self.0 + 1)
     }
 
-    /// One fewer in flight. Only called by the holder of a permit, so the count is
-    /// positive.
-    fn release(self) -> Self {
-        Self(self.0 - 1)
-    }
-
     fn with_limit(self, limit: u32) -> Self {
         Self((self.0 & !LIMIT_MASK) | (u64::from(limit.min(MAX_LIMIT)) << LIMIT_SHIFT))
     }
