@@ -4,6 +4,7 @@ use tower::ServiceBuilder;
 use tower_layer::Stack;
 
 use crate::circuit_breaker::CircuitBreakerLayer;
+use crate::concurrency_limit::ConcurrencyLimitLayer;
 #[cfg(feature = "http")]
 use crate::correlation::{CorrelationIdLayer, PropagateCorrelationIdLayer};
 use crate::rate_limit::RateLimitLayer;
@@ -24,11 +25,15 @@ mod sealed {
 /// and [`retries`](Self::retries), not `rate_limit` and `retry`: `ServiceBuilder` has
 /// inherent methods of those names (tower's own layers, behind tower's `limit` and
 /// `retry` features, which tonic and many applications turn on), and an inherent method
-/// always wins over a trait's.
+/// always wins over a trait's. The concurrency limit goes in with
+/// [`concurrency_limiter`](Self::concurrency_limiter) for the same reason:
+/// `ServiceBuilder` has inherent `concurrency_limit(n)` and `load_shed()` (tower's
+/// features `limit` and `load-shed`).
 ///
 /// ```
 /// use palisade::ServiceBuilderExt;
 /// use palisade::circuit_breaker::CircuitBreakerLayer;
+/// use palisade::concurrency_limit::ConcurrencyLimitLayer;
 /// use palisade::rate_limit::RateLimitLayer;
 /// use palisade::retry::RetryLayer;
 /// use std::time::Duration;
@@ -36,6 +41,7 @@ mod sealed {
 ///
 /// # fn main() -> Result<(), tower::BoxError> {
 /// let service = ServiceBuilder::new()
+///     .concurrency_limiter(ConcurrencyLimitLayer::builder().max_in_flight(256).build()?)
 ///     .rate_limiter(RateLimitLayer::builder().capacity(100).refill(10, Duration::from_secs(1)).build()?)
 ///     .circuit_breaker(CircuitBreakerLayer::builder().build()?)
 ///     .retries(RetryLayer::builder().max_attempts(3).build()?)
@@ -90,6 +96,13 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
         layer: CircuitBreakerLayer<C>,
     ) -> ServiceBuilder<Stack<CircuitBreakerLayer<C>, L>>;
 
+    /// Adds a concurrency limit (load shedding) built with
+    /// [`ConcurrencyLimitLayer::builder`].
+    fn concurrency_limiter<C, H>(
+        self,
+        layer: ConcurrencyLimitLayer<C, H>,
+    ) -> ServiceBuilder<Stack<ConcurrencyLimitLayer<C, H>, L>>;
+
     /// Adds a retry layer built with [`RetryLayer::builder`].
     fn retries<P, D>(self, layer: RetryLayer<P, D>) -> ServiceBuilder<Stack<RetryLayer<P, D>, L>>;
 }
@@ -116,6 +129,13 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self,
         layer: CircuitBreakerLayer<C>,
     ) -> ServiceBuilder<Stack<CircuitBreakerLayer<C>, L>> {
+        self.layer(layer)
+    }
+
+    fn concurrency_limiter<C, H>(
+        self,
+        layer: ConcurrencyLimitLayer<C, H>,
+    ) -> ServiceBuilder<Stack<ConcurrencyLimitLayer<C, H>, L>> {
         self.layer(layer)
     }
 

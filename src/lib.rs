@@ -68,6 +68,7 @@
 
 pub mod circuit_breaker;
 pub mod classify;
+pub mod concurrency_limit;
 pub mod context;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
@@ -94,6 +95,7 @@ mod sync;
 #[doc(hidden)]
 pub mod __loom {
     pub use crate::circuit_breaker::loom_api::*;
+    pub use crate::concurrency_limit::loom_api::*;
 }
 
 pub use self::builder::ServiceBuilderExt;

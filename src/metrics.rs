@@ -10,6 +10,12 @@
 //! | `palisade_rate_limit_rejected_total` | | a request is refused by a rate limiter |
 //! | `palisade_retry_attempts_total` | `reason` | a request is retried (`error`, `response`, `status`, `grpc_status`, `timeout`, or the kind of a rejection from a layer below: `unavailable` (an open circuit), `overloaded`, `rate_limited`) |
 //! | `palisade_retry_budget_exhausted_total` | | a retry is refused by the budget |
+//! | `palisade_concurrency_limit_rejected_total` | | a request is refused with `Overloaded` |
+//!
+//! | gauge | when it is set |
+//! |---|---|
+//! | `palisade_concurrency_limit_limit` | an adaptive limit moves |
+//! | `palisade_concurrency_limit_in_flight` | an adaptive limit moves, or a request is refused |
 
 #[cfg(feature = "metrics")]
 use crate::circuit_breaker::State;
@@ -86,4 +92,22 @@ pub(crate) fn retried(reason: crate::retry::RetryReason) {
 pub(crate) fn retry_budget_exhausted() {
     #[cfg(feature = "metrics")]
     metrics::counter!("palisade_retry_budget_exhausted_total").increment(1);
+}
+
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn overloaded(in_flight: u32) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::counter!("palisade_concurrency_limit_rejected_total").increment(1);
+        metrics::gauge!("palisade_concurrency_limit_in_flight").set(f64::from(in_flight));
+    }
+}
+
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn concurrency_limit(limit: u32, in_flight: u32) {
+    #[cfg(feature = "metrics")]
+    {
+        metrics::gauge!("palisade_concurrency_limit_limit").set(f64::from(limit));
+        metrics::gauge!("palisade_concurrency_limit_in_flight").set(f64::from(in_flight));
+    }
 }

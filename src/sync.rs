@@ -1,18 +1,25 @@
 //! The synchronisation pieces every layer shares: the atomics the lock-free cores use
 //! (std's, or loom's under `--cfg loom` so that the model checks in `tests/loom.rs`
-//! explore every interleaving), cache padding for hot words, and lock recovery.
+//! explore every interleaving), the crate's mutexes (loom's too under `--cfg loom`),
+//! cache padding for hot words, and lock recovery.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use std::sync::PoisonError;
 #[cfg(feature = "redis")]
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 #[cfg(loom)]
 #[allow(unused_imports)] // each core takes what it needs
-pub(crate) use loom::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use loom::sync::{
+    Mutex, MutexGuard,
+    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+};
 
 #[cfg(not(loom))]
 #[allow(unused_imports)] // each core takes what it needs
-pub(crate) use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering};
+pub(crate) use std::sync::{
+    Mutex, MutexGuard,
+    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+};
 
 /// Keeps a hot value on a pair of cache lines of its own (adjacent-line prefetchers pull
 /// lines in twos), so that threads hammering it do not also evict their neighbours, and

@@ -385,3 +385,135 @@ fn retry_budget_refund_races_withdrawal_and_expiry() {
         assert_eq!(budget.available(now + Duration::from_secs(3)), 0);
     });
 }
+
+mod concurrency_limit {
+    use super::{join_all, model};
+    use loom::sync::Arc;
+    use loom::sync::atomic::{AtomicUsize, Ordering};
+    use loom::thread;
+    use palisade::__loom::{Admit, Permits};
+
+    /// Three threads take and give back permits of a limit of two: never more than two
+    /// are held at once, and every one comes back.
+    #[test]
+    fn admit_and_release_never_exceed_the_limit() {
+        model(Some(3), || {
+            let permits = Arc::new(Permits::new(2, 0));
+            let held = Arc::new(AtomicUsize::new(0));
+            let threads = (0..3)
+                .map(|_| {
+                    let (permits, held) = (permits.clone(), held.clone());
+                    thread::spawn(move || {
+                        if let Admit::Permit = permits.admit() {
+                            assert!(held.fetch_add(1, Ordering::SeqCst) < 2, "over the limit");
+                            held.fetch_sub(1, Ordering::SeqCst);
+                            permits.release();
+                        }
+                    })
+                })
+                .collect();
+            join_all(threads);
+            assert_eq!(permits.in_flight(), 0);
+            assert!(
+                matches!(permits.admit(), Admit::Permit),
+                "a free permit is taken"
+            );
+        });
+    }
+
+    /// A holder releases while another request queues for its permit: the permit is
+    /// either taken at once or handed to the waiter, never lost.
+    #[test]
+    fn a_release_racing_a_new_waiter_hands_the_permit_over() {
+        model(None, || {
+            let permits = Arc::new(Permits::new(1, 1));
+            assert!(matches!(permits.admit(), Admit::Permit));
+            let releaser = {
+                let permits = permits.clone();
+                thread::spawn(move || permits.release())
+            };
+            let outcome = permits.admit();
+            releaser.join().unwrap();
+            match outcome {
+                Admit::Permit => {}
+                Admit::Queued(place) => assert!(place.is_granted(), "the released permit was lost"),
+                Admit::Rejected => panic!("the queue had room"),
+            }
+            assert_eq!((permits.in_flight(), permits.queued()), (1, 0));
+            permits.release();
+            assert!(
+                matches!(permits.admit(), Admit::Permit),
+                "the queue flag was left set"
+            );
+        });
+    }
+
+    /// A waiter gives up (its future dropped) while the holder releases: whichever wins,
+    /// the permit comes back and the queue is empty.
+    #[test]
+    fn a_waiter_dropped_during_a_release_leaks_nothing() {
+        model(None, || {
+            let permits = Arc::new(Permits::new(1, 1));
+            assert!(matches!(permits.admit(), Admit::Permit));
+            let Admit::Queued(place) = permits.admit() else {
+                panic!("queued");
+            };
+            let releaser = {
+                let permits = permits.clone();
+                thread::spawn(move || permits.release())
+            };
+            if permits.leave(&place) {
+                permits.release();
+            }
+            releaser.join().unwrap();
+            assert_eq!((permits.in_flight(), permits.queued()), (0, 0));
+            assert!(matches!(permits.admit(), Admit::Permit));
+        });
+    }
+
+    /// A newcomer arrives while the holder releases with a request already queued: the
+    /// permit goes to the waiter, and the newcomer queues behind it (no overtaking).
+    #[test]
+    fn a_newcomer_racing_a_release_never_overtakes_a_waiter() {
+        model(None, || {
+            let permits = Arc::new(Permits::new(1, 2));
+            assert!(matches!(permits.admit(), Admit::Permit));
+            let Admit::Queued(waiter) = permits.admit() else {
+                panic!("queued");
+            };
+            let releaser = {
+                let permits = permits.clone();
+                thread::spawn(move || permits.release())
+            };
+            let newcomer = permits.admit();
+            releaser.join().unwrap();
+            assert!(waiter.is_granted(), "the waiter got the permit");
+            match newcomer {
+                Admit::Queued(place) => assert!(!place.is_granted()),
+                other => panic!("the newcomer overtook the waiter: {other:?}"),
+            }
+            assert_eq!((permits.in_flight(), permits.queued()), (1, 1));
+        });
+    }
+
+    /// The limit rises while a request waits: the waiter is let in.
+    #[test]
+    fn a_higher_limit_admits_a_waiter() {
+        model(None, || {
+            let permits = Arc::new(Permits::new(1, 1));
+            assert!(matches!(permits.admit(), Admit::Permit));
+            let raiser = {
+                let permits = permits.clone();
+                thread::spawn(move || permits.set_limit(2))
+            };
+            let outcome = permits.admit();
+            raiser.join().unwrap();
+            match outcome {
+                Admit::Permit => {}
+                Admit::Queued(place) => assert!(place.is_granted(), "still waiting with room"),
+                Admit::Rejected => panic!("the queue had room"),
+            }
+            assert_eq!((permits.in_flight(), permits.queued()), (2, 0));
+        });
+    }
+}

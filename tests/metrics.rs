@@ -200,3 +200,71 @@ async fn a_retry_layer_counts_retries_by_reason_and_budget_refusals() {
         1
     );
 }
+
+/// The gauges of a snapshot, by name.
+fn gauge(snapshotter: &Snapshotter, name: &str) -> Option<f64> {
+    snapshotter
+        .snapshot()
+        .into_vec()
+        .into_iter()
+        .find_map(|(key, _, _, value)| match value {
+            DebugValue::Gauge(value) if key.key().name() == name => Some(value.into_inner()),
+            _ => None,
+        })
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_concurrency_limit_counts_its_rejections_and_reports_its_limit() {
+    use palisade::concurrency_limit::{ConcurrencyLimitLayer, LimitAlgorithm, Overloaded, Sample};
+
+    /// Drops to one after the first request.
+    #[derive(Debug)]
+    struct ToOne;
+    impl LimitAlgorithm for ToOne {
+        fn starting_limit(&self) -> u32 {
+            2
+        }
+        fn update(&mut self, _: Sample) -> u32 {
+            1
+        }
+    }
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let layer = ConcurrencyLimitLayer::builder()
+        .algorithm(ToOne)
+        .build()
+        .unwrap();
+    let mut service = layer.layer(service_fn(|wait: bool| async move {
+        if wait {
+            std::future::pending::<()>().await;
+        }
+        Ok::<_, BoxError>(())
+    }));
+    service.ready().await.unwrap().call(false).await.unwrap();
+    assert_eq!(
+        gauge(&snapshotter, "palisade_concurrency_limit_limit"),
+        Some(1.0)
+    );
+    let _held = service.ready().await.unwrap().call(true);
+    for _ in 0..2 {
+        let refused = service.ready().await.unwrap().call(false).await;
+        assert!(refused.is_err_and(|error| error.is::<Overloaded>()));
+    }
+    // One snapshot for both: taking one resets what it took.
+    let (mut rejected, mut in_flight) = (0, None);
+    for (key, _, _, value) in snapshotter.snapshot().into_vec() {
+        match (key.key().name(), value) {
+            ("palisade_concurrency_limit_rejected_total", DebugValue::Counter(count)) => {
+                rejected = count;
+            }
+            ("palisade_concurrency_limit_in_flight", DebugValue::Gauge(value)) => {
+                in_flight = Some(value.into_inner());
+            }
+            _ => {}
+        }
+    }
+    assert_eq!((rejected, in_flight), (2, Some(1.0)));
+}

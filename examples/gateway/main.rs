@@ -15,6 +15,7 @@ mod edge;
 mod logs;
 mod payments;
 mod services;
+mod shedding;
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
@@ -482,4 +483,6 @@ async fn scenario(system: &System, logs: &Logs, report: &mut Report) {
         system.breaker.state() == State::Closed,
         format!("the payments breaker is {:?} again", system.breaker.state()),
     );
+
+    shedding::step(report).await;
 }

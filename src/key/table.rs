@@ -18,8 +18,8 @@
 //! ever evicted: a flood can neither grow the table past its cap nor reset the state of a
 //! real client (or of an open breaker).
 
+use crate::sync::{Mutex, MutexGuard};
 use std::hash::{BuildHasher, Hash, RandomState};
-use std::sync::{Mutex, MutexGuard};
 use std::time::Duration;
 
 use hashbrown::HashTable;

@@ -19,7 +19,7 @@
 //! lie [`HORIZON`] units past it, so the 60 bits of a TAT never run out, however long the
 //! process lives and however fine the units.
 
-use std::sync::Mutex;
+use crate::sync::Mutex;
 use std::time::Duration;
 
 use tokio::time::Instant;

@@ -48,4 +48,5 @@ known_rejections! {
     crate::rate_limit::RedisUnavailable,
     crate::retry::AttemptTimedOut,
     crate::context::DeadlineExceeded,
+    crate::concurrency_limit::Overloaded,
 }

@@ -50,12 +50,13 @@ pub use self::replay::*;
 #[cfg(feature = "http")]
 mod replay {
     use super::Duplicate;
+    use crate::sync::Mutex;
     use crate::sync::lock;
     use bytes::Bytes;
     use http::{HeaderMap, HeaderName, HeaderValue, Request};
     use http_body::{Body, Frame, SizeHint};
     use std::pin::Pin;
-    use std::sync::{Arc, Mutex, OnceLock};
+    use std::sync::{Arc, OnceLock};
     use std::task::{Context, Poll};
 
     /// The default most bytes of a request body kept for a retry: 64 KiB.

@@ -5,8 +5,9 @@
 //! its shard's mutex for a few instructions (a compare and a subtraction); the round trip
 //! that refills a lease runs outside of it.
 
+use crate::sync::Mutex;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::time::Instant;

@@ -1,0 +1,248 @@
+use std::fmt;
+use std::marker::PhantomData;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tower_layer::Layer;
+
+use super::algorithms::{Aimd, Gradient, LimitAlgorithm};
+use super::error::ConcurrencyLimitConfigError;
+use super::handle::ConcurrencyLimitHandle;
+use super::limiter::{DEFAULT_RETRY_AFTER, Limiter, MAX_LIMIT};
+use super::release::ReleaseOnResponse;
+use super::service::ConcurrencyLimitService;
+use crate::classify::ErrorsAsFailures;
+
+/// The longest `retry_after` and `max_wait`.
+const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
+/// Limits the requests in flight through every service it builds, and refuses the rest
+/// at once with [`Overloaded`](super::Overloaded).
+///
+/// The limit is created once, here: every service this layer builds, and every clone of
+/// them, shares it. Build a second layer for an independent limit. See the
+/// [module documentation](super).
+pub struct ConcurrencyLimitLayer<C = ErrorsAsFailures, H = ReleaseOnResponse> {
+    limiter: Arc<Limiter>,
+    classify: C,
+    release: PhantomData<fn() -> H>,
+}
+
+impl<C: Clone, H> Clone for ConcurrencyLimitLayer<C, H> {
+    fn clone(&self) -> Self {
+        Self {
+            limiter: Arc::clone(&self.limiter),
+            classify: self.classify.clone(),
+            release: PhantomData,
+        }
+    }
+}
+
+impl<C, H> fmt::Debug for ConcurrencyLimitLayer<C, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("ConcurrencyLimitLayer")
+            .field("limiter", &self.limiter)
+            .finish_non_exhaustive()
+    }
+}
+
+impl ConcurrencyLimitLayer {
+    /// Starts a configuration. It needs a limit: [`max_in_flight`] for a static one, or
+    /// an algorithm ([`aimd`], [`gradient`], [`algorithm`]) for an adaptive one.
+    ///
+    /// [`max_in_flight`]: ConcurrencyLimitLayerBuilder::max_in_flight
+    /// [`aimd`]: ConcurrencyLimitLayerBuilder::aimd
+    /// [`gradient`]: ConcurrencyLimitLayerBuilder::gradient
+    /// [`algorithm`]: ConcurrencyLimitLayerBuilder::algorithm
+    pub fn builder() -> ConcurrencyLimitLayerBuilder {
+        ConcurrencyLimitLayerBuilder {
+            limit: None,
+            queue: None,
+            retry_after: DEFAULT_RETRY_AFTER,
+            classify: ErrorsAsFailures,
+            release: PhantomData,
+        }
+    }
+}
+
+impl<C, H> ConcurrencyLimitLayer<C, H> {
+    /// A handle that observes this limit.
+    pub fn handle(&self) -> ConcurrencyLimitHandle {
+        ConcurrencyLimitHandle::new(Arc::clone(&self.limiter))
+    }
+}
+
+impl<S, C: Clone, H> Layer<S> for ConcurrencyLimitLayer<C, H> {
+    type Service = ConcurrencyLimitService<S, C, H>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        ConcurrencyLimitService::new(inner, Arc::clone(&self.limiter), self.classify.clone())
+    }
+}
+
+enum LimitChoice {
+    Fixed(u32),
+    Aimd(Aimd),
+    Gradient(Gradient),
+    Custom(Box<dyn LimitAlgorithm>),
+}
+
+/// Configures a [`ConcurrencyLimitLayer`]; made by [`ConcurrencyLimitLayer::builder`].
+#[must_use]
+pub struct ConcurrencyLimitLayerBuilder<C = ErrorsAsFailures, H = ReleaseOnResponse> {
+    limit: Option<LimitChoice>,
+    queue: Option<(usize, Duration)>,
+    retry_after: Duration,
+    classify: C,
+    release: PhantomData<fn() -> H>,
+}
+
+impl<C, H> fmt::Debug for ConcurrencyLimitLayerBuilder<C, H> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let limit = match &self.limit {
+            None => "none",
+            Some(LimitChoice::Fixed(_)) => "static",
+            Some(LimitChoice::Aimd(_)) => "aimd",
+            Some(LimitChoice::Gradient(_)) => "gradient",
+            Some(LimitChoice::Custom(_)) => "custom",
+        };
+        f.debug_struct("ConcurrencyLimitLayerBuilder")
+            .field("limit", &limit)
+            .field("queue", &self.queue)
+            .field("retry_after", &self.retry_after)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<C, H> ConcurrencyLimitLayerBuilder<C, H> {
+    /// A static limit: at most `limit` requests in flight, in `1..=2^31 - 1`. Replaces
+    /// any algorithm set before.
+    pub fn max_in_flight(mut self, limit: u32) -> Self {
+        self.limit = Some(LimitChoice::Fixed(limit));
+        self
+    }
+
+    /// An adaptive limit moved by [`Aimd`]. Replaces any limit set before.
+    pub fn aimd(mut self, aimd: Aimd) -> Self {
+        self.limit = Some(LimitChoice::Aimd(aimd));
+        self
+    }
+
+    /// An adaptive limit moved by [`Gradient`]. Replaces any limit set before.
+    pub fn gradient(mut self, gradient: Gradient) -> Self {
+        self.limit = Some(LimitChoice::Gradient(gradient));
+        self
+    }
+
+    /// An adaptive limit moved by an algorithm of your own. Replaces any limit set
+    /// before.
+    pub fn algorithm(mut self, algorithm: impl LimitAlgorithm) -> Self {
+        self.limit = Some(LimitChoice::Custom(Box::new(algorithm)));
+        self
+    }
+
+    /// Lets up to `waiters` requests over the limit wait, in arrival order, up to
+    /// `max_wait` each for a permit, instead of being refused at once. A request that
+    /// finds the queue full, or whose wait runs out, gets
+    /// [`Overloaded`](super::Overloaded). A waiter dropped (its client gone) leaves the
+    /// queue at once. `waiters` is in `1..=2^31 - 1` (the queue grows only as requests
+    /// wait), `max_wait` above zero and at most a day.
+    pub fn queue(mut self, waiters: usize, max_wait: Duration) -> Self {
+        self.queue = Some((waiters, max_wait));
+        self
+    }
+
+    /// What [`Overloaded::retry_after`](super::Overloaded::retry_after) asks refused
+    /// clients to wait: above zero and at most a day; 1 second unless set. It becomes
+    /// `Retry-After` (in whole seconds, rounded up) and `grpc-retry-pushback-ms`.
+    pub fn retry_after(mut self, retry_after: Duration) -> Self {
+        self.retry_after = retry_after;
+        self
+    }
+
+    /// What counts as congestion for an adaptive limit: a preset from
+    /// [`crate::classify`] or a closure `Fn(&Result<Res, E>) -> Outcome`. A failure is
+    /// congestion; so is a request dropped before its outcome. Default: every `Err`
+    /// (a timeout below the layer, an `Overloaded` from a layer below). For HTTP use
+    /// [`ServerErrorsAsFailures`](crate::classify::ServerErrorsAsFailures) (5xx), for
+    /// gRPC [`GrpcErrorsAsFailures`](crate::classify::GrpcErrorsAsFailures)
+    /// (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, ...), whose outcome
+    /// arrives with the trailers. A static limit classifies nothing.
+    pub fn classify<D>(self, classify: D) -> ConcurrencyLimitLayerBuilder<D, H> {
+        ConcurrencyLimitLayerBuilder {
+            limit: self.limit,
+            queue: self.queue,
+            retry_after: self.retry_after,
+            classify,
+            release: PhantomData,
+        }
+    }
+
+    /// Keeps each request's permit until its HTTP response body ends or is dropped,
+    /// rather than until the response head (feature `http`): a long download, a
+    /// server-sent event stream or a gRPC stream holds its place for as long as it
+    /// runs. Use it on HTTP and gRPC servers and clients.
+    #[cfg(feature = "http")]
+    pub fn release_on_body_end(self) -> ConcurrencyLimitLayerBuilder<C, super::ReleaseOnBodyEnd> {
+        self.release_with()
+    }
+
+    /// Keeps each request's permit where `H2` says (see [`Release`](super::Release)).
+    pub fn release_with<H2>(self) -> ConcurrencyLimitLayerBuilder<C, H2> {
+        ConcurrencyLimitLayerBuilder {
+            limit: self.limit,
+            queue: self.queue,
+            retry_after: self.retry_after,
+            classify: self.classify,
+            release: PhantomData,
+        }
+    }
+
+    /// Checks the configuration and creates the limit's state.
+    pub fn build(self) -> Result<ConcurrencyLimitLayer<C, H>, ConcurrencyLimitConfigError> {
+        let limiter = match self.limit.ok_or(ConcurrencyLimitConfigError::NoLimit)? {
+            LimitChoice::Fixed(limit) if limit == 0 || limit > MAX_LIMIT => {
+                return Err(ConcurrencyLimitConfigError::Limit {
+                    limit,
+                    max: MAX_LIMIT,
+                });
+            }
+            LimitChoice::Fixed(limit) => Limiter::fixed(limit),
+            LimitChoice::Aimd(aimd) => {
+                aimd.validate()
+                    .map_err(|reason| algorithm("Aimd", reason))?;
+                Limiter::adaptive(Box::new(aimd))
+            }
+            LimitChoice::Gradient(gradient) => {
+                gradient
+                    .validate()
+                    .map_err(|reason| algorithm("Gradient", reason))?;
+                Limiter::adaptive(Box::new(gradient))
+            }
+            LimitChoice::Custom(custom) => Limiter::adaptive(custom),
+        };
+        if self.retry_after.is_zero() || self.retry_after > MAX_DURATION {
+            return Err(ConcurrencyLimitConfigError::RetryAfter(self.retry_after));
+        }
+        let mut limiter = limiter.with_retry_after(self.retry_after);
+        if let Some((waiters, max_wait)) = self.queue {
+            let max = MAX_LIMIT as usize;
+            if waiters == 0 || waiters > max {
+                return Err(ConcurrencyLimitConfigError::QueueSize { waiters, max });
+            }
+            if max_wait.is_zero() || max_wait > MAX_DURATION {
+                return Err(ConcurrencyLimitConfigError::MaxWait(max_wait));
+            }
+            limiter = limiter.with_queue(waiters, max_wait);
+        }
+        Ok(ConcurrencyLimitLayer {
+            limiter: Arc::new(limiter),
+            classify: self.classify,
+            release: PhantomData,
+        })
+    }
+}
+
+fn algorithm(algorithm: &'static str, reason: &'static str) -> ConcurrencyLimitConfigError {
+    ConcurrencyLimitConfigError::Algorithm { algorithm, reason }
+}

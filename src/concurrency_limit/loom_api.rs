@@ -1,0 +1,80 @@
+//! The permit counter, reachable (as `palisade::__loom`) from the loom model checks in
+//! `tests/loom.rs`. Only built under `--cfg loom`.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use super::limiter::{Admission, Limiter, Waiter};
+
+/// A concurrency limit's counter, with an optional queue.
+#[derive(Debug)]
+pub struct Permits(Limiter);
+
+/// What [`Permits::admit`] decided.
+#[derive(Debug)]
+pub enum Admit {
+    /// A permit, to give back with [`Permits::release`].
+    Permit,
+    /// A place in the queue.
+    Queued(Place),
+    /// Refused.
+    Rejected,
+}
+
+/// A place in the queue.
+#[derive(Debug)]
+pub struct Place(Arc<Waiter>);
+
+impl Place {
+    /// Whether a permit was handed to this place.
+    pub fn is_granted(&self) -> bool {
+        self.0.is_granted()
+    }
+}
+
+impl Permits {
+    /// `limit` permits, and a queue of `queue` places (none for zero).
+    pub fn new(limit: u32, queue: usize) -> Self {
+        let limiter = Limiter::fixed(limit);
+        Self(if queue == 0 {
+            limiter
+        } else {
+            limiter.with_queue(queue, Duration::from_secs(1))
+        })
+    }
+
+    /// Takes a permit, a place, or nothing.
+    pub fn admit(&self) -> Admit {
+        match self.0.try_admit() {
+            Admission::Admitted(_) => Admit::Permit,
+            Admission::Queued(waiter) => Admit::Queued(Place(waiter)),
+            Admission::Rejected => Admit::Rejected,
+        }
+    }
+
+    /// Gives a permit back.
+    pub fn release(&self) {
+        self.0.release();
+    }
+
+    /// Leaves the queue (a dropped waiter): `true` when it was granted a permit
+    /// meanwhile, which the caller must release.
+    pub fn leave(&self, place: &Place) -> bool {
+        self.0.leave(&place.0)
+    }
+
+    /// Moves the limit.
+    pub fn set_limit(&self, limit: u32) {
+        self.0.set_limit(limit);
+    }
+
+    /// The permits held.
+    pub fn in_flight(&self) -> u32 {
+        self.0.in_flight()
+    }
+
+    /// The places taken in the queue.
+    pub fn queued(&self) -> usize {
+        self.0.queued()
+    }
+}
