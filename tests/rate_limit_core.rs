@@ -514,7 +514,13 @@ fn threads_sharing_one_bucket_never_over_admit() {
     for thread in threads {
         thread.join().unwrap();
     }
-    assert_eq!(admitted.load(Ordering::Relaxed), 1_000);
+    // Never more than the capacity. Threads' clocks differ by up to 7.5 µs and a request
+    // is judged at its own `now`: when a thread with a later clock moved the bucket
+    // first, the last token is only there for requests at least that late, which may
+    // all have been spent already. So at most one token (the skew, under one interval)
+    // can go unclaimed.
+    let admitted = admitted.load(Ordering::Relaxed);
+    assert!((999..=1_000).contains(&admitted), "{admitted}");
 }
 
 #[test]
