@@ -209,6 +209,7 @@ where
 
 /// Maps palisade rejections to gRPC statuses; see the [module docs](self).
 #[derive(Debug, Clone, Copy, Default)]
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct RejectionsAsStatusLayer {
     _private: (),
 }

@@ -284,11 +284,11 @@ async fn grpc_pushback_is_waited_for_and_a_negative_one_stops() {
             (
                 200,
                 vec![
-                    ("grpc-status", "14".to_string()),
-                    ("grpc-retry-pushback-ms", pushback.to_string()),
+                    ("grpc-status", "14".to_owned()),
+                    ("grpc-retry-pushback-ms", pushback.to_owned()),
                 ],
             ),
-            (200, vec![("grpc-status", "0".to_string())]),
+            (200, vec![("grpc-status", "0".to_owned())]),
         ]
     };
     let layer = RetryLayer::builder()
@@ -318,8 +318,8 @@ async fn grpc_pushback_is_waited_for_and_a_negative_one_stops() {
 
 /// A Trailers-Only gRPC answer with this status and optional pushback.
 fn grpc_answer(status: &str, pushback: Option<&str>) -> (u16, Vec<(&'static str, String)>) {
-    let mut headers = vec![("grpc-status", status.to_string())];
-    headers.extend(pushback.map(|millis| ("grpc-retry-pushback-ms", millis.to_string())));
+    let mut headers = vec![("grpc-status", status.to_owned())];
+    headers.extend(pushback.map(|millis| ("grpc-retry-pushback-ms", millis.to_owned())));
     (200, headers)
 }
 

@@ -16,6 +16,7 @@ use tower_layer::Layer;
 /// The breaker's state is created once, here: every service this layer builds, and
 /// every clone of them, shares it. Build a second layer for an independent breaker.
 /// See the [module documentation](super) for the semantics.
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct CircuitBreakerLayer<C = ErrorsAsFailures> {
     core: Arc<Core>,
     lanes: Arc<CoreRefs>,
@@ -71,6 +72,7 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
 }
 
 /// Configures a [`CircuitBreakerLayer`]; made by [`CircuitBreakerLayer::builder`].
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct CircuitBreakerLayerBuilder<C = ErrorsAsFailures> {
     config: Config,
     /// `None` until set: the default is fitted to the window at build time.

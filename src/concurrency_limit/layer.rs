@@ -22,6 +22,7 @@ const MAX_DURATION: Duration = Duration::from_secs(86_400);
 /// The limit is created once, here: every service this layer builds, and every clone of
 /// them, shares it. Build a second layer for an independent limit. See the
 /// [module documentation](super).
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct ConcurrencyLimitLayer<C = ErrorsAsFailures, H = ReleaseOnResponse> {
     limiter: Arc<Limiter>,
     classify: C,

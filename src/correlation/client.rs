@@ -48,6 +48,7 @@ use tower_service::Service;
 ///
 /// The response future is the inner service's own, or an error at once.
 #[derive(Clone, Debug, Default)]
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct PropagateCorrelationIdLayer {
     config: Arc<Config>,
 }

@@ -23,6 +23,7 @@ pub struct IncomingDeadlines {
 
 /// Builds [`IncomingDeadlines`]; see [`IncomingDeadlines::builder`].
 #[derive(Debug, Clone)]
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct IncomingDeadlinesBuilder {
     deadlines: IncomingDeadlines,
 }

@@ -72,6 +72,7 @@ pub(crate) const DEFAULT_HEADER: HeaderName = HeaderName::from_static("x-request
 ///
 /// The configuration is shared behind an `Arc` by every service the layer builds.
 #[derive(Clone, Debug, Default)]
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct CorrelationIdLayer {
     config: Arc<Config>,
 }

@@ -16,6 +16,7 @@ use crate::key::Global;
 ///
 /// All services built by one layer, and all their clones, share the layer's buckets.
 /// Build a second layer for an independent limit.
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct RateLimitLayer<X = Global, C = UnitCost, St = LocalStore, H = NoHeaders> {
     store: Arc<St>,
     policy: Arc<Policy<X, C, H>>,

@@ -13,6 +13,7 @@ use tower_layer::Layer;
 ///
 /// Every service the layer builds, and every clone of them, shares one budget and one
 /// set of counters; build a second layer for independent ones.
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct RetryLayer<P = RetryErrors, D = CloneRequest> {
     shared: Arc<Shared<P, D>>,
 }
@@ -76,6 +77,7 @@ impl<S, P, D> Layer<S> for RetryLayer<P, D> {
 }
 
 /// Builds a [`RetryLayer`]; see [`RetryLayer::builder`] for the defaults.
+#[must_use = "a layer or builder does nothing until it is used"]
 pub struct RetryLayerBuilder<P = RetryErrors, D = CloneRequest> {
     max_attempts: u32,
     backoff: Backoff,
