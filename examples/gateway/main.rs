@@ -2,9 +2,10 @@
 //!
 //! ```text
 //!  client ──HTTP──▶ gateway ──HTTP──▶ users
-//!                   (correlation IDs,  └─HTTP──▶ orders ──gRPC──▶ payments
-//!                    JWT check,                  (retry, circuit breaker,
-//!                    per-client limits)           compensating action)
+//!                   (correlation IDs,  └─HTTP──▶ orders ──gRPC──▶ payments ×2
+//!                    JWT check,                  (retry, a balanced pool,
+//!                    per-client limits)           a breaker per replica,
+//!                                                 compensating action)
 //! ```
 //!
 //! `cargo run --example gateway --features full` drives a scripted scenario, prints a
@@ -14,6 +15,7 @@
 mod edge;
 mod logs;
 mod payments;
+mod replicas;
 mod services;
 mod shedding;
 
@@ -31,19 +33,17 @@ use hyper::{HeaderMap, Method, Request, StatusCode, http};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use palisade::ServiceBuilderExt;
-use palisade::circuit_breaker::{CircuitBreakerHandle, CircuitBreakerLayer, SlidingWindow, State};
-use palisade::classify::GrpcErrorsAsFailures;
+use palisade::circuit_breaker::State;
 use palisade::correlation::CorrelationIdLayer;
 use palisade::rate_limit::RateLimitLayer;
 use palisade::retry::{Backoff, GrpcRetry, Jitter, RetryLayer};
 use palisade::tonic::RejectionsAsStatusLayer;
 use tokio::net::TcpListener;
-use tonic::transport::Endpoint;
 use tower::{BoxError, ServiceBuilder};
 
 use crate::edge::{Subject, TokenKeys, Upstreams};
 use crate::logs::Logs;
-use crate::payments::{Payments, PaymentsClient, PaymentsServer, Transport};
+use crate::payments::{Payments, PaymentsClient, Transport};
 use crate::services::Orders;
 
 /// How long the payments breaker stays open before it lets a probe through.
@@ -74,7 +74,7 @@ async fn main() -> ExitCode {
 struct System {
     gateway: SocketAddr,
     payments: Arc<Payments>,
-    breaker: CircuitBreakerHandle,
+    replicas: replicas::Replicas,
     tokens: TokenKeys,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
 }
@@ -83,18 +83,8 @@ impl System {
     async fn start() -> Result<Self, BoxError> {
         let secret = b"palisade demo secret";
         let payments = Arc::new(Payments::default());
-        let payments_addr = serve_grpc(payments.clone()).await?;
 
-        let breaker = CircuitBreakerLayer::builder()
-            .sliding_window(SlidingWindow::count(10))
-            .minimum_calls(4)
-            .failure_rate_threshold(0.5)
-            .open_for(OPEN_FOR)
-            .half_open_probes(1)
-            .classify(GrpcErrorsAsFailures::new())
-            .build()?;
-        let breaker_handle = breaker.handle();
-        let channel = Endpoint::from_shared(format!("http://{payments_addr}"))?.connect_lazy();
+        let (pool, replicas) = replicas::start(&payments, OPEN_FOR).await?;
         let transport = Transport::new(
             ServiceBuilder::new()
                 .map_response(|response: http::Response<_>| response.map(tonic::body::Body::new))
@@ -115,9 +105,8 @@ impl System {
                         .build()?,
                 )
                 .map_request(palisade::tonic::into_channel_request)
-                .circuit_breaker(breaker)
                 .propagate_correlation_id()
-                .service(channel),
+                .service(pool),
         );
 
         let orders = Arc::new(Orders::new(PaymentsClient::new(transport)));
@@ -135,7 +124,7 @@ impl System {
         Ok(Self {
             gateway,
             payments,
-            breaker: breaker_handle,
+            replicas,
             tokens,
             client: Client::builder(TokioExecutor::new()).build_http(),
         })
@@ -239,19 +228,6 @@ async fn serve_http(router: Router) -> Result<SocketAddr, BoxError> {
     let addr = listener.local_addr()?;
     let router = router.layer(CorrelationIdLayer::new());
     tokio::spawn(async move { axum::serve(listener, router).await });
-    Ok(addr)
-}
-
-async fn serve_grpc(payments: Arc<Payments>) -> Result<SocketAddr, BoxError> {
-    let listener = TcpListener::bind("127.0.0.1:0").await?;
-    let addr = listener.local_addr()?;
-    let incoming = tonic::transport::server::TcpIncoming::from(listener);
-    tokio::spawn(
-        tonic::transport::Server::builder()
-            .layer(CorrelationIdLayer::new())
-            .add_service(PaymentsServer::new(payments))
-            .serve_with_incoming(incoming),
-    );
     Ok(addr)
 }
 
@@ -442,7 +418,7 @@ async fn scenario(system: &System, logs: &Logs, report: &mut Report) {
         ),
     );
 
-    report.section("5. payments goes down: the breaker opens and sheds load");
+    report.section("5. payments goes down: the breakers open and shed load");
     system.payments.set_down(true);
     let mut cancelled = 0;
     for _ in 0..3 {
@@ -456,8 +432,11 @@ async fn scenario(system: &System, logs: &Logs, report: &mut Report) {
         format!("orders whose payment failed for good were cancelled again: {cancelled}/3"),
     );
     report.check(
-        system.breaker.state() == State::Open,
-        format!("the payments breaker is {:?}", system.breaker.state()),
+        system.replicas.all(State::Open),
+        format!(
+            "both replicas' breakers are open: {:?}",
+            system.replicas.states()
+        ),
     );
     let before = system.payments.calls();
     let shed = system.send(Call::order("bob")).await;
@@ -480,9 +459,13 @@ async fn scenario(system: &System, logs: &Logs, report: &mut Report) {
         format!("the probe order succeeds: {}", order.status),
     );
     report.check(
-        system.breaker.state() == State::Closed,
-        format!("the payments breaker is {:?} again", system.breaker.state()),
+        system.replicas.states().contains(&State::Closed),
+        format!(
+            "the probe closed a replica's breaker: {:?}",
+            system.replicas.states()
+        ),
     );
 
+    replicas::one_replica_down(system, report, OPEN_FOR).await;
     shedding::step(report).await;
 }

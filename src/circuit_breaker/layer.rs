@@ -1,4 +1,5 @@
 use super::config::{Config, OpenBackoff, SlidingWindow, SlowCalls};
+use super::ejection::{EjectionGroup, EjectionLayer};
 use super::error::CircuitBreakerConfigError;
 use super::handle::CircuitBreakerHandle;
 use super::lanes::CoreRefs;
@@ -60,6 +61,24 @@ impl<C> CircuitBreakerLayer<C> {
     /// A handle that observes and controls this breaker.
     pub fn handle(&self) -> CircuitBreakerHandle {
         CircuitBreakerHandle::new(Arc::clone(&self.core))
+    }
+
+    /// This breaker for an endpoint inside a `tower::balance` pool: while it refuses
+    /// calls the endpoint reports not-ready, so that the balancer sends its requests to
+    /// the other endpoints of `group`, and when every endpoint of `group` refuses calls
+    /// they all answer with [`CircuitOpen`](super::CircuitOpen) at once. See
+    /// [`EjectionLayer`] for why this mode, unlike the default, works
+    /// through `poll_ready`.
+    pub fn ejecting(&self, group: &EjectionGroup) -> EjectionLayer<C>
+    where
+        C: Clone,
+    {
+        EjectionLayer::new(
+            Arc::clone(&self.core),
+            Arc::clone(&self.lanes),
+            self.classify.clone(),
+            group.clone(),
+        )
     }
 }
 

@@ -29,6 +29,12 @@
 //! [`on_transition`](CircuitBreakerLayerBuilder::on_transition) callback, and a
 //! `tracing` event with the `tracing` feature, report every state change.
 //!
+//! Inside a `tower::balance` pool, [`CircuitBreakerLayer::ejecting`] puts each
+//! endpoint's breaker in ejection mode ([`EjectionLayer`]): an open endpoint reports
+//! not-ready, so the balancer sends its requests to the healthy ones, and a pool whose
+//! every endpoint is open answers with [`CircuitOpen`] at once. That mode, and only
+//! that mode, answers through `poll_ready`; its documentation says why.
+//!
 //! The closed path is lock-free and allocates nothing: a count window is a ring of
 //! atomic slots, a time window a fixed set of buckets stamped with their epoch, and the
 //! state one atomic word changed by compare-and-swap. So that threads sharing a breaker
@@ -74,6 +80,7 @@
 //! ```
 
 mod config;
+mod ejection;
 mod error;
 mod future;
 mod handle;
@@ -83,12 +90,14 @@ mod layer;
 pub(crate) mod loom_api;
 mod service;
 mod state;
+mod waiters;
 mod window;
 
 #[cfg(test)]
 mod model_tests;
 
 pub use self::config::{OpenBackoff, SlidingWindow};
+pub use self::ejection::{EjectionGroup, EjectionLayer, EjectionService};
 pub use self::error::{CircuitBreakerConfigError, CircuitOpen};
 pub use self::future::ResponseFuture;
 pub use self::handle::CircuitBreakerHandle;

@@ -115,7 +115,7 @@ pub struct CallReport {
 }
 
 impl CallReport {
-    fn new(lane: Arc<CoreRef>, permit: Permit) -> Self {
+    pub(crate) fn new(lane: Arc<CoreRef>, permit: Permit) -> Self {
         // Only slow-call detection needs the start; the closed fast path reads no clock.
         let started = lane.core.config().slow.map(|_| Instant::now());
         Self {

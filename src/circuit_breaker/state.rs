@@ -11,11 +11,13 @@
 
 use super::config::{Config, MAX_PROBES};
 use super::error::CircuitOpen;
+use super::waiters::Waiters;
 use super::window::{Counts, Sample, Window};
 use crate::classify::Outcome;
 use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
 use std::fmt;
 use std::sync::Arc;
+use std::task::Waker;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -147,9 +149,8 @@ pub(crate) struct Permit {
     kind: PermitKind,
 }
 
-#[cfg(loom)]
 impl Permit {
-    /// Whether this permit holds a half-open probe slot (for the loom models).
+    /// Whether this permit holds a half-open probe slot.
     pub(crate) fn is_probe(&self) -> bool {
         self.kind == PermitKind::Probe
     }
@@ -258,6 +259,8 @@ pub(crate) struct Core {
     config: Config,
     base: Instant,
     observer: Option<Observer>,
+    /// Endpoints in a balancer waiting for this breaker to change (ejection mode only).
+    waiters: Waiters,
 }
 
 impl fmt::Debug for Core {
@@ -294,6 +297,7 @@ impl Core {
             config,
             base: now,
             observer,
+            waiters: Waiters::default(),
         }
     }
 
@@ -308,18 +312,23 @@ impl Core {
     /// Lets a call through, or says why not. `now` is read only when the breaker is
     /// open, so the closed path never reads the clock.
     pub(crate) fn admit(&self, now: impl Fn() -> Instant) -> Result<Permit, CircuitOpen> {
+        self.try_admit(now).map_err(|refusal| self.reject(refusal))
+    }
+
+    /// [`admit`](Self::admit) without counting a refusal as a rejected call: what the
+    /// ejection mode asks while deciding whether an endpoint is ready.
+    pub(crate) fn try_admit(&self, now: impl Fn() -> Instant) -> Result<Permit, Refusal> {
         loop {
             let raw = self.state.load(Ordering::Acquire);
             let word = Word::decode(raw);
             let kind = match word.state {
                 State::Closed => PermitKind::Closed,
                 State::ForcedClosed => PermitKind::Unrecorded,
-                State::ForcedOpen => return Err(self.reject(self.config.open.initial())),
+                State::ForcedOpen => return Err(self.refusal(word, now())),
                 State::Open => {
                     let now = now();
-                    let until = self.base + Duration::from_millis(word.open_until_ms);
-                    if now < until {
-                        return Err(self.reject(until - now));
+                    if now < self.open_until(word) {
+                        return Err(self.refusal(word, now));
                     }
                     let half_open = word.next(State::HalfOpen, 0);
                     self.transition(raw, half_open, TransitionReason::OpenTimeElapsed, now);
@@ -333,7 +342,7 @@ impl Core {
                         self.return_probe(word.generation);
                         continue;
                     }
-                    ProbeSlot::Full => return Err(self.reject(self.latest_open_time())),
+                    ProbeSlot::Full => return Err(self.refusal(word, now())),
                     ProbeSlot::Stale => continue,
                 },
             };
@@ -344,11 +353,53 @@ impl Core {
         }
     }
 
+    fn open_until(&self, word: Word) -> Instant {
+        self.base + Duration::from_millis(word.open_until_ms)
+    }
+
+    /// Why a call at `now` would be refused in the state `word` (which refuses calls).
+    fn refusal(&self, word: Word, now: Instant) -> Refusal {
+        match word.state {
+            State::Open => Refusal {
+                retry_after: self.open_until(word).saturating_duration_since(now),
+                timed: true,
+            },
+            State::HalfOpen => Refusal {
+                retry_after: self.latest_open_time(),
+                timed: false,
+            },
+            _ => Refusal {
+                retry_after: self.config.open.initial(),
+                timed: false,
+            },
+        }
+    }
+
+    /// Whether a call at `now` would be refused, and why, without changing anything:
+    /// an open breaker whose open time has passed, or a half-open one with a free
+    /// probe slot, would let one through.
+    pub(crate) fn refuses(&self, now: Instant) -> Option<Refusal> {
+        let word = Word::decode(self.state.load(Ordering::Acquire));
+        let refused = match word.state {
+            State::Closed | State::ForcedClosed => false,
+            State::ForcedOpen => true,
+            State::Open => now < self.open_until(word),
+            State::HalfOpen => self.episode(word).taken >= self.config.probes,
+        };
+        refused.then(|| self.refusal(word, now))
+    }
+
+    /// Wakes `waker` (under `id`, replacing what `id` registered before) at the next
+    /// transition or probe completion.
+    pub(crate) fn wake_on_change(&self, id: u64, waker: &Waker) {
+        self.waiters.register(id, waker);
+    }
+
     /// Counts a rejection: the only place the rejected counter is written, off the
     /// path of admitted calls.
-    fn reject(&self, retry_after: Duration) -> CircuitOpen {
+    pub(crate) fn reject(&self, refusal: Refusal) -> CircuitOpen {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        CircuitOpen::new(retry_after)
+        CircuitOpen::new(refusal.retry_after)
     }
 
     /// How long the breaker stayed open before this half-open phase (without jitter):
@@ -469,6 +520,7 @@ impl Core {
             taken: probes.taken.saturating_sub(1),
             ..probes
         });
+        self.waiters.wake_all();
     }
 
     fn complete_probe(&self, generation: u16, sample: Sample, now: impl Fn() -> Instant) {
@@ -603,6 +655,7 @@ impl Core {
             TransitionReason::ProbesSucceeded => self.consecutive_trips.store(0, Ordering::Release),
             _ => {}
         }
+        self.waiters.wake_all();
         self.notify(Transition {
             from: Word::decode(from).state,
             to: to.state,
@@ -711,6 +764,17 @@ impl Core {
                 .map(|nanos| self.base + Duration::from_nanos(nanos)),
         }
     }
+}
+
+/// Why a call would be refused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Refusal {
+    /// The hint a rejected call gets.
+    pub(crate) retry_after: Duration,
+    /// Whether the breaker lets a probe through once `retry_after` has passed by
+    /// itself (open), rather than when something else happens (probes finishing, a
+    /// hand on the handle).
+    pub(crate) timed: bool,
 }
 
 enum ProbeSlot {
