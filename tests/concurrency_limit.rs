@@ -16,7 +16,6 @@ use palisade::concurrency_limit::{
     Aimd, ConcurrencyLimitConfigError, ConcurrencyLimitLayer, Gradient, LimitAlgorithm, Overloaded,
     Sample,
 };
-use palisade::rejection::{Rejection, RejectionKind};
 use tokio::sync::{Notify, oneshot};
 use tokio::time::{Instant, advance};
 use tower::{BoxError, Layer, Service, ServiceBuilder, ServiceExt, service_fn};
@@ -179,6 +178,7 @@ async fn an_error_gives_the_permit_back_too() {
     assert_eq!(handle.in_flight(), 0);
 }
 
+#[cfg(all(feature = "http", feature = "tonic"))]
 #[tokio::test(start_paused = true)]
 async fn overloaded_is_a_rejection_answered_503_with_retry_after() {
     let layer = ConcurrencyLimitLayer::builder()
@@ -191,6 +191,7 @@ async fn overloaded_is_a_rejection_answered_503_with_retry_after() {
     let _held = service.ready().await.unwrap().call(a);
     let (_, b) = request();
     let error = service.ready().await.unwrap().call(b).await.unwrap_err();
+    use palisade::rejection::{Rejection, RejectionKind};
     let rejection = Rejection::find(&*error).expect("a rejection");
     assert_eq!(rejection.kind(), RejectionKind::Overloaded);
     assert_eq!(rejection.retry_after(), Some(Duration::from_millis(2100)));
@@ -545,6 +546,7 @@ async fn a_static_limit_reads_no_clock_and_reports_nothing() {
     );
 }
 
+#[cfg(feature = "http")]
 mod bodies {
     use super::*;
     use bytes::Bytes;
