@@ -86,11 +86,14 @@
 //! An adaptive limit for an HTTP server, holding each permit until the body ends:
 //!
 //! ```
+//! # #[cfg(not(feature = "http"))]
+//! # fn main() {}
+//! # #[cfg(feature = "http")]
+//! # fn main() -> Result<(), palisade::concurrency_limit::ConcurrencyLimitConfigError> {
 //! use palisade::classify::ServerErrorsAsFailures;
 //! use palisade::concurrency_limit::{Aimd, ConcurrencyLimitLayer};
 //! use std::time::Duration;
 //!
-//! # fn main() -> Result<(), palisade::concurrency_limit::ConcurrencyLimitConfigError> {
 //! let shed = ConcurrencyLimitLayer::builder()
 //!     .aimd(Aimd::new().initial_limit(50).max_limit(500).latency_threshold(Duration::from_millis(250)))
 //!     .classify(ServerErrorsAsFailures) // a 5xx is congestion
