@@ -6,11 +6,12 @@ use super::lanes::CoreRefs;
 use super::service::CallReport;
 use super::state::{Core, Permit, Refusal};
 use crate::classify::{Classify, ErrorsAsFailures};
+use crate::sync::{Mutex, MutexGuard, lock};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
 use tokio::time::{Instant, Sleep};
@@ -50,7 +51,7 @@ impl EjectionGroup {
 
     fn lock(&self) -> MutexGuard<'_, Vec<Weak<Member>>> {
         // Every update is one push or one retain: a panic cannot leave the list torn.
-        self.members.lock().unwrap_or_else(PoisonError::into_inner)
+        lock(&self.members)
     }
 
     fn join(&self, core: Arc<Core>) -> Arc<Member> {

@@ -2,7 +2,7 @@
 //! not-ready while it refused calls (the ejection mode), woken at its next transition
 //! or when a probe slot comes free.
 
-use std::sync::{Mutex, MutexGuard, PoisonError};
+use crate::sync::{Mutex, lock};
 use std::task::Waker;
 
 /// One waker per waiting endpoint (by id), so that an endpoint polled again and again
@@ -19,7 +19,7 @@ pub(crate) struct Waiters {
 
 impl Waiters {
     pub(crate) fn register(&self, id: u64, waker: &Waker) {
-        let mut wakers = self.lock();
+        let mut wakers = lock(&self.wakers);
         match wakers.iter_mut().find(|(known, _)| *known == id) {
             Some((_, known)) => known.clone_from(waker),
             None => wakers.push((id, waker.clone())),
@@ -27,14 +27,10 @@ impl Waiters {
     }
 
     pub(crate) fn wake_all(&self) {
-        let wakers = std::mem::take(&mut *self.lock());
+        // Every update is one push or one swap: a panic cannot leave the list torn.
+        let wakers = std::mem::take(&mut *lock(&self.wakers));
         for (_, waker) in wakers {
             waker.wake();
         }
-    }
-
-    fn lock(&self) -> MutexGuard<'_, Vec<(u64, Waker)>> {
-        // Every update is one push or one swap: a panic cannot leave the list torn.
-        self.wakers.lock().unwrap_or_else(PoisonError::into_inner)
     }
 }
