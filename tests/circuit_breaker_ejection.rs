@@ -343,3 +343,40 @@ fn counting_waker(count: &Arc<AtomicUsize>) -> std::task::Waker {
     }
     std::task::Waker::from(Arc::new(Count(Arc::clone(count))))
 }
+
+#[tokio::test(start_paused = true)]
+async fn an_endpoint_holding_a_probe_slot_for_its_next_call_keeps_the_group_from_refusing() {
+    // The balancer polled an endpoint that may probe: it took the probe slot and is
+    // ready, waiting for the call. Its breaker counts every slot as taken, but the group
+    // must not answer with the rejection while that endpoint can take the call.
+    let group = EjectionGroup::new();
+    let layer = || {
+        CircuitBreakerLayer::builder()
+            .minimum_calls(1)
+            .open_for(OPEN)
+            .half_open_probes(1)
+            .build()
+            .expect("valid")
+    };
+    let (first, second) = (layer(), layer());
+    let second_fails = Arc::new(AtomicBool::new(true));
+    let mut failing = local(&first, &group, Arc::new(AtomicBool::new(true)));
+    let mut probing = local(&second, &group, Arc::clone(&second_fails));
+    let _ = probing.ready().await.expect("ready").call(()).await;
+    assert_eq!(second.handle().state(), State::Open);
+    advance(OPEN).await;
+    second_fails.store(false, Ordering::SeqCst);
+    assert!(is_ready(&mut probing), "may probe: ready, holding the slot");
+    assert_eq!(second.handle().state(), State::HalfOpen);
+
+    let _ = failing.ready().await.expect("ready").call(()).await;
+    assert_eq!(first.handle().state(), State::Open);
+    assert!(
+        !is_ready(&mut failing),
+        "the other endpoint can take the call: the open one is not ready"
+    );
+
+    probing.call(()).await.expect("the probe succeeds");
+    assert_eq!(second.handle().state(), State::Closed);
+    assert!(!is_ready(&mut failing), "the other endpoint is closed");
+}

@@ -161,7 +161,7 @@ async fn serve(router: Router) -> Result<SocketAddr, BoxError> {
 }
 
 pub(crate) async fn step(report: &mut Report) {
-    report.section("7. orders slows down: the gateway sheds the excess, then recovers");
+    report.section("8. orders slows down: the gateway sheds the excess, then recovers");
     let shedding = match Shedding::start().await {
         Ok(shedding) => shedding,
         Err(error) => return report.check(false, format!("could not start: {error}")),

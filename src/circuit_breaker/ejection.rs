@@ -10,7 +10,7 @@ use crate::sync::{Mutex, MutexGuard, lock};
 use std::fmt;
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Weak};
 use std::task::{Context, Poll, Waker};
 use std::time::Duration;
@@ -33,6 +33,19 @@ pub struct EjectionGroup {
 /// One endpoint's breaker, as long as its service lives.
 struct Member {
     core: Arc<Core>,
+    /// Probe slots this endpoint's services hold for their next call: such an endpoint
+    /// is ready, though its breaker counts every slot as taken.
+    reserved_probes: AtomicUsize,
+}
+
+impl Member {
+    /// Why this endpoint cannot take a call now, if it cannot.
+    fn refuses(&self, now: Instant) -> Option<Refusal> {
+        if self.reserved_probes.load(Ordering::Acquire) > 0 {
+            return None;
+        }
+        self.core.refuses(now)
+    }
 }
 
 impl fmt::Debug for EjectionGroup {
@@ -55,22 +68,21 @@ impl EjectionGroup {
     }
 
     fn join(&self, core: Arc<Core>) -> Arc<Member> {
-        let member = Arc::new(Member { core });
+        let member = Arc::new(Member {
+            core,
+            reserved_probes: AtomicUsize::new(0),
+        });
         let mut members = self.lock();
         members.retain(|member| member.strong_count() > 0);
         members.push(Arc::downgrade(&member));
         member
     }
 
-    /// The live members' breakers (dropping the departed from the list).
-    fn cores(&self) -> Vec<Arc<Core>> {
+    /// The live members (dropping the departed from the list).
+    fn members(&self) -> Vec<Arc<Member>> {
         let mut members = self.lock();
         members.retain(|member| member.strong_count() > 0);
-        members
-            .iter()
-            .filter_map(Weak::upgrade)
-            .map(|member| Arc::clone(&member.core))
-            .collect()
+        members.iter().filter_map(Weak::upgrade).collect()
     }
 }
 
@@ -205,7 +217,7 @@ impl<S, C: Clone> Layer<S> for EjectionLayer<C> {
             inner,
             lanes: Arc::clone(&self.lanes),
             classify: self.classify.clone(),
-            _membership: self.group.join(Arc::clone(&self.core)),
+            membership: self.group.join(Arc::clone(&self.core)),
             group: self.group.clone(),
             waiter: next_waiter(),
             reserved: None,
@@ -221,7 +233,7 @@ pub struct EjectionService<S, C = ErrorsAsFailures> {
     lanes: Arc<CoreRefs>,
     classify: C,
     /// Keeps the endpoint in the group for as long as it (or a clone) lives.
-    _membership: Arc<Member>,
+    membership: Arc<Member>,
     group: EjectionGroup,
     /// This service's name among the tasks waiting on the group's breakers: each clone
     /// may be polled by a task of its own.
@@ -288,17 +300,19 @@ impl<S, C> EjectionService<S, C> {
     /// Every endpoint's breaker wakes this task when it changes: one that opens may
     /// leave the whole group refusing, one that closes ends that.
     fn wake_on_any_change(&self, waker: &Waker) {
-        for core in self.group.cores() {
-            core.wake_on_change(self.waiter, waker);
+        for member in self.group.members() {
+            member.core.wake_on_change(self.waiter, waker);
         }
     }
 
     /// The soonest any endpoint may probe, if every endpoint of the group refuses calls.
+    /// An endpoint that holds a probe slot for its next call does not refuse: the
+    /// balancer can send that call to it.
     fn every_endpoint_refuses(&self, now: Instant) -> Option<Duration> {
         self.group
-            .cores()
+            .members()
             .iter()
-            .map(|core| core.refuses(now).map(|refusal| refusal.retry_after))
+            .map(|member| member.refuses(now).map(|refusal| refusal.retry_after))
             .try_fold(Duration::MAX, |soonest, retry_after| {
                 retry_after.map(|retry_after| soonest.min(retry_after))
             })
@@ -319,9 +333,31 @@ impl<S, C> EjectionService<S, C> {
         }
     }
 
+    /// Keeps what `poll_ready` decided for the next call, telling the group when it is a
+    /// probe slot.
+    fn hold(&mut self, reserved: Reserved) {
+        if matches!(&reserved, Reserved::Admit(permit) if permit.is_probe()) {
+            self.membership
+                .reserved_probes
+                .fetch_add(1, Ordering::AcqRel);
+        }
+        self.reserved = Some(reserved);
+    }
+
+    /// Takes what the last `poll_ready` decided, for a call or to give it back.
+    fn take_reserved(&mut self) -> Option<Reserved> {
+        let reserved = self.reserved.take();
+        if matches!(&reserved, Some(Reserved::Admit(permit)) if permit.is_probe()) {
+            self.membership
+                .reserved_probes
+                .fetch_sub(1, Ordering::AcqRel);
+        }
+        reserved
+    }
+
     /// Gives back what a reservation holds (a probe slot).
     fn release(&mut self) {
-        if let Some(Reserved::Admit(permit)) = self.reserved.take() {
+        if let Some(Reserved::Admit(permit)) = self.take_reserved() {
             self.lanes.core().release(permit);
         }
     }
@@ -334,7 +370,7 @@ impl<S: Clone, C: Clone> Clone for EjectionService<S, C> {
             inner: self.inner.clone(),
             lanes: Arc::clone(&self.lanes),
             classify: self.classify.clone(),
-            _membership: Arc::clone(&self._membership),
+            membership: Arc::clone(&self.membership),
             group: self.group.clone(),
             waiter: next_waiter(),
             reserved: None,
@@ -375,7 +411,7 @@ where
         if !matches!(&self.reserved, Some(Reserved::Admit(permit)) if permit.is_probe()) {
             self.release();
             match self.reserve(cx) {
-                Poll::Ready(reserved) => self.reserved = Some(reserved),
+                Poll::Ready(reserved) => self.hold(reserved),
                 Poll::Pending => return Poll::Pending,
             }
         }
@@ -391,7 +427,7 @@ where
 
     fn call(&mut self, request: Request) -> Self::Future {
         // Without a reservation (a call without `poll_ready`), decide now.
-        let decision = match self.reserved.take() {
+        let decision = match self.take_reserved() {
             Some(Reserved::Admit(permit)) => Ok(permit),
             Some(Reserved::Reject(refusal)) => Err(self.core().reject(refusal)),
             None => self.core().admit(Instant::now),
