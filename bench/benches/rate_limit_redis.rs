@@ -3,8 +3,9 @@
 //! once (throughput: the multiplexed connection pipelines them), without and with local
 //! batching (8 requests' tokens leased per round trip).
 //!
-//! The server is a `redis-server` started on 127.0.0.1 for the run (on loopback: a
-//! network hop adds its round-trip time to every decision).
+//! The server is a `redis-server` started on 127.0.0.1 for the run, and beside it a
+//! Redis Cluster of three masters and three replicas (on loopback: a network hop adds
+//! its round-trip time to every decision).
 
 use std::future::ready;
 use std::hint::black_box;
@@ -13,13 +14,19 @@ use std::time::{Duration, Instant};
 use criterion::measurement::WallTime;
 use criterion::{BenchmarkGroup, Criterion, Throughput, criterion_group, criterion_main};
 use futures_util::future::join_all;
-use palisade::rate_limit::{RateLimitLayer, RedisOptions, RedisStore, WhenUnavailable};
+use palisade::rate_limit::{
+    RateLimitLayer, RedisConnection, RedisOptions, RedisStore, WhenUnavailable,
+};
 use tokio::runtime::Runtime;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
 #[path = "../../tests/rate_limit_redis/server.rs"]
 #[allow(dead_code)]
 mod server;
+
+#[path = "../../tests/rate_limit_redis/cluster.rs"]
+#[allow(dead_code)]
+mod cluster;
 
 const IN_FLIGHT: usize = 64;
 
@@ -37,10 +44,15 @@ fn builder() -> palisade::rate_limit::Builder {
         .refill(1_000_000, Duration::from_secs(1))
 }
 
-fn services(runtime: &Runtime, server: &server::RedisServer) -> Vec<(&'static str, Boxed)> {
+fn services(
+    runtime: &Runtime,
+    server: &server::RedisServer,
+    cluster: &cluster::RedisCluster,
+) -> Vec<(&'static str, Boxed)> {
     let local = builder().build().expect("config");
-    let redis = |batch: u32| {
-        let manager = runtime.block_on(server.manager());
+    let node = || RedisConnection::from(runtime.block_on(server.manager()));
+    let on_cluster = || RedisConnection::from(runtime.block_on(cluster.connection()));
+    let redis = |connection: RedisConnection, batch: u32| {
         // Errors, not silent admissions, if Redis is slow: a timed-out decision must not
         // pass for a fast one. The lease outlives the default (8 refill intervals, 8 µs
         // at this rate) so that a batch serves the requests that follow it.
@@ -51,15 +63,17 @@ fn services(runtime: &Runtime, server: &server::RedisServer) -> Vec<(&'static st
             .batch(batch)
             .lease_for(Duration::from_millis(100));
         let layer = builder()
-            .build_with(|quota| RedisStore::new(manager, quota, options))
+            .build_with(|quota| RedisStore::new(connection, quota, options))
             .expect("config");
         Boxed::new(layer.layer(bare()))
     };
     vec![
         ("bare", Boxed::new(bare())),
         ("in-process store", Boxed::new(local.layer(bare()))),
-        ("redis store", redis(1)),
-        ("redis store, batch 8", redis(8)),
+        ("redis store", redis(node(), 1)),
+        ("redis store, batch 8", redis(node(), 8)),
+        ("redis cluster store", redis(on_cluster(), 1)),
+        ("redis cluster store, batch 8", redis(on_cluster(), 8)),
     ]
 }
 
@@ -73,7 +87,8 @@ fn compare(c: &mut Criterion) {
         .build()
         .expect("runtime");
     let server = runtime.block_on(server::RedisServer::start());
-    let services = services(&runtime, &server);
+    let cluster = runtime.block_on(cluster::RedisCluster::start());
+    let services = services(&runtime, &server, &cluster);
 
     let mut group = c.benchmark_group("one at a time");
     group.throughput(Throughput::Elements(1));
@@ -109,7 +124,7 @@ fn compare(c: &mut Criterion) {
         });
     }
     group.finish();
-    drop(server);
+    drop((server, cluster));
 }
 
 criterion_group!(benches, compare);

@@ -119,8 +119,8 @@ pub use self::layer::{
 };
 #[cfg(feature = "redis")]
 pub use self::redis::{
-    RedisKey, RedisOptions, RedisReservation, RedisRoundTrip, RedisStore, RedisUnavailable,
-    WhenUnavailable,
+    RedisConnection, RedisKey, RedisOptions, RedisReservation, RedisRoundTrip, RedisStore,
+    RedisUnavailable, WhenUnavailable,
 };
 pub use self::service::RateLimitService;
 pub use self::store::{

@@ -9,10 +9,10 @@ use std::sync::{Arc, RwLock};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use ::redis::aio::ConnectionManager;
 use tokio::time::Instant;
 use tower::BoxError;
 
+use super::connection::RedisConnection;
 use super::error::RedisUnavailable;
 use super::health::{Health, Route};
 use super::key::RedisKey;
@@ -82,11 +82,28 @@ use crate::sync::{AtomicU64, Ordering, read, write};
 /// A bucket's key is the [prefix](RedisOptions::prefix) followed by `{` the client key `}`
 /// (the key's [`RedisKey`] bytes), or by `shared` for the shared bucket (a global
 /// limiter's only one, and a keyed limiter's fallback bucket): `palisade:rl:{10.0.0.7}`,
-/// `palisade:rl:shared`. Each script touches one
-/// key, so the store works on Redis Cluster; the braces are a hash tag, so a Cluster
-/// spreads clients across its nodes (put a hash tag in the prefix instead to keep all of
-/// a limiter's buckets on one node). Two limiters sharing a server need different
-/// prefixes. Every key expires when its bucket is full again: idle clients cost nothing.
+/// `palisade:rl:shared`. Two limiters sharing a server need different prefixes. Every
+/// key expires when its bucket is full again: idle clients cost nothing.
+///
+/// # On Redis Cluster
+///
+/// Give [`RedisStore::new`] a cluster connection (feature `redis-cluster`: a
+/// [`RedisConnection`] from the redis crate's `ClusterConnection`) instead of a
+/// `ConnectionManager`; nothing else changes. Each script touches one key, so each
+/// decision runs on the one master that serves its slot:
+///
+/// - The braces around the client key are a hash tag: the slot is the client's, so a
+///   cluster spreads a keyed limiter's clients over all of its masters, and its load
+///   with them. A global limiter has one bucket, on one master.
+/// - A hash tag in the prefix (`"{api}:"`) keeps every bucket of the limiter in that one
+///   slot, on one master: one node to watch and to fail over, but no spreading.
+/// - The cluster connection follows `MOVED` and `ASK` (a slot that moved, or is moving,
+///   to another master) and re-reads the slot map after a failover; a bucket moves with
+///   its slot and keeps the tokens it had spent. A master that answers `NOSCRIPT` (a
+///   promoted replica that never saw the script) is sent the script and asked again,
+///   once. `CLUSTERDOWN`, `TRYAGAIN` and a dead master are retried by the client
+///   within the store's [`timeout`](RedisOptions::timeout); past it, the
+///   [`WhenUnavailable`] policy answers, as for a single node.
 ///
 /// # When Redis is slow or down
 ///
@@ -96,7 +113,7 @@ use crate::sync::{AtomicU64, Ordering, read, write};
 /// `tracing` feature) and sends later requests straight to the policy, letting one
 /// request every [`recheck`](RedisOptions::recheck) (default 100 ms) ask Redis again.
 /// The first answer switches every request back to Redis (logged once too). The
-/// [`ConnectionManager`] reconnects on its own meanwhile; its retry settings bound how
+/// connection reconnects on its own meanwhile; its retry settings bound how
 /// soon it notices that the server is back.
 ///
 /// # Waiting
@@ -173,7 +190,7 @@ pub struct RedisStore<K = ()> {
 }
 
 struct Shared<K> {
-    connection: ConnectionManager,
+    connection: RedisConnection,
     prefix: Vec<u8>,
     timeout: Duration,
     recheck: Duration,
@@ -194,12 +211,18 @@ impl<K> RedisStore<K>
 where
     K: RedisKey + Hash + Eq + Clone + Send + Sync + 'static,
 {
-    /// A store on the server behind `connection`, for `quota` (the closure given to
+    /// A store on the server (or [cluster](RedisStore#on-redis-cluster)) behind
+    /// `connection`, for `quota` (the closure given to
     /// [`build_with`](crate::rate_limit::Builder::build_with) receives it).
     ///
     /// Never fails: an invalid option is reported by [`Store::validate`] (and so by
     /// `build_with`); see [invalid options](RedisStore#invalid-options).
-    pub fn new(connection: ConnectionManager, quota: Quota, options: RedisOptions) -> Self {
+    pub fn new(
+        connection: impl Into<RedisConnection>,
+        quota: Quota,
+        options: RedisOptions,
+    ) -> Self {
+        let connection = connection.into();
         let invalid = options.invalid().or(Scaled::of(quota).err());
         let fallback = match options.when_unavailable {
             WhenUnavailable::Local { replicas } => Some(LocalStore::keyed(
