@@ -17,10 +17,15 @@ use tokio::time::Instant;
 // A task-local by hand: `Scoped` moves its context into this slot for the length of each
 // poll (and of the inner future's drop) and takes it back after, like
 // `tokio::task_local!`, but it can run the inner `call` and the future in one scope and
-// hand the context back at the end, without a clone.
+// hand the context back at the end, without a clone. The context is boxed so that each
+// move in and out is one pointer, not the whole context: they happen on every poll and
+// every read, the box once per scope.
 thread_local! {
-    static CURRENT: Cell<Option<RequestContext>> = const { Cell::new(None) };
+    static CURRENT: Cell<Option<Box<RequestContext>>> = const { Cell::new(None) };
 }
+
+/// A context as a scope holds it while it is not current.
+pub(crate) type Slot = Option<Box<RequestContext>>;
 
 /// What the hops of one request share; see the [module docs](super).
 ///
@@ -125,7 +130,7 @@ impl RequestContext {
     /// # });
     /// ```
     pub fn scope<F: Future>(self, future: F) -> Scoped<F> {
-        Scoped::new(Some(self), future)
+        Scoped::new(Some(Box::new(self)), future)
     }
 }
 
@@ -133,7 +138,7 @@ impl RequestContext {
 /// context itself (it would see none): it only looks at its argument.
 pub(crate) fn with_current<R>(f: impl FnOnce(Option<&RequestContext>) -> R) -> R {
     let context = swap_current(None);
-    let result = f(context.as_ref());
+    let result = f(context.as_deref());
     swap_current(context);
     result
 }
@@ -141,12 +146,12 @@ pub(crate) fn with_current<R>(f: impl FnOnce(Option<&RequestContext>) -> R) -> R
 /// Makes `slot` the current context until dropped, then puts both back where they
 /// were, also when the code in between panics.
 struct Entered<'a> {
-    slot: &'a mut Option<RequestContext>,
-    outer: Option<RequestContext>,
+    slot: &'a mut Slot,
+    outer: Slot,
 }
 
 impl<'a> Entered<'a> {
-    fn new(slot: &'a mut Option<RequestContext>) -> Self {
+    fn new(slot: &'a mut Slot) -> Self {
         let outer = swap_current(slot.take());
         Entered { slot, outer }
     }
@@ -160,7 +165,7 @@ impl Drop for Entered<'_> {
 
 /// Puts `context` in the slot and returns what was there. Only fails while the thread
 /// is being torn down, when the context is then simply absent rather than a panic.
-fn swap_current(context: Option<RequestContext>) -> Option<RequestContext> {
+fn swap_current(context: Slot) -> Slot {
     CURRENT
         .try_with(|current| current.replace(context))
         .ok()
@@ -169,7 +174,7 @@ fn swap_current(context: Option<RequestContext>) -> Option<RequestContext> {
 
 /// Runs `f` with the context in `slot` (if any, else none) as the current one.
 #[cfg(feature = "http")]
-pub(crate) fn in_scope<R>(slot: &mut Option<RequestContext>, f: impl FnOnce() -> R) -> R {
+pub(crate) fn in_scope<R>(slot: &mut Slot, f: impl FnOnce() -> R) -> R {
     let _entered = Entered::new(slot);
     f()
 }
@@ -189,11 +194,11 @@ pub struct Scoped<F> {
     #[pin]
     future: Option<F>,
     /// `None` runs the future with no current context, whatever the poller's.
-    context: Option<RequestContext>,
+    context: Slot,
 }
 
 impl<F> Scoped<F> {
-    pub(crate) fn new(context: Option<RequestContext>, future: F) -> Self {
+    pub(crate) fn new(context: Slot, future: F) -> Self {
         Self {
             future: Some(future),
             context,
@@ -213,7 +218,7 @@ impl<F> Scoped<F> {
     /// clone.
     #[cfg(feature = "http")]
     pub(crate) fn take_context(self: Pin<&mut Self>) -> Option<RequestContext> {
-        self.project().context.take()
+        self.project().context.take().map(|context| *context)
     }
 }
 

@@ -72,7 +72,7 @@ pub trait WithCorrelationId: Future + Sized {
     /// Runs this future with the context current where this is called (if any),
     /// wherever the future is polled later.
     fn with_current_correlation_id(self) -> Scoped<Self> {
-        Scoped::new(RequestContext::current(), self)
+        Scoped::new(RequestContext::current().map(Box::new), self)
     }
 }
 

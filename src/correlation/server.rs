@@ -315,7 +315,7 @@ where
         }
         let span = RequestSpan::new(&id, &context, request.headers());
         let timer = context.deadline().map(sleep_until);
-        let mut scope = Some(context.with_correlation_id(id));
+        let mut scope = Some(Box::new(context.with_correlation_id(id)));
         let inner = &mut self.inner;
         let future = span.in_scope(|| in_scope(&mut scope, || inner.call(request)));
         ResponseFuture {
