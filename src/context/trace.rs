@@ -289,6 +289,7 @@ impl TraceContext {
     /// The `traceparent` of a child ([`child`](Self::child)), written straight into a
     /// fixed buffer: what the client side sends on each call, without cloning the
     /// context or formatting it.
+    #[cfg(feature = "http")]
     pub(crate) fn child_traceparent(&self) -> [u8; TRACEPARENT_LEN] {
         self.traceparent(SpanId::random())
     }
@@ -434,6 +435,7 @@ mod tests {
     }
 
     #[test]
+    #[cfg(feature = "http")]
     fn a_childs_traceparent_is_written_without_fmt_as_display_writes_it() {
         for flags in ["00", "01", "03"] {
             let context =
