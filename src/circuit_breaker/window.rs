@@ -44,6 +44,7 @@ impl Window {
     /// Records a sample and returns the window's counts afterwards, or `None` when the
     /// counts did not change (a count window overwriting an identical sample), in
     /// which case no verdict can have changed either.
+    #[inline]
     pub(crate) fn record(&self, sample: Sample, now: impl FnOnce() -> Instant) -> Option<Counts> {
         match self {
             Window::Count(window) => window.record(sample),
@@ -118,6 +119,7 @@ impl CountWindow {
         }
     }
 
+    #[inline]
     fn record(&self, sample: Sample) -> Option<Counts> {
         let slot = &self.slots[self.ring.index(self.cursor.next())];
         let new =
