@@ -106,6 +106,7 @@
 
 mod algorithms;
 mod error;
+mod fair;
 mod future;
 mod handle;
 mod layer;
