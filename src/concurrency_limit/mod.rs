@@ -220,6 +220,8 @@ mod release;
 mod service;
 
 #[cfg(test)]
+mod fair_model_tests;
+#[cfg(test)]
 mod model_tests;
 
 pub use self::algorithms::{Aimd, Gradient, LimitAlgorithm, Sample};
