@@ -103,7 +103,10 @@ async fn a_client_sending_ten_times_its_share_leaves_the_other_its_share() {
         flood.extend(call(&mut service, Some("flood")).await);
         flood_sent += 1;
     }
-    assert_eq!(flood_sent, LIMIT, "no share was reserved while not contended");
+    assert_eq!(
+        flood_sent, LIMIT,
+        "no share was reserved while not contended"
+    );
 
     // From now on it keeps ten times its share outstanding: every time one of its
     // requests ends it sends ten more, while the calm client asks for one permit at a
@@ -126,13 +129,19 @@ async fn a_client_sending_ten_times_its_share_leaves_the_other_its_share() {
         }
         advance(Duration::from_millis(10)).await;
     }
-    assert!(calm_refused >= 1, "the calm client found the layer full at first");
+    assert!(
+        calm_refused >= 1,
+        "the calm client found the layer full at first"
+    );
     assert_eq!(calm.len(), SHARE, "the calm client holds its share");
     assert_eq!(flood.len(), SHARE, "the flood holds its share, no more");
     assert_eq!(handle.in_flight() as usize, LIMIT);
     assert_eq!(handle.active_keys(), 2);
     assert_eq!(handle.tracked_keys(), 2);
-    assert!(flood_sent > 100 * SHARE, "the flood sent far more than its share");
+    assert!(
+        flood_sent > 100 * SHARE,
+        "the flood sent far more than its share"
+    );
 
     // The flood asks again while a slot is free: refused, the slot is the calm client's.
     finish_oldest(&mut calm).await;
@@ -152,7 +161,10 @@ async fn once_contention_lapses_any_key_may_take_the_free_slots() {
     assert!(call(&mut service, Some("b")).await.is_none());
     finish_oldest(&mut a).await;
     finish_oldest(&mut a).await;
-    assert!(call(&mut service, Some("a")).await.is_none(), "a holds its share");
+    assert!(
+        call(&mut service, Some("a")).await.is_none(),
+        "a holds its share"
+    );
     assert_eq!(handle.in_flight(), 2);
 
     // Two windows of retry_after (1 s) after the last refusal for want of a slot, the
@@ -218,7 +230,10 @@ async fn keyed_permits_come_back_when_responses_are_dropped() {
     let (mut service, handle) = keyed(2, 10);
     let a = call(&mut service, Some("a")).await.expect("admitted");
     let b = call(&mut service, Some("a")).await.expect("admitted");
-    assert!(call(&mut service, Some("b")).await.is_none(), "full: contended");
+    assert!(
+        call(&mut service, Some("b")).await.is_none(),
+        "full: contended"
+    );
     assert_eq!((handle.in_flight(), handle.active_keys()), (2, 1));
 
     // Dropped mid-flight (the client went away): the permit and a's count come back.
@@ -226,8 +241,12 @@ async fn keyed_permits_come_back_when_responses_are_dropped() {
     drop(b.1);
     assert_eq!((handle.in_flight(), handle.active_keys()), (0, 0));
     // a's count is zero again: both keys get their share (1 of 2) at once.
-    let _a = call(&mut service, Some("a")).await.expect("a below its share");
-    let _b = call(&mut service, Some("b")).await.expect("b below its share");
+    let _a = call(&mut service, Some("a"))
+        .await
+        .expect("a below its share");
+    let _b = call(&mut service, Some("b"))
+        .await
+        .expect("b below its share");
     assert_eq!((handle.in_flight(), handle.active_keys()), (2, 2));
     // A refused request holds nothing.
     assert!(call(&mut service, Some("c")).await.is_none());
@@ -253,7 +272,10 @@ fn invalid_keyed_configurations_are_errors() {
         .keyed::<_, &'static str>(client_key)
         .max_keys(0)
         .build();
-    assert_eq!(zero_keys.unwrap_err(), ConcurrencyLimitConfigError::ZeroMaxKeys);
+    assert_eq!(
+        zero_keys.unwrap_err(),
+        ConcurrencyLimitConfigError::ZeroMaxKeys
+    );
     let queued = ConcurrencyLimitLayer::builder()
         .max_in_flight(4)
         .queue(8, Duration::from_secs(1))
@@ -373,8 +395,14 @@ mod server {
         }
         gate.until_inside(LIMIT).await;
         // ...so the quiet client is refused at first, and the flood too.
-        assert_eq!(get_as(&client, address, "quiet").await, StatusCode::SERVICE_UNAVAILABLE);
-        assert_eq!(get_as(&client, address, "flood").await, StatusCode::SERVICE_UNAVAILABLE);
+        assert_eq!(
+            get_as(&client, address, "quiet").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
+        assert_eq!(
+            get_as(&client, address, "flood").await,
+            StatusCode::SERVICE_UNAVAILABLE
+        );
         // Two of the flood's requests end: it holds 2, its share of 4 between two.
         gate.open.add_permits(2);
         gate.until_inside(LIMIT - 2).await;
@@ -387,8 +415,7 @@ mod server {
             let rejected = handle.rejected();
             let client = client.clone();
             let answer = tokio::spawn(async move { get_as(&client, address, "flood").await });
-            while handle.rejected() == rejected && gate.inside.load(Ordering::SeqCst) == LIMIT - 2
-            {
+            while handle.rejected() == rejected && gate.inside.load(Ordering::SeqCst) == LIMIT - 2 {
                 tokio::task::yield_now().await;
             }
             assert_eq!(

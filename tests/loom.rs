@@ -565,7 +565,10 @@ mod concurrency_limit {
                 thread::spawn(move || permits.admit(2))
             };
             releaser.join().unwrap();
-            assert!(!again.join().unwrap(), "key 1 holds its share of one already");
+            assert!(
+                !again.join().unwrap(),
+                "key 1 holds its share of one already"
+            );
             let other = other.join().unwrap();
             assert_eq!(permits.in_flight(), 1 + u32::from(other.is_some()));
             assert_eq!(permits.active_keys(), 1 + u32::from(other.is_some()));

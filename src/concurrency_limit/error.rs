@@ -78,7 +78,9 @@ pub enum ConcurrencyLimitConfigError {
     /// queue hands each released permit to its oldest waiter, whoever's it is, so a
     /// flooding client's waiters would take the slots that fairness keeps for the
     /// others; a fair queue (one per key, served in turn) is a different structure.
-    #[error("a keyed concurrency limit cannot have a queue: it would hand permits out by arrival, not by share")]
+    #[error(
+        "a keyed concurrency limit cannot have a queue: it would hand permits out by arrival, not by share"
+    )]
     KeyedQueue,
     /// An adaptive algorithm's settings are out of range.
     #[error("{algorithm}: {reason}")]

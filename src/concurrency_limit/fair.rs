@@ -237,9 +237,7 @@ impl<K: Hash + Eq + Clone> FairShares<K> {
     /// A request found no free slot: the layer is contended for two windows from now.
     fn contend(&self, nanos: u64) {
         let until = nanos.saturating_add(self.core.window_nanos.saturating_mul(2));
-        self.core
-            .contended_until
-            .fetch_max(until, Ordering::AcqRel);
+        self.core.contended_until.fetch_max(until, Ordering::AcqRel);
     }
 
     /// Keys holding at least one permit now (the overflow counting as one).
@@ -258,7 +256,6 @@ pub(crate) trait KeyCounts: Send + Sync {
     fn active_keys(&self) -> u32;
     fn tracked_keys(&self) -> usize;
 }
-
 
 /// A keyed limit's extractor and shares, shared by every service of the layer.
 pub(crate) struct Keyed<X, K> {

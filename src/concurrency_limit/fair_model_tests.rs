@@ -59,7 +59,9 @@ impl Model {
     }
 
     fn counted_in(&self, holder: Holder, window: u64) -> bool {
-        self.counted.get(&holder).is_some_and(|windows| windows.contains(&window))
+        self.counted
+            .get(&holder)
+            .is_some_and(|windows| windows.contains(&window))
     }
 
     fn live(&self, holder: Holder, window: u64) -> bool {

@@ -29,8 +29,7 @@ const DEFAULT_MAX_KEYS: usize = 10_000;
 /// them, shares it. Build a second layer for an independent limit. See the
 /// [module documentation](super).
 #[must_use = "a layer or builder does nothing until it is used"]
-pub struct ConcurrencyLimitLayer<C = ErrorsAsFailures, H = ReleaseOnResponse, X = Global, K = ()>
-{
+pub struct ConcurrencyLimitLayer<C = ErrorsAsFailures, H = ReleaseOnResponse, X = Global, K = ()> {
     limiter: Arc<Limiter>,
     keyed: Option<Arc<Keyed<X, K>>>,
     /// The same shares as `keyed`, for the handle, which does not know `K`.
@@ -324,11 +323,8 @@ impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
                 if self.queue.is_some() {
                     return Err(ConcurrencyLimitConfigError::KeyedQueue);
                 }
-                let shares = FairShares::new(
-                    self.max_keys,
-                    self.retry_after,
-                    tokio::time::Instant::now(),
-                );
+                let shares =
+                    FairShares::new(self.max_keys, self.retry_after, tokio::time::Instant::now());
                 let keyed = Arc::new(Keyed {
                     extractor: self.extractor,
                     shares,

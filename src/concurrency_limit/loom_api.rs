@@ -110,10 +110,9 @@ impl FairPermits {
     /// A permit for `key`, or `None` when refused.
     pub fn admit(&self, key: u8) -> Option<KeyPermit> {
         match self.shares.admit(&self.limiter, Some(&key), self.now) {
-            FairAdmission::Admitted(_, cell) => Some(KeyPermit(Permit::keyed(
-                Arc::clone(&self.limiter),
-                cell,
-            ))),
+            FairAdmission::Admitted(_, cell) => {
+                Some(KeyPermit(Permit::keyed(Arc::clone(&self.limiter), cell)))
+            }
             FairAdmission::Rejected => None,
         }
     }
