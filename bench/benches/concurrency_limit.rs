@@ -26,12 +26,14 @@ fn palisade_limit() -> ConcurrencyLimitLayer {
 
 /// Fair per client, every request of one key (the keyed path's whole cost: a hash, a
 /// shard lock, a clock read, the key's count).
-fn palisade_keyed() -> ConcurrencyLimitLayer<
+type KeyedLimit = ConcurrencyLimitLayer<
     palisade::classify::ErrorsAsFailures,
     palisade::concurrency_limit::ReleaseOnResponse,
     fn(&u64) -> Option<u64>,
     u64,
-> {
+>;
+
+fn palisade_keyed() -> KeyedLimit {
     ConcurrencyLimitLayer::builder()
         .max_in_flight(LIMIT as u32)
         .keyed((|request: &u64| Some(*request)) as fn(&u64) -> Option<u64>)
