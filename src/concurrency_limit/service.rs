@@ -108,6 +108,7 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
         if self.keyed.is_some() {
             return self.call_keyed(request);
@@ -140,7 +141,9 @@ impl<S, C, H, X, K> ConcurrencyLimitService<S, C, H, X, K> {
         ResponseFuture::rejected(self.limiter.overloaded(), classify)
     }
 
-    /// A keyed limit's admission: out of line, so that the unkeyed call stays small.
+    /// A keyed limit's admission: out of line and marked cold, so that the unkeyed call
+    /// stays small and its path straight.
+    #[cold]
     #[inline(never)]
     fn call_keyed<Req>(&mut self, request: Req) -> ResponseFuture<S, Req, C, H>
     where
