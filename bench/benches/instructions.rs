@@ -90,6 +90,44 @@ mod limiters {
     }
 }
 
+mod shedding {
+    use super::*;
+    use palisade::concurrency_limit::ConcurrencyLimitLayer;
+    use tower::ServiceBuilder;
+
+    const LIMIT: u32 = 1024;
+
+    pub fn bare() -> Driver {
+        Driver::new(super::bare, counting)
+    }
+    pub fn palisade_static() -> Driver {
+        let layer = ConcurrencyLimitLayer::builder()
+            .max_in_flight(LIMIT)
+            .build()
+            .expect("valid");
+        Driver::new(|| layer.layer(super::bare()), counting)
+    }
+    pub fn tower_shed() -> Driver {
+        Driver::new(
+            || {
+                ServiceBuilder::new()
+                    .load_shed()
+                    .concurrency_limit(LIMIT as usize)
+                    .service(super::bare())
+            },
+            counting,
+        )
+    }
+    pub fn palisade_keyed_one_key() -> Driver {
+        let layer = ConcurrencyLimitLayer::builder()
+            .max_in_flight(LIMIT)
+            .keyed(|request: &u64| Some(*request))
+            .build()
+            .expect("valid");
+        Driver::new(|| layer.layer(super::bare()), one_key)
+    }
+}
+
 mod retries {
     use super::*;
 
@@ -224,6 +262,15 @@ fn rate_limit(driver: Driver) {
 }
 
 #[library_benchmark]
+#[bench::bare(setup = shedding::bare)]
+#[bench::palisade_static(setup = shedding::palisade_static)]
+#[bench::tower_shed(setup = shedding::tower_shed)]
+#[bench::palisade_keyed_one_key(setup = shedding::palisade_keyed_one_key)]
+fn concurrency_limit(driver: Driver) {
+    run(driver);
+}
+
+#[library_benchmark]
 #[bench::bare(setup = retries::bare)]
 #[bench::palisade(setup = retries::palisade)]
 #[bench::tower_cloning(setup = retries::tower_cloning)]
@@ -255,7 +302,7 @@ fn context(driver: Driver) {
 
 library_benchmark_group!(
     name = layers;
-    benchmarks = circuit_breaker, rate_limit, retry, correlation, context
+    benchmarks = circuit_breaker, rate_limit, concurrency_limit, retry, correlation, context
 );
 
 main!(library_benchmark_groups = layers);
