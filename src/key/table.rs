@@ -101,6 +101,16 @@ impl<K: Hash + Eq + Clone, V: Idle> KeyedTable<K, V> {
         }
     }
 
+    /// Calls `visit` with every entry, locking each shard in turn (so keep `visit` short,
+    /// and never call into the table or user code from it).
+    pub(crate) fn for_each(&self, mut visit: impl FnMut(&K, &V)) {
+        for shard in &*self.shards {
+            for (key, _, value) in lock(shard).entries.iter() {
+                visit(key, value);
+            }
+        }
+    }
+
     /// How many keys the table holds (locking each shard in turn).
     pub(crate) fn len(&self) -> usize {
         self.shards
@@ -160,6 +170,28 @@ impl<K: Hash + Eq + Clone, V: Idle> Slot<'_, K, V> {
             |(_, hash, _)| *hash,
         );
         true
+    }
+
+    /// [`insert`](Self::insert), making the value only once there is room for it (a
+    /// value that is costly to make, which a flood of fresh keys at the cap must not make
+    /// and drop on every request); the tracked entry, or `None` when the shard is full
+    /// of live entries.
+    pub(crate) fn insert_with(
+        &mut self,
+        make: impl FnOnce() -> V,
+        now: V::Now,
+        retry_at: impl FnOnce() -> V::Now,
+    ) -> Option<&V> {
+        if !self.make_room(now, retry_at) {
+            return None;
+        }
+        let entry = self.shard.entries.insert_unique(
+            self.hash,
+            (self.key.clone(), self.hash, make()),
+            |(_, hash, _)| *hash,
+        );
+        let (.., value) = entry.into_mut();
+        Some(value)
     }
 
     /// Whether [`insert`](Self::insert) would find room at `now` (without sweeping).
