@@ -10,7 +10,7 @@
 use super::config::Config;
 use super::state::{Core, Observer, State, Transition, TransitionReason};
 use crate::key::{Idle, KeyedTable};
-use crate::sync::{AtomicU32, Ordering};
+use crate::sync::{self, AtomicU32, Ordering, fence};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
@@ -54,7 +54,7 @@ impl fmt::Debug for KeyedBreaker {
     }
 }
 
-struct Entry(Arc<KeyedBreaker>);
+struct Entry(sync::Arc<KeyedBreaker>);
 
 impl Idle for Entry {
     type Now = Instant;
@@ -62,7 +62,14 @@ impl Idle for Entry {
     /// Held by nobody (no call in flight, no handle working on it), and no worse than a
     /// fresh breaker.
     fn is_idle(&self, now: Instant) -> bool {
-        Arc::strong_count(&self.0) == 1 && self.0.core.is_idle(now)
+        if sync::Arc::strong_count(&self.0) != 1 {
+            return false;
+        }
+        // The count is read relaxed: synchronise with the release of the last call's
+        // reference, so that the breaker is read as that call left it (one that just
+        // opened it must not look closed and be dropped).
+        fence(Ordering::Acquire);
+        self.0.core.is_idle(now)
     }
 }
 
@@ -109,7 +116,7 @@ impl<K: fmt::Debug> Events<K> {
 /// without a key and by new keys the full table cannot track.
 pub(crate) struct KeyedBreakers<K> {
     table: KeyedTable<K, Entry>,
-    shared: Arc<KeyedBreaker>,
+    shared: sync::Arc<KeyedBreaker>,
     config: Config,
     events: Arc<Events<K>>,
     forced: AtomicU32,
@@ -145,7 +152,7 @@ where
         };
         Self {
             table: KeyedTable::new(max_keys),
-            shared: Arc::new(KeyedBreaker {
+            shared: sync::Arc::new(KeyedBreaker {
                 core: Core::keyed(config, listener, now),
                 label: shared_label,
             }),
@@ -159,24 +166,24 @@ where
     /// has room), or the shared one. `now` is read only for a key the table does not
     /// track yet.
     #[inline]
-    pub(crate) fn breaker(&self, key: Option<&K>, now: impl FnOnce() -> Instant) -> Arc<KeyedBreaker> {
+    pub(crate) fn breaker(&self, key: Option<&K>, now: impl FnOnce() -> Instant) -> sync::Arc<KeyedBreaker> {
         let Some(key) = key else {
-            return Arc::clone(&self.shared);
+            return sync::Arc::clone(&self.shared);
         };
         let mut slot = self.table.slot(key);
         if let Some(Entry(breaker)) = slot.get() {
-            return Arc::clone(breaker);
+            return sync::Arc::clone(breaker);
         }
         let now = now();
         let fresh = || Entry(self.fresh(key, now));
         match slot.insert_with(fresh, now, || now + SWEEP_SPACING) {
-            Some(Entry(breaker)) => Arc::clone(breaker),
-            None => Arc::clone(&self.shared),
+            Some(Entry(breaker)) => sync::Arc::clone(breaker),
+            None => sync::Arc::clone(&self.shared),
         }
     }
 
     /// A new breaker for `key`, in the state the layer as a whole was forced into.
-    fn fresh(&self, key: &K, now: Instant) -> Arc<KeyedBreaker> {
+    fn fresh(&self, key: &K, now: Instant) -> sync::Arc<KeyedBreaker> {
         let label: Option<Arc<str>> = self.events.label.as_ref().map(|label| label(key).into());
         let listener: Observer = {
             let events = Arc::clone(&self.events);
@@ -192,18 +199,18 @@ where
             FORCED_CLOSED => breaker.core.start_in(State::ForcedClosed),
             _ => {}
         }
-        Arc::new(breaker)
+        sync::Arc::new(breaker)
     }
 
     /// `key`'s breaker, if the table tracks it.
-    pub(crate) fn tracked(&self, key: &K) -> Option<Arc<KeyedBreaker>> {
+    pub(crate) fn tracked(&self, key: &K) -> Option<sync::Arc<KeyedBreaker>> {
         let slot = self.table.slot(key);
-        slot.get().map(|Entry(breaker)| Arc::clone(breaker))
+        slot.get().map(|Entry(breaker)| sync::Arc::clone(breaker))
     }
 
     /// Whether `breaker` is the shared one.
-    pub(crate) fn is_shared(&self, breaker: &Arc<KeyedBreaker>) -> bool {
-        Arc::ptr_eq(breaker, &self.shared)
+    pub(crate) fn is_shared(&self, breaker: &sync::Arc<KeyedBreaker>) -> bool {
+        sync::Arc::ptr_eq(breaker, &self.shared)
     }
 
     /// The shared breaker.
@@ -276,7 +283,7 @@ where
         // shard's lock.
         let mut breakers = Vec::with_capacity(self.len());
         self.table
-            .for_each(|_, Entry(breaker)| breakers.push(Arc::clone(breaker)));
+            .for_each(|_, Entry(breaker)| breakers.push(sync::Arc::clone(breaker)));
         for breaker in breakers.iter().chain([&self.shared]) {
             breaker.core.force(state, reason, now);
         }

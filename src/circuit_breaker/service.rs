@@ -223,7 +223,7 @@ enum Held {
     /// A global breaker, through this thread's lane.
     Lane(Arc<CoreRef>),
     /// One key's breaker (or a keyed layer's shared one).
-    Keyed(Arc<KeyedBreaker>),
+    Keyed(crate::sync::Arc<KeyedBreaker>),
 }
 
 impl Held {
@@ -240,7 +240,7 @@ impl CallReport {
         Self::holding(Held::Lane(lane), permit)
     }
 
-    pub(crate) fn keyed(breaker: Arc<KeyedBreaker>, permit: Permit) -> Self {
+    pub(crate) fn keyed(breaker: crate::sync::Arc<KeyedBreaker>, permit: Permit) -> Self {
         Self::holding(Held::Keyed(breaker), permit)
     }
 

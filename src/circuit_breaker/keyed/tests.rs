@@ -253,3 +253,4 @@ fn a_flood_of_fresh_keys_at_the_cap_leaves_an_open_breaker_open() {
     // still its own.
     assert_eq!(breakers.tracked(&0).expect("still tracked").core.state(), State::Open);
 }
+
