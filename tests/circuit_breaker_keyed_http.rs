@@ -177,3 +177,57 @@ async fn one_failing_upstream_opens_only_its_own_breaker() {
     assert!(handle.not_closed().is_empty());
     assert_eq!(upstreams[1].reached.load(Ordering::SeqCst), 6);
 }
+
+/// On the server side, one breaker per route: axum's matched route is the key, so a
+/// failing handler opens its own route's breaker and the other route keeps serving.
+#[cfg(feature = "axum")]
+#[tokio::test(start_paused = true)]
+async fn one_breaker_per_matched_route() {
+    use axum::error_handling::HandleErrorLayer;
+    use tower::ServiceBuilder;
+
+    let breaker = CircuitBreakerLayer::builder()
+        .minimum_calls(2)
+        .sliding_window(SlidingWindow::count(2))
+        .open_for(OPEN_FOR)
+        .classify(ServerErrorsAsFailures)
+        .keyed(key::MatchedPath)
+        .build()
+        .expect("valid");
+    let handle = breaker.handle();
+    let app = Router::new()
+        .route(
+            "/reports/{id}",
+            get(|| async { (StatusCode::INTERNAL_SERVER_ERROR, "down") }),
+        )
+        .route("/users/{id}", get(|| async { "up" }))
+        .layer(
+            ServiceBuilder::new()
+                .layer(HandleErrorLayer::new(palisade::axum::handle_error))
+                .layer(breaker),
+        );
+    let address = serve(app).await;
+    let client = Client::builder(TokioExecutor::new()).build_http::<Empty<Bytes>>();
+    let get = |path: String| {
+        let client = client.clone();
+        async move {
+            let request = Request::get(format!("http://{address}{path}"))
+                .body(Empty::new())
+                .expect("request");
+            client.request(request).await.expect("response").status()
+        }
+    };
+    for id in 0..2 {
+        assert_eq!(get(format!("/reports/{id}")).await, StatusCode::INTERNAL_SERVER_ERROR);
+    }
+    assert_eq!(get("/reports/7".to_owned()).await, StatusCode::SERVICE_UNAVAILABLE);
+    for id in 0..5 {
+        assert_eq!(get(format!("/users/{id}")).await, StatusCode::OK);
+    }
+    let routes: Vec<_> = handle
+        .not_closed()
+        .into_iter()
+        .map(|(route, state)| (route.as_str().to_owned(), state))
+        .collect();
+    assert_eq!(routes, vec![("/reports/{id}".to_owned(), State::Open)]);
+}

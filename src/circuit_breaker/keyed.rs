@@ -151,7 +151,8 @@ where
             Arc::new(move |transition| events.report(None, label.as_deref(), transition))
         };
         Self {
-            table: KeyedTable::new(max_keys),
+            // A breaker with only successes is idle at once: sweep only for room.
+            table: KeyedTable::sweeping_when_full(max_keys),
             shared: sync::Arc::new(KeyedBreaker {
                 core: Core::keyed(config, listener, now),
                 label: shared_label,

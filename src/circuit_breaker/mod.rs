@@ -73,10 +73,14 @@
 //!   ([`KeyedCircuitBreakerHandle::shared_state`]), rather than being refused: a
 //!   breaker protects the caller from a dependency, it does not police the caller.
 //!
-//! The closed path of a keyed breaker is the global one's plus one hash of the key and
-//! one probe of the table under its shard's lock (held for the probe and one
-//! reference-count increment, never across a call or user code; shards are padded,
-//! and up to 64 of them spread the lock). The instruction counts are in `bench/`.
+//! The closed path of a keyed breaker is the global one's plus one hash of the key
+//! (SipHash with random keys: keys are client-controlled) and one probe of the table
+//! under its shard's lock, held for the probe and one reference-count increment, never
+//! across a call or user code; up to 64 padded shards spread it. It is a lock rather
+//! than a lock-free read because the table may drop a breaker only while no call holds
+//! it: under the shard's lock, that check and every lookup's reference cannot
+//! interleave, where a lock-free map would need a retirement protocol on every
+//! breaker's state word as well as memory reclamation. `bench/` counts what it costs.
 //!
 //! ```
 //! # #[cfg(feature = "http")] {
