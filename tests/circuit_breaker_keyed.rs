@@ -36,8 +36,8 @@ fn layer(max_keys: usize) -> KeyedCircuitBreakerLayer<Extractor, u32> {
         .expect("valid")
 }
 
-fn upstream() -> impl Service<Request, Response = &'static str, Error = BoxError, Future: Send> + Clone
-{
+fn upstream()
+-> impl Service<Request, Response = &'static str, Error = BoxError, Future: Send> + Clone {
     service_fn(|(_, fail): Request| async move {
         if fail {
             Err::<&'static str, BoxError>("upstream failed".into())
@@ -70,7 +70,9 @@ async fn each_key_has_a_breaker_of_its_own() {
     assert!(is_open(send(&mut service, Some(1), false).await));
     // Key 2 never noticed.
     for _ in 0..10 {
-        send(&mut service, Some(2), false).await.expect("key 2 is closed");
+        send(&mut service, Some(2), false)
+            .await
+            .expect("key 2 is closed");
     }
     assert_eq!(handle.state_for(&2), State::Closed);
     assert_eq!(handle.not_closed(), vec![(1, State::Open)]);
@@ -109,7 +111,9 @@ async fn a_new_key_at_the_cap_and_a_request_without_a_key_share_one_breaker() {
     // place, with a fresh breaker.
     tokio::time::advance(OPEN_FOR).await;
     send(&mut service, Some(1), false).await.expect("the probe");
-    send(&mut service, Some(4), false).await.expect("key 4 has a breaker of its own");
+    send(&mut service, Some(4), false)
+        .await
+        .expect("key 4 has a breaker of its own");
     assert_eq!(handle.tracked_keys(), 1);
     assert!(handle.metrics_for(&4).is_some());
     assert_eq!(handle.metrics_for(&1), None, "the idle breaker was dropped");
@@ -133,11 +137,19 @@ async fn a_million_fresh_keys_stay_under_the_cap_and_leave_an_open_breaker_open(
         // until the table is full of them; the others are dropped as they go idle.
         let _ = send(&mut service, Some(key), key % 10 == 0).await;
         if key % 10_000 == 0 {
-            assert!(handle.tracked_keys() <= MAX_KEYS, "{} keys", handle.tracked_keys());
+            assert!(
+                handle.tracked_keys() <= MAX_KEYS,
+                "{} keys",
+                handle.tracked_keys()
+            );
         }
     }
     assert!(handle.tracked_keys() <= MAX_KEYS);
-    assert_eq!(handle.state_for(&0), State::Open, "the flood did not reset it");
+    assert_eq!(
+        handle.state_for(&0),
+        State::Open,
+        "the flood did not reset it"
+    );
     assert_eq!(handle.state_for(&FORCED), State::ForcedOpen);
     assert!(is_open(send(&mut service, Some(0), false).await));
 }
@@ -172,10 +184,15 @@ async fn a_dropped_keyed_probe_gives_its_slot_back() {
     let mut hanging = layer.layer(Hanging);
     let probe = hanging.ready().await.expect("ready").call((Some(1), false));
     assert_eq!(handle.state_for(&1), State::HalfOpen);
-    assert!(is_open(send(&mut failing, Some(1), false).await), "the one slot is taken");
+    assert!(
+        is_open(send(&mut failing, Some(1), false).await),
+        "the one slot is taken"
+    );
     drop(probe);
     assert_eq!(handle.metrics_for(&1).expect("tracked").probes_in_flight, 0);
-    send(&mut failing, Some(1), false).await.expect("the slot came back");
+    send(&mut failing, Some(1), false)
+        .await
+        .expect("the slot came back");
     assert_eq!(handle.state_for(&1), State::Closed);
 }
 
@@ -186,7 +203,9 @@ async fn the_handle_forces_one_key_or_all() {
     let mut service = layer.layer(upstream());
     assert!(handle.force_open_for(&1));
     assert!(is_open(send(&mut service, Some(1), false).await));
-    send(&mut service, Some(2), false).await.expect("key 2 is closed");
+    send(&mut service, Some(2), false)
+        .await
+        .expect("key 2 is closed");
     assert!(handle.force_closed_for(&2));
     for _ in 0..4 {
         let _ = send(&mut service, Some(2), true).await;
@@ -201,18 +220,26 @@ async fn the_handle_forces_one_key_or_all() {
     handle.force_open();
     assert_eq!(handle.state_for(&1), State::ForcedOpen);
     assert_eq!(handle.state_for(&2), State::ForcedOpen);
-    assert_eq!(handle.state_for(&7), State::ForcedOpen, "a fresh key starts forced");
+    assert_eq!(
+        handle.state_for(&7),
+        State::ForcedOpen,
+        "a fresh key starts forced"
+    );
     assert_eq!(handle.shared_state(), State::ForcedOpen);
     assert!(is_open(send(&mut service, None, false).await));
     handle.reset();
     assert_eq!(handle.state_for(&2), State::Closed);
     assert_eq!(handle.state_for(&7), State::Closed);
-    send(&mut service, None, false).await.expect("the shared breaker is closed");
+    send(&mut service, None, false)
+        .await
+        .expect("the shared breaker is closed");
 }
 
 #[tokio::test(start_paused = true)]
 async fn transitions_carry_their_key() {
-    let seen: Arc<Mutex<Vec<(Option<u32>, State, State)>>> = Arc::default();
+    /// The key and the move of each transition, as the observer saw them.
+    type Seen = Mutex<Vec<(Option<u32>, State, State)>>;
+    let seen: Arc<Seen> = Arc::default();
     let layer = CircuitBreakerLayer::builder()
         .sliding_window(SlidingWindow::count(2))
         .minimum_calls(2)
@@ -275,7 +302,9 @@ async fn metrics_carry_the_key_only_when_asked() {
         .filter(|(_, _, _, value)| matches!(value, DebugValue::Counter(_)))
         .map(|(key, _, _, _)| {
             let key = key.key();
-            let labels = key.labels().map(|label| format!("{}={}", label.key(), label.value()));
+            let labels = key
+                .labels()
+                .map(|label| format!("{}={}", label.key(), label.value()));
             (key.name().to_owned(), labels.collect())
         })
         .collect();
@@ -284,8 +313,16 @@ async fn metrics_carry_the_key_only_when_asked() {
         .filter(|(_, labels)| labels.iter().any(|label| label.starts_with("key=")))
         .collect();
     assert_eq!(with_key.len(), 2, "{labels:?}");
-    assert!(with_key.iter().all(|(_, labels)| labels.contains(&"key=upstream-8".to_owned())));
-    assert_eq!(labels.len(), 4, "the unlabelled breaker counted without a key: {labels:?}");
+    assert!(
+        with_key
+            .iter()
+            .all(|(_, labels)| labels.contains(&"key=upstream-8".to_owned()))
+    );
+    assert_eq!(
+        labels.len(),
+        4,
+        "the unlabelled breaker counted without a key: {labels:?}"
+    );
 }
 
 #[test]
@@ -295,5 +332,8 @@ fn max_keys_zero_is_a_configuration_error() {
         .max_keys(0)
         .build()
         .expect_err("no room");
-    assert_eq!(error, palisade::circuit_breaker::CircuitBreakerConfigError::ZeroMaxKeys);
+    assert_eq!(
+        error,
+        palisade::circuit_breaker::CircuitBreakerConfigError::ZeroMaxKeys
+    );
 }

@@ -91,7 +91,10 @@ async fn forward(
         Ok(response) => {
             let status = response.status();
             let body = response.into_body().collect().await.expect("body");
-            (status, String::from_utf8_lossy(&body.to_bytes()).into_owned())
+            (
+                status,
+                String::from_utf8_lossy(&body.to_bytes()).into_owned(),
+            )
         }
         Err(error) if error.is::<CircuitOpen>() => {
             (StatusCode::SERVICE_UNAVAILABLE, "circuit open".to_owned())
@@ -138,9 +141,8 @@ async fn one_failing_upstream_opens_only_its_own_breaker() {
             status
         }
     };
-    let authority = |n: usize| {
-        Authority::try_from(upstreams[n].address.to_string()).expect("an authority")
-    };
+    let authority =
+        |n: usize| Authority::try_from(upstreams[n].address.to_string()).expect("an authority");
 
     upstreams[1].failing.store(true, Ordering::SeqCst);
     for _ in 0..4 {
@@ -218,9 +220,15 @@ async fn one_breaker_per_matched_route() {
         }
     };
     for id in 0..2 {
-        assert_eq!(get(format!("/reports/{id}")).await, StatusCode::INTERNAL_SERVER_ERROR);
+        assert_eq!(
+            get(format!("/reports/{id}")).await,
+            StatusCode::INTERNAL_SERVER_ERROR
+        );
     }
-    assert_eq!(get("/reports/7".to_owned()).await, StatusCode::SERVICE_UNAVAILABLE);
+    assert_eq!(
+        get("/reports/7".to_owned()).await,
+        StatusCode::SERVICE_UNAVAILABLE
+    );
     for id in 0..5 {
         assert_eq!(get(format!("/users/{id}")).await, StatusCode::OK);
     }

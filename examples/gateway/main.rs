@@ -37,8 +37,8 @@ use palisade::ServiceBuilderExt;
 use palisade::circuit_breaker::{
     CircuitBreakerLayer, KeyedCircuitBreakerHandle, SlidingWindow, State,
 };
-use palisade::key;
 use palisade::correlation::CorrelationIdLayer;
+use palisade::key;
 use palisade::rate_limit::RateLimitLayer;
 use palisade::retry::{Backoff, GrpcRetry, Jitter, RetryLayer};
 use palisade::tonic::RejectionsAsStatusLayer;
@@ -513,7 +513,12 @@ async fn one_upstream_unreachable(system: &System, report: &mut Report) {
     let breakers = &system.upstream_breakers;
     let mut bad_gateway = 0;
     for _ in 0..3 {
-        if system.send(Call::get("/legacy/report", "dave")).await.status == StatusCode::BAD_GATEWAY {
+        if system
+            .send(Call::get("/legacy/report", "dave"))
+            .await
+            .status
+            == StatusCode::BAD_GATEWAY
+        {
             bad_gateway += 1;
         }
     }

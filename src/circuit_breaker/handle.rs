@@ -95,9 +95,10 @@ where
 {
     /// The state of `key`'s breaker (see [`CircuitBreakerHandle::state`]).
     pub fn state_for(&self, key: &K) -> State {
-        self.breakers
-            .tracked(key)
-            .map_or_else(|| self.breakers.fresh_state(), |breaker| breaker.core.state())
+        self.breakers.tracked(key).map_or_else(
+            || self.breakers.fresh_state(),
+            |breaker| breaker.core.state(),
+        )
     }
 
     /// A snapshot of `key`'s breaker, or `None` when the layer does not track the key.
@@ -133,14 +134,22 @@ where
     /// the key if it is new. False when the key is new and the table is full of live
     /// breakers: nothing changed.
     pub fn force_open_for(&self, key: &K) -> bool {
-        self.breakers
-            .force_one(key, State::ForcedOpen, TransitionReason::ForcedOpen, Instant::now())
+        self.breakers.force_one(
+            key,
+            State::ForcedOpen,
+            TransitionReason::ForcedOpen,
+            Instant::now(),
+        )
     }
 
     /// Forces `key`'s breaker closed, like [`force_open_for`](Self::force_open_for).
     pub fn force_closed_for(&self, key: &K) -> bool {
-        self.breakers
-            .force_one(key, State::ForcedClosed, TransitionReason::ForcedClosed, Instant::now())
+        self.breakers.force_one(
+            key,
+            State::ForcedClosed,
+            TransitionReason::ForcedClosed,
+            Instant::now(),
+        )
     }
 
     /// Closes `key`'s breaker with an empty window and forgets its past trips. A key
@@ -154,19 +163,26 @@ where
     /// that appear afterwards forced open, until [`reset`](Self::reset) or
     /// [`force_closed`](Self::force_closed).
     pub fn force_open(&self) {
-        self.breakers
-            .force_all(State::ForcedOpen, TransitionReason::ForcedOpen, Instant::now());
+        self.breakers.force_all(
+            State::ForcedOpen,
+            TransitionReason::ForcedOpen,
+            Instant::now(),
+        );
     }
 
     /// Forces every breaker closed, like [`force_open`](Self::force_open).
     pub fn force_closed(&self) {
-        self.breakers
-            .force_all(State::ForcedClosed, TransitionReason::ForcedClosed, Instant::now());
+        self.breakers.force_all(
+            State::ForcedClosed,
+            TransitionReason::ForcedClosed,
+            Instant::now(),
+        );
     }
 
     /// Resets every breaker (the shared one too) to closed with an empty window, and
     /// lets new keys start closed again.
     pub fn reset(&self) {
-        self.breakers.force_all(State::Closed, TransitionReason::Reset, Instant::now());
+        self.breakers
+            .force_all(State::Closed, TransitionReason::Reset, Instant::now());
     }
 }

@@ -167,7 +167,11 @@ where
     /// has room), or the shared one. `now` is read only for a key the table does not
     /// track yet.
     #[inline]
-    pub(crate) fn breaker(&self, key: Option<&K>, now: impl FnOnce() -> Instant) -> sync::Arc<KeyedBreaker> {
+    pub(crate) fn breaker(
+        &self,
+        key: Option<&K>,
+        now: impl FnOnce() -> Instant,
+    ) -> sync::Arc<KeyedBreaker> {
         let Some(key) = key else {
             return sync::Arc::clone(&self.shared);
         };

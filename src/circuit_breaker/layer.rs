@@ -235,9 +235,8 @@ impl<C> CircuitBreakerLayerBuilder<C> {
             minimum_calls: self.minimum_calls,
             classify: self.classify,
             observer: self.observer.map(|observer| {
-                Arc::new(move |_: Option<&K>, transition: &Transition| {
-                    observer(None, transition)
-                }) as KeyedObserver<K>
+                Arc::new(move |_: Option<&K>, transition: &Transition| observer(None, transition))
+                    as KeyedObserver<K>
             }),
             keys: Keyed {
                 extractor,

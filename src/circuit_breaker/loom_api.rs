@@ -5,9 +5,9 @@
 use super::config::Config;
 use super::keyed::{KeyedBreaker, KeyedBreakers};
 use super::state::{Core, Observer, Permit};
-use crate::sync::Arc;
 use super::{OpenBackoff, SlidingWindow, State};
 use crate::classify::Outcome;
+use crate::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -116,7 +116,13 @@ impl KeyedCall {
 impl KeyedModel {
     /// Breakers for at most `max_keys` keys, plus the shared one.
     pub fn new(settings: Settings, max_keys: usize, now: Instant) -> Self {
-        Self(KeyedBreakers::new(settings.config(), max_keys, None, None, now))
+        Self(KeyedBreakers::new(
+            settings.config(),
+            max_keys,
+            None,
+            None,
+            now,
+        ))
     }
 
     /// Looks `key`'s breaker up (tracking the key if there is room) and lets a call

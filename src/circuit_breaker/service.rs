@@ -1,12 +1,12 @@
 use super::future::ResponseFuture;
-use super::lanes::{CoreRef, CoreRefs};
 use super::keyed::{KeyedBreaker, KeyedBreakers};
+use super::lanes::{CoreRef, CoreRefs};
 use super::state::{Core, Permit};
 use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
 use crate::context::DeadlineExceeded;
 use crate::key::KeyExtractor;
-use std::hash::Hash;
 use std::fmt;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::time::Instant;

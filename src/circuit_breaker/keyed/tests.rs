@@ -29,14 +29,26 @@ fn config() -> Config {
 #[derive(Debug, Clone)]
 enum Op {
     /// A call of `key` (`None`: a request without a key) that ends at once.
-    Call { key: Option<u8>, outcome: u8 },
+    Call {
+        key: Option<u8>,
+        outcome: u8,
+    },
     /// A call of `key` left in flight.
-    Hold { key: u8 },
+    Hold {
+        key: u8,
+    },
     /// The oldest call in flight ends (0: success, 1: failure, 2: dropped).
-    Finish { outcome: u8 },
-    Advance { ms: u64 },
+    Finish {
+        outcome: u8,
+    },
+    Advance {
+        ms: u64,
+    },
     /// 0: force open, 1: force closed, 2: reset.
-    Force { key: u8, how: u8 },
+    Force {
+        key: u8,
+        how: u8,
+    },
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -163,33 +175,38 @@ impl Model {
     fn check(&mut self) {
         let now = self.now;
         let breakers = &self.breakers;
-        self.references.retain(|key, reference| match breakers.tracked(key) {
-            Some(real) => {
-                assert_eq!(real.core.state(), reference.state(), "key {key}");
-                let (got, expected) = (real.core.metrics(now), reference.metrics(now));
-                assert_eq!(
-                    (got.calls, got.failures, got.consecutive_trips),
-                    (expected.calls, expected.failures, expected.consecutive_trips),
-                    "key {key}"
-                );
-                true
-            }
-            None => {
-                // Written from the policy, not with `Core::is_idle`: closed, nothing but
-                // successes in the window, no call in flight.
-                let metrics = reference.metrics(now);
-                let idle = metrics.state == State::Closed
-                    && metrics.failures == 0
-                    && metrics.slow_calls == 0
-                    && Arc::strong_count(reference) == 1;
-                assert!(
-                    idle,
-                    "key {key} was dropped while live: {:?}",
-                    reference.metrics(now)
-                );
-                false
-            }
-        });
+        self.references
+            .retain(|key, reference| match breakers.tracked(key) {
+                Some(real) => {
+                    assert_eq!(real.core.state(), reference.state(), "key {key}");
+                    let (got, expected) = (real.core.metrics(now), reference.metrics(now));
+                    assert_eq!(
+                        (got.calls, got.failures, got.consecutive_trips),
+                        (
+                            expected.calls,
+                            expected.failures,
+                            expected.consecutive_trips
+                        ),
+                        "key {key}"
+                    );
+                    true
+                }
+                None => {
+                    // Written from the policy, not with `Core::is_idle`: closed, nothing but
+                    // successes in the window, no call in flight.
+                    let metrics = reference.metrics(now);
+                    let idle = metrics.state == State::Closed
+                        && metrics.failures == 0
+                        && metrics.slow_calls == 0
+                        && Arc::strong_count(reference) == 1;
+                    assert!(
+                        idle,
+                        "key {key} was dropped while live: {:?}",
+                        reference.metrics(now)
+                    );
+                    false
+                }
+            });
         assert!(self.breakers.len() <= MAX_KEYS);
         assert_eq!(self.breakers.shared().state(), self.shared.state());
     }
@@ -237,7 +254,10 @@ fn a_flood_of_fresh_keys_at_the_cap_leaves_an_open_breaker_open() {
             .core
             .record(permit, Outcome::Failure, Duration::ZERO, || now);
     }
-    assert_eq!(breakers.tracked(&0).expect("tracked").core.state(), State::Open);
+    assert_eq!(
+        breakers.tracked(&0).expect("tracked").core.state(),
+        State::Open
+    );
     let mut later = now;
     for key in 1..100_000u32 {
         later += Duration::from_millis(1);
@@ -251,6 +271,8 @@ fn a_flood_of_fresh_keys_at_the_cap_leaves_an_open_breaker_open() {
     }
     // The open time passed long ago, but no call of key 0 came: it is still open, and
     // still its own.
-    assert_eq!(breakers.tracked(&0).expect("still tracked").core.state(), State::Open);
+    assert_eq!(
+        breakers.tracked(&0).expect("still tracked").core.state(),
+        State::Open
+    );
 }
-
