@@ -116,10 +116,19 @@ pub struct CircuitBreakerLayerBuilder<C = ErrorsAsFailures, X = Global, K = ()> 
 
 /// The key settings of a keyed [`CircuitBreakerLayerBuilder`]: made by
 /// [`keyed`](CircuitBreakerLayerBuilder::keyed).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct Keyed<X> {
     extractor: X,
     max_keys: usize,
+}
+
+// By hand: an extractor is usually a closure, which has no `Debug`.
+impl<X> fmt::Debug for Keyed<X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyed")
+            .field("max_keys", &self.max_keys)
+            .finish_non_exhaustive()
+    }
 }
 
 /// How many keys a keyed breaker tracks unless told otherwise.
