@@ -5,8 +5,8 @@
 //!
 //! | counter | labels | when |
 //! |---|---|---|
-//! | `palisade_circuit_breaker_transitions_total` | `from`, `to` | a breaker changes state |
-//! | `palisade_circuit_breaker_rejected_total` | | a call is refused by an open breaker |
+//! | `palisade_circuit_breaker_transitions_total` | `from`, `to` (and `key` for a keyed breaker that opted in with `key_in_metrics`) | a breaker changes state |
+//! | `palisade_circuit_breaker_rejected_total` | (`key`, likewise) | a call is refused by an open breaker |
 //! | `palisade_rate_limit_rejected_total` | | a request is refused by a rate limiter |
 //! | `palisade_retry_attempts_total` | `reason` | a request is retried (`error`, `response`, `status`, `grpc_status`, `timeout`, or the kind of a rejection from a layer below: `unavailable` (an open circuit), `overloaded`, `rate_limited`) |
 //! | `palisade_retry_budget_exhausted_total` | | a retry is refused by the budget |
@@ -31,23 +31,44 @@ fn state_label(state: State) -> &'static str {
     }
 }
 
+/// `key` is a keyed breaker's key label, when the user opted in to it (one per tracked
+/// key at most, so the cardinality is bounded by `max_keys`).
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
 pub(crate) fn circuit_transition(
     from: crate::circuit_breaker::State,
     to: crate::circuit_breaker::State,
+    key: Option<&str>,
 ) {
     #[cfg(feature = "metrics")]
-    metrics::counter!(
-        "palisade_circuit_breaker_transitions_total",
-        "from" => state_label(from),
-        "to" => state_label(to),
-    )
-    .increment(1);
+    match key {
+        None => metrics::counter!(
+            "palisade_circuit_breaker_transitions_total",
+            "from" => state_label(from),
+            "to" => state_label(to),
+        )
+        .increment(1),
+        Some(key) => metrics::counter!(
+            "palisade_circuit_breaker_transitions_total",
+            "from" => state_label(from),
+            "to" => state_label(to),
+            "key" => key.to_owned(),
+        )
+        .increment(1),
+    }
 }
 
-pub(crate) fn circuit_rejected() {
+/// `key` as in [`circuit_transition`].
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn circuit_rejected(key: Option<&str>) {
     #[cfg(feature = "metrics")]
-    metrics::counter!("palisade_circuit_breaker_rejected_total").increment(1);
+    match key {
+        None => metrics::counter!("palisade_circuit_breaker_rejected_total").increment(1),
+        Some(key) => metrics::counter!(
+            "palisade_circuit_breaker_rejected_total",
+            "key" => key.to_owned(),
+        )
+        .increment(1),
+    }
 }
 
 pub(crate) fn rate_limited() {

@@ -7,18 +7,20 @@ use std::sync::PoisonError;
 #[cfg(feature = "redis")]
 use std::sync::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
+// `Arc` is loom's too where a core reads its reference count (a keyed table dropping an
+// entry nobody holds), so that the model sees the release of the last reference.
 #[cfg(loom)]
 #[allow(unused_imports)] // each core takes what it needs
 pub(crate) use loom::sync::{
-    Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence},
 };
 
 #[cfg(not(loom))]
 #[allow(unused_imports)] // each core takes what it needs
 pub(crate) use std::sync::{
-    Mutex, MutexGuard,
-    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering},
+    Arc, Mutex, MutexGuard,
+    atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence},
 };
 
 /// Keeps a hot value on a pair of cache lines of its own (adjacent-line prefetchers pull

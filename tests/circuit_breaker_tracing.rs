@@ -83,3 +83,72 @@ async fn each_transition_emits_a_tracing_event() {
         ["Open", "HalfOpen", "Closed", "ForcedOpen"]
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_keyed_breaker_names_its_key_in_the_event() {
+    use tracing_subscriber::layer::{Context, SubscriberExt};
+
+    /// Collects the `key` and `to` fields of the breaker's events.
+    struct Keys(Arc<Mutex<Vec<(String, String)>>>);
+
+    impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for Keys {
+        fn on_event(&self, event: &tracing::Event<'_>, _: Context<'_, S>) {
+            #[derive(Default)]
+            struct Fields(String, String);
+            impl tracing::field::Visit for Fields {
+                fn record_str(&mut self, field: &tracing::field::Field, value: &str) {
+                    if field.name() == "key" {
+                        self.0 = value.to_owned();
+                    }
+                }
+                fn record_debug(
+                    &mut self,
+                    field: &tracing::field::Field,
+                    value: &dyn std::fmt::Debug,
+                ) {
+                    match field.name() {
+                        "key" => self.0 = format!("{value:?}"),
+                        "to" => self.1 = format!("{value:?}"),
+                        _ => {}
+                    }
+                }
+            }
+            if event.metadata().target() == "palisade::circuit_breaker" {
+                let mut fields = Fields::default();
+                event.record(&mut fields);
+                self.0
+                    .lock()
+                    .expect("not poisoned")
+                    .push((fields.0, fields.1));
+            }
+        }
+    }
+
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let subscriber = tracing_subscriber::registry().with(Keys(Arc::clone(&seen)));
+    let _guard = tracing::subscriber::set_default(subscriber);
+
+    let layer = CircuitBreakerLayer::builder()
+        .minimum_calls(1)
+        .sliding_window(SlidingWindow::count(1))
+        .keyed(|request: &(&'static str, bool)| (!request.0.is_empty()).then_some(request.0))
+        .build()
+        .expect("valid");
+    let mut service = layer.layer(service_fn(|(_, fail): (&'static str, bool)| async move {
+        if fail {
+            Err::<(), BoxError>("down".into())
+        } else {
+            Ok(())
+        }
+    }));
+    for request in [("payments", true), ("", true)] {
+        let _ = service.ready().await.expect("ready").call(request).await;
+    }
+    assert_eq!(
+        *seen.lock().expect("not poisoned"),
+        vec![
+            ("\"payments\"".to_owned(), "Open".to_owned()),
+            ("(shared)".to_owned(), "Open".to_owned())
+        ]
+    );
+}

@@ -9,7 +9,7 @@
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
-use palisade::__loom::{Breaker, Settings};
+use palisade::__loom::{Breaker, KeyedModel, Settings};
 use palisade::circuit_breaker::{SlidingWindow, State, Transition};
 use palisade::rate_limit::{Quota, TokenBucket};
 use palisade::retry::RetryBudget;
@@ -576,4 +576,44 @@ mod concurrency_limit {
             assert_eq!((permits.in_flight(), permits.active_keys()), (0, 0));
         });
     }
+}
+
+/// Two keys race for the one place of a keyed table: key 1's call fails (tripping
+/// whichever breaker it went through), key 2's succeeds. Whatever the interleaving of
+/// lookup, insert, sweep and record, the table never holds more than one key, and the
+/// breaker key 1's failure tripped is still open afterwards: a tracked breaker with a
+/// call in flight or a failure recorded is never dropped for a new key.
+#[test]
+fn keyed_insert_evict_and_lookup_never_drop_a_live_breaker() {
+    model(Some(3), || {
+        let now = Instant::now();
+        let keyed = Arc::new(KeyedModel::new(count_window(1, 1), 1, now));
+        let failing = {
+            let keyed = keyed.clone();
+            thread::spawn(move || {
+                let call = keyed.admit(1, now)?;
+                let shared = call.is_shared();
+                keyed.record(call, true, now);
+                Some(shared)
+            })
+        };
+        let succeeding = {
+            let keyed = keyed.clone();
+            thread::spawn(move || {
+                if let Some(call) = keyed.admit(2, now) {
+                    keyed.record(call, false, now);
+                }
+            })
+        };
+        let failed_on_shared = failing.join().expect("no panic");
+        succeeding.join().expect("no panic");
+        assert!(keyed.tracked() <= 1);
+        match failed_on_shared {
+            Some(true) => assert_eq!(keyed.shared_state(), State::Open),
+            Some(false) => assert_eq!(keyed.state_for(1), Some(State::Open)),
+            // Rejected: key 2's success cannot have opened anything, so key 1 found
+            // no breaker open.
+            None => panic!("key 1's call was rejected"),
+        }
+    });
 }

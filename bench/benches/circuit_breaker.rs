@@ -3,7 +3,8 @@
 //! least 20 calls, 30 s open, 5 probes); then two threads sharing one breaker.
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use palisade_bench::stacks::{
-    bare, breaker_count, breaker_time_slow, failsafe_breaker, tower_resilience_breaker,
+    MANY_KEYS, bare, breaker_count, breaker_keyed_warm, breaker_time_slow, failsafe_breaker,
+    many_keys, tower_resilience_breaker,
 };
 use std::hint::black_box;
 use std::time::{Duration, Instant};
@@ -18,18 +19,29 @@ fn runtime() -> tokio::runtime::Runtime {
 /// One call per iteration, inside a running runtime (criterion's async bencher polls
 /// the whole batch in one `block_on`), so what is measured is the service, not the
 /// runtime's entry cost.
-fn bench_service<S>(c: &mut Criterion, name: &str, mut service: S)
+fn bench_service<S>(c: &mut Criterion, name: &str, service: S)
+where
+    S: Service<u64>,
+    S::Error: std::fmt::Debug,
+{
+    bench_requests(c, name, service, |_| 1);
+}
+
+/// [`bench_service`] with the `i`-th request `request(i)`.
+fn bench_requests<S>(c: &mut Criterion, name: &str, mut service: S, request: fn(u64) -> u64)
 where
     S: Service<u64>,
     S::Error: std::fmt::Debug,
 {
     let runtime = runtime();
+    let mut i = 0u64;
     c.bench_function(name, |b| {
         b.to_async(&runtime).iter(|| {
             let ready = futures_util::FutureExt::now_or_never(service.ready())
                 .expect("a service_fn is always ready")
                 .expect("ready");
-            let call = ready.call(black_box(1));
+            i = i.wrapping_add(1);
+            let call = ready.call(black_box(request(i)));
             async move { black_box(call.await.expect("call")) }
         })
     });
@@ -42,6 +54,15 @@ fn single_thread(c: &mut Criterion) {
         c,
         "palisade/time_window_slow_calls",
         breaker_time_slow().layer(bare()),
+    );
+    // Keyed, beside the global breaker in the same run: one key, and 10,000 keys (all
+    // in the table already, looked up in a scattered order).
+    bench_service(c, "palisade/keyed_one_key", breaker_keyed_warm(1));
+    bench_requests(
+        c,
+        "palisade/keyed_10k_keys",
+        breaker_keyed_warm(MANY_KEYS),
+        many_keys,
     );
     bench_service(c, "tower_resilience", tower_resilience_breaker(bare()));
     bench_service(c, "failsafe", failsafe_breaker());

@@ -48,6 +48,12 @@ mod breakers {
     pub fn palisade_time_slow() -> Driver {
         Driver::new(|| breaker_time_slow().layer(super::bare()), counting)
     }
+    pub fn palisade_keyed_one_key() -> Driver {
+        Driver::new(|| breaker_keyed_warm(1), one_key)
+    }
+    pub fn palisade_keyed_10k_keys() -> Driver {
+        Driver::new(|| breaker_keyed_warm(MANY_KEYS), many_keys)
+    }
     pub fn failsafe() -> Driver {
         Driver::new(failsafe_breaker, counting)
     }
@@ -243,6 +249,8 @@ mod contexts {
 #[bench::bare(setup = breakers::bare)]
 #[bench::palisade_count(setup = breakers::palisade_count)]
 #[bench::palisade_time_slow(setup = breakers::palisade_time_slow)]
+#[bench::palisade_keyed_one_key(setup = breakers::palisade_keyed_one_key)]
+#[bench::palisade_keyed_10k_keys(setup = breakers::palisade_keyed_10k_keys)]
 #[bench::failsafe(setup = breakers::failsafe)]
 #[bench::tower_resilience(setup = breakers::tower_resilience)]
 fn circuit_breaker(driver: Driver) {

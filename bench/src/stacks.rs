@@ -16,7 +16,9 @@ use futures_util::future::Either;
 use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota as GovernorQuota};
 use http::header::{ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response};
-use palisade::circuit_breaker::{CircuitBreakerLayer, SlidingWindow};
+use palisade::circuit_breaker::{
+    CircuitBreakerLayer, KeyedCircuitBreakerHandle, KeyedCircuitBreakerLayer, SlidingWindow,
+};
 use palisade::context::{RequestContext, Scoped, TraceContext, TraceState};
 use palisade::correlation::{CorrelationId, CorrelationIdLayer, IncomingDeadlines};
 use palisade::rate_limit::RateLimitLayer;
@@ -98,6 +100,65 @@ pub fn breaker_time_slow() -> CircuitBreakerLayer {
         SlidingWindow::time(Duration::from_secs(30)),
         Some(Duration::from_secs(2)),
     )
+}
+
+/// A `u64` request's key: the request itself.
+pub type ByValue = fn(&u64) -> Option<u64>;
+
+/// How many keys the many-keys keyed breaker stack is warmed up with.
+pub const MANY_KEYS: u64 = 10_000;
+
+/// palisade's keyed breaker, configured like [`breaker_count`], one breaker per `u64`
+/// request value, room for twice [`MANY_KEYS`] (keys hash unevenly across the table's
+/// shards: a cap of exactly the working set would leave some keys without a place).
+pub fn breaker_keyed() -> KeyedCircuitBreakerLayer<ByValue, u64> {
+    CircuitBreakerLayer::builder()
+        .failure_rate_threshold(0.5)
+        .minimum_calls(20)
+        .sliding_window(SlidingWindow::count(100))
+        .open_for(Duration::from_secs(30))
+        .half_open_probes(5)
+        .keyed((|request: &u64| Some(*request)) as ByValue)
+        .max_keys(2 * MANY_KEYS as usize)
+        .build()
+        .expect("valid")
+}
+
+/// [`breaker_keyed`] over [`bare`], with a breaker for each of the keys `0..keys`
+/// already in its table (so that a measurement looks keys up rather than inserts them).
+pub fn breaker_keyed_warm(
+    keys: u64,
+) -> impl Service<u64, Response = u64, Error = BoxError> + Clone + Send + 'static {
+    use futures_util::FutureExt;
+    use tower::ServiceExt;
+    // Kept past the measurement: the instruction bench drops its stack inside the
+    // measured function, and freeing 10,000 breakers is teardown, not a call's cost.
+    static KEPT: std::sync::Mutex<Vec<KeyedCircuitBreakerHandle<u64>>> =
+        std::sync::Mutex::new(Vec::new());
+    let layer = breaker_keyed();
+    KEPT.lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner)
+        .push(layer.handle());
+    let mut service = layer.layer(bare());
+    for key in 0..keys {
+        let ready = service
+            .ready()
+            .now_or_never()
+            .expect("ready")
+            .expect("ready");
+        ready
+            .call(key)
+            .now_or_never()
+            .expect("at once")
+            .expect("closed");
+    }
+    service
+}
+
+/// A key among [`MANY_KEYS`] for the `i`-th call, spread so that consecutive calls do
+/// not share cache lines.
+pub fn many_keys(i: u64) -> u64 {
+    i.wrapping_mul(7919) % MANY_KEYS
 }
 
 fn breaker(window: SlidingWindow, slow: Option<Duration>) -> CircuitBreakerLayer {

@@ -80,10 +80,13 @@ pub async fn authenticate(
     next.run(request).await
 }
 
-/// Where the gateway forwards to, and the HTTP client it forwards with.
+/// Where the gateway forwards to, and the HTTP client it forwards with (behind one
+/// circuit breaker per upstream authority).
 pub struct Upstreams<C> {
     pub users: SocketAddr,
     pub orders: SocketAddr,
+    /// A retired service nobody listens on any more: its breaker opens, and only its.
+    pub legacy: SocketAddr,
     pub client: C,
 }
 
@@ -105,6 +108,8 @@ where
     let path = request.uri().path();
     let upstream = if path.starts_with("/users") {
         upstreams.users
+    } else if path.starts_with("/legacy") {
+        upstreams.legacy
     } else {
         upstreams.orders
     };
@@ -119,6 +124,11 @@ where
     *request.uri_mut() = uri;
     match upstreams.client.clone().oneshot(request).await {
         Ok(response) => response.map(Body::new),
+        // This upstream's breaker is open: 503 with Retry-After, without trying it.
+        Err(error) if error.is::<palisade::circuit_breaker::CircuitOpen>() => {
+            tracing::warn!(%error, "gateway: upstream's breaker is open");
+            palisade::axum::handle_error(error).await
+        }
         Err(error) => {
             tracing::warn!(%error, "gateway: upstream unreachable");
             StatusCode::BAD_GATEWAY.into_response()

@@ -2,9 +2,10 @@
 //!
 //! ```text
 //!  client ──HTTP──▶ gateway ──HTTP──▶ users
-//!                   (correlation IDs,  └─HTTP──▶ orders ──gRPC──▶ payments ×2
-//!                    JWT check,                  (retry, a balanced pool,
-//!                    per-client limits)           a breaker per replica,
+//!                   (correlation IDs,  ├─HTTP──▶ orders ──gRPC──▶ payments ×2
+//!                    JWT check,        └─HTTP──▶ legacy (gone)
+//!                    per-client limits,           (retry, a balanced pool,
+//!                    a breaker per upstream)      a breaker per replica,
 //!                                                 compensating action)
 //! ```
 //!
@@ -34,8 +35,11 @@ use hyper::{HeaderMap, Method, Request, StatusCode, http};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use palisade::ServiceBuilderExt;
-use palisade::circuit_breaker::State;
+use palisade::circuit_breaker::{
+    CircuitBreakerLayer, KeyedCircuitBreakerHandle, SlidingWindow, State,
+};
 use palisade::correlation::CorrelationIdLayer;
+use palisade::key;
 use palisade::rate_limit::RateLimitLayer;
 use palisade::retry::{Backoff, GrpcRetry, Jitter, RetryLayer};
 use palisade::tonic::RejectionsAsStatusLayer;
@@ -78,6 +82,11 @@ struct System {
     replicas: replicas::Replicas,
     tokens: TokenKeys,
     client: Client<hyper_util::client::legacy::connect::HttpConnector, Full<Bytes>>,
+    /// The gateway's breakers, one per upstream authority.
+    upstream_breakers: KeyedCircuitBreakerHandle<http::uri::Authority>,
+    users: SocketAddr,
+    orders: SocketAddr,
+    legacy: SocketAddr,
 }
 
 impl System {
@@ -114,13 +123,13 @@ impl System {
         let orders_addr = serve_http(services::orders(orders)).await?;
         let users_addr = serve_http(services::users()).await?;
 
+        // A port nobody listens on: the retired service behind /legacy.
+        let legacy = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
+
         let tokens = TokenKeys::new(secret);
-        let gateway = serve_http(gateway_router(
-            users_addr,
-            orders_addr,
-            TokenKeys::new(secret),
-        )?)
-        .await?;
+        let (router, upstream_breakers) =
+            gateway_router(users_addr, orders_addr, legacy, TokenKeys::new(secret))?;
+        let gateway = serve_http(router).await?;
 
         Ok(Self {
             gateway,
@@ -128,6 +137,10 @@ impl System {
             replicas,
             tokens,
             client: Client::builder(TokioExecutor::new()).build_http(),
+            upstream_breakers,
+            users: users_addr,
+            orders: orders_addr,
+            legacy,
         })
     }
 
@@ -191,26 +204,44 @@ impl System {
 fn gateway_router(
     users: SocketAddr,
     orders: SocketAddr,
+    legacy: SocketAddr,
     tokens: TokenKeys,
-) -> Result<Router, BoxError> {
+) -> Result<(Router, KeyedCircuitBreakerHandle<http::uri::Authority>), BoxError> {
     let per_client = RateLimitLayer::builder()
         .capacity(10)
         .refill(5, Duration::from_secs(1))
         .keyed(|request: &axum::extract::Request| request.extensions().get::<Subject>().cloned())
         .build()?;
+    // One breaker per upstream authority: an upstream that cannot be reached (an `Err`
+    // from the client; any HTTP answer counts as reached) stops being called, and the
+    // others never notice.
+    let upstream_breakers = CircuitBreakerLayer::builder()
+        .minimum_calls(3)
+        .sliding_window(SlidingWindow::count(10))
+        .open_for(Duration::from_secs(30))
+        .keyed(key::Authority)
+        .max_keys(64)
+        .on_transition(|upstream, transition| {
+            tracing::warn!(?upstream, from = ?transition.from, to = ?transition.to, "gateway: an upstream's breaker moved");
+        })
+        .build()?;
+    let breakers = upstream_breakers.handle();
     let client = ServiceBuilder::new()
+        .layer(upstream_breakers)
         .propagate_correlation_id()
         .map_err(BoxError::from)
         .service(Client::builder(TokioExecutor::new()).build_http::<axum::body::Body>());
     let upstreams = Arc::new(Upstreams {
         users,
         orders,
+        legacy,
         client,
     });
-    Ok(Router::new()
+    let router = Router::new()
         .route("/users/{*rest}", any(edge::forward))
         .route("/orders", any(edge::forward))
         .route("/orders/{*rest}", any(edge::forward))
+        .route("/legacy/{*rest}", any(edge::forward))
         .with_state(upstreams)
         .layer(
             ServiceBuilder::new()
@@ -220,7 +251,8 @@ fn gateway_router(
         .layer(axum::middleware::from_fn_with_state(
             Arc::new(tokens),
             edge::authenticate,
-        )))
+        ));
+    Ok((router, breakers))
 }
 
 /// Serves `router` on an OS-assigned port, with correlation IDs at its edge.
@@ -470,4 +502,57 @@ async fn scenario(system: &System, logs: &Logs, report: &mut Report) {
     replicas::one_replica_down(system, report, OPEN_FOR).await;
     shedding::step(report).await;
     deadlines::step(report, logs).await;
+    one_upstream_unreachable(system, report).await;
+}
+
+/// The gateway keeps a breaker per upstream: the retired `/legacy` service opens its own
+/// and no other.
+async fn one_upstream_unreachable(system: &System, report: &mut Report) {
+    report.section("10. an upstream of the gateway is unreachable: only its breaker opens");
+    let authority = |address: SocketAddr| {
+        http::uri::Authority::try_from(address.to_string()).expect("an address is an authority")
+    };
+    let breakers = &system.upstream_breakers;
+    let mut bad_gateway = 0;
+    for _ in 0..3 {
+        if system
+            .send(Call::get("/legacy/report", "dave"))
+            .await
+            .status
+            == StatusCode::BAD_GATEWAY
+        {
+            bad_gateway += 1;
+        }
+    }
+    report.check(
+        bad_gateway == 3 && breakers.state_for(&authority(system.legacy)) == State::Open,
+        format!(
+            "three calls to /legacy found nobody listening ({bad_gateway}x 502): its breaker is {:?}",
+            breakers.state_for(&authority(system.legacy))
+        ),
+    );
+    let shed = system.send(Call::get("/legacy/report", "dave")).await;
+    report.check(
+        shed.status == StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "the next one is answered at once without a connection attempt: {} in {:?}, Retry-After: {}",
+            shed.status,
+            shed.took,
+            shed.header("retry-after")
+        ),
+    );
+    let users = system.send(Call::get("/users/1", "dave")).await;
+    report.check(
+        users.status == StatusCode::OK
+            && breakers.state_for(&authority(system.users)) == State::Closed
+            && breakers.state_for(&authority(system.orders)) == State::Closed,
+        format!(
+            "users and orders keep their closed breakers and keep serving: /users/1 {}",
+            users.status
+        ),
+    );
+    report.check(
+        breakers.not_closed() == vec![(authority(system.legacy), State::Open)],
+        format!("the breakers not closed: {:?}", breakers.not_closed()),
+    );
 }

@@ -438,7 +438,7 @@ where
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
             Err(open) => {
-                crate::metrics::circuit_rejected();
+                crate::metrics::circuit_rejected(None);
                 ResponseFuture::rejected(open)
             }
         }

@@ -36,6 +36,9 @@ impl CircuitOpen {
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 #[non_exhaustive]
 pub enum CircuitBreakerConfigError {
+    /// A keyed breaker's `max_keys` is zero: it needs room for at least one key.
+    #[error("circuit breaker max_keys must be at least 1")]
+    ZeroMaxKeys,
     /// The failure rate threshold is outside `(0, 1]`.
     #[error("failure rate threshold must be in (0, 1], got {0}")]
     FailureRate(f64),

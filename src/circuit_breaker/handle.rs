@@ -1,4 +1,7 @@
+use super::keyed::KeyedBreakers;
 use super::state::{Core, Metrics, State, TransitionReason};
+use std::fmt;
+use std::hash::Hash;
 use std::sync::Arc;
 use tokio::time::Instant;
 
@@ -52,5 +55,134 @@ impl CircuitBreakerHandle {
     pub fn reset(&self) {
         self.core
             .force(State::Closed, TransitionReason::Reset, Instant::now());
+    }
+}
+
+/// Observes and controls the breakers of a keyed layer; cheap to clone. Made by
+/// [`KeyedCircuitBreakerLayer::handle`](super::KeyedCircuitBreakerLayer::handle).
+///
+/// A key the layer does not track has no breaker of its own yet: it reads as a fresh
+/// breaker would (closed, or what the layer as a whole was forced into).
+pub struct KeyedCircuitBreakerHandle<K> {
+    breakers: Arc<KeyedBreakers<K>>,
+}
+
+impl<K> Clone for KeyedCircuitBreakerHandle<K> {
+    fn clone(&self) -> Self {
+        Self {
+            breakers: Arc::clone(&self.breakers),
+        }
+    }
+}
+
+impl<K> fmt::Debug for KeyedCircuitBreakerHandle<K> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreakerHandle")
+            .field("breakers", &self.breakers)
+            .finish()
+    }
+}
+
+impl<K> KeyedCircuitBreakerHandle<K> {
+    pub(crate) fn new(breakers: Arc<KeyedBreakers<K>>) -> Self {
+        Self { breakers }
+    }
+}
+
+impl<K> KeyedCircuitBreakerHandle<K>
+where
+    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+{
+    /// The state of `key`'s breaker (see [`CircuitBreakerHandle::state`]).
+    pub fn state_for(&self, key: &K) -> State {
+        self.breakers.tracked(key).map_or_else(
+            || self.breakers.fresh_state(),
+            |breaker| breaker.core.state(),
+        )
+    }
+
+    /// A snapshot of `key`'s breaker, or `None` when the layer does not track the key.
+    pub fn metrics_for(&self, key: &K) -> Option<Metrics> {
+        let breaker = self.breakers.tracked(key)?;
+        Some(breaker.core.metrics(Instant::now()))
+    }
+
+    /// Every tracked key whose breaker is not closed (open, half-open or forced), with
+    /// its state: what an operator wants to see. The shards are read one after the
+    /// other while calls go on.
+    pub fn not_closed(&self) -> Vec<(K, State)> {
+        self.breakers.not_closed()
+    }
+
+    /// How many keys have a breaker of their own now (never more than `max_keys`).
+    pub fn tracked_keys(&self) -> usize {
+        self.breakers.len()
+    }
+
+    /// The state of the shared breaker: the one requests without a key, and new keys
+    /// beyond `max_keys`, go through.
+    pub fn shared_state(&self) -> State {
+        self.breakers.shared().state()
+    }
+
+    /// A snapshot of the shared breaker.
+    pub fn shared_metrics(&self) -> Metrics {
+        self.breakers.shared().metrics(Instant::now())
+    }
+
+    /// Forces `key`'s breaker open (see [`CircuitBreakerHandle::force_open`]), tracking
+    /// the key if it is new. False when the key is new and the table is full of live
+    /// breakers: nothing changed.
+    pub fn force_open_for(&self, key: &K) -> bool {
+        self.breakers.force_one(
+            key,
+            State::ForcedOpen,
+            TransitionReason::ForcedOpen,
+            Instant::now(),
+        )
+    }
+
+    /// Forces `key`'s breaker closed, like [`force_open_for`](Self::force_open_for).
+    pub fn force_closed_for(&self, key: &K) -> bool {
+        self.breakers.force_one(
+            key,
+            State::ForcedClosed,
+            TransitionReason::ForcedClosed,
+            Instant::now(),
+        )
+    }
+
+    /// Closes `key`'s breaker with an empty window and forgets its past trips. A key
+    /// the layer does not track has a fresh breaker already.
+    pub fn reset_for(&self, key: &K) {
+        self.breakers
+            .force_one(key, State::Closed, TransitionReason::Reset, Instant::now());
+    }
+
+    /// Forces every breaker open, the shared one too, and starts the breakers of keys
+    /// that appear afterwards forced open, until [`reset`](Self::reset) or
+    /// [`force_closed`](Self::force_closed).
+    pub fn force_open(&self) {
+        self.breakers.force_all(
+            State::ForcedOpen,
+            TransitionReason::ForcedOpen,
+            Instant::now(),
+        );
+    }
+
+    /// Forces every breaker closed, like [`force_open`](Self::force_open).
+    pub fn force_closed(&self) {
+        self.breakers.force_all(
+            State::ForcedClosed,
+            TransitionReason::ForcedClosed,
+            Instant::now(),
+        );
+    }
+
+    /// Resets every breaker (the shared one too) to closed with an empty window, and
+    /// lets new keys start closed again.
+    pub fn reset(&self) {
+        self.breakers
+            .force_all(State::Closed, TransitionReason::Reset, Instant::now());
     }
 }

@@ -1,12 +1,16 @@
 use super::config::{Config, OpenBackoff, SlidingWindow, SlowCalls};
 use super::ejection::{EjectionGroup, EjectionLayer};
 use super::error::CircuitBreakerConfigError;
-use super::handle::CircuitBreakerHandle;
+use super::handle::{CircuitBreakerHandle, KeyedCircuitBreakerHandle};
+use super::keyed::{KeyLabel, KeyedBreakers, KeyedObserver};
 use super::lanes::CoreRefs;
-use super::service::CircuitBreakerService;
+use super::service::{CircuitBreakerService, KeyedCircuitBreakerService};
 use super::state::{Core, Observer, Transition};
 use crate::classify::ErrorsAsFailures;
+use crate::key::Global;
 use std::fmt;
+use std::hash::Hash;
+use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
@@ -53,6 +57,9 @@ impl CircuitBreakerLayer {
             minimum_calls: None,
             classify: ErrorsAsFailures,
             observer: None,
+            keys: Global,
+            label: None,
+            key: PhantomData,
         }
     }
 }
@@ -90,27 +97,56 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     }
 }
 
-/// Configures a [`CircuitBreakerLayer`]; made by [`CircuitBreakerLayer::builder`].
+/// Configures a [`CircuitBreakerLayer`], or with [`keyed`](Self::keyed) a
+/// [`KeyedCircuitBreakerLayer`]; made by [`CircuitBreakerLayer::builder`].
+///
+/// `X` is [`Global`] for one breaker, or [`Keyed`] once [`keyed`](Self::keyed) was
+/// called; `K` is then the key type.
 #[must_use = "a layer or builder does nothing until it is used"]
-pub struct CircuitBreakerLayerBuilder<C = ErrorsAsFailures> {
+pub struct CircuitBreakerLayerBuilder<C = ErrorsAsFailures, X = Global, K = ()> {
     config: Config,
     /// `None` until set: the default is fitted to the window at build time.
     minimum_calls: Option<u64>,
     classify: C,
-    observer: Option<Observer>,
+    observer: Option<KeyedObserver<K>>,
+    keys: X,
+    label: Option<KeyLabel<K>>,
+    key: PhantomData<fn() -> K>,
 }
 
-impl<C> fmt::Debug for CircuitBreakerLayerBuilder<C> {
+/// The key settings of a keyed [`CircuitBreakerLayerBuilder`]: made by
+/// [`keyed`](CircuitBreakerLayerBuilder::keyed).
+#[derive(Clone)]
+pub struct Keyed<X> {
+    extractor: X,
+    max_keys: usize,
+}
+
+// By hand: an extractor is usually a closure, which has no `Debug`.
+impl<X> fmt::Debug for Keyed<X> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Keyed")
+            .field("max_keys", &self.max_keys)
+            .finish_non_exhaustive()
+    }
+}
+
+/// How many keys a keyed breaker tracks unless told otherwise.
+const DEFAULT_MAX_KEYS: usize = 1_000;
+
+impl<C, X: fmt::Debug, K> fmt::Debug for CircuitBreakerLayerBuilder<C, X, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerLayerBuilder")
             .field("config", &self.config)
             .field("minimum_calls", &self.minimum_calls)
             .field("observer", &self.observer.is_some())
+            .field("keys", &self.keys)
+            .field("key_in_metrics", &self.label.is_some())
             .finish_non_exhaustive()
     }
 }
 
-impl<C> CircuitBreakerLayerBuilder<C> {
+impl<C, X, K> CircuitBreakerLayerBuilder<C, X, K> {
     /// The breaker trips when the failure rate in the window is at least `rate`, in
     /// `(0, 1]`.
     pub fn failure_rate_threshold(mut self, rate: f64) -> Self {
@@ -162,34 +198,177 @@ impl<C> CircuitBreakerLayerBuilder<C> {
 
     /// How results are judged: a preset from [`crate::classify`] or a closure
     /// `Fn(&Result<Res, E>) -> Outcome`.
-    pub fn classify<D>(self, classify: D) -> CircuitBreakerLayerBuilder<D> {
+    pub fn classify<D>(self, classify: D) -> CircuitBreakerLayerBuilder<D, X, K> {
         CircuitBreakerLayerBuilder {
             config: self.config,
             minimum_calls: self.minimum_calls,
             classify,
             observer: self.observer,
+            keys: self.keys,
+            label: self.label,
+            key: PhantomData,
         }
     }
 
-    /// Calls `observer` on every state change. It runs on the thread that made the
-    /// change, inside a call: keep it short.
-    pub fn on_transition(mut self, observer: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
-        self.observer = Some(Arc::new(observer));
-        self
-    }
-
-    /// Checks the configuration and creates the breaker's state.
-    pub fn build(self) -> Result<CircuitBreakerLayer<C>, CircuitBreakerConfigError> {
+    /// The checked configuration.
+    fn checked_config(&self) -> Result<Config, CircuitBreakerConfigError> {
         let mut config = self.config;
         config.minimum_calls = self
             .minimum_calls
             .unwrap_or_else(|| config.default_minimum_calls());
-        let config = config.validate()?;
-        let core = Arc::new(Core::new(config, self.observer, Instant::now()));
+        config.validate()
+    }
+}
+
+impl<C> CircuitBreakerLayerBuilder<C> {
+    /// Calls `observer` on every state change. It runs on the thread that made the
+    /// change, inside a call: keep it short.
+    pub fn on_transition(mut self, observer: impl Fn(&Transition) + Send + Sync + 'static) -> Self {
+        self.observer = Some(Arc::new(move |_: Option<&()>, transition: &Transition| {
+            observer(transition)
+        }));
+        self
+    }
+
+    /// One independent breaker per key: its own window, state, open-time growth and
+    /// probes, all with this configuration. `extractor` is one of the
+    /// [`key`](crate::key) extractors ([`key::Authority`](crate::key::Authority) for one
+    /// breaker per upstream) or a closure `Fn(&Req) -> Option<K>`. See the
+    /// [module docs](super#keyed-breakers) for the cap and for requests without a key.
+    ///
+    /// The key type `K` is inferred from the service the layer wraps; where nothing else
+    /// pins it down, name it: `.keyed::<_, http::uri::Authority>(key::Authority)`.
+    pub fn keyed<X, K>(self, extractor: X) -> CircuitBreakerLayerBuilder<C, Keyed<X>, K> {
+        CircuitBreakerLayerBuilder {
+            config: self.config,
+            minimum_calls: self.minimum_calls,
+            classify: self.classify,
+            observer: self.observer.map(|observer| {
+                Arc::new(move |_: Option<&K>, transition: &Transition| observer(None, transition))
+                    as KeyedObserver<K>
+            }),
+            keys: Keyed {
+                extractor,
+                max_keys: DEFAULT_MAX_KEYS,
+            },
+            label: None,
+            key: PhantomData,
+        }
+    }
+
+    /// Checks the configuration and creates the breaker's state.
+    pub fn build(self) -> Result<CircuitBreakerLayer<C>, CircuitBreakerConfigError> {
+        let config = self.checked_config()?;
+        let observer = self.observer.map(|observer| {
+            Arc::new(move |transition: &Transition| observer(None, transition)) as Observer
+        });
+        let core = Arc::new(Core::new(config, observer, Instant::now()));
         Ok(CircuitBreakerLayer {
             lanes: Arc::new(CoreRefs::new(&core)),
             core,
             classify: self.classify,
         })
+    }
+}
+
+impl<C, X, K> CircuitBreakerLayerBuilder<C, Keyed<X>, K> {
+    /// The most keys the breaker tracks (default 1,000; at least 1). Beyond, a new key
+    /// shares the [shared breaker](super#keyed-breakers) until an idle key's breaker can
+    /// be dropped.
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.keys.max_keys = max_keys;
+        self
+    }
+
+    /// Calls `observer` on every state change of any key's breaker, with the key
+    /// (`None` for the shared breaker). It runs on the thread that made the change,
+    /// inside a call: keep it short.
+    pub fn on_transition(
+        mut self,
+        observer: impl Fn(Option<&K>, &Transition) + Send + Sync + 'static,
+    ) -> Self {
+        self.observer = Some(Arc::new(observer));
+        self
+    }
+
+    /// Labels the `metrics` counters (feature `metrics`) with each key, as `label`
+    /// renders it (`"(shared)"` for the shared breaker). Off by default: a label per key
+    /// is a time series per key, at most `max_keys` + 1 of them.
+    pub fn key_in_metrics(mut self, label: impl Fn(&K) -> String + Send + Sync + 'static) -> Self {
+        self.label = Some(Arc::new(label));
+        self
+    }
+
+    /// Checks the configuration and creates the table of breakers.
+    pub fn build(self) -> Result<KeyedCircuitBreakerLayer<X, K, C>, CircuitBreakerConfigError>
+    where
+        K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    {
+        let config = self.checked_config()?;
+        if self.keys.max_keys == 0 {
+            return Err(CircuitBreakerConfigError::ZeroMaxKeys);
+        }
+        let breakers = KeyedBreakers::new(
+            config,
+            self.keys.max_keys,
+            self.observer,
+            self.label,
+            Instant::now(),
+        );
+        Ok(KeyedCircuitBreakerLayer {
+            breakers: Arc::new(breakers),
+            extractor: Arc::new(self.keys.extractor),
+            classify: self.classify,
+        })
+    }
+}
+
+/// Wraps services in a keyed circuit breaker: one breaker per key. Made by
+/// [`CircuitBreakerLayerBuilder::keyed`].
+///
+/// Like the global layer, the breakers live here: every service this layer builds, and
+/// every clone of them, shares them. See the [module docs](super#keyed-breakers).
+#[must_use = "a layer or builder does nothing until it is used"]
+pub struct KeyedCircuitBreakerLayer<X, K, C = ErrorsAsFailures> {
+    breakers: Arc<KeyedBreakers<K>>,
+    extractor: Arc<X>,
+    classify: C,
+}
+
+impl<X, K, C: Clone> Clone for KeyedCircuitBreakerLayer<X, K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            breakers: Arc::clone(&self.breakers),
+            extractor: Arc::clone(&self.extractor),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+impl<X, K, C> fmt::Debug for KeyedCircuitBreakerLayer<X, K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreakerLayer")
+            .field("breakers", &self.breakers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<X, K, C> KeyedCircuitBreakerLayer<X, K, C> {
+    /// A handle that observes and controls every key's breaker.
+    pub fn handle(&self) -> KeyedCircuitBreakerHandle<K> {
+        KeyedCircuitBreakerHandle::new(Arc::clone(&self.breakers))
+    }
+}
+
+impl<S, X, K, C: Clone> Layer<S> for KeyedCircuitBreakerLayer<X, K, C> {
+    type Service = KeyedCircuitBreakerService<S, X, K, C>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        KeyedCircuitBreakerService::new(
+            inner,
+            Arc::clone(&self.breakers),
+            Arc::clone(&self.extractor),
+            self.classify.clone(),
+        )
     }
 }

@@ -3,9 +3,11 @@
 //! `--cfg loom`.
 
 use super::config::Config;
+use super::keyed::{KeyedBreaker, KeyedBreakers};
 use super::state::{Core, Observer, Permit};
 use super::{OpenBackoff, SlidingWindow, State};
 use crate::classify::Outcome;
+use crate::sync::Arc;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -39,20 +41,25 @@ pub struct Settings {
     pub open_for: Duration,
 }
 
+impl Settings {
+    fn config(&self) -> Config {
+        Config {
+            failure_rate: self.failure_rate,
+            minimum_calls: self.minimum_calls,
+            window: self.window,
+            slow: None,
+            open: OpenBackoff::exponential(self.open_for).max(self.open_for),
+            probes: self.probes,
+        }
+        .validate()
+        .expect("a valid model configuration")
+    }
+}
+
 impl Breaker {
     /// A closed breaker; `observer` sees every transition.
     pub fn new(settings: Settings, observer: Option<Observer>, now: Instant) -> Self {
-        let config = Config {
-            failure_rate: settings.failure_rate,
-            minimum_calls: settings.minimum_calls,
-            window: settings.window,
-            slow: None,
-            open: OpenBackoff::exponential(settings.open_for).max(settings.open_for),
-            probes: settings.probes,
-        }
-        .validate()
-        .expect("a valid model configuration");
-        Self(Core::new(config, observer, now))
+        Self(Core::new(settings.config(), observer, now))
     }
 
     /// Lets a call through at `now`, or `None` when it is rejected.
@@ -84,5 +91,77 @@ impl Breaker {
     pub fn counts(&self, now: Instant) -> (u64, u64) {
         let metrics = self.0.metrics(now);
         (metrics.calls, metrics.failures)
+    }
+}
+
+/// The breakers of a keyed layer, keyed by `u32`, as a model drives them.
+#[derive(Debug)]
+pub struct KeyedModel(KeyedBreakers<u32>);
+
+/// A call a keyed breaker let through, holding its breaker.
+#[derive(Debug)]
+pub struct KeyedCall {
+    breaker: Arc<KeyedBreaker>,
+    permit: Permit,
+    shared: bool,
+}
+
+impl KeyedCall {
+    /// Whether the call went through the shared breaker (its key was not tracked).
+    pub fn is_shared(&self) -> bool {
+        self.shared
+    }
+}
+
+impl KeyedModel {
+    /// Breakers for at most `max_keys` keys, plus the shared one.
+    pub fn new(settings: Settings, max_keys: usize, now: Instant) -> Self {
+        Self(KeyedBreakers::new(
+            settings.config(),
+            max_keys,
+            None,
+            None,
+            now,
+        ))
+    }
+
+    /// Looks `key`'s breaker up (tracking the key if there is room) and lets a call
+    /// through at `now`, or `None` when it is rejected.
+    pub fn admit(&self, key: u32, now: Instant) -> Option<KeyedCall> {
+        let breaker = self.0.breaker(Some(&key), || now);
+        let shared = self.0.is_shared(&breaker);
+        let permit = breaker.core.admit(|| now).ok()?;
+        Some(KeyedCall {
+            breaker,
+            permit,
+            shared,
+        })
+    }
+
+    /// Records a finished call (and lets go of its breaker).
+    pub fn record(&self, call: KeyedCall, failure: bool, now: Instant) {
+        let outcome = if failure {
+            Outcome::Failure
+        } else {
+            Outcome::Success
+        };
+        call.breaker
+            .core
+            .record(call.permit, outcome, Duration::ZERO, || now);
+    }
+
+    /// The state of `key`'s breaker, if the table tracks the key.
+    pub fn state_for(&self, key: u32) -> Option<State> {
+        self.0.tracked(&key).map(|breaker| breaker.core.state())
+    }
+
+    /// The state of the shared breaker.
+    pub fn shared_state(&self) -> State {
+        self.0.shared().state()
+    }
+
+    /// How many keys the table tracks.
+    pub fn tracked(&self) -> usize {
+        self.0.len()
     }
 }

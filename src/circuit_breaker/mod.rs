@@ -44,6 +44,84 @@
 //! positions may still hold outcomes from its previous lap, at most an eighth of the
 //! window.
 //!
+//! # Keyed breakers
+//!
+//! A gateway or a client in front of many upstreams wants one breaker per upstream, not
+//! one for everything: [`keyed`](CircuitBreakerLayerBuilder::keyed) gives every key (an
+//! upstream's [authority](crate::key::Authority), a header, a route, any closure) a
+//! breaker of its own, with its own window, state, open-time growth and probes, all
+//! with the one configuration. A [`KeyedCircuitBreakerHandle`] reads and forces one
+//! key's breaker or all of them, and lists the keys that are not closed. Transitions
+//! reach the [`on_transition`](CircuitBreakerLayerBuilder::on_transition) callback and
+//! the `tracing` event with their key; the `metrics` counters carry it only with
+//! [`key_in_metrics`](CircuitBreakerLayerBuilder::key_in_metrics).
+//!
+//! Memory is bounded by [`max_keys`](CircuitBreakerLayerBuilder::max_keys), in the
+//! crate's one keyed table (see [`key`](crate::key)):
+//!
+//! - **Idle breakers go.** A breaker that is closed, has nothing but successes in its
+//!   window and no call in flight is no worse than a fresh one (with fewer successes
+//!   to dilute them, later failures trip a fresh breaker no later), so the table drops
+//!   it when it needs the room. An open, half-open or forced breaker, or one with a
+//!   failure or a slow call in its window, stays.
+//! - **At the cap, a new key shares.** A new key that finds the table full of live
+//!   breakers is not tracked: its calls go through the one *shared* breaker, until an
+//!   idle breaker makes room. A flood of fresh keys thus neither grows memory past the
+//!   cap nor evicts or resets a breaker that is open: it can at worst open the shared
+//!   breaker, which only the untracked keys use.
+//! - **A request without a key shares too.** It goes through the same shared breaker
+//!   ([`KeyedCircuitBreakerHandle::shared_state`]), rather than being refused: a
+//!   breaker protects the caller from a dependency, it does not police the caller.
+//!
+//! The closed path of a keyed breaker is the global one's plus one hash of the key
+//! (SipHash with random keys: keys are client-controlled) and one probe of the table
+//! under its shard's lock, held for the probe and one reference-count increment, never
+//! across a call or user code; up to 64 padded shards spread it. It is a lock rather
+//! than a lock-free read because the table may drop a breaker only while no call holds
+//! it: under the shard's lock, that check and every lookup's reference cannot
+//! interleave, where a lock-free map would need a retirement protocol on every
+//! breaker's state word as well as memory reclamation. `bench/` counts what it costs.
+//!
+//! ```
+//! # #[cfg(feature = "http")] {
+//! use palisade::circuit_breaker::{CircuitBreakerLayer, State};
+//! use palisade::key;
+//! use http::{Request, uri::Authority};
+//! use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), BoxError> {
+//! let breaker = CircuitBreakerLayer::builder()
+//!     .minimum_calls(3)
+//!     .keyed::<_, Authority>(key::Authority)
+//!     .max_keys(1_000)
+//!     .build()?;
+//! let handle = breaker.handle();
+//!
+//! // An HTTP client: `payments` is down, `orders` is fine.
+//! let mut client = ServiceBuilder::new().layer(breaker).service(service_fn(
+//!     |request: Request<()>| async move {
+//!         match request.uri().host() {
+//!             Some("payments") => Err::<&str, BoxError>("connection refused".into()),
+//!             _ => Ok("ok"),
+//!         }
+//!     },
+//! ));
+//! for _ in 0..3 {
+//!     let request = Request::get("http://payments/charge").body(())?;
+//!     let _ = client.ready().await?.call(request).await;
+//! }
+//! let orders = Request::get("http://orders/list").body(())?;
+//! assert!(client.ready().await?.call(orders).await.is_ok());
+//!
+//! assert_eq!(handle.state_for(&Authority::from_static("payments")), State::Open);
+//! assert_eq!(handle.state_for(&Authority::from_static("orders")), State::Closed);
+//! assert_eq!(handle.not_closed(), vec![(Authority::from_static("payments"), State::Open)]);
+//! # Ok(())
+//! # }
+//! # }
+//! ```
+//!
 //! # Example
 //!
 //! ```
@@ -84,6 +162,7 @@ mod ejection;
 mod error;
 mod future;
 mod handle;
+mod keyed;
 mod lanes;
 mod layer;
 #[cfg(loom)]
@@ -100,7 +179,9 @@ pub use self::config::{OpenBackoff, SlidingWindow};
 pub use self::ejection::{EjectionGroup, EjectionLayer, EjectionService};
 pub use self::error::{CircuitBreakerConfigError, CircuitOpen};
 pub use self::future::ResponseFuture;
-pub use self::handle::CircuitBreakerHandle;
-pub use self::layer::{CircuitBreakerLayer, CircuitBreakerLayerBuilder};
-pub use self::service::{CallReport, CircuitBreakerService};
+pub use self::handle::{CircuitBreakerHandle, KeyedCircuitBreakerHandle};
+pub use self::layer::{
+    CircuitBreakerLayer, CircuitBreakerLayerBuilder, Keyed, KeyedCircuitBreakerLayer,
+};
+pub use self::service::{CallReport, CircuitBreakerService, KeyedCircuitBreakerService};
 pub use self::state::{Metrics, State, Transition, TransitionReason};

@@ -1,9 +1,12 @@
 use super::future::ResponseFuture;
+use super::keyed::{KeyedBreaker, KeyedBreakers};
 use super::lanes::{CoreRef, CoreRefs};
-use super::state::Permit;
+use super::state::{Core, Permit};
 use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
 use crate::context::DeadlineExceeded;
+use crate::key::KeyExtractor;
 use std::fmt;
+use std::hash::Hash;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use tokio::time::Instant;
@@ -94,7 +97,108 @@ where
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
             Err(open) => {
-                crate::metrics::circuit_rejected();
+                crate::metrics::circuit_rejected(None);
+                ResponseFuture::rejected(open)
+            }
+        }
+    }
+}
+
+/// A service behind a keyed circuit breaker: one breaker per key. Made by
+/// [`KeyedCircuitBreakerLayer`](super::KeyedCircuitBreakerLayer).
+///
+/// Each call extracts its key, looks its breaker up (one hash, one probe of the table)
+/// and then goes through exactly what [`CircuitBreakerService`] does. A call made when
+/// the request context's deadline has passed is neither sent nor counted.
+pub struct KeyedCircuitBreakerService<S, X, K, C = ErrorsAsFailures> {
+    inner: S,
+    breakers: Arc<KeyedBreakers<K>>,
+    extractor: Arc<X>,
+    classify: C,
+}
+
+impl<S, X, K, C> KeyedCircuitBreakerService<S, X, K, C> {
+    pub(crate) fn new(
+        inner: S,
+        breakers: Arc<KeyedBreakers<K>>,
+        extractor: Arc<X>,
+        classify: C,
+    ) -> Self {
+        Self {
+            inner,
+            breakers,
+            extractor,
+            classify,
+        }
+    }
+
+    /// The wrapped service.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
+
+    /// The wrapped service, mutably.
+    pub fn get_mut(&mut self) -> &mut S {
+        &mut self.inner
+    }
+
+    /// The wrapped service, consuming the breaker.
+    pub fn into_inner(self) -> S {
+        self.inner
+    }
+}
+
+impl<S: Clone, X, K, C: Clone> Clone for KeyedCircuitBreakerService<S, X, K, C> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: self.inner.clone(),
+            breakers: Arc::clone(&self.breakers),
+            extractor: Arc::clone(&self.extractor),
+            classify: self.classify.clone(),
+        }
+    }
+}
+
+impl<S: fmt::Debug, X, K, C> fmt::Debug for KeyedCircuitBreakerService<S, X, K, C> {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KeyedCircuitBreakerService")
+            .field("inner", &self.inner)
+            .field("breakers", &self.breakers)
+            .finish_non_exhaustive()
+    }
+}
+
+impl<S, X, K, C, Request> Service<Request> for KeyedCircuitBreakerService<S, X, K, C>
+where
+    S: Service<Request>,
+    S::Error: Into<BoxError>,
+    X: KeyExtractor<Request, Key = K>,
+    K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    C: Classify<S::Response, S::Error> + Clone,
+{
+    type Response = C::Response<CallReport>;
+    type Error = BoxError;
+    type Future = ResponseFuture<S::Future, C>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx).map_err(Into::into)
+    }
+
+    fn call(&mut self, request: Request) -> Self::Future {
+        if let Some(deadline) = crate::context::deadline()
+            && deadline <= Instant::now()
+        {
+            return ResponseFuture::rejected(DeadlineExceeded::new(None));
+        }
+        let key = self.extractor.extract(&request);
+        let breaker = self.breakers.breaker(key.as_ref(), Instant::now);
+        match breaker.core.admit(Instant::now) {
+            Ok(permit) => {
+                let report = CallReport::keyed(breaker, permit);
+                ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
+            }
+            Err(open) => {
+                crate::metrics::circuit_rejected(breaker.label());
                 ResponseFuture::rejected(open)
             }
         }
@@ -109,17 +213,42 @@ where
 /// gRPC body dropped before the outcome was known), it records nothing and gives back
 /// the half-open probe slot it may hold.
 pub struct CallReport {
-    lane: Arc<CoreRef>,
+    breaker: Held,
     permit: Option<Permit>,
     started: Option<Instant>,
 }
 
+/// The reference to its breaker a call holds until its outcome is known.
+enum Held {
+    /// A global breaker, through this thread's lane.
+    Lane(Arc<CoreRef>),
+    /// One key's breaker (or a keyed layer's shared one).
+    Keyed(crate::sync::Arc<KeyedBreaker>),
+}
+
+impl Held {
+    fn core(&self) -> &Core {
+        match self {
+            Held::Lane(lane) => &lane.core,
+            Held::Keyed(breaker) => &breaker.core,
+        }
+    }
+}
+
 impl CallReport {
     pub(crate) fn new(lane: Arc<CoreRef>, permit: Permit) -> Self {
+        Self::holding(Held::Lane(lane), permit)
+    }
+
+    pub(crate) fn keyed(breaker: crate::sync::Arc<KeyedBreaker>, permit: Permit) -> Self {
+        Self::holding(Held::Keyed(breaker), permit)
+    }
+
+    fn holding(breaker: Held, permit: Permit) -> Self {
         // Only slow-call detection needs the start; the closed fast path reads no clock.
-        let started = lane.core.config().slow.map(|_| Instant::now());
+        let started = breaker.core().config().slow.map(|_| Instant::now());
         Self {
-            lane,
+            breaker,
             permit: Some(permit),
             started,
         }
@@ -145,7 +274,7 @@ impl Report for CallReport {
             (Some(started), Some(now)) => now.saturating_duration_since(started),
             _ => Default::default(),
         };
-        self.lane.core.record(permit, outcome, duration, || {
+        self.breaker.core().record(permit, outcome, duration, || {
             now.unwrap_or_else(Instant::now)
         });
     }
@@ -154,7 +283,7 @@ impl Report for CallReport {
 impl Drop for CallReport {
     fn drop(&mut self) {
         if let Some(permit) = self.permit.take() {
-            self.lane.core.release(permit);
+            self.breaker.core().release(permit);
         }
     }
 }

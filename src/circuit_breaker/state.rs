@@ -259,6 +259,9 @@ pub(crate) struct Core {
     config: Config,
     base: Instant,
     observer: Option<Observer>,
+    /// Whether `notify` emits the `tracing` event and the `metrics` counter itself; a
+    /// keyed breaker's observer does, with the key.
+    announce: bool,
     /// Endpoints in a balancer waiting for this breaker to change (ejection mode only).
     waiters: Waiters,
 }
@@ -297,8 +300,43 @@ impl Core {
             config,
             base: now,
             observer,
+            announce: true,
             waiters: Waiters::default(),
         }
+    }
+
+    /// A closed breaker of a keyed layer: `listener` hears of every transition and
+    /// reports it (`tracing`, `metrics`, the user's observer) with the key.
+    pub(crate) fn keyed(config: Config, listener: Observer, now: Instant) -> Self {
+        Self {
+            announce: false,
+            ..Self::new(config, Some(listener), now)
+        }
+    }
+
+    /// Puts a breaker nobody else has seen yet into `state` (forced open or closed)
+    /// without a transition: the state a keyed layer forced as a whole gives the
+    /// breakers of keys that appear afterwards.
+    pub(crate) fn start_in(&self, state: State) {
+        let word = Word {
+            state,
+            generation: 0,
+            open_until_ms: 0,
+        };
+        self.state.store(word.encode(), Ordering::Release);
+    }
+
+    /// Whether a fresh breaker would serve the calls to come at `now` no worse than this
+    /// one: closed (not forced), and nothing but successes in its window. Dropping
+    /// successes can only make a breaker trip sooner, never later, so a keyed table may
+    /// drop it without letting anyone close or hide a failing upstream.
+    pub(crate) fn is_idle(&self, now: Instant) -> bool {
+        let word = Word::decode(self.state.load(Ordering::Acquire));
+        if word.state != State::Closed {
+            return false;
+        }
+        let counts = self.window.counts(now);
+        counts.failures == 0 && counts.slow == 0
     }
 
     pub(crate) fn config(&self) -> &Config {
@@ -687,15 +725,17 @@ impl Core {
     }
 
     fn notify(&self, transition: Transition) {
-        #[cfg(feature = "tracing")]
-        tracing::info!(
-            target: "palisade::circuit_breaker",
-            from = ?transition.from,
-            to = ?transition.to,
-            reason = ?transition.reason,
-            "circuit breaker changed state"
-        );
-        crate::metrics::circuit_transition(transition.from, transition.to);
+        if self.announce {
+            #[cfg(feature = "tracing")]
+            tracing::info!(
+                target: "palisade::circuit_breaker",
+                from = ?transition.from,
+                to = ?transition.to,
+                reason = ?transition.reason,
+                "circuit breaker changed state"
+            );
+            crate::metrics::circuit_transition(transition.from, transition.to, None);
+        }
         if let Some(observer) = &self.observer {
             observer(&transition);
         }

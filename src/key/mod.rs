@@ -1,13 +1,15 @@
 //! What a keyed layer keys on: any closure `Fn(&Req) -> Option<K>`, or (with the `http`
 //! feature) the ready-made extractors for HTTP requests here. Every keyed layer takes a
 //! [`KeyExtractor`]: the rate limiter gives each key its own bucket
-//! ([`rate_limit::Builder::keyed`](crate::rate_limit::Builder::keyed)), and the keyed
-//! layers to come give each key its own breaker or concurrency limit.
+//! ([`rate_limit::Builder::keyed`](crate::rate_limit::Builder::keyed)), and the circuit
+//! breaker its own breaker
+//! ([`CircuitBreakerLayerBuilder::keyed`](crate::circuit_breaker::CircuitBreakerLayerBuilder::keyed)).
 //!
 //! A request whose key cannot be extracted is the layer's to decide: a keyed rate limiter
 //! refuses it with [`MissingKey`](crate::rate_limit::MissingKey), or charges it to its
 //! shared fallback bucket, as chosen with
-//! [`when_key_missing`](crate::rate_limit::Builder::when_key_missing).
+//! [`when_key_missing`](crate::rate_limit::Builder::when_key_missing); a keyed circuit
+//! breaker sends it through its one shared breaker.
 //!
 //! Every keyed layer keeps its per-key state in one kind of table: sharded, hashed with
 //! randomly keyed SipHash (keys are client-controlled), and bounded by its `max_keys`.
@@ -178,6 +180,58 @@ impl<B> KeyExtractor<Request<B>> for Authority {
         }
         let host = request.headers().get(header::HOST)?;
         uri::Authority::try_from(host.as_bytes()).ok()
+    }
+}
+
+/// Keys on the route axum matched (its path pattern, such as `/users/{id}`), for one
+/// breaker or limit per route of a server. axum puts the `MatchedPath` in the request's
+/// extensions for middleware added with `Router::layer` or `route_layer`; a request
+/// without one (no route matched, or outside a `Router`) has no key.
+#[cfg(feature = "axum")]
+#[derive(Debug, Clone, Copy, Default)]
+pub struct MatchedPath;
+
+/// The key [`MatchedPath`] extracts: the matched route's path pattern (sharing axum's
+/// string, so extracting it does not allocate).
+#[cfg(feature = "axum")]
+#[derive(Debug, Clone)]
+pub struct RoutePath(axum::extract::MatchedPath);
+
+#[cfg(feature = "axum")]
+impl RoutePath {
+    /// The path pattern, such as `/users/{id}`.
+    pub fn as_str(&self) -> &str {
+        self.0.as_str()
+    }
+}
+
+#[cfg(feature = "axum")]
+impl PartialEq for RoutePath {
+    fn eq(&self, other: &Self) -> bool {
+        self.as_str() == other.as_str()
+    }
+}
+
+#[cfg(feature = "axum")]
+impl Eq for RoutePath {}
+
+#[cfg(feature = "axum")]
+impl std::hash::Hash for RoutePath {
+    fn hash<H: std::hash::Hasher>(&self, state: &mut H) {
+        self.as_str().hash(state);
+    }
+}
+
+#[cfg(feature = "axum")]
+impl<B> KeyExtractor<Request<B>> for MatchedPath {
+    type Key = RoutePath;
+
+    fn extract(&self, request: &Request<B>) -> Option<RoutePath> {
+        request
+            .extensions()
+            .get::<axum::extract::MatchedPath>()
+            .cloned()
+            .map(RoutePath)
     }
 }
 

@@ -53,6 +53,9 @@ pub(crate) struct KeyedTable<K, V: Idle> {
     shards: Box<[PaddedShard<K, V>]>,
     hasher: RandomState,
     shard_cap: usize,
+    /// Whether a growing shard also sweeps before it is full (see
+    /// [`KeyedTable::sweeping_when_full`]).
+    early_sweeps: bool,
 }
 
 type PaddedShard<K, V> = CachePadded<Mutex<Shard<K, V>>>;
@@ -83,6 +86,18 @@ impl<K: Hash + Eq + Clone, V: Idle> KeyedTable<K, V> {
                 .collect(),
             hasher: RandomState::new(),
             shard_cap: max_keys / shards,
+            early_sweeps: true,
+        }
+    }
+
+    /// A table like [`new`](Self::new) whose shards sweep only when full: for entries
+    /// that are idle as soon as they are made (a breaker with only successes in its
+    /// window), which a sweep at every doubling would drop and make again on the key's
+    /// next request, while there is room for them.
+    pub(crate) fn sweeping_when_full(max_keys: usize) -> Self {
+        Self {
+            early_sweeps: false,
+            ..Self::new(max_keys)
         }
     }
 
@@ -97,7 +112,18 @@ impl<K: Hash + Eq + Clone, V: Idle> KeyedTable<K, V> {
             key,
             hash,
             cap: self.shard_cap,
+            early_sweeps: self.early_sweeps,
             shard: lock(&self.shards[index]),
+        }
+    }
+
+    /// Calls `visit` with every entry, locking each shard in turn (so keep `visit` short,
+    /// and never call into the table or user code from it).
+    pub(crate) fn for_each(&self, mut visit: impl FnMut(&K, &V)) {
+        for shard in &*self.shards {
+            for (key, _, value) in lock(shard).entries.iter() {
+                visit(key, value);
+            }
         }
     }
 
@@ -115,6 +141,7 @@ pub(crate) struct Slot<'a, K, V: Idle> {
     key: &'a K,
     hash: u64,
     cap: usize,
+    early_sweeps: bool,
     shard: MutexGuard<'a, Shard<K, V>>,
 }
 
@@ -162,6 +189,28 @@ impl<K: Hash + Eq + Clone, V: Idle> Slot<'_, K, V> {
         true
     }
 
+    /// [`insert`](Self::insert), making the value only once there is room for it (a
+    /// value that is costly to make, which a flood of fresh keys at the cap must not make
+    /// and drop on every request); the tracked entry, or `None` when the shard is full
+    /// of live entries.
+    pub(crate) fn insert_with(
+        &mut self,
+        make: impl FnOnce() -> V,
+        now: V::Now,
+        retry_at: impl FnOnce() -> V::Now,
+    ) -> Option<&V> {
+        if !self.make_room(now, retry_at) {
+            return None;
+        }
+        let entry = self.shard.entries.insert_unique(
+            self.hash,
+            (self.key.clone(), self.hash, make()),
+            |(_, hash, _)| *hash,
+        );
+        let (.., value) = entry.into_mut();
+        Some(value)
+    }
+
     /// Whether [`insert`](Self::insert) would find room at `now` (without sweeping).
     pub(crate) fn has_room(&self, now: V::Now) -> bool {
         let shard = &*self.shard;
@@ -174,7 +223,12 @@ impl<K: Hash + Eq + Clone, V: Idle> Slot<'_, K, V> {
         let cap = self.cap;
         let shard = &mut *self.shard;
         let len = shard.entries.len();
-        if len < shard.sweep_at.min(cap) {
+        let sweep_at = if self.early_sweeps {
+            shard.sweep_at.min(cap)
+        } else {
+            cap
+        };
+        if len < sweep_at {
             return true;
         }
         if len >= cap && !shard.may_sweep_full(now) {
@@ -263,6 +317,15 @@ mod tests {
             1,
             "the idle entries went at the doubling sweep"
         );
+    }
+
+    #[test]
+    fn a_table_sweeping_when_full_keeps_idle_entries_while_there_is_room() {
+        let table = KeyedTable::sweeping_when_full(1000);
+        for key in 0..=MIN_SWEEP as u32 {
+            assert!(insert(&table, key, 0, 1));
+        }
+        assert_eq!(table.len(), MIN_SWEEP + 1, "no sweep at the doubling");
     }
 
     #[test]
