@@ -90,13 +90,9 @@ mod metrics;
 mod rng;
 mod sync;
 
-// The lock-free cores as the loom model checks in tests/loom.rs drive them.
-#[cfg(loom)]
-#[doc(hidden)]
-pub mod __loom {
-    pub use crate::circuit_breaker::loom_api::*;
-    pub use crate::concurrency_limit::loom_api::*;
-}
+// The loom model checks of the lock-free cores (`--cfg loom`; see scripts/test).
+#[cfg(all(test, loom))]
+mod loom_tests;
 
 pub use self::builder::ServiceBuilderExt;
 

@@ -1,5 +1,5 @@
 //! The synchronisation pieces every layer shares: the atomics the lock-free cores use
-//! (std's, or loom's under `--cfg loom` so that the model checks in `tests/loom.rs`
+//! (std's, or loom's under `--cfg loom` so that the model checks in `src/loom_tests.rs`
 //! explore every interleaving), the crate's mutexes (loom's too under `--cfg loom`),
 //! cache padding for hot words, and lock recovery.
 

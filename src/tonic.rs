@@ -278,7 +278,7 @@ where
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
     use crate::rate_limit::{CostExceedsCapacity, MissingKey};

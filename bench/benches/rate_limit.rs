@@ -174,11 +174,19 @@ fn two_threads(c: &mut Criterion) {
                 run_threads(threads, iters, || ours_keyed.clone(), |_| keyed_request(0))
             })
         });
-        group.bench_function(format!("tower_governor_keyed_1_key_{threads}_threads"), |b| {
-            b.iter_custom(|iters| {
-                run_threads(threads, iters, || theirs_keyed.clone(), |_| keyed_request(0))
-            })
-        });
+        group.bench_function(
+            format!("tower_governor_keyed_1_key_{threads}_threads"),
+            |b| {
+                b.iter_custom(|iters| {
+                    run_threads(
+                        threads,
+                        iters,
+                        || theirs_keyed.clone(),
+                        |_| keyed_request(0),
+                    )
+                })
+            },
+        );
     }
     group.finish();
 }

@@ -1,6 +1,6 @@
-//! The circuit breaker's core, reachable (as `palisade::__loom`) from the loom model checks in `tests/loom.rs`
-//! (the token bucket and the retry budget are public already). Only built under
-//! `--cfg loom`.
+//! The circuit breaker's core, as the loom model checks in `src/loom_tests.rs` drive it
+//! (the token bucket and the retry budget are public already). Only built for
+//! them (`--cfg loom`, tests).
 
 use super::config::Config;
 use super::keyed::{KeyedBreaker, KeyedBreakers};
@@ -13,32 +13,32 @@ use tokio::time::Instant;
 
 /// A breaker core with the settings a model needs.
 #[derive(Debug)]
-pub struct Breaker(Core);
+pub(crate) struct Breaker(Core);
 
 /// A call the breaker let through.
 #[derive(Debug, Clone, Copy)]
-pub struct Call(Permit);
+pub(crate) struct Call(Permit);
 
 impl Call {
     /// Whether the call holds a half-open probe slot.
-    pub fn is_probe(&self) -> bool {
+    pub(crate) fn is_probe(&self) -> bool {
         self.0.is_probe()
     }
 }
 
 /// The settings of a model's breaker.
 #[derive(Debug, Clone, Copy)]
-pub struct Settings {
+pub(crate) struct Settings {
     /// The window.
-    pub window: SlidingWindow,
+    pub(crate) window: SlidingWindow,
     /// Calls needed before a verdict.
-    pub minimum_calls: u64,
+    pub(crate) minimum_calls: u64,
     /// The failure rate that trips.
-    pub failure_rate: f64,
+    pub(crate) failure_rate: f64,
     /// The half-open probes.
-    pub probes: u32,
+    pub(crate) probes: u32,
     /// How long the breaker stays open.
-    pub open_for: Duration,
+    pub(crate) open_for: Duration,
 }
 
 impl Settings {
@@ -58,17 +58,17 @@ impl Settings {
 
 impl Breaker {
     /// A closed breaker; `observer` sees every transition.
-    pub fn new(settings: Settings, observer: Option<Observer>, now: Instant) -> Self {
+    pub(crate) fn new(settings: Settings, observer: Option<Observer>, now: Instant) -> Self {
         Self(Core::new(settings.config(), observer, now))
     }
 
     /// Lets a call through at `now`, or `None` when it is rejected.
-    pub fn admit(&self, now: Instant) -> Option<Call> {
+    pub(crate) fn admit(&self, now: Instant) -> Option<Call> {
         self.0.admit(|| now).ok().map(Call)
     }
 
     /// Records a finished call.
-    pub fn record(&self, call: Call, failure: bool, now: Instant) {
+    pub(crate) fn record(&self, call: Call, failure: bool, now: Instant) {
         let outcome = if failure {
             Outcome::Failure
         } else {
@@ -78,17 +78,17 @@ impl Breaker {
     }
 
     /// Gives a call's permit back unrecorded (a dropped call).
-    pub fn release(&self, call: Call) {
+    pub(crate) fn release(&self, call: Call) {
         self.0.release(call.0);
     }
 
     /// The state.
-    pub fn state(&self) -> State {
+    pub(crate) fn state(&self) -> State {
         self.0.state()
     }
 
     /// `(calls, failures)` in the closed-state window at `now`.
-    pub fn counts(&self, now: Instant) -> (u64, u64) {
+    pub(crate) fn counts(&self, now: Instant) -> (u64, u64) {
         let metrics = self.0.metrics(now);
         (metrics.calls, metrics.failures)
     }
@@ -96,11 +96,11 @@ impl Breaker {
 
 /// The breakers of a keyed layer, keyed by `u32`, as a model drives them.
 #[derive(Debug)]
-pub struct KeyedModel(KeyedBreakers<u32>);
+pub(crate) struct KeyedModel(KeyedBreakers<u32>);
 
 /// A call a keyed breaker let through, holding its breaker.
 #[derive(Debug)]
-pub struct KeyedCall {
+pub(crate) struct KeyedCall {
     breaker: Arc<KeyedBreaker>,
     permit: Permit,
     shared: bool,
@@ -108,14 +108,14 @@ pub struct KeyedCall {
 
 impl KeyedCall {
     /// Whether the call went through the shared breaker (its key was not tracked).
-    pub fn is_shared(&self) -> bool {
+    pub(crate) fn is_shared(&self) -> bool {
         self.shared
     }
 }
 
 impl KeyedModel {
     /// Breakers for at most `max_keys` keys, plus the shared one.
-    pub fn new(settings: Settings, max_keys: usize, now: Instant) -> Self {
+    pub(crate) fn new(settings: Settings, max_keys: usize, now: Instant) -> Self {
         Self(KeyedBreakers::new(
             settings.config(),
             max_keys,
@@ -127,7 +127,7 @@ impl KeyedModel {
 
     /// Looks `key`'s breaker up (tracking the key if there is room) and lets a call
     /// through at `now`, or `None` when it is rejected.
-    pub fn admit(&self, key: u32, now: Instant) -> Option<KeyedCall> {
+    pub(crate) fn admit(&self, key: u32, now: Instant) -> Option<KeyedCall> {
         let breaker = self.0.breaker(Some(&key), || now);
         let shared = self.0.is_shared(&breaker);
         let permit = breaker.core.admit(|| now).ok()?;
@@ -139,7 +139,7 @@ impl KeyedModel {
     }
 
     /// Records a finished call (and lets go of its breaker).
-    pub fn record(&self, call: KeyedCall, failure: bool, now: Instant) {
+    pub(crate) fn record(&self, call: KeyedCall, failure: bool, now: Instant) {
         let outcome = if failure {
             Outcome::Failure
         } else {
@@ -151,17 +151,17 @@ impl KeyedModel {
     }
 
     /// The state of `key`'s breaker, if the table tracks the key.
-    pub fn state_for(&self, key: u32) -> Option<State> {
+    pub(crate) fn state_for(&self, key: u32) -> Option<State> {
         self.0.tracked(&key).map(|breaker| breaker.core.state())
     }
 
     /// The state of the shared breaker.
-    pub fn shared_state(&self) -> State {
+    pub(crate) fn shared_state(&self) -> State {
         self.0.shared().state()
     }
 
     /// How many keys the table tracks.
-    pub fn tracked(&self) -> usize {
+    pub(crate) fn tracked(&self) -> usize {
         self.0.len()
     }
 }

@@ -165,14 +165,14 @@ mod handle;
 mod keyed;
 mod lanes;
 mod layer;
-#[cfg(loom)]
+#[cfg(all(test, loom))]
 pub(crate) mod loom_api;
 mod service;
 mod state;
 mod waiters;
 mod window;
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod model_tests;
 
 pub use self::config::{OpenBackoff, SlidingWindow};

@@ -824,7 +824,7 @@ enum ProbeSlot {
     Stale,
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::super::config::MAX_DURATION;
     use super::*;

@@ -457,7 +457,7 @@ fn retire(counter: &AtomicU64, total: &AtomicU64, epoch: u32, live: u32) {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -62,7 +62,7 @@ impl KeyCell {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     pub(crate) fn held(&self) -> u32 {
         self.held.load(Ordering::Acquire)
     }

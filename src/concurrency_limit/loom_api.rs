@@ -1,5 +1,5 @@
-//! The permit counter, reachable (as `palisade::__loom`) from the loom model checks in
-//! `tests/loom.rs`. Only built under `--cfg loom`.
+//! The permit counter, as the loom model checks in `src/loom_tests.rs`
+//! drive it. Only built for them (`--cfg loom`, tests).
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -12,11 +12,11 @@ use super::release::Permit;
 
 /// A concurrency limit's counter, with an optional queue.
 #[derive(Debug)]
-pub struct Permits(Limiter);
+pub(crate) struct Permits(Limiter);
 
 /// What [`Permits::admit`] decided.
 #[derive(Debug)]
-pub enum Admit {
+pub(crate) enum Admit {
     /// A permit, to give back with [`Permits::release`].
     Permit,
     /// A place in the queue.
@@ -27,18 +27,18 @@ pub enum Admit {
 
 /// A place in the queue.
 #[derive(Debug)]
-pub struct Place(Arc<Waiter>);
+pub(crate) struct Place(Arc<Waiter>);
 
 impl Place {
     /// Whether a permit was handed to this place.
-    pub fn is_granted(&self) -> bool {
+    pub(crate) fn is_granted(&self) -> bool {
         self.0.is_granted()
     }
 }
 
 impl Permits {
     /// `limit` permits, and a queue of `queue` places (none for zero).
-    pub fn new(limit: u32, queue: usize) -> Self {
+    pub(crate) fn new(limit: u32, queue: usize) -> Self {
         let limiter = Limiter::fixed(limit);
         Self(if queue == 0 {
             limiter
@@ -48,7 +48,7 @@ impl Permits {
     }
 
     /// Takes a permit, a place, or nothing.
-    pub fn admit(&self) -> Admit {
+    pub(crate) fn admit(&self) -> Admit {
         match self.0.try_admit() {
             Admission::Admitted(_) => Admit::Permit,
             Admission::Queued(waiter) => Admit::Queued(Place(waiter)),
@@ -57,28 +57,28 @@ impl Permits {
     }
 
     /// Gives a permit back.
-    pub fn release(&self) {
+    pub(crate) fn release(&self) {
         self.0.release();
     }
 
     /// Leaves the queue (a dropped waiter): `true` when it was granted a permit
     /// meanwhile, which the caller must release.
-    pub fn leave(&self, place: &Place) -> bool {
+    pub(crate) fn leave(&self, place: &Place) -> bool {
         self.0.leave(&place.0)
     }
 
     /// Moves the limit.
-    pub fn set_limit(&self, limit: u32) {
+    pub(crate) fn set_limit(&self, limit: u32) {
         self.0.set_limit(limit);
     }
 
     /// The permits held.
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.0.in_flight()
     }
 
     /// The places taken in the queue.
-    pub fn queued(&self) -> usize {
+    pub(crate) fn queued(&self) -> usize {
         self.0.queued()
     }
 }
@@ -86,7 +86,7 @@ impl Permits {
 /// A keyed concurrency limit's admission: the permit counter, the key table and the
 /// fair shares, at one instant (no time passes in a model).
 #[derive(Debug)]
-pub struct FairPermits {
+pub(crate) struct FairPermits {
     limiter: Arc<Limiter>,
     shares: FairShares<u8>,
     now: Instant,
@@ -94,11 +94,11 @@ pub struct FairPermits {
 
 /// A keyed permit: given back, the key's count and the counter's, when dropped.
 #[derive(Debug)]
-pub struct KeyPermit(#[allow(dead_code)] Permit);
+pub(crate) struct KeyPermit(#[allow(dead_code)] Permit);
 
 impl FairPermits {
     /// `limit` permits shared fairly between at most `max_keys` keys.
-    pub fn new(limit: u32, max_keys: usize) -> Self {
+    pub(crate) fn new(limit: u32, max_keys: usize) -> Self {
         let now = Instant::now();
         Self {
             limiter: Arc::new(Limiter::fixed(limit)),
@@ -108,7 +108,7 @@ impl FairPermits {
     }
 
     /// A permit for `key`, or `None` when refused.
-    pub fn admit(&self, key: u8) -> Option<KeyPermit> {
+    pub(crate) fn admit(&self, key: u8) -> Option<KeyPermit> {
         match self.shares.admit(&self.limiter, Some(&key), self.now) {
             FairAdmission::Admitted(_, cell) => {
                 Some(KeyPermit(Permit::keyed(Arc::clone(&self.limiter), cell)))
@@ -118,12 +118,12 @@ impl FairPermits {
     }
 
     /// The permits held.
-    pub fn in_flight(&self) -> u32 {
+    pub(crate) fn in_flight(&self) -> u32 {
         self.limiter.in_flight()
     }
 
     /// The keys holding a permit.
-    pub fn active_keys(&self) -> u32 {
+    pub(crate) fn active_keys(&self) -> u32 {
         self.shares.active_keys()
     }
 }

@@ -214,14 +214,14 @@ mod future;
 mod handle;
 mod layer;
 mod limiter;
-#[cfg(loom)]
+#[cfg(all(test, loom))]
 pub(crate) mod loom_api;
 mod release;
 mod service;
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod fair_model_tests;
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod model_tests;
 
 pub use self::algorithms::{Aimd, Gradient, LimitAlgorithm, Sample};

@@ -107,7 +107,7 @@ pub fn format_timeout_ms(time_left: Duration) -> u64 {
         .min(MAX_TIMEOUT_MS)
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -378,7 +378,7 @@ fn hex_into(hex: &[u8], out: &mut [u8]) -> Option<()> {
     Some(())
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

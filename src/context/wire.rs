@@ -120,7 +120,7 @@ fn grpc_code(kind: RejectionKind) -> u16 {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -265,7 +265,7 @@ impl fmt::Debug for Generator {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -523,7 +523,7 @@ impl<K> std::fmt::Debug for LocalStore<K> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -109,7 +109,7 @@ fn empty<B: Default>(status: StatusCode) -> Response<B> {
     response
 }
 
-#[cfg(all(test, feature = "redis"))]
+#[cfg(all(test, not(loom), feature = "redis"))]
 pub(crate) mod tests {
     use super::*;
 

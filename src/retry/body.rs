@@ -587,7 +587,7 @@ mod replay {
     }
 }
 
-#[cfg(all(test, feature = "http"))]
+#[cfg(all(test, not(loom), feature = "http"))]
 mod tests {
     use super::{Duplicate, HttpCopy, ReplayBodies, ReplayBody};
     use bytes::Bytes;

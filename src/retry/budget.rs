@@ -287,7 +287,7 @@ fn slot(epoch: u64) -> usize {
     (epoch % SLICES as u64) as usize
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -90,5 +90,5 @@ pub use self::service::RetryService;
 /// deadline finds it.
 pub use crate::context::DeadlineExceeded;
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests;

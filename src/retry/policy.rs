@@ -390,7 +390,7 @@ mod http_policies {
         }
     }
 
-    #[cfg(test)]
+    #[cfg(all(test, not(loom)))]
     mod tests {
         use super::*;
 

@@ -76,7 +76,7 @@ impl RedisUnavailable {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use std::error::Error as _;
 

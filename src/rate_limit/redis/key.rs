@@ -85,7 +85,7 @@ displayed!(
     i128, isize
 );
 
-#[cfg(all(test, feature = "http"))]
+#[cfg(all(test, not(loom), feature = "http"))]
 mod tests {
     use super::*;
 

@@ -243,7 +243,7 @@ impl<K: Hash + Eq + Clone> Drop for Refilling<K> {
     }
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

@@ -2,17 +2,18 @@
 //! bound) of a few threads driving the breaker's window and state machine, the token
 //! bucket and the retry budget.
 //!
-//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --test loom` (scripts/test does,
-//! with a target directory of its own).
-#![cfg(loom)]
+//! Run with `RUSTFLAGS="--cfg loom" cargo test --release --lib loom_tests` (scripts/test
+//! does, with a target directory of its own). They live inside the crate, so that they
+//! drive the private cores directly (through the small adapters in each module's
+//! `loom_api.rs`) and the public API carries no test hooks.
 
+use crate::circuit_breaker::loom_api::{Breaker, KeyedModel, Settings};
+use crate::circuit_breaker::{SlidingWindow, State, Transition};
+use crate::rate_limit::{Quota, TokenBucket};
+use crate::retry::RetryBudget;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering};
 use loom::thread;
-use palisade::__loom::{Breaker, KeyedModel, Settings};
-use palisade::circuit_breaker::{SlidingWindow, State, Transition};
-use palisade::rate_limit::{Quota, TokenBucket};
-use palisade::retry::RetryBudget;
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -388,10 +389,10 @@ fn retry_budget_refund_races_withdrawal_and_expiry() {
 
 mod concurrency_limit {
     use super::{join_all, model};
+    use crate::concurrency_limit::loom_api::{Admit, Permits};
     use loom::sync::Arc;
     use loom::sync::atomic::{AtomicUsize, Ordering};
     use loom::thread;
-    use palisade::__loom::{Admit, Permits};
 
     /// Three threads take and give back permits of a limit of two: never more than two
     /// are held at once, and every one comes back.
@@ -522,7 +523,7 @@ mod concurrency_limit {
     /// the count of active keys come back to zero, so a key can be admitted again.
     #[test]
     fn keyed_admit_and_release_leave_every_count_at_zero() {
-        use palisade::__loom::FairPermits;
+        use crate::concurrency_limit::loom_api::FairPermits;
         model(Some(2), || {
             let permits = Arc::new(FairPermits::new(2, 4));
             let threads = [1u8, 1, 2]
@@ -549,7 +550,7 @@ mod concurrency_limit {
     /// never gets more than its share, whatever the interleaving, and the counts add up.
     #[test]
     fn a_key_at_its_share_racing_its_own_release_gets_no_more() {
-        use palisade::__loom::FairPermits;
+        use crate::concurrency_limit::loom_api::FairPermits;
         model(Some(2), || {
             let permits = Arc::new(FairPermits::new(2, 4));
             let first = permits.admit(1).expect("free");
