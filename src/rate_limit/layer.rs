@@ -196,6 +196,13 @@ impl<X, C, K, H> Builder<X, C, K, H> {
         }
     }
 
+    /// Whether [`keyed`](Self::keyed) was called: a configuration from a file checks that
+    /// the code that builds it agrees.
+    #[cfg(feature = "serde")]
+    pub(crate) fn is_keyed(&self) -> bool {
+        self.settings.keyed
+    }
+
     /// Checks the configuration and builds the layer with the in-process store.
     pub fn build(self) -> Result<RateLimitLayer<X, C, LocalStore<K>, H>, RateLimitConfigError>
     where
