@@ -17,6 +17,7 @@ use std::time::Duration;
 /// capacity = 100
 /// refill = "50/s"           # or { tokens = 50, per = "1s" }
 /// max_wait = "250ms"        # default 0: refuse at once
+/// shadow = true             # decide and count, refuse nothing (default false)
 /// keyed = { max_keys = 100000, when_key_missing = "reject" }
 /// ```
 ///
@@ -45,6 +46,10 @@ pub struct RateLimitConfig {
     /// The buckets on a Redis server shared by a fleet; the connection comes from code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub redis: Option<RedisConfig>,
+    /// [Shadow mode](crate::rate_limit::Builder::shadow): decide and count, refuse
+    /// nothing (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
 }
 
 /// The `keyed` section of a [`RateLimitConfig`].
@@ -274,6 +279,7 @@ impl RateLimitConfig {
             max_wait: None,
             keyed: None,
             redis: None,
+            shadow: None,
         }
     }
 
@@ -287,6 +293,9 @@ impl RateLimitConfig {
             .refill(self.refill.tokens, self.refill.per);
         if let Some(max_wait) = self.max_wait {
             builder = builder.max_wait(max_wait);
+        }
+        if let Some(shadow) = self.shadow {
+            builder = builder.shadow(shadow);
         }
         if let Some(keyed) = &self.keyed {
             if let Some(max_keys) = keyed.max_keys {

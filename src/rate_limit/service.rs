@@ -69,7 +69,14 @@ where
         let on_admitted = policy.on_admitted.clone();
         let key = policy.extractor.extract(&request);
         if key.is_none() && policy.when_key_missing == WhenKeyMissing::Reject {
-            return ResponseFuture::failed(MissingKey.into(), on_admitted);
+            // No bucket to charge: shadow mode lets it through undecided.
+            return match &policy.shadow {
+                None => ResponseFuture::failed(MissingKey.into(), on_admitted),
+                Some(shadow) => {
+                    shadow.let_through("missing key");
+                    ResponseFuture::calling(self.inner.call(request), None, on_admitted)
+                }
+            };
         }
         let status = if H::ACTIVE {
             StatusWanted::Yes
@@ -85,10 +92,18 @@ where
             Answer::Later(pending) => {
                 let ready = take_ready(&mut self.inner);
                 let store = self.store.clone();
-                return ResponseFuture::deciding(pending, ready, request, store, on_admitted);
+                let shadow = policy.shadow.clone();
+                return ResponseFuture::deciding(
+                    pending,
+                    ready,
+                    request,
+                    store,
+                    shadow,
+                    on_admitted,
+                );
             }
         };
-        match Next::resolve(&self.store, decided) {
+        match Next::resolve(&self.store, decided, policy.shadow.as_deref()) {
             Next::Go(status) => {
                 ResponseFuture::calling(self.inner.call(request), status, on_admitted)
             }
