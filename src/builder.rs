@@ -98,10 +98,10 @@ pub trait ServiceBuilderExt<L>: sealed::Sealed + Sized {
 
     /// Adds a concurrency limit (load shedding) built with
     /// [`ConcurrencyLimitLayer::builder`].
-    fn concurrency_limiter<C, H>(
+    fn concurrency_limiter<C, H, X, K>(
         self,
-        layer: ConcurrencyLimitLayer<C, H>,
-    ) -> ServiceBuilder<Stack<ConcurrencyLimitLayer<C, H>, L>>;
+        layer: ConcurrencyLimitLayer<C, H, X, K>,
+    ) -> ServiceBuilder<Stack<ConcurrencyLimitLayer<C, H, X, K>, L>>;
 
     /// Adds a retry layer built with [`RetryLayer::builder`].
     fn retries<P, D>(self, layer: RetryLayer<P, D>) -> ServiceBuilder<Stack<RetryLayer<P, D>, L>>;
@@ -132,10 +132,10 @@ impl<L> ServiceBuilderExt<L> for ServiceBuilder<L> {
         self.layer(layer)
     }
 
-    fn concurrency_limiter<C, H>(
+    fn concurrency_limiter<C, H, X, K>(
         self,
-        layer: ConcurrencyLimitLayer<C, H>,
-    ) -> ServiceBuilder<Stack<ConcurrencyLimitLayer<C, H>, L>> {
+        layer: ConcurrencyLimitLayer<C, H, X, K>,
+    ) -> ServiceBuilder<Stack<ConcurrencyLimitLayer<C, H, X, K>, L>> {
         self.layer(layer)
     }
 

@@ -70,6 +70,11 @@ fn every_policy_of_the_example_file_builds() {
     for name in ["api", "search", "reports"] {
         let _ = policies.concurrency_limit(name).unwrap();
     }
+    let _ = policies
+        .keyed_concurrency_limit::<_, String>("per_tenant", |request: &String| {
+            Some(request.clone())
+        })
+        .unwrap();
     #[cfg(feature = "http")]
     policies.deadlines("edge").unwrap();
 
@@ -613,6 +618,40 @@ fn every_concurrency_limit_rule_is_reported_at_its_field() {
             ),
         ],
     );
+    let keyed = |body: &str| {
+        toml_doc(&format!("[concurrency.p]\nmax_in_flight = 4\n{body}"))
+            .keyed_concurrency_limit::<_, u32>("p", |request: &u32| Some(*request))
+            .map(drop)
+            .unwrap_err()
+    };
+    for (body, path) in [
+        ("keyed = { max_keys = 0 }", "keyed.max_keys"),
+        (
+            "keyed = {}\nqueue = { waiters = 1, max_wait = \"1s\" }",
+            "queue",
+        ),
+    ] {
+        let error = keyed(body);
+        assert_eq!(error.path(), format!("concurrency.p.{path}"), "{body}");
+        let rule = error
+            .error()
+            .downcast_ref::<ConcurrencyLimitConfigError>()
+            .unwrap();
+        assert_eq!(error.to_string(), format!("concurrency.p.{path}: {rule}"));
+    }
+    let error = keyed("");
+    assert_eq!(error.path(), "concurrency.p");
+    assert_eq!(
+        error.error().downcast_ref(),
+        Some(&PolicyMismatch::NotKeyed)
+    );
+    let error = error_of("concurrency", "max_in_flight = 1\nkeyed = {}");
+    assert_eq!(error.path(), "concurrency.p.keyed");
+    assert_eq!(
+        error.error().downcast_ref(),
+        Some(&PolicyMismatch::NeedsExtractor)
+    );
+
     let error = error_of("concurrency", "max_in_flight = 1\ngradient = {}");
     assert_eq!(error.path(), "concurrency.p.gradient");
     assert_eq!(
@@ -670,6 +709,7 @@ fn unknown_fields_are_refused_everywhere() {
         "[concurrency.p]\nmax_in_flight = 1\nqueue = { waiters = 1, max_wait = \"1s\", x = 1 }",
         "[concurrency.p]\naimd = { initial = 1 }",
         "[concurrency.p]\ngradient = { initial = 1 }",
+        "[concurrency.p]\nmax_in_flight = 1\nkeyed = { max = 1 }",
         "[deadlines.p]\nmaximum = \"1s\"",
         "[limit.p]\ncapacity = 1\nrefill = \"1/s\"",
     ];

@@ -516,4 +516,64 @@ mod concurrency_limit {
             assert_eq!((permits.in_flight(), permits.queued()), (2, 0));
         });
     }
+
+    /// Keyed: three requests of two keys race for a limit of two, each giving its
+    /// permit back at once. Never more than two in flight, and every key's count and
+    /// the count of active keys come back to zero, so a key can be admitted again.
+    #[test]
+    fn keyed_admit_and_release_leave_every_count_at_zero() {
+        use palisade::__loom::FairPermits;
+        model(Some(2), || {
+            let permits = Arc::new(FairPermits::new(2, 4));
+            let threads = [1u8, 1, 2]
+                .into_iter()
+                .map(|key| {
+                    let permits = permits.clone();
+                    thread::spawn(move || {
+                        if let Some(permit) = permits.admit(key) {
+                            assert!(permits.in_flight() <= 2, "over the limit");
+                            drop(permit);
+                        }
+                    })
+                })
+                .collect();
+            join_all(threads);
+            assert_eq!(permits.in_flight(), 0);
+            assert_eq!(permits.active_keys(), 0);
+            assert!(permits.admit(1).is_some(), "a free permit is taken");
+        });
+    }
+
+    /// Keyed, contended (key 1 holds both permits and key 2 was refused: a share is
+    /// one): key 1 gives a permit back while it asks for another and key 2 asks. Key 1
+    /// never gets more than its share, whatever the interleaving, and the counts add up.
+    #[test]
+    fn a_key_at_its_share_racing_its_own_release_gets_no_more() {
+        use palisade::__loom::FairPermits;
+        model(Some(2), || {
+            let permits = Arc::new(FairPermits::new(2, 4));
+            let first = permits.admit(1).expect("free");
+            let second = permits.admit(1).expect("free");
+            assert!(permits.admit(2).is_none(), "full: contended from now on");
+            let releaser = thread::spawn(move || drop(first));
+            let again = {
+                let permits = permits.clone();
+                thread::spawn(move || permits.admit(1).is_some())
+            };
+            let other = {
+                let permits = permits.clone();
+                thread::spawn(move || permits.admit(2))
+            };
+            releaser.join().unwrap();
+            assert!(
+                !again.join().unwrap(),
+                "key 1 holds its share of one already"
+            );
+            let other = other.join().unwrap();
+            assert_eq!(permits.in_flight(), 1 + u32::from(other.is_some()));
+            assert_eq!(permits.active_keys(), 1 + u32::from(other.is_some()));
+            drop((second, other));
+            assert_eq!((permits.in_flight(), permits.active_keys()), (0, 0));
+        });
+    }
 }

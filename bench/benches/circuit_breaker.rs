@@ -53,7 +53,6 @@ fn single_thread(c: &mut Criterion) {
 fn run_threads<S>(service: &S, threads: u64, iters: u64) -> Duration
 where
     S: Service<u64> + Clone + Send + 'static,
-    S::Future: Send,
     S::Error: std::fmt::Debug,
 {
     let barrier = std::sync::Arc::new(std::sync::Barrier::new(threads as usize + 1));
@@ -96,6 +95,10 @@ fn shared_between_threads(c: &mut Criterion) {
         let theirs = tower_resilience_breaker(bare.clone());
         group.bench_function(format!("tower_resilience/{threads}"), |b| {
             b.iter_custom(|iters| run_threads(&theirs, threads, iters))
+        });
+        let failsafe = failsafe_breaker();
+        group.bench_function(format!("failsafe/{threads}"), |b| {
+            b.iter_custom(|iters| run_threads(&failsafe, threads, iters))
         });
     }
     group.finish();

@@ -3,6 +3,7 @@
 //! under `LoadShed` (the tower way to shed), and tower-resilience's bulkhead in
 //! fail-fast mode, all with a limit of 1024; then the same shared by two and four
 //! threads (one limit, one cache line, every thread admitting and releasing on it).
+//! `palisade/keyed_one_key` is the fair-per-client limit, every request of one key.
 use criterion::{Criterion, Throughput, criterion_group, criterion_main};
 use palisade::concurrency_limit::ConcurrencyLimitLayer;
 use std::hint::black_box;
@@ -19,6 +20,23 @@ fn bare()
 fn palisade_limit() -> ConcurrencyLimitLayer {
     ConcurrencyLimitLayer::builder()
         .max_in_flight(LIMIT as u32)
+        .build()
+        .expect("valid")
+}
+
+/// Fair per client, every request of one key (the keyed path's whole cost: a hash, a
+/// shard lock, a clock read, the key's count).
+type KeyedLimit = ConcurrencyLimitLayer<
+    palisade::classify::ErrorsAsFailures,
+    palisade::concurrency_limit::ReleaseOnResponse,
+    fn(&u64) -> Option<u64>,
+    u64,
+>;
+
+fn palisade_keyed() -> KeyedLimit {
+    ConcurrencyLimitLayer::builder()
+        .max_in_flight(LIMIT as u32)
+        .keyed((|request: &u64| Some(*request)) as fn(&u64) -> Option<u64>)
         .build()
         .expect("valid")
 }
@@ -73,6 +91,7 @@ where
 fn single_thread(c: &mut Criterion) {
     bench_service(c, "bare", bare());
     bench_service(c, "palisade/static", palisade_limit().layer(bare()));
+    bench_service(c, "palisade/keyed_one_key", palisade_keyed().layer(bare()));
     bench_service(c, "tower/concurrency_limit+load_shed", tower_shed(bare()));
     bench_service(c, "tower_resilience/bulkhead", bulkhead(bare()));
 }

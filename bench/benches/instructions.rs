@@ -15,7 +15,7 @@ use std::sync::Arc;
 use axum::body::Body;
 use governor::DefaultDirectRateLimiter;
 use gungraun::{library_benchmark, library_benchmark_group, main};
-use palisade::correlation::CorrelationIdLayer;
+use palisade::correlation::{CorrelationIdLayer, PropagateCorrelationIdLayer};
 use palisade_bench::drive::Driver;
 use palisade_bench::stacks::*;
 use tower::Layer;
@@ -90,6 +90,44 @@ mod limiters {
     }
 }
 
+mod shedding {
+    use super::*;
+    use palisade::concurrency_limit::ConcurrencyLimitLayer;
+    use tower::ServiceBuilder;
+
+    const LIMIT: u32 = 1024;
+
+    pub fn bare() -> Driver {
+        Driver::new(super::bare, counting)
+    }
+    pub fn palisade_static() -> Driver {
+        let layer = ConcurrencyLimitLayer::builder()
+            .max_in_flight(LIMIT)
+            .build()
+            .expect("valid");
+        Driver::new(|| layer.layer(super::bare()), counting)
+    }
+    pub fn tower_shed() -> Driver {
+        Driver::new(
+            || {
+                ServiceBuilder::new()
+                    .load_shed()
+                    .concurrency_limit(LIMIT as usize)
+                    .service(super::bare())
+            },
+            counting,
+        )
+    }
+    pub fn palisade_keyed_one_key() -> Driver {
+        let layer = ConcurrencyLimitLayer::builder()
+            .max_in_flight(LIMIT)
+            .keyed(|request: &u64| Some(*request))
+            .build()
+            .expect("valid");
+        Driver::new(|| layer.layer(super::bare()), one_key)
+    }
+}
+
 mod retries {
     use super::*;
 
@@ -141,6 +179,66 @@ mod correlations {
     }
 }
 
+/// The request context's two ends: a server reading a request that carries an ID, a
+/// deadline, a `traceparent` and a `tracestate`; a client writing them onto a handler's
+/// outgoing request.
+mod contexts {
+    use super::*;
+
+    fn incoming(_: u64) -> http::Request<()> {
+        thread_local!(static ID: http::HeaderValue = request_id());
+        ID.with(request_with_context)
+    }
+
+    pub fn bare_server() -> Driver {
+        Driver::new(bare_handler, incoming)
+    }
+    pub fn palisade_server() -> Driver {
+        Driver::new(
+            || correlation_with_deadlines().layer(bare_handler()),
+            incoming,
+        )
+    }
+    pub fn bare_client() -> Driver {
+        Driver::new(
+            || in_context(handler_context(), super::bare_http::<()>()),
+            |_| http::Request::new(()),
+        )
+    }
+    pub fn palisade_client() -> Driver {
+        Driver::new(
+            || {
+                let client = PropagateCorrelationIdLayer::new().layer(super::bare_http::<()>());
+                in_context(handler_context(), client)
+            },
+            |_| http::Request::new(()),
+        )
+    }
+    fn grpc(_: u64) -> http::Request<()> {
+        let mut request = http::Request::new(());
+        let grpc = http::HeaderValue::from_static("application/grpc");
+        request
+            .headers_mut()
+            .insert(http::header::CONTENT_TYPE, grpc);
+        request
+    }
+    pub fn bare_client_grpc() -> Driver {
+        Driver::new(
+            || in_context(handler_context(), super::bare_http::<()>()),
+            grpc,
+        )
+    }
+    pub fn palisade_client_grpc() -> Driver {
+        Driver::new(
+            || {
+                let client = PropagateCorrelationIdLayer::new().layer(super::bare_http::<()>());
+                in_context(handler_context(), client)
+            },
+            grpc,
+        )
+    }
+}
+
 #[library_benchmark]
 #[bench::bare(setup = breakers::bare)]
 #[bench::palisade_count(setup = breakers::palisade_count)]
@@ -164,6 +262,15 @@ fn rate_limit(driver: Driver) {
 }
 
 #[library_benchmark]
+#[bench::bare(setup = shedding::bare)]
+#[bench::palisade_static(setup = shedding::palisade_static)]
+#[bench::tower_shed(setup = shedding::tower_shed)]
+#[bench::palisade_keyed_one_key(setup = shedding::palisade_keyed_one_key)]
+fn concurrency_limit(driver: Driver) {
+    run(driver);
+}
+
+#[library_benchmark]
 #[bench::bare(setup = retries::bare)]
 #[bench::palisade(setup = retries::palisade)]
 #[bench::tower_cloning(setup = retries::tower_cloning)]
@@ -182,9 +289,20 @@ fn correlation(driver: Driver) {
     run(driver);
 }
 
+#[library_benchmark]
+#[bench::bare_server(setup = contexts::bare_server)]
+#[bench::palisade_server(setup = contexts::palisade_server)]
+#[bench::bare_client(setup = contexts::bare_client)]
+#[bench::palisade_client(setup = contexts::palisade_client)]
+#[bench::bare_client_grpc(setup = contexts::bare_client_grpc)]
+#[bench::palisade_client_grpc(setup = contexts::palisade_client_grpc)]
+fn context(driver: Driver) {
+    run(driver);
+}
+
 library_benchmark_group!(
     name = layers;
-    benchmarks = circuit_breaker, rate_limit, retry, correlation
+    benchmarks = circuit_breaker, rate_limit, concurrency_limit, retry, correlation, context
 );
 
 main!(library_benchmark_groups = layers);

@@ -147,34 +147,65 @@ fn http(c: &mut Criterion) {
 }
 
 /// Throughput of two threads hammering one shared limiter, reported as time per request
-/// (so half the one-thread time would be perfect scaling).
+/// (so half the one-thread time would be perfect scaling): global against governor,
+/// keyed with one key (every request on the same entry) against tower_governor.
 fn two_threads(c: &mut Criterion) {
     let mut group = c.benchmark_group("rate_limit_threads");
     let ours = rate_limit_global();
     let governor = Arc::new(DefaultDirectRateLimiter::direct(never_throttled()));
+    let ours_keyed = rate_limit_keyed_http(bare_http::<Body>());
+    let theirs_keyed = tower_governor_keyed(bare_http::<Body>());
     for threads in [1u32, 2] {
         group.bench_function(format!("ours_global_{threads}_threads"), |b| {
-            b.iter_custom(|iters| run_threads(threads, iters, || ours.layer(bare())))
+            b.iter_custom(|iters| run_threads(threads, iters, || ours.layer(bare()), |i| i))
         });
         group.bench_function(format!("governor_direct_{threads}_threads"), |b| {
             b.iter_custom(|iters| {
-                run_threads(threads, iters, || governor_direct(bare(), governor.clone()))
+                run_threads(
+                    threads,
+                    iters,
+                    || governor_direct(bare(), governor.clone()),
+                    |i| i,
+                )
             })
         });
+        group.bench_function(format!("ours_keyed_1_key_{threads}_threads"), |b| {
+            b.iter_custom(|iters| {
+                run_threads(threads, iters, || ours_keyed.clone(), |_| keyed_request(0))
+            })
+        });
+        group.bench_function(
+            format!("tower_governor_keyed_1_key_{threads}_threads"),
+            |b| {
+                b.iter_custom(|iters| {
+                    run_threads(
+                        threads,
+                        iters,
+                        || theirs_keyed.clone(),
+                        |_| keyed_request(0),
+                    )
+                })
+            },
+        );
     }
     group.finish();
 }
 
-fn run_threads<S>(threads: u32, iters: u64, make: impl Fn() -> S + Sync) -> Duration
+fn run_threads<S, Req>(
+    threads: u32,
+    iters: u64,
+    make: impl Fn() -> S + Sync,
+    request: impl Fn(u64) -> Req + Copy + Send,
+) -> Duration
 where
-    S: Service<u64> + Send,
+    S: Service<Req> + Send,
     S::Error: std::fmt::Debug,
 {
     let start = Instant::now();
     std::thread::scope(|scope| {
         for _ in 0..threads {
             let mut service = make();
-            scope.spawn(move || drive(&runtime(), &mut service, iters, |i| i));
+            scope.spawn(move || drive(&runtime(), &mut service, iters, request));
         }
     });
     start.elapsed() / threads

@@ -17,9 +17,12 @@ use governor::{DefaultDirectRateLimiter, DefaultKeyedRateLimiter, Quota as Gover
 use http::header::{ACCEPT, CONTENT_TYPE, HOST, USER_AGENT};
 use http::{HeaderValue, Request, Response};
 use palisade::circuit_breaker::{CircuitBreakerLayer, SlidingWindow};
+use palisade::context::{RequestContext, Scoped, TraceContext, TraceState};
+use palisade::correlation::{CorrelationId, CorrelationIdLayer, IncomingDeadlines};
 use palisade::rate_limit::RateLimitLayer;
 use palisade::retry::RetryLayer;
-use tower::{BoxError, Layer, Service, service_fn};
+use tower::util::Oneshot;
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
 /// The bare service the `u64` stacks wrap: answers with the request, at once.
 pub fn bare()
@@ -305,4 +308,76 @@ pub fn tower_http_request_id<S>(
         ))
         .layer(tower_http::request_id::PropagateRequestIdLayer::x_request_id())
         .service(inner)
+}
+
+/// The W3C trace context the deadline benches' requests carry.
+pub const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+/// Its `tracestate`.
+pub const TRACESTATE: &str = "congo=t61rcWkgMzE,rojo=00f067aa0ba902b7";
+
+/// A request from a caller that propagates its context: a correlation ID, 5 s left
+/// (`x-request-timeout-ms`), a `traceparent` and a `tracestate`.
+pub fn request_with_context(id: &HeaderValue) -> Request<()> {
+    let mut request = request_with_id(Some(id));
+    let headers = request.headers_mut();
+    headers.insert("x-request-timeout-ms", HeaderValue::from_static("5000"));
+    headers.insert("traceparent", HeaderValue::from_static(TRACEPARENT));
+    headers.insert("tracestate", HeaderValue::from_static(TRACESTATE));
+    request
+}
+
+/// palisade's server layer reading deadlines (at most 30 s) as well as IDs and traces.
+pub fn correlation_with_deadlines() -> CorrelationIdLayer {
+    let deadlines = IncomingDeadlines::builder()
+        .max(Duration::from_secs(30))
+        .build()
+        .expect("a valid maximum");
+    CorrelationIdLayer::new().accept_deadlines(deadlines)
+}
+
+/// The context a handler has while it makes an outgoing call: an ID, a deadline (an hour
+/// away, so that no bench run reaches it), the incoming trace context with its
+/// `tracestate`.
+pub fn handler_context() -> RequestContext {
+    let trace = TraceContext::parse(TRACEPARENT.as_bytes())
+        .expect("a valid traceparent")
+        .with_state(TraceState::parse([TRACESTATE.as_bytes()]).expect("a valid tracestate"));
+    let id = CorrelationId::from_header_value(&request_id()).expect("a valid ID");
+    RequestContext::new()
+        .with_correlation_id(id)
+        .with_timeout(Duration::from_secs(3600))
+        .with_trace(trace)
+}
+
+/// Makes every call to `inner` (its `poll_ready`, `call` and future) inside `context`,
+/// as a handler's outgoing calls are: the client benches measure the layer below it
+/// against the same wrapper around the bare service.
+#[derive(Clone)]
+pub struct InContext<S> {
+    context: RequestContext,
+    inner: S,
+}
+
+/// `inner`, called inside `context`.
+pub fn in_context<S>(context: RequestContext, inner: S) -> InContext<S> {
+    InContext { context, inner }
+}
+
+impl<S, Req> Service<Req> for InContext<S>
+where
+    S: Service<Req> + Clone,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = Scoped<Oneshot<S, Req>>;
+
+    fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Req) -> Self::Future {
+        self.context
+            .clone()
+            .scope(self.inner.clone().oneshot(request))
+    }
 }

@@ -12,6 +12,7 @@
 //! report and exits non-zero if any step misbehaved. `-- --serve` keeps the system up
 //! and prints curl commands to try by hand.
 
+mod deadlines;
 mod edge;
 mod logs;
 mod payments;
@@ -468,4 +469,5 @@ async fn scenario(system: &System, logs: &Logs, report: &mut Report) {
 
     replicas::one_replica_down(system, report, OPEN_FOR).await;
     shedding::step(report).await;
+    deadlines::step(report, logs).await;
 }

@@ -5,12 +5,14 @@ use std::convert::Infallible;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering};
 use std::task::{Context, Poll};
+use std::time::Duration;
 
 use tonic::body::Body;
 use tonic::codegen::{BoxFuture, http};
 use tonic::server::NamedService;
 use tonic::{Request, Response, Status};
 use tonic_prost::ProstCodec;
+use tracing::Instrument;
 
 const CHARGE: &str = "/payments.Payments/Charge";
 
@@ -36,6 +38,7 @@ pub struct Payments {
     down: AtomicBool,
     fail_next: AtomicU32,
     calls: AtomicU64,
+    delay_ms: AtomicU64,
 }
 
 impl Payments {
@@ -47,6 +50,16 @@ impl Payments {
     /// The next `n` charges fail with UNAVAILABLE, then charges succeed again.
     pub fn fail_next(&self, n: u32) {
         self.fail_next.store(n, Ordering::SeqCst);
+    }
+
+    /// Every charge takes `delay` before it is made (zero unless set).
+    pub fn set_delay(&self, delay: Duration) {
+        let millis = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.delay_ms.store(millis, Ordering::SeqCst);
+    }
+
+    fn delay(&self) -> Duration {
+        Duration::from_millis(self.delay_ms.load(Ordering::SeqCst))
     }
 
     /// How many charge calls reached the service.
@@ -115,8 +128,21 @@ impl tonic::server::UnaryService<ChargeRequest> for ChargeMethod {
     type Future = BoxFuture<Response<ChargeReply>, Status>;
 
     fn call(&mut self, request: Request<ChargeRequest>) -> Self::Future {
-        let result = self.0.charge(request.get_ref()).map(Response::new);
-        Box::pin(async move { result })
+        let payments = Arc::clone(&self.0);
+        let delay = payments.delay();
+        let span = tracing::info_span!("payments: charge");
+        if delay.is_zero() {
+            let result = span.in_scope(|| payments.charge(request.get_ref()).map(Response::new));
+            return Box::pin(async move { result });
+        }
+        Box::pin(
+            async move {
+                // A slow backend: dropped at the request's deadline, before it charges.
+                tokio::time::sleep(delay).await;
+                payments.charge(request.get_ref()).map(Response::new)
+            }
+            .instrument(span),
+        )
     }
 }
 

@@ -44,6 +44,7 @@ impl Window {
     /// Records a sample and returns the window's counts afterwards, or `None` when the
     /// counts did not change (a count window overwriting an identical sample), in
     /// which case no verdict can have changed either.
+    #[inline]
     pub(crate) fn record(&self, sample: Sample, now: impl FnOnce() -> Instant) -> Option<Counts> {
         match self {
             Window::Count(window) => window.record(sample),
@@ -118,6 +119,7 @@ impl CountWindow {
         }
     }
 
+    #[inline]
     fn record(&self, sample: Sample) -> Option<Counts> {
         let slot = &self.slots[self.ring.index(self.cursor.next())];
         let new =
@@ -184,11 +186,24 @@ fn unpack(mut word: u64) -> Counts {
 /// The last `span`, as a fixed number of buckets. Each counter is one word holding the
 /// bucket's epoch next to its count, so a bucket is recycled for a new epoch by the
 /// same compare-and-swap that counts into it, without losing a concurrent record.
+///
+/// Running totals of the live buckets make a call O(1): a record adds to its bucket
+/// and to the totals, and the compare-and-swap that takes a counter out of the window
+/// (recycling it for a newer epoch, or retiring it once the window has moved past it)
+/// subtracts what it held. The first call of each new epoch retires every counter the
+/// window has left behind, so an idle stretch cannot leave stale counts in the totals;
+/// that sweep happens once per bucket width, not per call.
 pub(crate) struct TimeWindow {
     buckets: Box<[Bucket]>,
     ring: Ring,
     width_nanos: u64,
     base: Instant,
+    /// The newest epoch a call was recorded in.
+    newest: AtomicU32,
+    /// The live buckets' counts, summed. Each is the two's complement of a signed sum
+    /// that can dip below zero for an instant (a retirement subtracting before the
+    /// record it covers added), read as zero then.
+    totals: Totals,
 }
 
 #[derive(Default)]
@@ -198,10 +213,17 @@ struct Bucket {
     slow: AtomicU64,
 }
 
+#[derive(Default)]
+struct Totals {
+    calls: AtomicU64,
+    failures: AtomicU64,
+    slow: AtomicU64,
+}
+
 /// The most buckets a time window has: 24 KiB of counters, a minute by the tenth of a
 /// second or 17 minutes by the second (resilience4j keeps one bucket per second of its
-/// window, 100 by default). Each bucket costs memory and, while a call reads every
-/// bucket, time on each call, so the count a user asks for must not be unbounded.
+/// window, 100 by default). Memory is fixed at build time, and the sweep at each new
+/// epoch reads every bucket, so the count a user asks for must not be unbounded.
 pub(crate) const MAX_BUCKETS: u32 = 1024;
 
 /// The smallest bucket width: epochs are 32 bits, which at this width last 49 days.
@@ -215,40 +237,77 @@ impl TimeWindow {
             ring: Ring::new(buckets as usize),
             width_nanos: (span / buckets).as_nanos() as u64,
             base,
+            newest: AtomicU32::new(0),
+            totals: Totals::default(),
         }
     }
 
     fn epoch(&self, now: Instant) -> u32 {
-        // 64-bit nanoseconds last 584 years, and a 64-bit division is several times
-        // cheaper than Duration's 128-bit one.
         let elapsed = now.saturating_duration_since(self.base).as_nanos() as u64;
         (elapsed / self.width_nanos) as u32
     }
 
+    fn live(&self) -> u32 {
+        self.buckets.len() as u32
+    }
+
     fn record(&self, sample: Sample, now: Instant) -> Counts {
         let epoch = self.epoch(now);
-        let live = self.buckets.len() as u32;
+        let live = self.live();
+        let newest = self.newest.load(Ordering::Acquire);
+        if age(newest, epoch) < 0
+            && self
+                .newest
+                .compare_exchange(newest, epoch, Ordering::AcqRel, Ordering::Acquire)
+                .is_ok()
+        {
+            self.retire_older_than(epoch);
+        } else if age(newest, epoch) >= i64::from(live) {
+            // Read the clock before the window moved past its epoch: out of the window.
+            return self.totals();
+        }
         let bucket = &self.buckets[self.ring.index(epoch)];
-        add(&bucket.calls, epoch, live);
+        let calls = add(&bucket.calls, &self.totals.calls, epoch);
         if sample.failure {
-            add(&bucket.failures, epoch, live);
+            add(&bucket.failures, &self.totals.failures, epoch);
         }
         if sample.slow {
-            add(&bucket.slow, epoch, live);
+            add(&bucket.slow, &self.totals.slow, epoch);
         }
-        self.sum(epoch)
+        Counts {
+            calls,
+            failures: total(&self.totals.failures),
+            slow: total(&self.totals.slow),
+        }
     }
 
+    /// Takes every counter the window has moved past, as of `epoch`, out of the totals.
+    fn retire_older_than(&self, epoch: u32) {
+        let live = self.live();
+        for bucket in self.buckets.iter() {
+            retire(&bucket.calls, &self.totals.calls, epoch, live);
+            retire(&bucket.failures, &self.totals.failures, epoch, live);
+            retire(&bucket.slow, &self.totals.slow, epoch, live);
+        }
+    }
+
+    fn totals(&self) -> Counts {
+        Counts {
+            calls: total(&self.totals.calls),
+            failures: total(&self.totals.failures),
+            slow: total(&self.totals.slow),
+        }
+    }
+
+    /// The counts as of `now`, read bucket by bucket (for metrics: off the call path).
     fn counts(&self, now: Instant) -> Counts {
-        self.sum(self.epoch(now))
-    }
-
-    fn sum(&self, epoch: u32) -> Counts {
-        let live = self.buckets.len() as u32;
+        let epoch = self.epoch(now);
+        let live = i64::from(self.live());
         let read = |counter: &AtomicU64| {
-            let (stamp, count) = split(counter.load(Ordering::Acquire));
-            if epoch.wrapping_sub(stamp) < live {
-                u64::from(count)
+            let word = Word::of(counter.load(Ordering::Acquire));
+            let age = age(epoch, word.stamp);
+            if !word.retired && (0..live).contains(&age) {
+                u64::from(word.count)
             } else {
                 0
             }
@@ -268,29 +327,131 @@ impl TimeWindow {
                 counter.store(0, Ordering::Release);
             }
         }
+        for total in [&self.totals.calls, &self.totals.failures, &self.totals.slow] {
+            total.store(0, Ordering::Release);
+        }
     }
 }
 
-fn split(word: u64) -> (u32, u32) {
-    ((word >> 32) as u32, word as u32)
+/// How many epochs `stamp` lies behind `epoch` (negative when it is ahead), across the
+/// 32-bit wrap.
+fn age(epoch: u32, stamp: u32) -> i64 {
+    i64::from(epoch.wrapping_sub(stamp) as i32)
 }
 
-/// Counts one call into `counter` for `epoch`, recycling the counter if it holds an
-/// older epoch, and dropping the call if a slightly newer epoch already took the bucket
-/// (a racing thread read the clock later; this call is then older than the window).
-fn add(counter: &AtomicU64, epoch: u32, live: u32) {
+/// A counter word: the epoch it counts in, whether the window has moved past it, and
+/// its count.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Word {
+    stamp: u32,
+    retired: bool,
+    count: u32,
+}
+
+const RETIRED_BIT: u32 = 1 << 31;
+const MAX_BUCKET_COUNT: u32 = RETIRED_BIT - 1;
+
+impl Word {
+    fn of(word: u64) -> Self {
+        let low = word as u32;
+        Self {
+            stamp: (word >> 32) as u32,
+            retired: low & RETIRED_BIT != 0,
+            count: low & MAX_BUCKET_COUNT,
+        }
+    }
+
+    fn bits(self) -> u64 {
+        let flag = if self.retired { RETIRED_BIT } else { 0 };
+        u64::from(self.stamp) << 32 | u64::from(flag | self.count)
+    }
+
+    /// What it still adds to the totals.
+    fn counted(self) -> u64 {
+        if self.retired {
+            0
+        } else {
+            u64::from(self.count)
+        }
+    }
+}
+
+fn total(total: &AtomicU64) -> u64 {
+    (total.load(Ordering::Acquire) as i64).max(0) as u64
+}
+
+/// Counts one call into `counter` for `epoch` and into `total`, recycling the counter
+/// (and taking what it held out of `total`) if it holds an older epoch, and dropping the
+/// call if a newer epoch already took the bucket (a racing thread read the clock later;
+/// this call is then older than the window) or the window moved past this epoch.
+/// Returns `total` afterwards.
+fn add(counter: &AtomicU64, total: &AtomicU64, epoch: u32) -> u64 {
     let mut current = counter.load(Ordering::Relaxed);
     loop {
-        let (stamp, count) = split(current);
-        let next = if stamp == epoch {
-            u64::from(epoch) << 32 | u64::from(count.saturating_add(1))
-        } else if stamp.wrapping_sub(epoch) < live {
-            return;
+        let word = Word::of(current);
+        let age = age(epoch, word.stamp);
+        let (next, delta) = if age == 0 {
+            if word.retired || word.count == MAX_BUCKET_COUNT {
+                return self::total(total);
+            }
+            (
+                Word {
+                    count: word.count + 1,
+                    ..word
+                },
+                1u64,
+            )
+        } else if age < 0 {
+            return self::total(total);
         } else {
-            u64::from(epoch) << 32 | 1
+            let fresh = Word {
+                stamp: epoch,
+                retired: false,
+                count: 1,
+            };
+            (fresh, 1u64.wrapping_sub(word.counted()))
         };
-        match counter.compare_exchange_weak(current, next, Ordering::AcqRel, Ordering::Relaxed) {
-            Ok(_) => return,
+        match counter.compare_exchange_weak(
+            current,
+            next.bits(),
+            Ordering::AcqRel,
+            Ordering::Relaxed,
+        ) {
+            Ok(_) => {
+                let before = total.fetch_add(delta, Ordering::AcqRel);
+                return (before.wrapping_add(delta) as i64).max(0) as u64;
+            }
+            Err(actual) => current = actual,
+        }
+    }
+}
+
+/// Takes `counter` out of the window (and what it held out of `total`) if `epoch` has
+/// moved past it.
+fn retire(counter: &AtomicU64, total: &AtomicU64, epoch: u32, live: u32) {
+    let mut current = counter.load(Ordering::Acquire);
+    loop {
+        let word = Word::of(current);
+        if word.retired || age(epoch, word.stamp) < i64::from(live) {
+            return;
+        }
+        let retired = Word {
+            retired: true,
+            count: 0,
+            ..word
+        };
+        match counter.compare_exchange_weak(
+            current,
+            retired.bits(),
+            Ordering::AcqRel,
+            Ordering::Acquire,
+        ) {
+            Ok(_) => {
+                if word.count > 0 {
+                    total.fetch_sub(u64::from(word.count), Ordering::AcqRel);
+                }
+                return;
+            }
             Err(actual) => current = actual,
         }
     }
@@ -381,5 +542,47 @@ mod tests {
                 slow: 1
             }
         );
+    }
+
+    proptest::proptest! {
+        /// The running totals a call is judged by are exactly the live buckets' counts
+        /// of a reference that keeps every sample with its epoch, through idle gaps,
+        /// recycled buckets and calls that read the clock late.
+        #[test]
+        fn time_window_totals_match_a_reference_that_keeps_every_sample(
+            buckets in 1u32..6,
+            steps in proptest::collection::vec((0u64..2_500, proptest::bool::ANY, proptest::bool::ANY, 0u64..3), 1..80),
+        ) {
+            let base = Instant::now();
+            let width = Duration::from_millis(100);
+            let window = TimeWindow::new(width * buckets, buckets, base);
+            let mut kept: Vec<(u64, Sample)> = Vec::new();
+            let mut clock = 0u64;
+            let mut newest = 0u64;
+            for (advance_ms, failure, slow, late_buckets) in steps {
+                clock += advance_ms;
+                // Now and then a call whose clock was read a little earlier.
+                let at = clock.saturating_sub(late_buckets * 100);
+                let epoch = at / 100;
+                let sample = Sample { failure, slow };
+                let counts = window.record(sample, base + Duration::from_millis(at));
+                let live = u64::from(buckets);
+                newest = newest.max(epoch);
+                if newest - epoch < live {
+                    kept.push((epoch, sample));
+                }
+                let expected = kept
+                    .iter()
+                    .filter(|(stamp, _)| newest - stamp < live)
+                    .fold(Counts::default(), |sum, (_, sample)| Counts {
+                        calls: sum.calls + 1,
+                        failures: sum.failures + u64::from(sample.failure),
+                        slow: sum.slow + u64::from(sample.slow),
+                    });
+                proptest::prop_assert_eq!(counts, expected);
+                let now = base + Duration::from_millis(newest * 100);
+                proptest::prop_assert_eq!(window.counts(now), expected);
+            }
+        }
     }
 }

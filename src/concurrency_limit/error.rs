@@ -70,6 +70,18 @@ pub enum ConcurrencyLimitConfigError {
     /// A zero `max_wait`, or one above a day.
     #[error("max_wait must be above zero and at most a day, got {0:?}")]
     MaxWait(Duration),
+    /// A [keyed](super::ConcurrencyLimitLayerBuilder::keyed) limit with `max_keys` zero:
+    /// it needs room for at least one key.
+    #[error("a keyed concurrency limit needs max_keys of at least 1")]
+    ZeroMaxKeys,
+    /// A keyed limit with a [queue](super::ConcurrencyLimitLayerBuilder::queue). The
+    /// queue hands each released permit to its oldest waiter, whoever's it is, so a
+    /// flooding client's waiters would take the slots that fairness keeps for the
+    /// others; a fair queue (one per key, served in turn) is a different structure.
+    #[error(
+        "a keyed concurrency limit cannot have a queue: it would hand permits out by arrival, not by share"
+    )]
+    KeyedQueue,
     /// An adaptive algorithm's settings are out of range.
     #[error("{algorithm}: {reason}")]
     Algorithm {

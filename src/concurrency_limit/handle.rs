@@ -1,19 +1,30 @@
 use std::sync::Arc;
 
+use super::fair::KeyCounts;
 use super::limiter::Limiter;
 
 /// Observes one concurrency limit; cheap to clone. Made by
 /// [`ConcurrencyLimitLayer::handle`](super::ConcurrencyLimitLayer::handle).
 ///
 /// Every read is a snapshot that the next request may change.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct ConcurrencyLimitHandle {
     limiter: Arc<Limiter>,
+    keys: Option<Arc<dyn KeyCounts>>,
+}
+
+impl std::fmt::Debug for ConcurrencyLimitHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConcurrencyLimitHandle")
+            .field("limiter", &self.limiter)
+            .field("keyed", &self.keys.is_some())
+            .finish()
+    }
 }
 
 impl ConcurrencyLimitHandle {
-    pub(crate) fn new(limiter: Arc<Limiter>) -> Self {
-        Self { limiter }
+    pub(crate) fn new(limiter: Arc<Limiter>, keys: Option<Arc<dyn KeyCounts>>) -> Self {
+        Self { limiter, keys }
     }
 
     /// The limit in force: the static one, or where the algorithm has moved it.
@@ -36,5 +47,19 @@ impl ConcurrencyLimitHandle {
     /// The requests refused with [`Overloaded`](super::Overloaded) so far.
     pub fn rejected(&self) -> u64 {
         self.limiter.rejected()
+    }
+
+    /// A [keyed](super::ConcurrencyLimitLayerBuilder::keyed) limit: the keys holding at
+    /// least one permit now (the requests without a key, and the keys beyond `max_keys`,
+    /// counting as one). Zero for an unkeyed limit.
+    pub fn active_keys(&self) -> u32 {
+        self.keys.as_ref().map_or(0, |keys| keys.active_keys())
+    }
+
+    /// A keyed limit: the keys its table tracks now, at most `max_keys` (takes each
+    /// shard's lock in turn). A key is dropped once it holds no permit and has not asked
+    /// during contention for a window. Zero for an unkeyed limit.
+    pub fn tracked_keys(&self) -> usize {
+        self.keys.as_ref().map_or(0, |keys| keys.tracked_keys())
     }
 }

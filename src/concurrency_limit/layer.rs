@@ -1,4 +1,5 @@
 use std::fmt;
+use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::time::Duration;
@@ -7,14 +8,19 @@ use tower_layer::Layer;
 
 use super::algorithms::{Aimd, Gradient, LimitAlgorithm};
 use super::error::ConcurrencyLimitConfigError;
+use super::fair::{FairShares, KeyCounts, Keyed};
 use super::handle::ConcurrencyLimitHandle;
 use super::limiter::{DEFAULT_RETRY_AFTER, Limiter, MAX_LIMIT};
 use super::release::ReleaseOnResponse;
 use super::service::ConcurrencyLimitService;
 use crate::classify::ErrorsAsFailures;
+use crate::key::Global;
 
 /// The longest `retry_after` and `max_wait`.
 const MAX_DURATION: Duration = Duration::from_secs(86_400);
+
+/// The keys a keyed limit tracks unless told otherwise.
+const DEFAULT_MAX_KEYS: usize = 10_000;
 
 /// Limits the requests in flight through every service it builds, and refuses the rest
 /// at once with [`Overloaded`](super::Overloaded).
@@ -23,26 +29,32 @@ const MAX_DURATION: Duration = Duration::from_secs(86_400);
 /// them, shares it. Build a second layer for an independent limit. See the
 /// [module documentation](super).
 #[must_use = "a layer or builder does nothing until it is used"]
-pub struct ConcurrencyLimitLayer<C = ErrorsAsFailures, H = ReleaseOnResponse> {
+pub struct ConcurrencyLimitLayer<C = ErrorsAsFailures, H = ReleaseOnResponse, X = Global, K = ()> {
     limiter: Arc<Limiter>,
+    keyed: Option<Arc<Keyed<X, K>>>,
+    /// The same shares as `keyed`, for the handle, which does not know `K`.
+    counts: Option<Arc<dyn KeyCounts>>,
     classify: C,
     release: PhantomData<fn() -> H>,
 }
 
-impl<C: Clone, H> Clone for ConcurrencyLimitLayer<C, H> {
+impl<C: Clone, H, X, K> Clone for ConcurrencyLimitLayer<C, H, X, K> {
     fn clone(&self) -> Self {
         Self {
             limiter: Arc::clone(&self.limiter),
+            keyed: self.keyed.clone(),
+            counts: self.counts.clone(),
             classify: self.classify.clone(),
             release: PhantomData,
         }
     }
 }
 
-impl<C, H> fmt::Debug for ConcurrencyLimitLayer<C, H> {
+impl<C, H, X, K> fmt::Debug for ConcurrencyLimitLayer<C, H, X, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConcurrencyLimitLayer")
             .field("limiter", &self.limiter)
+            .field("keyed", &self.keyed)
             .finish_non_exhaustive()
     }
 }
@@ -62,22 +74,31 @@ impl ConcurrencyLimitLayer {
             retry_after: DEFAULT_RETRY_AFTER,
             classify: ErrorsAsFailures,
             release: PhantomData,
+            keyed: None,
+            max_keys: DEFAULT_MAX_KEYS,
+            extractor: Global,
+            key: PhantomData,
         }
     }
 }
 
-impl<C, H> ConcurrencyLimitLayer<C, H> {
+impl<C, H, X, K> ConcurrencyLimitLayer<C, H, X, K> {
     /// A handle that observes this limit.
     pub fn handle(&self) -> ConcurrencyLimitHandle {
-        ConcurrencyLimitHandle::new(Arc::clone(&self.limiter))
+        ConcurrencyLimitHandle::new(Arc::clone(&self.limiter), self.counts.clone())
     }
 }
 
-impl<S, C: Clone, H> Layer<S> for ConcurrencyLimitLayer<C, H> {
-    type Service = ConcurrencyLimitService<S, C, H>;
+impl<S, C: Clone, H, X, K> Layer<S> for ConcurrencyLimitLayer<C, H, X, K> {
+    type Service = ConcurrencyLimitService<S, C, H, X, K>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        ConcurrencyLimitService::new(inner, Arc::clone(&self.limiter), self.classify.clone())
+        ConcurrencyLimitService::new(
+            inner,
+            Arc::clone(&self.limiter),
+            self.keyed.clone(),
+            self.classify.clone(),
+        )
     }
 }
 
@@ -90,15 +111,25 @@ enum LimitChoice {
 
 /// Configures a [`ConcurrencyLimitLayer`]; made by [`ConcurrencyLimitLayer::builder`].
 #[must_use]
-pub struct ConcurrencyLimitLayerBuilder<C = ErrorsAsFailures, H = ReleaseOnResponse> {
+pub struct ConcurrencyLimitLayerBuilder<
+    C = ErrorsAsFailures,
+    H = ReleaseOnResponse,
+    X = Global,
+    K = (),
+> {
     limit: Option<LimitChoice>,
     queue: Option<(usize, Duration)>,
     retry_after: Duration,
     classify: C,
     release: PhantomData<fn() -> H>,
+    /// Set by `keyed` (the `keyed` of the built layer is `None` without it).
+    keyed: Option<()>,
+    max_keys: usize,
+    extractor: X,
+    key: PhantomData<fn() -> K>,
 }
 
-impl<C, H> fmt::Debug for ConcurrencyLimitLayerBuilder<C, H> {
+impl<C, H, X, K> fmt::Debug for ConcurrencyLimitLayerBuilder<C, H, X, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let limit = match &self.limit {
             None => "none",
@@ -111,11 +142,13 @@ impl<C, H> fmt::Debug for ConcurrencyLimitLayerBuilder<C, H> {
             .field("limit", &limit)
             .field("queue", &self.queue)
             .field("retry_after", &self.retry_after)
+            .field("keyed", &self.keyed.is_some())
+            .field("max_keys", &self.max_keys)
             .finish_non_exhaustive()
     }
 }
 
-impl<C, H> ConcurrencyLimitLayerBuilder<C, H> {
+impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
     /// A static limit: at most `limit` requests in flight, in `1..=2^31 - 1`. Replaces
     /// any algorithm set before.
     pub fn max_in_flight(mut self, limit: u32) -> Self {
@@ -169,14 +202,49 @@ impl<C, H> ConcurrencyLimitLayerBuilder<C, H> {
     /// gRPC [`GrpcErrorsAsFailures`](crate::classify::GrpcErrorsAsFailures)
     /// (`UNAVAILABLE`, `DEADLINE_EXCEEDED`, `RESOURCE_EXHAUSTED`, ...), whose outcome
     /// arrives with the trailers. A static limit classifies nothing.
-    pub fn classify<D>(self, classify: D) -> ConcurrencyLimitLayerBuilder<D, H> {
+    pub fn classify<D>(self, classify: D) -> ConcurrencyLimitLayerBuilder<D, H, X, K> {
         ConcurrencyLimitLayerBuilder {
             limit: self.limit,
             queue: self.queue,
             retry_after: self.retry_after,
             classify,
             release: PhantomData,
+            keyed: self.keyed,
+            max_keys: self.max_keys,
+            extractor: self.extractor,
+            key: PhantomData,
         }
+    }
+
+    /// Makes the limit fair per client: while the layer is contended, each key holds at
+    /// most its share of the limit, so that one client flooding cannot take the slots
+    /// of the others; while it is not, any key may take any free slot (see
+    /// [fair per client](super#fair-per-client) for the exact policy). `extractor` is a
+    /// closure `Fn(&Req) -> Option<K>` or one of the [`key`](crate::key) extractors.
+    ///
+    /// The key type `K` is inferred from the service the layer wraps; where nothing else
+    /// pins it down, name it: `.keyed::<_, HeaderValue>(Header::new(name))`. A keyed
+    /// limit has no [`queue`](Self::queue) (`build` refuses one).
+    pub fn keyed<X2, K2>(self, extractor: X2) -> ConcurrencyLimitLayerBuilder<C, H, X2, K2> {
+        ConcurrencyLimitLayerBuilder {
+            limit: self.limit,
+            queue: self.queue,
+            retry_after: self.retry_after,
+            classify: self.classify,
+            release: PhantomData,
+            keyed: Some(()),
+            max_keys: self.max_keys,
+            extractor,
+            key: PhantomData,
+        }
+    }
+
+    /// The most keys a keyed limit tracks (default 10,000); keys beyond share one
+    /// share, with the requests that have no key (see
+    /// [at the cap](super#fair-per-client)). At least 1.
+    pub fn max_keys(mut self, max_keys: usize) -> Self {
+        self.max_keys = max_keys;
+        self
     }
 
     /// Keeps each request's permit until its HTTP response body ends or is dropped,
@@ -184,23 +252,33 @@ impl<C, H> ConcurrencyLimitLayerBuilder<C, H> {
     /// server-sent event stream or a gRPC stream holds its place for as long as it
     /// runs. Use it on HTTP and gRPC servers and clients.
     #[cfg(feature = "http")]
-    pub fn release_on_body_end(self) -> ConcurrencyLimitLayerBuilder<C, super::ReleaseOnBodyEnd> {
+    pub fn release_on_body_end(
+        self,
+    ) -> ConcurrencyLimitLayerBuilder<C, super::ReleaseOnBodyEnd, X, K> {
         self.release_with()
     }
 
     /// Keeps each request's permit where `H2` says (see [`Release`](super::Release)).
-    pub fn release_with<H2>(self) -> ConcurrencyLimitLayerBuilder<C, H2> {
+    pub fn release_with<H2>(self) -> ConcurrencyLimitLayerBuilder<C, H2, X, K> {
         ConcurrencyLimitLayerBuilder {
             limit: self.limit,
             queue: self.queue,
             retry_after: self.retry_after,
             classify: self.classify,
             release: PhantomData,
+            keyed: self.keyed,
+            max_keys: self.max_keys,
+            extractor: self.extractor,
+            key: PhantomData,
         }
     }
 
     /// Checks the configuration and creates the limit's state.
-    pub fn build(self) -> Result<ConcurrencyLimitLayer<C, H>, ConcurrencyLimitConfigError> {
+    pub fn build(self) -> Result<ConcurrencyLimitLayer<C, H, X, K>, ConcurrencyLimitConfigError>
+    where
+        X: Send + Sync + 'static,
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
         let limiter = match self.limit.ok_or(ConcurrencyLimitConfigError::NoLimit)? {
             LimitChoice::Fixed(limit) if limit == 0 || limit > MAX_LIMIT => {
                 return Err(ConcurrencyLimitConfigError::Limit {
@@ -236,8 +314,29 @@ impl<C, H> ConcurrencyLimitLayerBuilder<C, H> {
             }
             limiter = limiter.with_queue(waiters, max_wait);
         }
+        let (keyed, counts) = match self.keyed {
+            None => (None, None),
+            Some(()) => {
+                if self.max_keys == 0 {
+                    return Err(ConcurrencyLimitConfigError::ZeroMaxKeys);
+                }
+                if self.queue.is_some() {
+                    return Err(ConcurrencyLimitConfigError::KeyedQueue);
+                }
+                let shares =
+                    FairShares::new(self.max_keys, self.retry_after, tokio::time::Instant::now());
+                let keyed = Arc::new(Keyed {
+                    extractor: self.extractor,
+                    shares,
+                });
+                let counts: Arc<dyn KeyCounts> = Arc::clone(&keyed) as Arc<dyn KeyCounts>;
+                (Some(keyed), Some(counts))
+            }
+        };
         Ok(ConcurrencyLimitLayer {
             limiter: Arc::new(limiter),
+            keyed,
+            counts,
             classify: self.classify,
             release: PhantomData,
         })

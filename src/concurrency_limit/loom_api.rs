@@ -4,7 +4,11 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use tokio::time::Instant;
+
+use super::fair::{FairAdmission, FairShares};
 use super::limiter::{Admission, Limiter, Waiter};
+use super::release::Permit;
 
 /// A concurrency limit's counter, with an optional queue.
 #[derive(Debug)]
@@ -76,5 +80,50 @@ impl Permits {
     /// The places taken in the queue.
     pub fn queued(&self) -> usize {
         self.0.queued()
+    }
+}
+
+/// A keyed concurrency limit's admission: the permit counter, the key table and the
+/// fair shares, at one instant (no time passes in a model).
+#[derive(Debug)]
+pub struct FairPermits {
+    limiter: Arc<Limiter>,
+    shares: FairShares<u8>,
+    now: Instant,
+}
+
+/// A keyed permit: given back, the key's count and the counter's, when dropped.
+#[derive(Debug)]
+pub struct KeyPermit(#[allow(dead_code)] Permit);
+
+impl FairPermits {
+    /// `limit` permits shared fairly between at most `max_keys` keys.
+    pub fn new(limit: u32, max_keys: usize) -> Self {
+        let now = Instant::now();
+        Self {
+            limiter: Arc::new(Limiter::fixed(limit)),
+            shares: FairShares::new(max_keys, Duration::from_secs(1), now),
+            now,
+        }
+    }
+
+    /// A permit for `key`, or `None` when refused.
+    pub fn admit(&self, key: u8) -> Option<KeyPermit> {
+        match self.shares.admit(&self.limiter, Some(&key), self.now) {
+            FairAdmission::Admitted(_, cell) => {
+                Some(KeyPermit(Permit::keyed(Arc::clone(&self.limiter), cell)))
+            }
+            FairAdmission::Rejected => None,
+        }
+    }
+
+    /// The permits held.
+    pub fn in_flight(&self) -> u32 {
+        self.limiter.in_flight()
+    }
+
+    /// The keys holding a permit.
+    pub fn active_keys(&self) -> u32 {
+        self.shares.active_keys()
     }
 }

@@ -25,6 +25,10 @@
 //! - **A queue, if you want one.** [`queue`](ConcurrencyLimitLayerBuilder::queue) lets a
 //!   bounded number of requests wait, first come first served, for at most `max_wait`;
 //!   a dropped waiter leaves the queue at once.
+//! - **Fair per client.** [`keyed`](ConcurrencyLimitLayerBuilder::keyed) gives each
+//!   client (each key) at most its share of the limit while the layer is contended, and
+//!   reserves nothing while it is not: one client flooding cannot take another's slots
+//!   ([the policy](#fair-per-client)).
 //! - **Adaptive limits.** [`Aimd`] and [`Gradient`] (Envoy's gradient controller) move
 //!   the limit with the latency the backend shows; bring your own with
 //!   [`LimitAlgorithm`]. Failures (as [classified](ConcurrencyLimitLayerBuilder::classify):
@@ -42,6 +46,51 @@
 //! outlive the service, in a body). An adaptive limit adds a clock read per request and
 //! a short lock of the algorithm when one finishes; the queue is a lock taken only while
 //! someone waits.
+//!
+//! # Fair per client
+//!
+//! A [`keyed`](ConcurrencyLimitLayerBuilder::keyed) limit applies, on top of the limit,
+//! this policy (`W` is [`retry_after`](ConcurrencyLimitLayerBuilder::retry_after), at
+//! least a millisecond; time is cut into windows of `W` from when the layer was built):
+//!
+//! - **Contended.** The layer is contended from the moment it refuses a request for want
+//!   of a free slot (the requests in flight at the limit) until `2 W` after the latest
+//!   such refusal: long enough for the refused client to come back after its
+//!   `retry_after` and still find its share.
+//! - **Competing keys.** While contended, every key that asks for a permit, admitted or
+//!   not, is counted once in the current window. The competing keys are the larger of
+//!   the counts of the current and the previous window, so a client that keeps asking
+//!   keeps counting, and one that stopped asking stops counting within two windows.
+//! - **Shares.** While contended, a key that holds `ceil(limit / competing keys)`
+//!   permits or more is refused with [`Overloaded`], even if slots are free: they are
+//!   the others' share. A key below its share is admitted when a slot is free.
+//! - **Not contended**, any key may take any free slot (no share is reserved for clients
+//!   that are not there), and a key holds what it took: when contention begins, nothing
+//!   in flight is cut short; a key over its new share is refused until enough of its
+//!   requests finish.
+//! - **No key, or no room for it.** A request whose key the extractor cannot find, and
+//!   a request whose key is new when the table is full of live keys
+//!   ([`max_keys`](ConcurrencyLimitLayerBuilder::max_keys), default 10,000), count as one
+//!   more key, the overflow: together they hold at most one share. A key is live while
+//!   it holds a permit or has counted as competing in the current or previous window;
+//!   the others are dropped when their shard needs room (no background task), so a
+//!   flood of fresh keys can neither grow the table past `max_keys` nor take more than
+//!   the share of the keys it did get in. Key on something a client cannot forge (an
+//!   authenticated tenant, [`PeerIp`](crate::key::PeerIp)): a client that rotates keys
+//!   counts as many clients.
+//!
+//! So with a limit of 10, a client flooding alone gets 10; once a second client is
+//! refused for want of a slot, each may hold 5, and the flooding client's requests are
+//! refused as its excess finishes until the other holds its 5. The shares follow an
+//! adaptive limit as it moves. A keyed limit has no queue (`build` refuses the two
+//! together: a FIFO queue hands each released permit to its oldest waiter, so a flooding
+//! client's waiters would take the slots the shares keep for the others). The handle's
+//! [`active_keys`](ConcurrencyLimitHandle::active_keys) and
+//! [`tracked_keys`](ConcurrencyLimitHandle::tracked_keys) count the clients.
+//!
+//! A keyed request costs one hash of its key and a lock of its shard of the table for a
+//! few instructions, a clock read, and while contended a short lock that counts it; an
+//! unkeyed limit does none of this.
 //!
 //! # Example
 //!
@@ -83,6 +132,60 @@
 //! # }
 //! ```
 //!
+//! Fair per client, keyed on an API key header:
+//!
+//! ```
+//! # #[cfg(not(feature = "http"))]
+//! # fn main() {}
+//! # #[cfg(feature = "http")]
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! use http::{HeaderName, HeaderValue, Request};
+//! use palisade::concurrency_limit::{ConcurrencyLimitLayer, Overloaded};
+//! use palisade::key::Header;
+//! use tokio::sync::oneshot;
+//! use tower::{BoxError, Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! let limit = ConcurrencyLimitLayer::builder()
+//!     .max_in_flight(4)
+//!     .keyed::<_, HeaderValue>(Header::new(HeaderName::from_static("x-api-key")))
+//!     .build()?;
+//! let handle = limit.handle();
+//! let mut service = ServiceBuilder::new().layer(limit).service(service_fn(
+//!     |request: Request<oneshot::Receiver<()>>| async move {
+//!         let _ = request.into_body().await;
+//!         Ok::<_, BoxError>("done")
+//!     },
+//! ));
+//! let request = |client: &'static str| {
+//!     let (finish, done) = oneshot::channel();
+//!     (finish, Request::builder().header("x-api-key", client).body(done).unwrap())
+//! };
+//!
+//! // Alone, "flood" may take every slot...
+//! let mut flood = Vec::new();
+//! for _ in 0..4 {
+//!     let (finish, request) = request("flood");
+//!     flood.push((finish, service.ready().await?.call(request)));
+//! }
+//! // ...until another client is refused for want of a slot: the layer is contended.
+//! let (_, refused) = request("calm");
+//! assert!(service.ready().await?.call(refused).await.unwrap_err().is::<Overloaded>());
+//! // Two of the flood's requests finish; its share is now 2 of 4, so the free slots
+//! // are the other client's.
+//! for (finish, response) in flood.drain(..2) {
+//!     finish.send(()).unwrap();
+//!     response.await?;
+//! }
+//! let (_, more) = request("flood");
+//! assert!(service.ready().await?.call(more).await.unwrap_err().is::<Overloaded>());
+//! let (_calm_finish, calm) = request("calm");
+//! let _calm = service.ready().await?.call(calm);
+//! assert_eq!((handle.in_flight(), handle.active_keys()), (3, 2));
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! An adaptive limit for an HTTP server, holding each permit until the body ends:
 //!
 //! ```
@@ -106,6 +209,7 @@
 
 mod algorithms;
 mod error;
+mod fair;
 mod future;
 mod handle;
 mod layer;
@@ -115,6 +219,8 @@ pub(crate) mod loom_api;
 mod release;
 mod service;
 
+#[cfg(test)]
+mod fair_model_tests;
 #[cfg(test)]
 mod model_tests;
 

@@ -7,22 +7,38 @@ use std::sync::Arc;
 use tokio::time::Instant;
 
 use super::algorithms::Sample;
+use super::fair::KeyCell;
 use super::limiter::Limiter;
 use crate::classify::{Outcome, Report};
 
 /// One admitted request's place under the limit, given back when dropped.
 pub struct Permit {
     limiter: Arc<Limiter>,
+    /// A keyed limit's: the key's count of permits, given back first.
+    share: Option<Arc<KeyCell>>,
 }
 
 impl Permit {
     pub(crate) fn new(limiter: Arc<Limiter>) -> Self {
-        Self { limiter }
+        Self {
+            limiter,
+            share: None,
+        }
+    }
+
+    pub(crate) fn keyed(limiter: Arc<Limiter>, share: Arc<KeyCell>) -> Self {
+        Self {
+            limiter,
+            share: Some(share),
+        }
     }
 }
 
 impl Drop for Permit {
     fn drop(&mut self) {
+        if let Some(share) = &self.share {
+            share.unhold();
+        }
         self.limiter.release();
     }
 }

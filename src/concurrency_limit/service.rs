@@ -1,4 +1,5 @@
 use std::fmt;
+use std::hash::Hash;
 use std::marker::PhantomData;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -6,10 +7,12 @@ use std::task::{Context, Poll};
 use tower::BoxError;
 use tower_service::Service;
 
+use super::fair::{FairAdmission, Keyed};
 use super::future::ResponseFuture;
 use super::limiter::{Admission, Limiter};
 use super::release::{Permit, Release, ReleaseOnResponse, SampleReport};
 use crate::classify::{Classify, ErrorsAsFailures};
+use crate::key::{Global, KeyExtractor};
 
 /// A service behind a concurrency limit; made by
 /// [`ConcurrencyLimitLayer`](super::ConcurrencyLimitLayer).
@@ -17,19 +20,35 @@ use crate::classify::{Classify, ErrorsAsFailures};
 /// `poll_ready` is the inner service's; a request over the limit gets
 /// [`Overloaded`](super::Overloaded) from its response future, without the inner
 /// service being called. Queued requests hold a clone of the inner service (the one
-/// polled ready), so the inner service must be `Clone`.
-pub struct ConcurrencyLimitService<S, C = ErrorsAsFailures, H = ReleaseOnResponse> {
+/// polled ready), so the inner service must be `Clone`. A
+/// [keyed](super::ConcurrencyLimitLayerBuilder::keyed) limit extracts each request's key
+/// with `X` (keys of type `K`).
+pub struct ConcurrencyLimitService<
+    S,
+    C = ErrorsAsFailures,
+    H = ReleaseOnResponse,
+    X = Global,
+    K = (),
+> {
     inner: S,
     limiter: Arc<Limiter>,
+    /// `None` for an unkeyed limit, whose requests skip the key entirely.
+    keyed: Option<Arc<Keyed<X, K>>>,
     classify: C,
     release: PhantomData<fn() -> H>,
 }
 
-impl<S, C, H> ConcurrencyLimitService<S, C, H> {
-    pub(crate) fn new(inner: S, limiter: Arc<Limiter>, classify: C) -> Self {
+impl<S, C, H, X, K> ConcurrencyLimitService<S, C, H, X, K> {
+    pub(crate) fn new(
+        inner: S,
+        limiter: Arc<Limiter>,
+        keyed: Option<Arc<Keyed<X, K>>>,
+        classify: C,
+    ) -> Self {
         Self {
             inner,
             limiter,
+            keyed,
             classify,
             release: PhantomData,
         }
@@ -51,31 +70,35 @@ impl<S, C, H> ConcurrencyLimitService<S, C, H> {
     }
 }
 
-impl<S: Clone, C: Clone, H> Clone for ConcurrencyLimitService<S, C, H> {
+impl<S: Clone, C: Clone, H, X, K> Clone for ConcurrencyLimitService<S, C, H, X, K> {
     fn clone(&self) -> Self {
         Self::new(
             self.inner.clone(),
             Arc::clone(&self.limiter),
+            self.keyed.clone(),
             self.classify.clone(),
         )
     }
 }
 
-impl<S: fmt::Debug, C, H> fmt::Debug for ConcurrencyLimitService<S, C, H> {
+impl<S: fmt::Debug, C, H, X, K> fmt::Debug for ConcurrencyLimitService<S, C, H, X, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("ConcurrencyLimitService")
             .field("inner", &self.inner)
             .field("limiter", &self.limiter)
+            .field("keyed", &self.keyed)
             .finish_non_exhaustive()
     }
 }
 
-impl<S, C, H, Req> Service<Req> for ConcurrencyLimitService<S, C, H>
+impl<S, C, H, X, K, Req> Service<Req> for ConcurrencyLimitService<S, C, H, X, K>
 where
     S: Service<Req> + Clone,
     S::Error: Into<BoxError>,
     C: Classify<S::Response, S::Error> + Clone,
     H: Release<C::Response<SampleReport>>,
+    X: KeyExtractor<Req, Key = K>,
+    K: Hash + Eq + Clone,
 {
     type Response = H::Response;
     type Error = BoxError;
@@ -85,7 +108,11 @@ where
         self.inner.poll_ready(cx).map_err(Into::into)
     }
 
+    #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
+        if self.keyed.is_some() {
+            return self.call_keyed(request);
+        }
         let classify = self.classify.clone();
         match self.limiter.try_admit() {
             Admission::Admitted(in_flight) => {
@@ -99,11 +126,45 @@ where
                 let limiter = Arc::clone(&self.limiter);
                 ResponseFuture::queued(limiter, waiter, max_wait, (ready, request), classify)
             }
-            Admission::Rejected => {
-                #[cfg(feature = "tracing")]
-                tracing::debug!(limit = self.limiter.limit(), "request shed: overloaded");
-                ResponseFuture::rejected(self.limiter.overloaded(), classify)
+            Admission::Rejected => self.shed(classify),
+        }
+    }
+}
+
+impl<S, C, H, X, K> ConcurrencyLimitService<S, C, H, X, K> {
+    fn shed<Req>(&self, classify: C) -> ResponseFuture<S, Req, C, H>
+    where
+        S: Service<Req>,
+    {
+        #[cfg(feature = "tracing")]
+        tracing::debug!(limit = self.limiter.limit(), "request shed: overloaded");
+        ResponseFuture::rejected(self.limiter.overloaded(), classify)
+    }
+
+    /// A keyed limit's admission: out of line and marked cold, so that the unkeyed call
+    /// stays small and its path straight.
+    #[cold]
+    #[inline(never)]
+    fn call_keyed<Req>(&mut self, request: Req) -> ResponseFuture<S, Req, C, H>
+    where
+        S: Service<Req>,
+        C: Clone,
+        X: KeyExtractor<Req, Key = K>,
+        K: Hash + Eq + Clone,
+    {
+        let classify = self.classify.clone();
+        let Some(keyed) = &self.keyed else {
+            return self.shed(classify);
+        };
+        let key = keyed.extractor.extract(&request);
+        let now = tokio::time::Instant::now();
+        match keyed.shares.admit(&self.limiter, key.as_ref(), now) {
+            FairAdmission::Admitted(in_flight, share) => {
+                let report = SampleReport::new(&self.limiter, in_flight);
+                let permit = Permit::keyed(Arc::clone(&self.limiter), share);
+                ResponseFuture::called(self.inner.call(request), permit, report, classify)
             }
+            FairAdmission::Rejected => self.shed(classify),
         }
     }
 }

@@ -25,9 +25,9 @@ use std::time::Duration;
 /// [`build_from`](Self::build_from) and a builder that has its
 /// [`classify`](CircuitBreakerLayerBuilder::classify).
 //
-// Keyed breakers (one per upstream) get a `keyed = { max_keys = .. }` section here, as
-// the rate limiter's `KeyedRateLimitConfig`, and a `build_keyed(extractor)` beside
-// `build`: the extractor is code, the cap is data.
+// Keyed breakers (one per upstream) get a `keyed: Option<KeyedConfig>` field here and a
+// `build_keyed(extractor)` beside `build`, as `ConcurrencyLimitConfig` has: the
+// extractor is code, the cap is data.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]

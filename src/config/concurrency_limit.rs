@@ -1,11 +1,13 @@
 //! The concurrency limit's configuration.
 
+use super::KeyedConfig;
 use super::error::{ConfigError, PolicyMismatch};
 use crate::concurrency_limit::{
     Aimd, ConcurrencyLimitConfigError, ConcurrencyLimitLayer, ConcurrencyLimitLayerBuilder,
     Gradient,
 };
 use serde::{Deserialize, Serialize};
+use std::hash::Hash;
 use std::time::Duration;
 
 /// A [`ConcurrencyLimitLayer`] as data: exactly one of `max_in_flight`, `aimd` and
@@ -13,15 +15,15 @@ use std::time::Duration;
 ///
 /// ```toml
 /// max_in_flight = 64                   # or aimd = { .. } or gradient = { .. }
-/// queue = { waiters = 100, max_wait = "50ms" }
+/// queue = { waiters = 100, max_wait = "50ms" }   # not with `keyed`
 /// retry_after = "1s"
+/// keyed = { max_keys = 10000 }                    # fair per client
 /// ```
 ///
 /// How results are classified and when a permit is released are code: build with
-/// [`build_from`](Self::build_from) and a builder that has them.
-//
-// A keyed (fair per client) limit gets a `keyed = { max_keys = .. }` section here and a
-// `build_keyed(extractor)`, as the rate limiter's `KeyedRateLimitConfig`.
+/// [`build_from`](Self::build_from) and a builder that has them. A policy with a
+/// `keyed` section takes its key extractor in code ([`build_keyed`](Self::build_keyed));
+/// [`build`](Self::build) refuses it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -45,6 +47,9 @@ pub struct ConcurrencyLimitConfig {
         skip_serializing_if = "Option::is_none"
     )]
     pub retry_after: Option<Duration>,
+    /// Fair per client; the extractor comes from code.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyed: Option<KeyedConfig>,
 }
 
 /// The `queue` section of a [`ConcurrencyLimitConfig`].
@@ -186,12 +191,16 @@ impl ConcurrencyLimitConfig {
         }
     }
 
-    /// Sets this configuration's fields on `builder`, leaving the others as they are.
-    pub fn apply<C, H>(
+    /// Sets this configuration's fields on `builder` (perhaps already
+    /// [`keyed`](ConcurrencyLimitLayerBuilder::keyed)), leaving the others as they are.
+    pub fn apply<C, H, X, K>(
         &self,
-        builder: ConcurrencyLimitLayerBuilder<C, H>,
-    ) -> ConcurrencyLimitLayerBuilder<C, H> {
+        builder: ConcurrencyLimitLayerBuilder<C, H, X, K>,
+    ) -> ConcurrencyLimitLayerBuilder<C, H, X, K> {
         let mut builder = builder;
+        if let Some(max_keys) = self.keyed.as_ref().and_then(|keyed| keyed.max_keys) {
+            builder = builder.max_keys(max_keys);
+        }
         if let Some(limit) = self.max_in_flight {
             builder = builder.max_in_flight(limit);
         }
@@ -213,15 +222,37 @@ impl ConcurrencyLimitConfig {
     /// The limit this configuration describes, counting every `Err` as a failure and
     /// releasing its permit with the response.
     pub fn build(&self) -> Result<ConcurrencyLimitLayer, ConfigError> {
+        if self.keyed.is_some() {
+            return Err(ConfigError::new("keyed", PolicyMismatch::NeedsExtractor));
+        }
         self.build_from(ConcurrencyLimitLayer::builder())
     }
 
-    /// Applies this configuration to `builder` (with its classifier and release) and
-    /// builds it: the builder's validation, with its errors named by field.
-    pub fn build_from<C, H>(
+    /// The keyed (fair per client) limit this configuration describes, with `extractor`
+    /// (a closure `Fn(&Req) -> Option<K>` or one of the [`key`](crate::key) extractors);
+    /// the configuration must have a `keyed` section.
+    pub fn build_keyed<X, K>(&self, extractor: X) -> Result<KeyedLayer<X, K>, ConfigError>
+    where
+        X: Send + Sync + 'static,
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        if self.keyed.is_none() {
+            return Err(ConfigError::new("", PolicyMismatch::NotKeyed));
+        }
+        self.build_from(ConcurrencyLimitLayer::builder().keyed(extractor))
+    }
+
+    /// Applies this configuration to `builder` (with its classifier and release, keyed
+    /// or not: the `keyed` section's `max_keys` applies to a keyed one) and builds it:
+    /// the builder's validation, with its errors named by field.
+    pub fn build_from<C, H, X, K>(
         &self,
-        builder: ConcurrencyLimitLayerBuilder<C, H>,
-    ) -> Result<ConcurrencyLimitLayer<C, H>, ConfigError> {
+        builder: ConcurrencyLimitLayerBuilder<C, H, X, K>,
+    ) -> Result<ConcurrencyLimitLayer<C, H, X, K>, ConfigError>
+    where
+        X: Send + Sync + 'static,
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
         let chosen = [
             ("max_in_flight", self.max_in_flight.is_some()),
             ("aimd", self.aimd.is_some()),
@@ -247,6 +278,8 @@ impl ConcurrencyLimitConfig {
             E::RetryAfter(_) => "retry_after".to_owned(),
             E::QueueSize { .. } => "queue.waiters".to_owned(),
             E::MaxWait(_) => "queue.max_wait".to_owned(),
+            E::ZeroMaxKeys => "keyed.max_keys".to_owned(),
+            E::KeyedQueue => "queue".to_owned(),
             E::Algorithm { algorithm, reason } => {
                 // The reason starts with the setting's name ("backoff_ratio must be..."),
                 // unless it is about several ("the limits must be...").
@@ -260,6 +293,14 @@ impl ConcurrencyLimitConfig {
         ConfigError::new(path, error)
     }
 }
+
+/// A keyed concurrency limit with the default classifier and release.
+pub(crate) type KeyedLayer<X, K> = ConcurrencyLimitLayer<
+    crate::classify::ErrorsAsFailures,
+    crate::concurrency_limit::ReleaseOnResponse,
+    X,
+    K,
+>;
 
 /// The settings of [`AimdConfig`] and [`GradientConfig`].
 const ALGORITHM_FIELDS: &[&str] = &[

@@ -152,3 +152,17 @@ pub use self::rate_limit::{
     WhenUnavailableConfig,
 };
 pub use self::retry::{BackoffConfig, BackoffKind, BudgetConfig, JitterConfig, RetryConfig};
+
+use serde::{Deserialize, Serialize};
+
+/// The `keyed` section of a keyed layer's configuration (a concurrency limit fair per
+/// client; the keyed breaker's, when it lands): the cap is data, the key extractor is
+/// code, given to `build_keyed`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+#[non_exhaustive]
+pub struct KeyedConfig {
+    /// The most keys tracked (default: the layer's).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_keys: Option<usize>,
+}

@@ -166,13 +166,33 @@ impl Policies {
         )
     }
 
-    /// The concurrency limit `name`, applied to `builder` (with its classifier and
-    /// release).
-    pub fn concurrency_limit_from<C, H>(
+    /// The keyed (fair per client) concurrency limit `name`, with `extractor` (its
+    /// configuration has a `keyed` section).
+    pub fn keyed_concurrency_limit<X, K>(
         &self,
         name: &str,
-        builder: ConcurrencyLimitLayerBuilder<C, H>,
-    ) -> Result<ConcurrencyLimitLayer<C, H>, ConfigError> {
+        extractor: X,
+    ) -> Result<super::concurrency_limit::KeyedLayer<X, K>, ConfigError>
+    where
+        X: Send + Sync + 'static,
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        build("concurrency", &self.concurrency, name, |policy| {
+            policy.build_keyed(extractor)
+        })
+    }
+
+    /// The concurrency limit `name`, applied to `builder` (with its classifier and
+    /// release).
+    pub fn concurrency_limit_from<C, H, X, K>(
+        &self,
+        name: &str,
+        builder: ConcurrencyLimitLayerBuilder<C, H, X, K>,
+    ) -> Result<ConcurrencyLimitLayer<C, H, X, K>, ConfigError>
+    where
+        X: Send + Sync + 'static,
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
         build("concurrency", &self.concurrency, name, |policy| {
             policy.build_from(builder)
         })

@@ -65,8 +65,28 @@ fn nonzero_random() -> u64 {
     random_u64().max(1)
 }
 
+const HEX_DIGITS: &[u8; 16] = b"0123456789abcdef";
+
+/// Writes `bytes` as lowercase hex into `out` (twice as long): a table lookup per
+/// digit, where `{:02x}` would run the formatting machinery for every byte.
+fn hex_encode(bytes: &[u8], out: &mut [u8]) {
+    for (byte, pair) in bytes.iter().zip(out.chunks_exact_mut(2)) {
+        pair[0] = HEX_DIGITS[usize::from(byte >> 4)];
+        pair[1] = HEX_DIGITS[usize::from(byte & 0x0f)];
+    }
+}
+
+/// The hex digits of an id of up to 16 bytes, as text.
 fn write_hex(f: &mut fmt::Formatter<'_>, bytes: &[u8]) -> fmt::Result {
-    bytes.iter().try_for_each(|byte| write!(f, "{byte:02x}"))
+    let mut digits = [0; 32];
+    let digits = &mut digits[..bytes.len() * 2];
+    hex_encode(bytes, digits);
+    f.write_str(ascii(digits))
+}
+
+/// Text of bytes this module wrote, which are ASCII; never fails.
+fn ascii(bytes: &[u8]) -> &str {
+    std::str::from_utf8(bytes).unwrap_or_default()
 }
 
 impl fmt::Display for TraceId {
@@ -266,6 +286,25 @@ impl TraceContext {
         }
     }
 
+    /// The `traceparent` of a child ([`child`](Self::child)), written straight into a
+    /// fixed buffer: what the client side sends on each call, without cloning the
+    /// context or formatting it.
+    #[cfg(feature = "http")]
+    pub(crate) fn child_traceparent(&self) -> [u8; TRACEPARENT_LEN] {
+        self.traceparent(SpanId::random())
+    }
+
+    /// `00-<trace-id>-<parent>-<flags>`, only the sampled flag set.
+    fn traceparent(&self, parent: SpanId) -> [u8; TRACEPARENT_LEN] {
+        let mut out = *b"00-################################-################-00";
+        hex_encode(&self.trace_id.0, &mut out[3..35]);
+        hex_encode(&parent.0, &mut out[36..52]);
+        if self.sampled {
+            out[54] = b'0' + SAMPLED;
+        }
+        out
+    }
+
     /// The trace-id.
     pub fn trace_id(&self) -> TraceId {
         self.trace_id
@@ -289,8 +328,7 @@ impl TraceContext {
 
 impl fmt::Display for TraceContext {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let flags = if self.sampled { SAMPLED } else { 0 };
-        write!(f, "00-{}-{}-{flags:02x}", self.trace_id, self.parent_id)
+        f.write_str(ascii(&self.traceparent(self.parent_id)))
     }
 }
 
@@ -394,6 +432,22 @@ mod tests {
         assert_eq!(a.trace_id(), context.trace_id());
         assert_ne!(a.parent_id(), context.parent_id());
         assert_ne!(a.parent_id(), b.parent_id());
+    }
+
+    #[test]
+    #[cfg(feature = "http")]
+    fn a_childs_traceparent_is_written_without_fmt_as_display_writes_it() {
+        for flags in ["00", "01", "03"] {
+            let context =
+                TraceContext::parse(VALID.replace("-01", &format!("-{flags}")).as_bytes()).unwrap();
+            let sent = context.child_traceparent();
+            let child = TraceContext::parse(&sent).unwrap();
+            assert_eq!(child.trace_id(), context.trace_id());
+            assert_eq!(child.is_sampled(), context.is_sampled());
+            assert_ne!(child.parent_id(), context.parent_id());
+            assert_eq!(child.to_string().as_bytes(), sent);
+            assert_eq!(context.trace_id().to_string(), &VALID[3..35]);
+        }
     }
 
     #[test]

@@ -50,11 +50,13 @@ pub(crate) fn read_previous_attempts(headers: &HeaderMap) -> u32 {
 
 /// Marks a request as a retry: `attempts` earlier attempts (kept if it says more).
 pub(crate) fn write_previous_attempts(headers: &mut HeaderMap, attempts: u32) {
-    let attempts = attempts.max(read_previous_attempts(headers));
-    if attempts > 0 {
-        let name = previous_attempts_header(headers);
-        headers.insert(name, HeaderValue::from(attempts));
+    // A first attempt adds nothing, and a count already there stays: no lookup on the
+    // common path.
+    if attempts == 0 || read_previous_attempts(headers) >= attempts {
+        return;
     }
+    let name = previous_attempts_header(headers);
+    headers.insert(name, HeaderValue::from(attempts));
 }
 
 /// The caller's time left: `grpc-timeout` on gRPC requests, else `http_header` in

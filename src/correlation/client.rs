@@ -257,15 +257,20 @@ impl Config {
         if super::otel::inject_current_span(headers) {
             return;
         }
-        let outgoing = match (incoming, self.start_trace) {
-            (Some(incoming), _) => incoming.child(),
-            (None, Some(sampled)) => TraceContext::new_root(sampled),
+        let root;
+        let incoming = match (incoming, self.start_trace) {
+            (Some(incoming), _) => incoming,
+            (None, Some(sampled)) => {
+                root = TraceContext::new_root(sampled);
+                &root
+            }
             (None, None) => return,
         };
-        if let Ok(value) = HeaderValue::try_from(outgoing.to_string()) {
+        // Hex-encoded into a fixed buffer: no `fmt`, and no clone of the context.
+        if let Ok(value) = HeaderValue::from_bytes(&incoming.child_traceparent()) {
             headers.insert(TRACEPARENT, value);
         }
-        if let Some(state) = outgoing.state()
+        if let Some(state) = incoming.state()
             && let Ok(value) = HeaderValue::try_from(state.as_str())
         {
             headers.insert(TRACESTATE, value);

@@ -189,16 +189,22 @@ impl CorrelationIdLayer {
 }
 
 impl Config {
-    fn accepted_headers(&self) -> impl Iterator<Item = &HeaderName> {
-        std::iter::once(&self.primary).chain(&self.fallbacks)
-    }
-
-    /// The first valid ID in the accepted headers, and the header it came in.
-    fn find_in_headers(&self, headers: &HeaderMap) -> Option<(CorrelationId, &HeaderName)> {
-        self.accepted_headers().find_map(|name| {
+    /// The first valid ID in the accepted headers, and whether the primary header holds
+    /// that ID and nothing else (the common case, which needs no rewrite).
+    fn find_in_headers(&self, headers: &HeaderMap) -> (Option<(CorrelationId, &HeaderName)>, bool) {
+        let mut primary = headers.get_all(&self.primary).iter();
+        let first = primary
+            .next()
+            .and_then(|value| CorrelationId::from_header_value(value).ok());
+        if let Some(id) = first {
+            let sole = primary.next().is_none();
+            return (Some((id, &self.primary)), sole);
+        }
+        let found = self.fallbacks.iter().find_map(|name| {
             let id = CorrelationId::from_header_value(headers.get(name)?).ok()?;
             Some((id, name))
-        })
+        });
+        (found, false)
     }
 
     fn trusted_trace_id(&self, headers: &HeaderMap) -> Option<CorrelationId> {
@@ -236,7 +242,8 @@ impl Config {
         if let Some(id) = request.extensions().get::<CorrelationId>() {
             return (id.clone(), &self.primary);
         }
-        let (id, header) = self.find_in_headers(request.headers()).unwrap_or_else(|| {
+        let (found, settled) = self.find_in_headers(request.headers());
+        let (id, header) = found.unwrap_or_else(|| {
             let id = self
                 .trusted_trace_id(request.headers())
                 .unwrap_or_else(|| self.generator.generate());
@@ -244,9 +251,11 @@ impl Config {
         });
         // The primary header now holds exactly the settled ID: an invalid value in it, or
         // a second value after a valid one, must not reach the handler or be forwarded.
-        request
-            .headers_mut()
-            .insert(self.primary.clone(), id.header_value().clone());
+        if !settled {
+            request
+                .headers_mut()
+                .insert(self.primary.clone(), id.header_value().clone());
+        }
         request.extensions_mut().insert(id.clone());
         (id, header)
     }
@@ -314,7 +323,9 @@ where
             };
         }
         let span = RequestSpan::new(&id, &context, request.headers());
-        let timer = context.deadline().map(sleep_until);
+        let timer = context
+            .deadline()
+            .map(|deadline| Box::pin(sleep_until(deadline)));
         let mut scope = Some(Box::new(context.with_correlation_id(id)));
         let inner = &mut self.inner;
         let future = span.in_scope(|| in_scope(&mut scope, || inner.call(request)));
@@ -432,9 +443,9 @@ enum Kind<F> {
     Running {
         #[pin]
         inner: Scoped<Traced<F>>,
-        /// The deadline, when there is one.
-        #[pin]
-        timer: Option<Sleep>,
+        /// The deadline, when there is one: out of line, so that a request without one
+        /// neither carries nor moves a timer.
+        timer: Option<Pin<Box<Sleep>>>,
     },
     /// Refused on arrival: too little time left.
     Refused {
@@ -457,10 +468,10 @@ where
                 let response = match inner.as_mut().poll(cx) {
                     Poll::Ready(result) => result?,
                     Poll::Pending => {
-                        let Some(timer) = timer.as_pin_mut() else {
+                        let Some(timer) = timer.as_mut() else {
                             return Poll::Pending;
                         };
-                        ready!(timer.poll(cx));
+                        ready!(timer.as_mut().poll(cx));
                         // Nobody waits for the answer any more: stop the work.
                         inner.as_mut().cancel();
                         refusal(*this.grpc, &DeadlineExceeded::new(None).rejection())
