@@ -58,6 +58,8 @@
 //! - `redis`: fleet-wide rate limits on Redis (`rate_limit::RedisStore`).
 //! - `metrics`: counters through the `metrics` facade for breaker transitions and
 //!   rejections, rate-limit rejections and retries.
+//! - `serde`: every layer's configuration as plain data, from any serde format, and a
+//!   document of named policies ([`config`]).
 //! - `full`: all of the above.
 //!
 //! [tower]: https://docs.rs/tower
@@ -69,6 +71,9 @@
 pub mod circuit_breaker;
 pub mod classify;
 pub mod concurrency_limit;
+#[cfg(feature = "serde")]
+#[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+pub mod config;
 pub mod context;
 #[cfg(feature = "http")]
 #[cfg_attr(docsrs, doc(cfg(feature = "http")))]

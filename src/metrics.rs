@@ -8,6 +8,7 @@
 //! | `palisade_circuit_breaker_transitions_total` | `from`, `to` (and `key` for a keyed breaker that opted in with `key_in_metrics`) | a breaker changes state |
 //! | `palisade_circuit_breaker_rejected_total` | (`key`, likewise) | a call is refused by an open breaker |
 //! | `palisade_rate_limit_rejected_total` | | a request is refused by a rate limiter |
+//! | `palisade_rate_limit_shadow_rejected_total` | | a rate limiter in shadow mode lets through a request it would have refused |
 //! | `palisade_retry_attempts_total` | `reason` | a request is retried (`error`, `response`, `status`, `grpc_status`, `timeout`, or the kind of a rejection from a layer below: `unavailable` (an open circuit), `overloaded`, `rate_limited`) |
 //! | `palisade_retry_budget_exhausted_total` | | a retry is refused by the budget |
 //! | `palisade_concurrency_limit_rejected_total` | | a request is refused with `Overloaded` |
@@ -74,6 +75,11 @@ pub(crate) fn circuit_rejected(key: Option<&str>) {
 pub(crate) fn rate_limited() {
     #[cfg(feature = "metrics")]
     metrics::counter!("palisade_rate_limit_rejected_total").increment(1);
+}
+
+pub(crate) fn rate_limited_in_shadow() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("palisade_rate_limit_shadow_rejected_total").increment(1);
 }
 
 #[cfg(feature = "metrics")]

@@ -12,6 +12,7 @@ use tower_service::Service;
 use super::bucket::Denied;
 use super::error::{CostExceedsCapacity, RateLimited};
 use super::layer::{OnAdmitted, RateLimitStatus};
+use super::shadow::Shadow;
 use super::store::{Admission, Store};
 
 /// The response future of [`RateLimitService`](super::RateLimitService).
@@ -54,6 +55,7 @@ enum Slow<S, Req, St: Store> {
         pending: St::Pending,
         ready: Option<(S, Req)>,
         store: Arc<St>,
+        shadow: Option<Arc<Shadow>>,
     },
     /// Admitted for later: waiting for the reserved slot.
     Waiting {
@@ -93,12 +95,13 @@ where
                     pending,
                     ready,
                     store,
+                    shadow,
                 } => {
                     let decision = ready!(pending.poll(cx));
                     let Some((mut service, request)) = ready.take() else {
                         return Poll::Ready(State::failed(completed()));
                     };
-                    match Next::resolve(store, decision) {
+                    match Next::resolve(store, decision, shadow.as_deref()) {
                         Next::Go(admitted) => {
                             *status = admitted;
                             return Poll::Ready(State::Calling {
@@ -170,34 +173,55 @@ pub(crate) enum Next<St: Store> {
 }
 
 impl<St: Store> Next<St> {
+    /// In shadow mode (`shadow` is `Some`) every decision is `Go`: a reserved slot stays
+    /// taken (the enforcing limiter's request would use it) but is not waited for, and a
+    /// refusal is counted and let through with the fields it would have answered with.
     #[inline]
     pub(crate) fn resolve(
         store: &Arc<St>,
         decision: Result<Admission<St::Reservation>, BoxError>,
+        shadow: Option<&Shadow>,
     ) -> Self {
-        match decision {
-            Ok(Admission::Admitted { status }) => Next::Go(status),
-            Ok(Admission::Reserved { wait, reservation }) => Next::Wait(
-                wait,
-                ReservationGuard {
-                    store: store.clone(),
-                    reservation: Some(reservation),
-                },
-            ),
+        let (refusal, why, fields) = match decision {
+            Ok(Admission::Admitted { status }) => return Next::Go(status),
+            Ok(Admission::Reserved { wait, reservation }) => {
+                if shadow.is_some() {
+                    // Dropped, not cancelled: the slot stays taken.
+                    return Next::Go(None);
+                }
+                return Next::Wait(
+                    wait,
+                    ReservationGuard {
+                        store: store.clone(),
+                        reservation: Some(reservation),
+                    },
+                );
+            }
             Ok(Admission::Denied(Denied::Limited {
                 retry_after,
                 remaining,
             })) => {
-                #[cfg(feature = "tracing")]
-                tracing::debug!(?retry_after, "request rate limited");
-                crate::metrics::rate_limited();
-                Next::Fail(RateLimited::new(retry_after, store.quota(), remaining).into())
+                let limited = RateLimited::new(retry_after, store.quota(), remaining);
+                let fields = RateLimitStatus::from(&limited);
+                (BoxError::from(limited), "rate limited", Some(fields))
             }
-            Ok(Admission::Denied(Denied::CostExceedsCapacity { cost, capacity })) => {
-                Next::Fail(CostExceedsCapacity { cost, capacity }.into())
-            }
-            Err(error) => Next::Fail(error),
+            Ok(Admission::Denied(Denied::CostExceedsCapacity { cost, capacity })) => (
+                CostExceedsCapacity { cost, capacity }.into(),
+                "cost exceeds capacity",
+                None,
+            ),
+            Err(error) => (error, "store refused", None),
+        };
+        if let Some(shadow) = shadow {
+            shadow.let_through(why);
+            return Next::Go(fields);
         }
+        if fields.is_some() {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(retry_after = ?fields.map(|fields| fields.reset), "request rate limited");
+            crate::metrics::rate_limited();
+        }
+        Next::Fail(refusal)
     }
 }
 
@@ -244,12 +268,14 @@ where
         service: S,
         request: Req,
         store: Arc<St>,
+        shadow: Option<Arc<Shadow>>,
         on_admitted: H,
     ) -> Self {
         let slow = Slow::Deciding {
             pending,
             ready: Some((service, request)),
             store,
+            shadow,
         };
         Self::new(State::Slow(Box::pin(slow)), None, on_admitted)
     }

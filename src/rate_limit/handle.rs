@@ -3,17 +3,19 @@ use std::time::Duration;
 
 use super::bucket::Quota;
 use super::error::RateLimitConfigError;
+use super::shadow::Shadow;
 use super::store::{LocalStore, Store};
 
 /// Observes and controls the buckets of a [`RateLimitLayer`](super::RateLimitLayer):
 /// cheap to clone, shared with every service the layer built.
 pub struct RateLimitHandle<St = LocalStore> {
     store: Arc<St>,
+    shadow: Option<Arc<Shadow>>,
 }
 
 impl<St: Store> RateLimitHandle<St> {
-    pub(crate) fn new(store: Arc<St>) -> Self {
-        Self { store }
+    pub(crate) fn new(store: Arc<St>, shadow: Option<Arc<Shadow>>) -> Self {
+        Self { store, shadow }
     }
 
     /// The tokens the shared bucket holds now: the global limiter's bucket, or a keyed
@@ -55,10 +57,26 @@ impl<St: Store> RateLimitHandle<St> {
     }
 }
 
+impl<St> RateLimitHandle<St> {
+    /// Whether the limiter runs in [shadow mode](super::Builder::shadow).
+    pub fn is_shadow(&self) -> bool {
+        self.shadow.is_some()
+    }
+
+    /// How many requests the limiter in shadow mode let through that it would have
+    /// refused (always 0 for an enforcing limiter).
+    pub fn shadow_rejected(&self) -> u64 {
+        self.shadow
+            .as_ref()
+            .map_or(0, |shadow| shadow.would_reject())
+    }
+}
+
 impl<St> Clone for RateLimitHandle<St> {
     fn clone(&self) -> Self {
         Self {
             store: self.store.clone(),
+            shadow: self.shadow.clone(),
         }
     }
 }
@@ -67,6 +85,7 @@ impl<St: std::fmt::Debug> std::fmt::Debug for RateLimitHandle<St> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RateLimitHandle")
             .field("store", &self.store)
+            .field("shadow_rejected", &self.shadow_rejected())
             .finish()
     }
 }

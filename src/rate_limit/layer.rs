@@ -9,6 +9,7 @@ use super::bucket::Quota;
 use super::error::RateLimitConfigError;
 use super::handle::RateLimitHandle;
 use super::service::RateLimitService;
+use super::shadow::Shadow;
 use super::store::{LocalStore, Store};
 use crate::key::Global;
 
@@ -30,6 +31,8 @@ pub(crate) struct Policy<X, C, H> {
     pub(crate) max_wait: Duration,
     pub(crate) when_key_missing: WhenKeyMissing,
     pub(crate) on_admitted: H,
+    /// `Some` in shadow mode: nothing is refused, and what would have been is counted.
+    pub(crate) shadow: Option<Arc<Shadow>>,
 }
 
 impl RateLimitLayer {
@@ -44,6 +47,7 @@ impl RateLimitLayer {
                 max_keys: DEFAULT_MAX_KEYS,
                 when_key_missing: WhenKeyMissing::Reject,
                 keyed: false,
+                shadow: false,
             },
             extractor: Global,
             cost: UnitCost,
@@ -56,7 +60,7 @@ impl RateLimitLayer {
 impl<X, C, St: Store, H> RateLimitLayer<X, C, St, H> {
     /// A handle that observes and controls this layer's buckets.
     pub fn handle(&self) -> RateLimitHandle<St> {
-        RateLimitHandle::new(self.store.clone())
+        RateLimitHandle::new(self.store.clone(), self.policy.shadow.clone())
     }
 }
 
@@ -107,6 +111,7 @@ struct Settings {
     max_keys: usize,
     when_key_missing: WhenKeyMissing,
     keyed: bool,
+    shadow: bool,
 }
 
 impl<X, C, K, H> Builder<X, C, K, H> {
@@ -148,6 +153,19 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     /// [`WhenKeyMissing::Reject`]).
     pub fn when_key_missing(mut self, when: WhenKeyMissing) -> Self {
         self.settings.when_key_missing = when;
+        self
+    }
+
+    /// Shadow mode (default off): the limiter decides, counts, logs and (with
+    /// [`headers_on_success`](Self::headers_on_success)) sets the `RateLimit` fields
+    /// exactly as it would, but lets every request through, at once: a request it would
+    /// have refused (over the limit, costing more than the capacity, without a key, or
+    /// refused by its store) reaches the inner service, and
+    /// [`RateLimitHandle::shadow_rejected`] counts it. Its buckets are charged as they
+    /// would be, so they track the limit it would enforce: roll out a new limit by
+    /// watching it first. See the [module docs](super#shadow-mode).
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.settings.shadow = shadow;
         self
     }
 
@@ -194,6 +212,13 @@ impl<X, C, K, H> Builder<X, C, K, H> {
             on_admitted: super::headers::AddRateLimitFields,
             key: PhantomData,
         }
+    }
+
+    /// Whether [`keyed`](Self::keyed) was called: a configuration from a file checks that
+    /// the code that builds it agrees.
+    #[cfg(feature = "serde")]
+    pub(crate) fn is_keyed(&self) -> bool {
+        self.settings.keyed
     }
 
     /// Checks the configuration and builds the layer with the in-process store.
@@ -246,6 +271,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
                 max_wait: settings.max_wait,
                 when_key_missing: settings.when_key_missing,
                 on_admitted: self.on_admitted,
+                shadow: settings.shadow.then(Arc::default),
             }),
         })
     }

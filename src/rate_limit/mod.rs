@@ -86,6 +86,40 @@
 //! per refill interval, and at most once a millisecond, so a flood cannot make every
 //! request pay for a sweep).
 //!
+//! # Shadow mode
+//!
+//! [`Builder::shadow`] rolls a new limit out by watching it first: the limiter decides
+//! every request as it would (its buckets are charged the same way, so they follow the
+//! limit it would enforce), counts and logs what it would refuse and, with
+//! [`headers_on_success`](Builder::headers_on_success), sets the `RateLimit` fields it
+//! would answer with, but lets every request through at once.
+//! [`RateLimitHandle::shadow_rejected`] and the `palisade_rate_limit_shadow_rejected_total`
+//! counter show how many requests it would have refused.
+//!
+//! ```
+//! use std::time::Duration;
+//! use palisade::rate_limit::RateLimitLayer;
+//! use tower::{Service, ServiceBuilder, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let watching = RateLimitLayer::builder()
+//!     .capacity(2)
+//!     .refill(1, Duration::from_secs(1))
+//!     .shadow(true)
+//!     .build()?;
+//! let handle = watching.handle();
+//! let mut service = ServiceBuilder::new()
+//!     .layer(watching)
+//!     .service(service_fn(|n: u32| async move { Ok::<_, tower::BoxError>(n) }));
+//! for n in 0..5 {
+//!     assert_eq!(service.ready().await?.call(n).await?, n); // all five pass
+//! }
+//! assert_eq!(handle.shadow_rejected(), 3); // an enforcing limiter would refuse three
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Runtime changes
 //!
 //! [`RateLimitHandle::set_rate`] and [`set_capacity`](RateLimitHandle::set_capacity)
@@ -104,6 +138,7 @@ mod layer;
 #[cfg(feature = "redis")]
 mod redis;
 mod service;
+mod shadow;
 mod store;
 
 /// The key extractors, at their old path: this is the crate-level [`crate::key`] module,

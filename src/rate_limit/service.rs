@@ -69,7 +69,7 @@ where
         let on_admitted = policy.on_admitted.clone();
         let key = policy.extractor.extract(&request);
         if key.is_none() && policy.when_key_missing == WhenKeyMissing::Reject {
-            return ResponseFuture::failed(MissingKey.into(), on_admitted);
+            return self.missing_key(request, on_admitted);
         }
         let status = if H::ACTIVE {
             StatusWanted::Yes
@@ -85,10 +85,18 @@ where
             Answer::Later(pending) => {
                 let ready = take_ready(&mut self.inner);
                 let store = self.store.clone();
-                return ResponseFuture::deciding(pending, ready, request, store, on_admitted);
+                let shadow = policy.shadow.clone();
+                return ResponseFuture::deciding(
+                    pending,
+                    ready,
+                    request,
+                    store,
+                    shadow,
+                    on_admitted,
+                );
             }
         };
-        match Next::resolve(&self.store, decided) {
+        match Next::resolve(&self.store, decided, policy.shadow.as_deref()) {
             Next::Go(status) => {
                 ResponseFuture::calling(self.inner.call(request), status, on_admitted)
             }
@@ -97,6 +105,25 @@ where
                 ResponseFuture::waiting(wait, guard, ready, request, on_admitted)
             }
             Next::Fail(error) => ResponseFuture::failed(error, on_admitted),
+        }
+    }
+}
+
+impl<S, X, C, St: Store, H> RateLimitService<S, X, C, St, H> {
+    /// A request without a key, which the limiter refuses, or in shadow mode lets through
+    /// undecided (there is no bucket to charge). Out of line: the keyed path stays short.
+    #[cold]
+    #[inline(never)]
+    fn missing_key<Req>(&mut self, request: Req, on_admitted: H) -> ResponseFuture<S, Req, St, H>
+    where
+        S: Service<Req>,
+    {
+        match &self.policy.shadow {
+            None => ResponseFuture::failed(MissingKey.into(), on_admitted),
+            Some(shadow) => {
+                shadow.let_through("missing key");
+                ResponseFuture::calling(self.inner.call(request), None, on_admitted)
+            }
         }
     }
 }
