@@ -64,6 +64,11 @@ fn every_policy_of_the_example_file_builds() {
     for name in ["inventory", "payments"] {
         let _ = policies.circuit_breaker(name).unwrap();
     }
+    let _ = policies
+        .keyed_circuit_breaker::<_, String>("per_upstream", |request: &String| {
+            Some(request.clone())
+        })
+        .unwrap();
     for name in ["idempotent", "polling"] {
         let _ = policies.retry(name).unwrap();
     }
@@ -828,4 +833,60 @@ mod redis {
             Some(&PolicyMismatch::NotOnRedis)
         );
     }
+}
+
+#[tokio::test(start_paused = true)]
+async fn keyed_breakers_from_a_file_keep_one_breaker_per_key() {
+    let policies = toml_doc(
+        "[breakers.per_upstream]\nminimum_calls = 2\nsliding_window = { count = 2 }\nkeyed = { max_keys = 8 }",
+    );
+    let round_tripped: Policies =
+        serde_json::from_str(&serde_json::to_string(&policies).unwrap()).unwrap();
+    assert_eq!(round_tripped, policies);
+    let layer = round_tripped
+        .keyed_circuit_breaker::<_, &'static str>("per_upstream", |call: &(&'static str, bool)| {
+            Some(call.0)
+        })
+        .expect("a keyed policy with its extractor");
+    let handle = layer.handle();
+    let mut service = layer.layer(service_fn(|(_, fail): (&'static str, bool)| async move {
+        if fail {
+            Err::<(), BoxError>("down".into())
+        } else {
+            Ok(())
+        }
+    }));
+    for call in [("payments", true), ("payments", true), ("users", false)] {
+        let _ = service.ready().await.unwrap().call(call).await;
+    }
+    assert_eq!(handle.state_for(&"payments"), State::Open);
+    assert_eq!(handle.state_for(&"users"), State::Closed);
+}
+
+#[test]
+fn a_keyed_breaker_policy_is_reported_at_its_fields() {
+    let keyed = |body: &str| {
+        toml_doc(&format!("[breakers.p]\n{body}"))
+            .keyed_circuit_breaker::<_, u32>("p", |request: &u32| Some(*request))
+            .map(drop)
+            .expect_err(body)
+    };
+    let error = keyed("keyed = { max_keys = 0 }");
+    assert_eq!(error.path(), "breakers.p.keyed.max_keys");
+    assert_eq!(
+        error.error().downcast_ref(),
+        Some(&CircuitBreakerConfigError::ZeroMaxKeys)
+    );
+    // A file and the code that builds it must agree on keyed or global.
+    let error = keyed("");
+    assert_eq!(
+        error.error().downcast_ref(),
+        Some(&PolicyMismatch::NotKeyed)
+    );
+    let error = error_of("breakers", "keyed = {}");
+    assert_eq!(error.path(), "breakers.p.keyed");
+    assert_eq!(
+        error.error().downcast_ref(),
+        Some(&PolicyMismatch::NeedsExtractor)
+    );
 }

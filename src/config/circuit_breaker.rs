@@ -1,11 +1,14 @@
 //! The circuit breaker's configuration.
 
+use super::KeyedConfig;
 use super::error::{ConfigError, PolicyMismatch};
 use crate::circuit_breaker::{
-    CircuitBreakerConfigError, CircuitBreakerLayer, CircuitBreakerLayerBuilder, OpenBackoff,
-    SlidingWindow,
+    CircuitBreakerConfigError, CircuitBreakerLayer, CircuitBreakerLayerBuilder, Keyed,
+    KeyedCircuitBreakerLayer, OpenBackoff, SlidingWindow,
 };
 use serde::{Deserialize, Serialize};
+use std::fmt;
+use std::hash::Hash;
 use std::time::Duration;
 
 /// A [`CircuitBreakerLayer`] as data: every field left out keeps the builder's default
@@ -19,15 +22,15 @@ use std::time::Duration;
 /// slow_calls = { threshold = "2s", rate = 0.8 }
 /// open_for = "30s"                          # or open_backoff = { initial = "5s", max = "60s", multiplier = 2.0, jitter = 0.2 }
 /// half_open_probes = 5
+/// keyed = { max_keys = 1000 }               # one breaker per key (upstream, route, ...)
 /// ```
 ///
 /// How results are classified is code, not data: build with
 /// [`build_from`](Self::build_from) and a builder that has its
-/// [`classify`](CircuitBreakerLayerBuilder::classify).
-//
-// Keyed breakers (one per upstream) get a `keyed: Option<KeyedConfig>` field here and a
-// `build_keyed(extractor)` beside `build`, as `ConcurrencyLimitConfig` has: the
-// extractor is code, the cap is data.
+/// [`classify`](CircuitBreakerLayerBuilder::classify). A configuration with a `keyed`
+/// section takes its key extractor in code too
+/// ([`build_keyed`](Self::build_keyed)); [`build`](Self::build) refuses it, so that a
+/// file and the code that reads it cannot disagree about it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
@@ -57,6 +60,9 @@ pub struct CircuitBreakerConfig {
     /// Probe calls let through when half-open.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub half_open_probes: Option<u32>,
+    /// One breaker per key, at most `max_keys` of them (the extractor is code).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub keyed: Option<KeyedConfig>,
 }
 
 /// [`SlidingWindow`] as data: `{ count = 100 }` or `{ time = "60s" }`, optionally with
@@ -196,11 +202,13 @@ impl From<OpenBackoffConfig> for OpenBackoff {
 }
 
 impl CircuitBreakerConfig {
-    /// Sets this configuration's fields on `builder`, leaving the others as they are.
-    pub fn apply<C>(
+    /// Sets this configuration's fields on `builder` (global or keyed; the `keyed`
+    /// section's `max_keys` goes through [`build_keyed_from`](Self::build_keyed_from)),
+    /// leaving the others as they are.
+    pub fn apply<C, X, K>(
         &self,
-        builder: CircuitBreakerLayerBuilder<C>,
-    ) -> CircuitBreakerLayerBuilder<C> {
+        builder: CircuitBreakerLayerBuilder<C, X, K>,
+    ) -> CircuitBreakerLayerBuilder<C, X, K> {
         let mut builder = builder;
         if let Some(rate) = self.failure_rate_threshold {
             builder = builder.failure_rate_threshold(rate);
@@ -231,21 +239,62 @@ impl CircuitBreakerConfig {
         self.build_from(CircuitBreakerLayer::builder())
     }
 
+    /// The keyed breakers this configuration describes (one per key, every `Err` a
+    /// failure), with `extractor` (a closure `Fn(&Req) -> Option<K>` or one of the
+    /// [`key`](crate::key) extractors); the configuration must have a `keyed` section.
+    pub fn build_keyed<X, K>(
+        &self,
+        extractor: X,
+    ) -> Result<KeyedCircuitBreakerLayer<X, K>, ConfigError>
+    where
+        K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    {
+        self.build_keyed_from(CircuitBreakerLayer::builder().keyed(extractor))
+    }
+
+    /// Applies this configuration, `keyed` section included, to a keyed `builder` (with
+    /// its classifier, observer and metrics labels) and builds it.
+    pub fn build_keyed_from<C, X, K>(
+        &self,
+        builder: CircuitBreakerLayerBuilder<C, Keyed<X>, K>,
+    ) -> Result<KeyedCircuitBreakerLayer<X, K, C>, ConfigError>
+    where
+        K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
+    {
+        let Some(keyed) = &self.keyed else {
+            return Err(ConfigError::new("", PolicyMismatch::NotKeyed));
+        };
+        self.check_open_time()?;
+        let mut builder = self.apply(builder);
+        if let Some(max_keys) = keyed.max_keys {
+            builder = builder.max_keys(max_keys);
+        }
+        builder.build().map_err(|error| self.locate(error))
+    }
+
     /// Applies this configuration to `builder` (with its classifier and observer) and
     /// builds it: the builder's validation, with its errors named by field.
     pub fn build_from<C>(
         &self,
         builder: CircuitBreakerLayerBuilder<C>,
     ) -> Result<CircuitBreakerLayer<C>, ConfigError> {
+        if self.keyed.is_some() {
+            return Err(ConfigError::new("keyed", PolicyMismatch::NeedsExtractor));
+        }
+        self.check_open_time()?;
+        self.apply(builder)
+            .build()
+            .map_err(|error| self.locate(error))
+    }
+
+    fn check_open_time(&self) -> Result<(), ConfigError> {
         if self.open_for.is_some() && self.open_backoff.is_some() {
             return Err(ConfigError::new(
                 "open_backoff",
                 PolicyMismatch::Exclusive("open_for", "open_backoff"),
             ));
         }
-        self.apply(builder)
-            .build()
-            .map_err(|error| self.locate(error))
+        Ok(())
     }
 
     /// The field a builder error is about.
@@ -273,6 +322,7 @@ impl CircuitBreakerConfig {
             E::Multiplier(_) => "open_backoff.multiplier",
             E::Jitter(_) => "open_backoff.jitter",
             E::Probes { .. } => "half_open_probes",
+            E::ZeroMaxKeys => "keyed.max_keys",
         };
         ConfigError::new(path, error)
     }

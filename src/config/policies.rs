@@ -4,7 +4,9 @@ use super::error::{ConfigError, MissingPolicy};
 use super::{
     CircuitBreakerConfig, ConcurrencyLimitConfig, DeadlinesConfig, RateLimitConfig, RetryConfig,
 };
-use crate::circuit_breaker::{CircuitBreakerLayer, CircuitBreakerLayerBuilder};
+use crate::circuit_breaker::{
+    CircuitBreakerLayer, CircuitBreakerLayerBuilder, KeyedCircuitBreakerLayer,
+};
 use crate::concurrency_limit::{ConcurrencyLimitLayer, ConcurrencyLimitLayerBuilder};
 use crate::rate_limit::{Builder, LocalStore, RateLimitLayer, UnitCost};
 use crate::retry::{RetryLayer, RetryLayerBuilder};
@@ -127,6 +129,21 @@ impl Policies {
             name,
             CircuitBreakerConfig::build,
         )
+    }
+
+    /// The keyed circuit breakers `name` (one per key), with `extractor` (its
+    /// configuration has a `keyed` section).
+    pub fn keyed_circuit_breaker<X, K>(
+        &self,
+        name: &str,
+        extractor: X,
+    ) -> Result<KeyedCircuitBreakerLayer<X, K>, ConfigError>
+    where
+        K: Hash + Eq + Clone + std::fmt::Debug + Send + Sync + 'static,
+    {
+        build("breakers", &self.breakers, name, |policy| {
+            policy.build_keyed(extractor)
+        })
     }
 
     /// The circuit breaker `name`, applied to `builder` (with its classifier).
