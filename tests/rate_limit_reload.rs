@@ -10,9 +10,7 @@ use std::time::Duration;
 
 use http::{Request, Response};
 use palisade::config::{ConfigError, NotReloadable, Policies, RateLimitConfig};
-use palisade::rate_limit::{
-    Quota, RateLimitConfigError, RateLimitLayer, RateLimited, TokenBucket,
-};
+use palisade::rate_limit::{Quota, RateLimitConfigError, RateLimitLayer, RateLimited, TokenBucket};
 use proptest::prelude::*;
 use tokio::time::{Instant, advance};
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
@@ -125,7 +123,10 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
     let reloads = reloader.await.unwrap();
     // The run exercised both policies and many switches between them.
     assert!(reloads > 100, "{reloads} reloads");
-    assert!(admitted > 0 && refused > 0, "{admitted} admitted, {refused} refused");
+    assert!(
+        admitted > 0 && refused > 0,
+        "{admitted} admitted, {refused} refused"
+    );
 }
 
 #[tokio::test(start_paused = true)]
@@ -137,7 +138,9 @@ async fn tightening_applies_at_once_and_keeps_the_bucket_as_full_as_a_fraction()
         send(&mut service, n).await.unwrap();
     }
     // Half full of 10 becomes half full of 2: one token, and the new rate behind it.
-    handle.reload(&config("capacity = 2\nrefill = \"1/s\"")).unwrap();
+    handle
+        .reload(&config("capacity = 2\nrefill = \"1/s\""))
+        .unwrap();
     assert_eq!(handle.quota(), Quota::new(2, 1, SECOND).unwrap());
     assert_eq!(handle.available(), 1);
     send(&mut service, 0).await.unwrap();
@@ -167,7 +170,10 @@ async fn an_invalid_reload_is_refused_at_its_field_and_the_old_policy_holds() {
         ("capacity = 0\nrefill = \"1/s\"", "capacity"),
         ("capacity = 5\nrefill = \"0/s\"", "refill"),
         ("capacity = 5\nrefill = \"2/1ns\"", "refill"),
-        ("capacity = 18446744073709551615\nrefill = \"1/s\"", "capacity"),
+        (
+            "capacity = 18446744073709551615\nrefill = \"1/s\"",
+            "capacity",
+        ),
     ];
     for (text, path) in refusals {
         let refused = handle.reload(&config(text)).unwrap_err();
@@ -203,9 +209,21 @@ async fn options_fixed_at_build_time_are_refused_at_their_field() {
         .handle();
     let refusals = [
         (&global, "capacity = 5\nrefill = \"1/s\"", "max_wait"),
-        (&global, "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nshadow = true", "shadow"),
-        (&global, "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nredis = {}", "redis"),
-        (&global, "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nkeyed = {}", "keyed"),
+        (
+            &global,
+            "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nshadow = true",
+            "shadow",
+        ),
+        (
+            &global,
+            "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nredis = {}",
+            "redis",
+        ),
+        (
+            &global,
+            "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nkeyed = {}",
+            "keyed",
+        ),
     ];
     for (handle, text, path) in refusals {
         let refused = handle.reload(&config(text)).unwrap_err();
@@ -299,8 +317,11 @@ fn model(
     period_ns: u64,
     elapsed_ns: u64,
 ) -> u64 {
-    let (capacity, held, to_capacity) =
-        (i128::from(capacity), i128::from(held), i128::from(to_capacity));
+    let (capacity, held, to_capacity) = (
+        i128::from(capacity),
+        i128::from(held),
+        i128::from(to_capacity),
+    );
     let (tokens, period, elapsed) = (
         i128::from(tokens),
         i128::from(period_ns),

@@ -378,7 +378,10 @@ impl RateLimitConfig {
                 .when_key_missing
                 .map_or(WhenKeyMissing::default(), WhenKeyMissing::from);
             if when != built.when_key_missing {
-                return fixed("keyed.when_key_missing", &format_args!("{:?}", built.when_key_missing));
+                return fixed(
+                    "keyed.when_key_missing",
+                    &format_args!("{:?}", built.when_key_missing),
+                );
             }
         }
         if self.max_wait.unwrap_or_default() != built.max_wait {

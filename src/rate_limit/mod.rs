@@ -157,13 +157,13 @@ pub use self::handle::RateLimitHandle;
 pub use self::layer::{
     Builder, Cost, NoHeaders, OnAdmitted, RateLimitLayer, RateLimitStatus, UnitCost, WhenKeyMissing,
 };
+#[cfg(feature = "serde")]
+pub(crate) use self::layer::{DEFAULT_MAX_KEYS, Settings};
 #[cfg(feature = "redis")]
 pub use self::redis::{
     RedisConnection, RedisKey, RedisOptions, RedisReservation, RedisRoundTrip, RedisStore,
     RedisUnavailable, WhenUnavailable,
 };
-#[cfg(feature = "serde")]
-pub(crate) use self::layer::{DEFAULT_MAX_KEYS, Settings};
 pub use self::service::RateLimitService;
 pub use self::store::{
     Acquire, Admission, Answer, LocalReservation, LocalStore, NeverPending, StatusWanted, Store,
