@@ -79,7 +79,11 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
         tokio::spawn(async move {
             let mut reloads = 0u64;
             while !done.load(Ordering::Relaxed) {
-                let next = if reloads % 2 == 0 { &tight } else { &loose };
+                let next = if reloads.is_multiple_of(2) {
+                    &tight
+                } else {
+                    &loose
+                };
                 handle.reload(next).expect("a valid configuration");
                 reloads += 1;
                 tokio::task::yield_now().await;
