@@ -150,6 +150,8 @@ mod store;
 /// shared by every keyed layer.
 pub use crate::key;
 
+#[cfg(loom)]
+pub(crate) use self::bucket::Verdict;
 pub use self::bucket::{Admitted, Denied, Quota, Reservation, TokenBucket};
 pub use self::error::{CostExceedsCapacity, MissingKey, RateLimitConfigError, RateLimited};
 pub use self::future::ResponseFuture;
