@@ -9,7 +9,7 @@
 
 use crate::circuit_breaker::loom_api::{Breaker, KeyedModel, Settings};
 use crate::circuit_breaker::{SlidingWindow, State, Transition};
-use crate::rate_limit::{Quota, TokenBucket};
+use crate::rate_limit::{Quota, TokenBucket, Verdict};
 use crate::retry::RetryBudget;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering};
@@ -308,6 +308,42 @@ fn token_bucket_reservations_and_cancellations() {
             granted + more <= 2,
             "{granted} + {more} tokens by one second"
         );
+    });
+}
+
+/// A quota change (capacity and rate at once, as a reload makes it) races two
+/// acquisitions: each is decided under the old quota or the new one, never a mix, and
+/// the tokens carried over never hand out more than the old bucket held.
+#[test]
+fn token_bucket_quota_change_is_atomic() {
+    model(Some(3), || {
+        let now = Instant::now();
+        let old = Quota::new(2, 1, Duration::from_secs(1)).unwrap();
+        let new = Quota::new(1, 2, Duration::from_secs(1)).unwrap();
+        let bucket = Arc::new(TokenBucket::new(old, now));
+        let admitted = Arc::new(AtomicUsize::new(0));
+        let reloader = {
+            let bucket = bucket.clone();
+            thread::spawn(move || bucket.set_quota(new, now))
+        };
+        let takers: Vec<_> = (0..2)
+            .map(|_| {
+                let (bucket, admitted) = (bucket.clone(), admitted.clone());
+                thread::spawn(move || {
+                    let (verdict, _) = bucket.take(1, 0, bucket.nanos(now));
+                    if let Verdict::Admit { quota, .. } = verdict {
+                        assert!(quota == old || quota == new, "torn quota {quota:?}");
+                        admitted.fetch_add(1, Ordering::SeqCst);
+                    }
+                })
+            })
+            .collect();
+        join_all(std::iter::once(reloader).chain(takers).collect());
+        // Two before the change, or one and then half of the one left (rounded down).
+        let admitted = admitted.load(Ordering::SeqCst);
+        assert!((1..=2).contains(&admitted), "{admitted} admitted");
+        assert_eq!(bucket.quota(), new);
+        assert_eq!(bucket.available(now), 0);
     });
 }
 

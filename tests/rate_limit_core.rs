@@ -424,7 +424,7 @@ fn cost_above_capacity_is_refused_for_good() {
 }
 
 #[test]
-fn quota_changes_keep_the_tokens_held() {
+fn quota_changes_carry_the_tokens_over() {
     let start = Instant::now();
     let bucket = TokenBucket::new(Quota::new(10, 10, Duration::from_secs(1)).unwrap(), start);
     bucket.acquire(10, start).unwrap();
@@ -436,16 +436,18 @@ fn quota_changes_keep_the_tokens_held() {
     assert_eq!(bucket.available(at(start, 999_999_999)), 0);
     assert_eq!(bucket.available(start + Duration::from_secs(1)), 1);
 
-    // Half full, then a smaller capacity: clamped, not emptied.
+    // Half full, then a smaller capacity: as full as a fraction (half of 4), not
+    // clamped to a full bucket of the new size.
     let later = start + Duration::from_secs(5);
     assert_eq!(bucket.available(later), 5);
-    bucket.set_quota(Quota::new(3, 1, Duration::from_secs(1)).unwrap(), later);
-    assert_eq!(bucket.available(later), 3);
+    bucket.set_quota(Quota::new(4, 1, Duration::from_secs(1)).unwrap(), later);
+    assert_eq!(bucket.available(later), 2);
 
     // A larger capacity is not a free burst: the new room fills at the refill rate.
     bucket.set_quota(Quota::new(6, 1, Duration::from_secs(1)).unwrap(), later);
-    assert_eq!(bucket.available(later), 3);
-    assert_eq!(bucket.available(later + Duration::from_secs(3)), 6);
+    assert_eq!(bucket.available(later), 2);
+    assert_eq!(bucket.available(later + Duration::from_secs(3)), 5);
+    assert_eq!(bucket.available(later + Duration::from_secs(4)), 6);
     assert_eq!(bucket.quota().capacity(), 6);
 }
 

@@ -449,9 +449,10 @@ async fn keyed_runtime_changes_reach_every_key() {
     // Key 1 stays empty and now refills at the new rate.
     let error = send(&mut service, 1).await.unwrap_err();
     assert_eq!(limited(&error).retry_after(), 10 * SECOND);
-    // Key 2 keeps its three tokens, then is clamped to the new capacity.
+    // Key 2 keeps its three tokens, then its share of the smaller capacity: 3/4 of 2,
+    // rounded down.
     assert_eq!(handle.available_for(&2), 3);
-    handle.set_capacity(1).unwrap();
+    handle.set_capacity(2).unwrap();
     assert_eq!(handle.available_for(&2), 1);
     send(&mut service, 2).await.unwrap();
     assert!(send(&mut service, 2).await.is_err());

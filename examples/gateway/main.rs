@@ -9,10 +9,14 @@
 //!                                                 compensating action)
 //! ```
 //!
+//! The per-client limit comes from `policies.toml` next to this file, and an admin
+//! endpoint on a loopback port (`POST /admin/reload`) reloads it live.
+//!
 //! `cargo run --example gateway --features full` drives a scripted scenario, prints a
 //! report and exits non-zero if any step misbehaved. `-- --serve` keeps the system up
 //! and prints curl commands to try by hand.
 
+mod admin;
 mod deadlines;
 mod edge;
 mod logs;
@@ -40,7 +44,7 @@ use palisade::circuit_breaker::{
 };
 use palisade::correlation::CorrelationIdLayer;
 use palisade::key;
-use palisade::rate_limit::RateLimitLayer;
+use palisade::rate_limit::{LocalStore, RateLimitHandle};
 use palisade::retry::{Backoff, GrpcRetry, Jitter, RetryLayer};
 use palisade::tonic::RejectionsAsStatusLayer;
 use tokio::net::TcpListener;
@@ -87,6 +91,15 @@ struct System {
     users: SocketAddr,
     orders: SocketAddr,
     legacy: SocketAddr,
+    /// The gateway's admin endpoint, on loopback.
+    admin: SocketAddr,
+}
+
+/// The gateway's router and the handles of its layers.
+struct Gateway {
+    router: Router,
+    upstream_breakers: KeyedCircuitBreakerHandle<http::uri::Authority>,
+    per_client: RateLimitHandle<LocalStore<Subject>>,
 }
 
 impl System {
@@ -127,9 +140,13 @@ impl System {
         let legacy = TcpListener::bind("127.0.0.1:0").await?.local_addr()?;
 
         let tokens = TokenKeys::new(secret);
-        let (router, upstream_breakers) =
-            gateway_router(users_addr, orders_addr, legacy, TokenKeys::new(secret))?;
+        let Gateway {
+            router,
+            upstream_breakers,
+            per_client,
+        } = gateway_router(users_addr, orders_addr, legacy, TokenKeys::new(secret))?;
         let gateway = serve_http(router).await?;
+        let admin = admin::serve(per_client).await?;
 
         Ok(Self {
             gateway,
@@ -141,6 +158,7 @@ impl System {
             users: users_addr,
             orders: orders_addr,
             legacy,
+            admin,
         })
     }
 
@@ -154,6 +172,10 @@ impl System {
         );
         println!(
             "  curl -i -H 'x-request-id: my-trace-1' -H 'authorization: Bearer {token}' http://{gateway}/users/2"
+        );
+        println!(
+            "  curl -i -X POST --data-binary @examples/gateway/policies.toml http://{}/admin/reload",
+            self.admin
         );
         println!("Press Ctrl-C to stop.");
     }
@@ -206,12 +228,15 @@ fn gateway_router(
     orders: SocketAddr,
     legacy: SocketAddr,
     tokens: TokenKeys,
-) -> Result<(Router, KeyedCircuitBreakerHandle<http::uri::Authority>), BoxError> {
-    let per_client = RateLimitLayer::builder()
-        .capacity(10)
-        .refill(5, Duration::from_secs(1))
-        .keyed(|request: &axum::extract::Request| request.extensions().get::<Subject>().cloned())
-        .build()?;
+) -> Result<Gateway, BoxError> {
+    // The per-client limit is data, in the file next to this one; the key (the token's
+    // subject) is code.
+    let policies = admin::parse(&std::fs::read_to_string(admin::policy_file())?)?;
+    let per_client = policies
+        .keyed_rate_limit(admin::PER_CLIENT, |request: &axum::extract::Request| {
+            request.extensions().get::<Subject>().cloned()
+        })?;
+    let per_client_handle = per_client.handle();
     // One breaker per upstream authority: an upstream that cannot be reached (an `Err`
     // from the client; any HTTP answer counts as reached) stops being called, and the
     // others never notice.
@@ -252,7 +277,11 @@ fn gateway_router(
             Arc::new(tokens),
             edge::authenticate,
         ));
-    Ok((router, breakers))
+    Ok(Gateway {
+        router,
+        upstream_breakers: breakers,
+        per_client: per_client_handle,
+    })
 }
 
 /// Serves `router` on an OS-assigned port, with correlation IDs at its edge.
@@ -503,6 +532,7 @@ async fn scenario(system: &System, logs: &Logs, report: &mut Report) {
     shedding::step(report).await;
     deadlines::step(report, logs).await;
     one_upstream_unreachable(system, report).await;
+    admin::step(system, report).await;
 }
 
 /// The gateway keeps a breaker per upstream: the retired `/legacy` service opens its own

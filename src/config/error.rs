@@ -97,3 +97,23 @@ pub enum PolicyMismatch {
     #[error("`{0}` and `{1}` exclude each other: set one")]
     Exclusive(&'static str, &'static str),
 }
+
+/// A live reload that would change an option fixed when the layer was built (global or
+/// keyed, the key cap, the store, ...): build a new layer to change it.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error(
+    "cannot change at run time (the layer was built with {was}): build a new layer to change it"
+)]
+#[non_exhaustive]
+pub struct NotReloadable {
+    /// What the layer was built with, as the configuration would write it.
+    pub was: String,
+}
+
+impl NotReloadable {
+    pub(crate) fn new(was: impl fmt::Display) -> Self {
+        Self {
+            was: was.to_string(),
+        }
+    }
+}

@@ -145,7 +145,7 @@ pub use self::concurrency_limit::{
     AimdConfig, ConcurrencyLimitConfig, GradientConfig, QueueConfig,
 };
 pub use self::deadlines::DeadlinesConfig;
-pub use self::error::{ConfigError, MissingPolicy, PolicyMismatch};
+pub use self::error::{ConfigError, MissingPolicy, NotReloadable, PolicyMismatch};
 pub use self::policies::Policies;
 pub use self::rate_limit::{
     KeyedRateLimitConfig, RateLimitConfig, RedisConfig, Refill, WhenKeyMissingConfig,

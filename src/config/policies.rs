@@ -88,6 +88,21 @@ impl Policies {
         })
     }
 
+    /// Reloads the layer behind `handle` with the rate limit `name` (see
+    /// [`RateLimitHandle::reload`](crate::rate_limit::RateLimitHandle::reload)): an error
+    /// names its place in the document (`limits.per_client.capacity`), and changes
+    /// nothing.
+    pub fn reload_rate_limit<K>(
+        &self,
+        name: &str,
+        handle: &crate::rate_limit::RateLimitHandle<LocalStore<K>>,
+    ) -> Result<(), ConfigError>
+    where
+        K: Hash + Eq + Clone + Send + Sync + 'static,
+    {
+        build("limits", &self.limits, name, |policy| handle.reload(policy))
+    }
+
     /// The rate limit `name`, applied to `builder` (keyed, with a cost or headers) and
     /// built in process.
     pub fn rate_limit_from<X, C, K, H>(

@@ -1,8 +1,9 @@
 //! The rate limiter's configuration.
 
-use super::error::{ConfigError, PolicyMismatch};
+use super::error::{ConfigError, NotReloadable, PolicyMismatch};
 use crate::rate_limit::{
-    Builder, LocalStore, Quota, RateLimitConfigError, RateLimitLayer, WhenKeyMissing,
+    Builder, DEFAULT_MAX_KEYS, LocalStore, Quota, RateLimitConfigError, RateLimitLayer, Settings,
+    WhenKeyMissing,
 };
 use serde::de::{self, MapAccess, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
@@ -340,6 +341,57 @@ impl RateLimitConfig {
         self.apply(builder)
             .build()
             .map_err(|error| self.locate(error))
+    }
+
+    /// The quota a live reload to this configuration switches a layer built with `built`
+    /// to: `build()`'s validation, and the options that cannot change left as they are.
+    pub(crate) fn reload_quota(&self, built: &Settings) -> Result<Quota, ConfigError> {
+        self.check_fixed(built)?;
+        let quota = Quota::new(self.capacity, self.refill.tokens, self.refill.per)
+            .map_err(|error| self.locate(error))?;
+        if !quota.fits_wait(built.max_wait) {
+            return Err(self.locate(RateLimitConfigError::TooLarge));
+        }
+        Ok(quota)
+    }
+
+    /// The first option that differs from what the layer was built with and cannot change
+    /// at run time.
+    fn check_fixed(&self, built: &Settings) -> Result<(), ConfigError> {
+        let fixed = |path: &str, was: &dyn fmt::Display| {
+            Err(ConfigError::new(path, NotReloadable::new(was)))
+        };
+        if self.redis.is_some() {
+            return fixed("redis", &"its buckets in process");
+        }
+        match (&self.keyed, built.keyed) {
+            (Some(_), false) => return fixed("keyed", &"no `keyed` section (a global limiter)"),
+            (None, true) => return fixed("keyed", &"a `keyed` section (a keyed limiter)"),
+            _ => {}
+        }
+        if let Some(keyed) = &self.keyed {
+            let max_keys = keyed.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
+            if max_keys != built.max_keys {
+                return fixed("keyed.max_keys", &built.max_keys);
+            }
+            let when = keyed
+                .when_key_missing
+                .map_or(WhenKeyMissing::default(), WhenKeyMissing::from);
+            if when != built.when_key_missing {
+                return fixed(
+                    "keyed.when_key_missing",
+                    &format_args!("{:?}", built.when_key_missing),
+                );
+            }
+        }
+        if self.max_wait.unwrap_or_default() != built.max_wait {
+            let was = humantime_serde::re::humantime::format_duration(built.max_wait);
+            return fixed("max_wait", &was);
+        }
+        if self.shadow.unwrap_or(false) != built.shadow {
+            return fixed("shadow", &built.shadow);
+        }
+        Ok(())
     }
 
     /// Whether the way it is built matches what the configuration describes.

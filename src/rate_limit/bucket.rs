@@ -197,11 +197,18 @@ impl Quota {
     }
 
     /// Re-expresses a TAT measured in `self` (where the time is `now`) in `to` (where it
-    /// is `now_to`), keeping the tokens the bucket holds (clamped to the new capacity) and
-    /// any debt beyond empty (queued reservations).
+    /// is `now_to`). A change never hands out tokens: a smaller capacity keeps the bucket
+    /// as full *as a fraction* (a bucket of 100 holding 50 becomes one of 10 holding 5), a
+    /// larger or equal one keeps the tokens it holds (the extra room fills at the refill
+    /// rate); a debt beyond empty (queued reservations) is kept in tokens. Rounded down.
     fn rescale(&self, tat: u64, now: u64, to: &Quota, now_to: u64) -> u64 {
         let held = i128::from(self.tolerance()) - i128::from(tat.saturating_sub(now));
-        let held = (held * i128::from(to.token)).div_euclid(i128::from(self.token));
+        // Both products stay below 2^114: a held amount and a tolerance are at most 2^57.
+        let held = if held > 0 && to.capacity < self.capacity {
+            (held * i128::from(to.tolerance())).div_euclid(i128::from(self.tolerance()))
+        } else {
+            (held * i128::from(to.token)).div_euclid(i128::from(self.token))
+        };
         let debt = i128::from(to.tolerance()) - held.min(i128::from(to.tolerance()));
         let room = i128::from(TAT_MASK.saturating_sub(now_to));
         now_to + u64::try_from(debt.min(room)).unwrap_or(0)
@@ -730,8 +737,9 @@ impl TokenBucket {
         self.ring.current().quota
     }
 
-    /// Switches to `quota` at `now`, keeping the tokens the bucket holds (clamped to the
-    /// new capacity) and any queued reservations.
+    /// Switches to `quota` at `now`, in one step: a smaller capacity keeps the bucket as
+    /// full as a fraction, a larger one keeps the tokens, and queued reservations keep
+    /// their slots (see [runtime changes](super#runtime-changes)).
     pub fn set_quota(&self, quota: Quota, now: Instant) {
         // Cannot fail: the change itself is infallible.
         let _ = self.update(now, |_| Ok(quota));

@@ -3,6 +3,7 @@ use std::time::Duration;
 
 use super::bucket::Quota;
 use super::error::RateLimitConfigError;
+use super::layer::Settings;
 use super::shadow::Shadow;
 use super::store::{LocalStore, Store};
 
@@ -11,11 +12,17 @@ use super::store::{LocalStore, Store};
 pub struct RateLimitHandle<St = LocalStore> {
     store: Arc<St>,
     shadow: Option<Arc<Shadow>>,
+    /// What the layer was built with.
+    settings: Settings,
 }
 
 impl<St: Store> RateLimitHandle<St> {
-    pub(crate) fn new(store: Arc<St>, shadow: Option<Arc<Shadow>>) -> Self {
-        Self { store, shadow }
+    pub(crate) fn new(store: Arc<St>, shadow: Option<Arc<Shadow>>, settings: Settings) -> Self {
+        Self {
+            store,
+            shadow,
+            settings,
+        }
     }
 
     /// The tokens the shared bucket holds now: the global limiter's bucket, or a keyed
@@ -38,14 +45,18 @@ impl<St: Store> RateLimitHandle<St> {
     }
 
     /// Refills `tokens` per `period` from now on. Buckets keep the tokens they hold.
+    /// (To change the rate and the capacity together, atomically, use
+    /// [`reload`](Self::reload): two calls are two changes, and a request between them
+    /// sees the one without the other.)
     pub fn set_rate(&self, tokens: u64, period: Duration) -> Result<(), RateLimitConfigError> {
         self.store
             .update_quota(|quota| quota.with_refill(tokens, period))
     }
 
-    /// Holds at most `capacity` tokens from now on. Buckets keep the tokens they hold,
-    /// up to the new capacity: raising it does not hand out a free burst, the extra
-    /// tokens accrue at the refill rate.
+    /// Holds at most `capacity` tokens from now on. A smaller capacity keeps each bucket
+    /// as full as a fraction (half full stays half full); a larger one keeps the tokens
+    /// it holds: raising it does not hand out a free burst, the extra tokens accrue at the
+    /// refill rate (see [runtime changes](super#runtime-changes)).
     pub fn set_capacity(&self, capacity: u64) -> Result<(), RateLimitConfigError> {
         self.store
             .update_quota(|quota| quota.with_capacity(capacity))
@@ -54,6 +65,61 @@ impl<St: Store> RateLimitHandle<St> {
     /// How many per-key buckets a keyed limiter tracks now (never more than `max_keys`).
     pub fn tracked_keys(&self) -> usize {
         self.store.tracked_keys()
+    }
+}
+
+#[cfg(feature = "serde")]
+impl<K> RateLimitHandle<LocalStore<K>>
+where
+    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
+{
+    /// Switches the limiter to `config`'s capacity and refill rate, atomically: every
+    /// request is decided under the old quota or the new one, never a mix of the two.
+    ///
+    /// `config` is validated as [`RateLimitConfig::build`](crate::config::RateLimitConfig::build)
+    /// validates it, with the same [`ConfigError`](crate::config::ConfigError) (field path
+    /// included); a refused configuration changes nothing. The options that shape the
+    /// layer cannot change at run time and must be what it was built with (left out:
+    /// their defaults): `keyed` (global or keyed), `keyed.max_keys`,
+    /// `keyed.when_key_missing`, `max_wait`, `shadow`, and a `redis` section (an
+    /// in-process limiter has none). A difference is refused with
+    /// [`NotReloadable`](crate::config::NotReloadable) at that field; build a new layer
+    /// to change them.
+    ///
+    /// The tokens carry over: a smaller capacity keeps each bucket as full *as a
+    /// fraction* (a bucket of 100 holding 50 becomes one of 10 holding 5), a larger one
+    /// keeps the tokens it holds (no free burst: the extra room fills at the new rate),
+    /// and queued reservations keep their slots. The shared bucket moves at once; a
+    /// keyed bucket moves on its next request (see [runtime changes](super#runtime-changes)).
+    ///
+    /// ```
+    /// use palisade::config::RateLimitConfig;
+    /// use palisade::rate_limit::RateLimitLayer;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config: RateLimitConfig = toml::from_str("capacity = 100\nrefill = \"50/s\"")?;
+    /// let handle = config.build()?.handle();
+    ///
+    /// handle.reload(&toml::from_str("capacity = 10\nrefill = \"5/s\"")?)?;
+    /// assert_eq!(handle.quota().capacity(), 10);
+    /// assert_eq!(handle.available(), 10); // full stays full
+    ///
+    /// let refused = handle.reload(&toml::from_str("capacity = 0\nrefill = \"5/s\"")?);
+    /// assert_eq!(refused.unwrap_err().path(), "capacity");
+    /// assert_eq!(handle.quota().capacity(), 10); // the old policy holds
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn reload(
+        &self,
+        config: &crate::config::RateLimitConfig,
+    ) -> Result<(), crate::config::ConfigError> {
+        let quota = config.reload_quota(&self.settings)?;
+        // Cannot fail: the quota is checked, and a local store takes any quota.
+        self.store
+            .update_quota(|_| Ok(quota))
+            .map_err(|error| crate::config::ConfigError::new("", error))
     }
 }
 
@@ -77,6 +143,7 @@ impl<St> Clone for RateLimitHandle<St> {
         Self {
             store: self.store.clone(),
             shadow: self.shadow.clone(),
+            settings: self.settings,
         }
     }
 }

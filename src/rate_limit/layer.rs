@@ -21,6 +21,8 @@ use crate::key::Global;
 pub struct RateLimitLayer<X = Global, C = UnitCost, St = LocalStore, H = NoHeaders> {
     store: Arc<St>,
     policy: Arc<Policy<X, C, H>>,
+    /// What it was built with: a reload checks what cannot change against it.
+    settings: Settings,
 }
 
 /// What a [`RateLimitService`] does with each request, apart from the store.
@@ -60,7 +62,11 @@ impl RateLimitLayer {
 impl<X, C, St: Store, H> RateLimitLayer<X, C, St, H> {
     /// A handle that observes and controls this layer's buckets.
     pub fn handle(&self) -> RateLimitHandle<St> {
-        RateLimitHandle::new(self.store.clone(), self.policy.shadow.clone())
+        RateLimitHandle::new(
+            self.store.clone(),
+            self.policy.shadow.clone(),
+            self.settings,
+        )
     }
 }
 
@@ -77,6 +83,7 @@ impl<X, C, St, H> Clone for RateLimitLayer<X, C, St, H> {
         Self {
             store: self.store.clone(),
             policy: self.policy.clone(),
+            settings: self.settings,
         }
     }
 }
@@ -90,7 +97,7 @@ impl<X, C, St: std::fmt::Debug, H> std::fmt::Debug for RateLimitLayer<X, C, St, 
     }
 }
 
-const DEFAULT_MAX_KEYS: usize = 100_000;
+pub(crate) const DEFAULT_MAX_KEYS: usize = 100_000;
 
 /// Configures a [`RateLimitLayer`]. `capacity` and `refill` are required.
 #[must_use]
@@ -102,16 +109,17 @@ pub struct Builder<X = Global, C = UnitCost, K = (), H = NoHeaders> {
     key: PhantomData<fn() -> K>,
 }
 
+/// A builder's options (and, kept by the layer, what it was built with).
 #[derive(Debug, Clone, Copy)]
-struct Settings {
+pub(crate) struct Settings {
     capacity: u64,
     refill_tokens: u64,
     refill_period: Duration,
-    max_wait: Duration,
-    max_keys: usize,
-    when_key_missing: WhenKeyMissing,
-    keyed: bool,
-    shadow: bool,
+    pub(crate) max_wait: Duration,
+    pub(crate) max_keys: usize,
+    pub(crate) when_key_missing: WhenKeyMissing,
+    pub(crate) keyed: bool,
+    pub(crate) shadow: bool,
 }
 
 impl<X, C, K, H> Builder<X, C, K, H> {
@@ -273,6 +281,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
                 on_admitted: self.on_admitted,
                 shadow: settings.shadow.then(Arc::default),
             }),
+            settings,
         })
     }
 }

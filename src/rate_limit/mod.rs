@@ -123,9 +123,14 @@
 //! # Runtime changes
 //!
 //! [`RateLimitHandle::set_rate`] and [`set_capacity`](RateLimitHandle::set_capacity)
-//! keep the tokens each bucket holds (clamped to the new capacity) and any queued
-//! reservations. The global bucket moves to the new quota at once; a keyed bucket moves on
-//! its next request (its refill since its last request counts at the old rate).
+//! change one side of the quota; `RateLimitHandle::reload` (feature `serde`) switches to
+//! a whole new configuration, capacity and rate at once. Each change is one atomic step:
+//! a request is decided under the quota before it or the one after, never a mix. No change
+//! hands out tokens: a smaller capacity keeps each bucket as full *as a fraction* (half
+//! full stays half full, rounded down), a larger or equal one keeps the tokens it holds
+//! (the extra room fills at the refill rate), and queued reservations keep their slots.
+//! The global bucket moves to the new quota at once; a keyed bucket moves on its next
+//! request (its refill since its last request counts at the old rate).
 
 mod bucket;
 mod error;
@@ -145,6 +150,8 @@ mod store;
 /// shared by every keyed layer.
 pub use crate::key;
 
+#[cfg(loom)]
+pub(crate) use self::bucket::Verdict;
 pub use self::bucket::{Admitted, Denied, Quota, Reservation, TokenBucket};
 pub use self::error::{CostExceedsCapacity, MissingKey, RateLimitConfigError, RateLimited};
 pub use self::future::ResponseFuture;
@@ -152,6 +159,8 @@ pub use self::handle::RateLimitHandle;
 pub use self::layer::{
     Builder, Cost, NoHeaders, OnAdmitted, RateLimitLayer, RateLimitStatus, UnitCost, WhenKeyMissing,
 };
+#[cfg(feature = "serde")]
+pub(crate) use self::layer::{DEFAULT_MAX_KEYS, Settings};
 #[cfg(feature = "redis")]
 pub use self::redis::{
     RedisConnection, RedisKey, RedisOptions, RedisReservation, RedisRoundTrip, RedisStore,

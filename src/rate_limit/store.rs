@@ -183,8 +183,10 @@ pub trait Store: Send + Sync + 'static {
     /// The quota in force.
     fn quota(&self) -> Quota;
 
-    /// Replaces the quota with `change(current)`; buckets keep the tokens they hold,
-    /// clamped to the new capacity.
+    /// Replaces the quota with `change(current)`, in one step (a request is decided under
+    /// the old quota or the new one). The in-process store carries the tokens over as the
+    /// [module docs](super#runtime-changes) describe; a remote store documents its own
+    /// rule.
     fn update_quota<F>(&self, change: F) -> Result<(), RateLimitConfigError>
     where
         F: FnOnce(Quota) -> Result<Quota, RateLimitConfigError>;

@@ -1,0 +1,397 @@
+//! Live reload of the rate limiter: a new configuration applies atomically under load
+//! (no request sees the capacity of one policy with the rate of the other), the tokens
+//! carry over as documented (checked against an exact model), and an invalid or
+//! unreloadable configuration is refused at its field with the old policy still enforced.
+#![cfg(all(feature = "serde", feature = "http"))]
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+
+use http::{Request, Response};
+use palisade::config::{ConfigError, NotReloadable, Policies, RateLimitConfig};
+use palisade::rate_limit::{Quota, RateLimitConfigError, RateLimitLayer, RateLimited, TokenBucket};
+use proptest::prelude::*;
+use tokio::time::{Instant, advance};
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+
+const SECOND: Duration = Duration::from_secs(1);
+
+fn config(text: &str) -> RateLimitConfig {
+    toml::from_str(text).unwrap_or_else(|error| panic!("{text}\n{error}"))
+}
+
+fn limited(error: &BoxError) -> &RateLimited {
+    error.downcast_ref::<RateLimited>().expect("RateLimited")
+}
+
+async fn send<S>(service: &mut S, request: u32) -> Result<u32, BoxError>
+where
+    S: Service<u32, Response = u32, Error = BoxError>,
+{
+    service.ready().await?.call(request).await
+}
+
+fn echo() -> impl Service<u32, Response = u32, Error = BoxError, Future: Send> + Clone {
+    service_fn(|request: u32| async move { Ok::<_, BoxError>(request) })
+}
+
+/// The `q` and `w` of a `RateLimit-Policy` field and the `r` and `t` of a `RateLimit`
+/// field, in whole tokens and seconds.
+fn fields<B>(response: &Response<B>) -> (u64, u64, u64, u64) {
+    let number = |header: &str, name: &str| -> u64 {
+        let value = response.headers()[header].to_str().expect("ASCII");
+        let part = value
+            .split(';')
+            .find_map(|part| part.strip_prefix(name))
+            .unwrap_or_else(|| panic!("{header}: {value} has no {name}"));
+        part.parse().expect("a number")
+    };
+    (
+        number("ratelimit-policy", "q="),
+        number("ratelimit-policy", "w="),
+        number("ratelimit", "r="),
+        number("ratelimit", "t="),
+    )
+}
+
+async fn ok(_: Request<()>) -> Result<Response<()>, BoxError> {
+    Ok(Response::new(()))
+}
+
+// Two policies whose halves, mixed, would show: (1000, 100/s) fills in 10 s and (10, 5/s)
+// in 2 s, while (1000, 5/s) would report w=200 and (10, 100/s) w=1.
+const LOOSE: &str = "capacity = 1000\nrefill = \"100/s\"";
+const TIGHT: &str = "capacity = 10\nrefill = \"5/s\"";
+const POLICIES: [(u64, u64); 2] = [(1000, 10), (10, 2)];
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_under_concurrent_load_never_tears_the_policy() {
+    let limit = config(LOOSE)
+        .build_from(RateLimitLayer::builder().headers_on_success())
+        .unwrap();
+    let handle = limit.handle();
+    let service = limit.layer(service_fn(ok));
+    let (loose, tight) = (config(LOOSE), config(TIGHT));
+    let done = Arc::new(AtomicBool::new(false));
+    let reloader = {
+        let done = done.clone();
+        tokio::spawn(async move {
+            let mut reloads = 0u64;
+            while !done.load(Ordering::Relaxed) {
+                let next = if reloads.is_multiple_of(2) {
+                    &tight
+                } else {
+                    &loose
+                };
+                handle.reload(next).expect("a valid configuration");
+                reloads += 1;
+                tokio::task::yield_now().await;
+            }
+            reloads
+        })
+    };
+    let clients: Vec<_> = (0..16)
+        .map(|_| {
+            let service = service.clone();
+            tokio::spawn(async move {
+                let (mut admitted, mut refused) = (0u32, 0u32);
+                for _ in 0..2_000 {
+                    match service.clone().oneshot(Request::new(())).await {
+                        Ok(response) => {
+                            let (q, w, r, t) = fields(&response);
+                            assert!(POLICIES.contains(&(q, w)), "torn policy: q={q};w={w}");
+                            assert!(r < q && t <= w, "r={r};t={t} beyond q={q};w={w}");
+                            admitted += 1;
+                        }
+                        Err(error) => {
+                            let quota = limited(&error).quota();
+                            let policy = (quota.capacity(), quota.period().as_secs());
+                            assert!(POLICIES.contains(&policy), "torn policy: {quota:?}");
+                            refused += 1;
+                        }
+                    }
+                    tokio::task::yield_now().await;
+                }
+                (admitted, refused)
+            })
+        })
+        .collect();
+    let (mut admitted, mut refused) = (0, 0);
+    for client in clients {
+        let (a, r) = client.await.expect("no client panicked");
+        admitted += a;
+        refused += r;
+    }
+    done.store(true, Ordering::Relaxed);
+    let reloads = reloader.await.unwrap();
+    // The run exercised both policies and many switches between them.
+    assert!(reloads > 100, "{reloads} reloads");
+    assert!(
+        admitted > 0 && refused > 0,
+        "{admitted} admitted, {refused} refused"
+    );
+}
+
+#[tokio::test(start_paused = true)]
+async fn tightening_applies_at_once_and_keeps_the_bucket_as_full_as_a_fraction() {
+    let limit = config("capacity = 10\nrefill = \"10/s\"").build().unwrap();
+    let handle = limit.handle();
+    let mut service = limit.layer(echo());
+    for n in 0..5 {
+        send(&mut service, n).await.unwrap();
+    }
+    // Half full of 10 becomes half full of 2: one token, and the new rate behind it.
+    handle
+        .reload(&config("capacity = 2\nrefill = \"1/s\""))
+        .unwrap();
+    assert_eq!(handle.quota(), Quota::new(2, 1, SECOND).unwrap());
+    assert_eq!(handle.available(), 1);
+    send(&mut service, 0).await.unwrap();
+    let error = send(&mut service, 0).await.unwrap_err();
+    assert_eq!(limited(&error).retry_after(), SECOND);
+    assert_eq!(limited(&error).quota().capacity(), 2);
+    advance(SECOND).await;
+    send(&mut service, 0).await.unwrap();
+    assert!(send(&mut service, 0).await.is_err());
+
+    // Loosening keeps the tokens (none): no free burst, the room fills at the new rate.
+    handle
+        .reload(&config("capacity = 100\nrefill = \"10/s\""))
+        .unwrap();
+    assert_eq!(handle.available(), 0);
+    advance(SECOND).await;
+    assert_eq!(handle.available(), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn an_invalid_reload_is_refused_at_its_field_and_the_old_policy_holds() {
+    let original = config("capacity = 2\nrefill = \"1/s\"");
+    let limit = original.build().unwrap();
+    let handle = limit.handle();
+    let mut service = limit.layer(echo());
+    let refusals: [(&str, &str); 4] = [
+        ("capacity = 0\nrefill = \"1/s\"", "capacity"),
+        ("capacity = 5\nrefill = \"0/s\"", "refill"),
+        ("capacity = 5\nrefill = \"2/1ns\"", "refill"),
+        (
+            "capacity = 18446744073709551615\nrefill = \"1/s\"",
+            "capacity",
+        ),
+    ];
+    for (text, path) in refusals {
+        let refused = handle.reload(&config(text)).unwrap_err();
+        // Exactly what building it would say.
+        let built = config(text).build().unwrap_err();
+        assert_eq!(refused.path(), path, "{text}");
+        assert_eq!(refused.to_string(), built.to_string(), "{text}");
+        assert!(refused.error().is::<RateLimitConfigError>());
+    }
+    assert_eq!(handle.quota(), Quota::new(2, 1, SECOND).unwrap());
+    send(&mut service, 0).await.unwrap();
+    send(&mut service, 0).await.unwrap();
+    let error = send(&mut service, 0).await.unwrap_err();
+    assert_eq!(limited(&error).retry_after(), SECOND);
+}
+
+fn not_reloadable(error: &ConfigError) -> &NotReloadable {
+    error
+        .error()
+        .downcast_ref::<NotReloadable>()
+        .unwrap_or_else(|| panic!("not a NotReloadable: {error}"))
+}
+
+#[tokio::test(start_paused = true)]
+async fn options_fixed_at_build_time_are_refused_at_their_field() {
+    let global = config("capacity = 2\nrefill = \"1/s\"\nmax_wait = \"1s\"")
+        .build()
+        .unwrap()
+        .handle();
+    let keyed = config("capacity = 2\nrefill = \"1/s\"\nkeyed = { max_keys = 10 }")
+        .build_keyed::<_, u32>(|request: &u32| Some(*request))
+        .unwrap()
+        .handle();
+    let refusals = [
+        (&global, "capacity = 5\nrefill = \"1/s\"", "max_wait"),
+        (
+            &global,
+            "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nshadow = true",
+            "shadow",
+        ),
+        (
+            &global,
+            "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nredis = {}",
+            "redis",
+        ),
+        (
+            &global,
+            "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nkeyed = {}",
+            "keyed",
+        ),
+    ];
+    for (handle, text, path) in refusals {
+        let refused = handle.reload(&config(text)).unwrap_err();
+        assert_eq!(refused.path(), path, "{text}");
+        not_reloadable(&refused);
+    }
+    let refused = keyed
+        .reload(&config("capacity = 5\nrefill = \"1/s\"\nkeyed = {}"))
+        .unwrap_err();
+    assert_eq!(refused.path(), "keyed.max_keys");
+    assert_eq!(not_reloadable(&refused).was, "10");
+    assert_eq!(
+        refused.to_string(),
+        "keyed.max_keys: cannot change at run time (the layer was built with 10): build a new layer to change it"
+    );
+    let refused = keyed
+        .reload(&config("capacity = 5\nrefill = \"1/s\""))
+        .unwrap_err();
+    assert_eq!(refused.path(), "keyed");
+    let refused = keyed
+        .reload(&config(
+            "capacity = 5\nrefill = \"1/s\"\nkeyed = { max_keys = 10, when_key_missing = \"share\" }",
+        ))
+        .unwrap_err();
+    assert_eq!(refused.path(), "keyed.when_key_missing");
+    // Nothing changed; the same fixed options with a new quota are taken.
+    assert_eq!(global.quota().capacity(), 2);
+    assert_eq!(keyed.quota().capacity(), 2);
+    global
+        .reload(&config("capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\""))
+        .unwrap();
+    keyed
+        .reload(&config(
+            "capacity = 5\nrefill = \"1/s\"\nkeyed = { max_keys = 10, when_key_missing = \"reject\" }",
+        ))
+        .unwrap();
+    assert_eq!(global.quota().capacity(), 5);
+    assert_eq!(keyed.quota().capacity(), 5);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_document_reloads_a_keyed_policy_and_its_errors_name_their_place() {
+    let before: Policies = toml::from_str(
+        "[limits.per_client]\ncapacity = 4\nrefill = \"1/s\"\nkeyed = { max_keys = 10 }",
+    )
+    .unwrap();
+    let limit = before
+        .keyed_rate_limit::<_, u32>("per_client", |request: &u32| Some(*request))
+        .unwrap();
+    let handle = limit.handle();
+    let mut service = limit.layer(echo());
+    for _ in 0..2 {
+        send(&mut service, 1).await.unwrap();
+    }
+    let bad: Policies = toml::from_str(
+        "[limits.per_client]\ncapacity = 0\nrefill = \"1/s\"\nkeyed = { max_keys = 10 }",
+    )
+    .unwrap();
+    let refused = bad.reload_rate_limit("per_client", &handle).unwrap_err();
+    assert_eq!(refused.path(), "limits.per_client.capacity");
+    let missing = bad.reload_rate_limit("checkout", &handle).unwrap_err();
+    assert_eq!(missing.to_string(), "limits.checkout: no such policy");
+    assert_eq!(handle.available_for(&1), 2);
+
+    let after: Policies = toml::from_str(
+        "[limits.per_client]\ncapacity = 2\nrefill = \"1/10s\"\nkeyed = { max_keys = 10 }",
+    )
+    .unwrap();
+    after.reload_rate_limit("per_client", &handle).unwrap();
+    // Key 1 held 2 of 4: it holds 1 of 2. Key 2 is new: a full bucket of the new size.
+    assert_eq!(handle.available_for(&1), 1);
+    assert_eq!(handle.available_for(&2), 2);
+    send(&mut service, 1).await.unwrap();
+    let error = send(&mut service, 1).await.unwrap_err();
+    assert_eq!(limited(&error).retry_after(), 10 * SECOND);
+    for _ in 0..2 {
+        send(&mut service, 2).await.unwrap();
+    }
+    assert!(send(&mut service, 2).await.is_err());
+}
+
+/// What the model says a bucket holds `elapsed_ns` after switching from `capacity`
+/// holding `held` tokens (negative: owing them to queued reservations) to `to_capacity`
+/// refilled at `tokens` per `period_ns`: a smaller capacity keeps the fraction, anything
+/// else keeps the tokens, and refill adds exactly.
+fn model(
+    capacity: u64,
+    held: i64,
+    to_capacity: u64,
+    tokens: u64,
+    period_ns: u64,
+    elapsed_ns: u64,
+) -> u64 {
+    let (capacity, held, to_capacity) = (
+        i128::from(capacity),
+        i128::from(held),
+        i128::from(to_capacity),
+    );
+    let (tokens, period, elapsed) = (
+        i128::from(tokens),
+        i128::from(period_ns),
+        i128::from(elapsed_ns),
+    );
+    // held' = held * to_capacity / capacity when shrinking a bucket that holds tokens,
+    // written over the common denominator `denominator`.
+    let (numerator, denominator) = if held > 0 && to_capacity < capacity {
+        (held * to_capacity * period, capacity * period)
+    } else {
+        (held * period, period)
+    };
+    let total = numerator + elapsed * tokens * (denominator / period);
+    if total <= 0 {
+        0
+    } else {
+        u64::try_from((total / denominator).min(to_capacity)).unwrap()
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// A bucket drained by `take` (and owing `owe` more to a queued reservation) switches
+    /// quota; what it holds then, and at two later times, is the model's.
+    #[test]
+    fn the_tokens_carry_over_as_the_model_says(
+        capacity in 1u64..=1_000,
+        from_tokens in 1u64..=1_000,
+        from_period_ms in 1u64..=10_000,
+        take_share in 0.0f64..=1.0,
+        owe in 0u64..=20,
+        to_capacity in 1u64..=1_000,
+        to_tokens in 1u64..=1_000,
+        to_period_ms in 1u64..=10_000,
+        later_ms in prop::collection::vec(0u64..=20_000, 2),
+    ) {
+        let start = Instant::now();
+        let from = Quota::new(capacity, from_tokens, Duration::from_millis(from_period_ms)).unwrap();
+        let to_period = Duration::from_millis(to_period_ms);
+        let to = Quota::new(to_capacity, to_tokens, to_period).unwrap();
+        let bucket = TokenBucket::new(from, start);
+        // Truncation is the point: a whole number of tokens, from none to all.
+        let take = ((capacity as f64) * take_share) as u64;
+        if take > 0 {
+            bucket.acquire(take, start).unwrap();
+        }
+        let owe = if take == capacity { owe.min(capacity) } else { 0 };
+        if owe > 0 {
+            bucket.reserve(owe, Duration::MAX, start).unwrap();
+        }
+        let held = i64::try_from(capacity - take).unwrap() - i64::try_from(owe).unwrap();
+        bucket.set_quota(to, start);
+        let period_ns = u64::try_from(to_period.as_nanos()).unwrap();
+        prop_assert_eq!(
+            bucket.available(start),
+            model(capacity, held, to_capacity, to_tokens, period_ns, 0)
+        );
+        let mut elapsed = 0;
+        for ms in later_ms {
+            elapsed += ms * 1_000_000;
+            prop_assert_eq!(
+                bucket.available(start + Duration::from_nanos(elapsed)),
+                model(capacity, held, to_capacity, to_tokens, period_ns, elapsed),
+                "{} ms after the switch", elapsed / 1_000_000
+            );
+        }
+    }
+}
