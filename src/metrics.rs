@@ -13,6 +13,7 @@
 //! | `palisade_retry_attempts_total` | `reason` | a request is retried (`error`, `response`, `status`, `grpc_status`, `timeout`, or the kind of a rejection from a layer below: `unavailable` (an open circuit), `overloaded`, `rate_limited`) |
 //! | `palisade_retry_budget_exhausted_total` | | a retry is refused by the budget |
 //! | `palisade_concurrency_limit_rejected_total` | | a request is refused with `Overloaded` |
+//! | `palisade_concurrency_limit_shadow_rejected_total` | | a concurrency limit in shadow mode lets through a request it would have refused |
 //!
 //! | gauge | when it is set |
 //! |---|---|
@@ -143,6 +144,11 @@ pub(crate) fn overloaded(in_flight: u32) {
         metrics::counter!("palisade_concurrency_limit_rejected_total").increment(1);
         metrics::gauge!("palisade_concurrency_limit_in_flight").set(f64::from(in_flight));
     }
+}
+
+pub(crate) fn overloaded_in_shadow() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("palisade_concurrency_limit_shadow_rejected_total").increment(1);
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]

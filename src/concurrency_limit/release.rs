@@ -13,7 +13,9 @@ use crate::classify::{Outcome, Report};
 
 /// One admitted request's place under the limit, given back when dropped.
 pub struct Permit {
-    limiter: Arc<Limiter>,
+    /// `None` for a request a limit in shadow mode let through over the limit: it holds
+    /// no place, so that the limit counts in flight what an enforcing one would.
+    limiter: Option<Arc<Limiter>>,
     /// A keyed limit's: the key's count of permits, given back first.
     share: Option<Arc<KeyCell>>,
 }
@@ -21,15 +23,23 @@ pub struct Permit {
 impl Permit {
     pub(crate) fn new(limiter: Arc<Limiter>) -> Self {
         Self {
-            limiter,
+            limiter: Some(limiter),
             share: None,
         }
     }
 
     pub(crate) fn keyed(limiter: Arc<Limiter>, share: Arc<KeyCell>) -> Self {
         Self {
-            limiter,
+            limiter: Some(limiter),
             share: Some(share),
+        }
+    }
+
+    /// The permit of a request let through in shadow mode: it gives nothing back.
+    pub(crate) fn shadow() -> Self {
+        Self {
+            limiter: None,
+            share: None,
         }
     }
 }
@@ -39,7 +49,9 @@ impl Drop for Permit {
         if let Some(share) = &self.share {
             share.unhold();
         }
-        self.limiter.release();
+        if let Some(limiter) = &self.limiter {
+            limiter.release();
+        }
     }
 }
 
@@ -169,6 +181,14 @@ impl SampleReport {
             in_flight,
         });
         Self { pending }
+    }
+}
+
+impl SampleReport {
+    /// The report of a request let through in shadow mode: an enforcing limit would not
+    /// have run it, so it tells the algorithm nothing.
+    pub(crate) fn shadow() -> Self {
+        Self { pending: None }
     }
 }
 
