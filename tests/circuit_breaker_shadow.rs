@@ -8,8 +8,8 @@ use palisade::circuit_breaker::{
     CircuitBreakerLayer, CircuitOpen, Metrics, SlidingWindow, State, Transition,
 };
 use proptest::prelude::*;
-use std::sync::{Arc, Mutex};
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
 
@@ -157,7 +157,10 @@ fn global(traffic: &[(u64, Call)]) -> u64 {
         .await;
         assert_eq!(enforcing_handle.shadow_rejected(), 0);
         let heard = heard.map(|heard| heard.lock().unwrap().clone());
-        assert_eq!(heard[1], heard[0], "the same transitions at the same instants");
+        assert_eq!(
+            heard[1], heard[0],
+            "the same transitions at the same instants"
+        );
         rejected
     })
 }
@@ -209,7 +212,10 @@ fn keyed(traffic: &[(u64, Call)]) -> u64 {
         .await;
         assert_eq!(enforcing_handle.shadow_rejected(), 0);
         let heard = heard.map(|heard| heard.lock().unwrap().clone());
-        assert_eq!(heard[1], heard[0], "the same transitions at the same instants");
+        assert_eq!(
+            heard[1], heard[0],
+            "the same transitions at the same instants"
+        );
         rejected
     })
 }
@@ -240,8 +246,16 @@ fn a_failing_dependency_is_rejected_by_the_enforcing_breaker_and_counted_by_the_
     };
     let mut traffic = vec![(0, call(10, true)); 4];
     traffic.extend([(20, call(10, false)); 3]);
-    traffic.extend([(500, call(50, true)), (0, call(50, true)), (0, call(1, false))]);
-    traffic.extend([(500, call(10, false)), (0, call(10, false)), (0, call(1, false))]);
+    traffic.extend([
+        (500, call(50, true)),
+        (0, call(50, true)),
+        (0, call(1, false)),
+    ]);
+    traffic.extend([
+        (500, call(10, false)),
+        (0, call(10, false)),
+        (0, call(1, false)),
+    ]);
     traffic.push((100, call(1, false)));
     // Three while open, then one in each half-open phase while both probes are out.
     assert_eq!(global(&traffic), 5);
@@ -269,5 +283,9 @@ async fn metrics_and_the_handle_show_what_would_have_been_rejected() {
     assert_eq!((metrics.rejected, metrics.shadow_rejected), (0, 3));
     assert_eq!(metrics.calls, 2, "the calls let through are not recorded");
     handle.reset();
-    assert_eq!(handle.shadow_rejected(), 0, "a reset starts the count afresh");
+    assert_eq!(
+        handle.shadow_rejected(),
+        0,
+        "a reset starts the count afresh"
+    );
 }

@@ -944,7 +944,11 @@ async fn shadow_breakers_and_concurrency_limits_come_from_the_file_and_survive_a
             let second = service.clone().oneshot(2).await;
             assert_eq!(second.is_ok(), shadow, "{format}: {name}");
             assert_eq!(first.await.unwrap(), 1);
-            assert_eq!(handle.shadow_rejected(), u64::from(shadow), "{format}: {name}");
+            assert_eq!(
+                handle.shadow_rejected(),
+                u64::from(shadow),
+                "{format}: {name}"
+            );
             assert_eq!(handle.rejected(), u64::from(!shadow), "{format}: {name}");
         }
     }

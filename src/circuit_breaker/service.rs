@@ -1,7 +1,7 @@
+use super::error::CircuitOpen;
 use super::future::ResponseFuture;
 use super::keyed::{KeyedBreaker, KeyedBreakers};
 use super::lanes::{CoreRef, CoreRefs};
-use super::error::CircuitOpen;
 use super::state::{Core, Permit};
 use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
 use crate::context::DeadlineExceeded;
