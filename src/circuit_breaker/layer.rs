@@ -198,7 +198,8 @@ impl<C, X, K> CircuitBreakerLayerBuilder<C, X, K> {
 
     /// Shadow mode (default off): the breaker decides, counts, changes state, logs and
     /// reports its transitions exactly as it would, but a call it would reject is sent to
-    /// the inner service instead, and [`shadow_rejected`] counts it (the `metrics`
+    /// the inner service instead (forced open too: a shadow breaker rejects nothing),
+    /// and [`shadow_rejected`] counts it (the `metrics`
     /// counter `palisade_circuit_breaker_shadow_rejected_total` too). Rolls a new
     /// breaker out by watching it before it sheds anything.
     ///

@@ -133,7 +133,8 @@ pub struct Metrics {
     pub probe_slow_calls: u32,
     /// Calls rejected since the breaker was built or last
     /// [`reset`](super::CircuitBreakerHandle::reset): while open, forced open, or
-    /// half-open with every probe slot taken.
+    /// half-open with every probe slot taken. Always 0 in shadow mode, which rejects
+    /// nothing: see `shadow_rejected`.
     pub rejected: u64,
     /// Calls a breaker in [shadow mode](super::CircuitBreakerLayerBuilder::shadow) let
     /// through that it would have rejected, since it was built or last reset (always 0
