@@ -102,10 +102,11 @@ where
         Self::new(State::Called { future, admitted }, classify)
     }
 
-    /// A request a limit in shadow mode let through over the limit: it holds no permit
-    /// and reports nothing to an adaptive limit.
-    pub(crate) fn let_through(future: S::Future, classify: C) -> Self {
-        Self::called(future, Permit::shadow(), SampleReport::shadow(), classify)
+    /// A request a limit in shadow mode let through over the limit: it holds a permit
+    /// of the overflow limit only ([`Permit::shadow`]) and reports nothing to an
+    /// adaptive limit.
+    pub(crate) fn let_through(future: S::Future, permit: Permit, classify: C) -> Self {
+        Self::called(future, permit, SampleReport::shadow(), classify)
     }
 
     pub(crate) fn rejected(error: Overloaded, classify: C) -> Self {
@@ -147,12 +148,12 @@ impl<S: Service<Req>, Req> Queued<S, Req> {
             let limiter = &this.place.limiter;
             limiter.count_rejection();
             // In shadow mode a request that waited in vain goes through all the same.
-            if limiter.is_shadow()
+            if let Some(permit) = Permit::shadow(limiter)
                 && let Some((mut service, request)) = this.ready.take()
             {
                 return Poll::Ready(State::Called {
                     future: service.call(request),
-                    admitted: Some((Permit::shadow(), SampleReport::shadow())),
+                    admitted: Some((permit, SampleReport::shadow())),
                 });
             }
             let error = limiter.overloaded();

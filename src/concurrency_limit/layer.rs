@@ -270,7 +270,7 @@ impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
     /// (the `metrics` counter `palisade_concurrency_limit_shadow_rejected_total` too).
     /// Rolls a new limit out by watching it before it sheds anything.
     ///
-    /// A request let through holds no permit and reports nothing to an adaptive
+    /// A request let through holds no place under the limit and reports nothing to an adaptive
     /// algorithm, as an enforcing limit never runs it: so `in_flight`, the queue and
     /// the limit an algorithm moves follow what an enforcing limit's would on the same
     /// traffic, as long as the backend's latency and errors do not depend on the extra

@@ -82,8 +82,11 @@ pub(crate) struct Limiter {
     word: CachePadded<AtomicU64>,
     /// Refused requests (in shadow mode: the requests that would have been).
     rejected: AtomicU64,
-    /// Shadow mode: a request over the limit goes through, holding no permit.
-    shadow: bool,
+    /// Shadow mode: the limit the requests let through over this one hold their
+    /// permits from (static, at [`MAX_LIMIT`], no queue), so that they count neither in
+    /// this limit's `in_flight` nor for its algorithm, and an admitted request's permit
+    /// stays one plain `Arc`.
+    overflow: Option<Arc<Limiter>>,
     queue: Option<Queue>,
     algorithm: Option<Mutex<Box<dyn LimitAlgorithm>>>,
     retry_after: Duration,
@@ -113,7 +116,7 @@ impl Limiter {
         Self {
             word: CachePadded(AtomicU64::new(Word::new(limit.max(1)).0)),
             rejected: AtomicU64::new(0),
-            shadow: false,
+            overflow: None,
             queue: None,
             algorithm: None,
             retry_after: DEFAULT_RETRY_AFTER,
@@ -141,12 +144,18 @@ impl Limiter {
 
     /// Shadow mode: requests over the limit are counted and let through.
     pub(crate) fn with_shadow(mut self, shadow: bool) -> Self {
-        self.shadow = shadow;
+        self.overflow = shadow.then(|| Arc::new(Limiter::fixed(MAX_LIMIT)));
         self
     }
 
     pub(crate) fn is_shadow(&self) -> bool {
-        self.shadow
+        self.overflow.is_some()
+    }
+
+    /// In shadow mode, a permit for a request let through over the limit, from the
+    /// overflow limit (`None` if that one holds [`MAX_LIMIT`] already).
+    pub(crate) fn overflow(&self) -> Option<&Arc<Limiter>> {
+        self.overflow.as_ref()
     }
 
     /// Asks rejected clients to come back after `retry_after`.
@@ -178,7 +187,7 @@ impl Limiter {
 
     /// The requests refused with `Overloaded` (0 in shadow mode).
     pub(crate) fn rejected(&self) -> u64 {
-        if self.shadow {
+        if self.is_shadow() {
             0
         } else {
             self.rejected.load(Ordering::Relaxed)
@@ -187,7 +196,7 @@ impl Limiter {
 
     /// The requests a limit in shadow mode let through that it would have refused.
     pub(crate) fn shadow_rejected(&self) -> u64 {
-        if self.shadow {
+        if self.is_shadow() {
             self.rejected.load(Ordering::Relaxed)
         } else {
             0
@@ -267,7 +276,7 @@ impl Limiter {
     /// counted, in shadow mode as one that would have been.
     pub(crate) fn count_rejection(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        if self.shadow {
+        if self.is_shadow() {
             crate::metrics::overloaded_in_shadow();
         } else {
             crate::metrics::overloaded(self.in_flight());

@@ -96,8 +96,8 @@
 //!
 //! [`shadow`](ConcurrencyLimitLayerBuilder::shadow) rolls a limit out by watching it
 //! first: every request over the limit (or whose wait in the queue runs out) is counted
-//! and logged as a refusal would be, and sent to the inner service instead. It holds no
-//! permit and tells an adaptive algorithm nothing, so the limit keeps adapting on the
+//! and logged as a refusal would be, and sent to the inner service instead. It takes no
+//! place under the limit and tells an adaptive algorithm nothing, so the limit keeps adapting on the
 //! requests an enforcing limit would run. [`ConcurrencyLimitHandle::shadow_rejected`]
 //! and the `palisade_concurrency_limit_shadow_rejected_total` counter show how many
 //! requests it would have refused.

@@ -8,14 +8,12 @@ use tokio::time::Instant;
 
 use super::algorithms::Sample;
 use super::fair::KeyCell;
-use super::limiter::Limiter;
+use super::limiter::{Admission, Limiter};
 use crate::classify::{Outcome, Report};
 
 /// One admitted request's place under the limit, given back when dropped.
 pub struct Permit {
-    /// `None` for a request a limit in shadow mode let through over the limit: it holds
-    /// no place, so that the limit counts in flight what an enforcing one would.
-    limiter: Option<Arc<Limiter>>,
+    limiter: Arc<Limiter>,
     /// A keyed limit's: the key's count of permits, given back first.
     share: Option<Arc<KeyCell>>,
 }
@@ -23,23 +21,27 @@ pub struct Permit {
 impl Permit {
     pub(crate) fn new(limiter: Arc<Limiter>) -> Self {
         Self {
-            limiter: Some(limiter),
+            limiter,
             share: None,
         }
     }
 
     pub(crate) fn keyed(limiter: Arc<Limiter>, share: Arc<KeyCell>) -> Self {
         Self {
-            limiter: Some(limiter),
+            limiter,
             share: Some(share),
         }
     }
 
-    /// The permit of a request let through in shadow mode: it gives nothing back.
-    pub(crate) fn shadow() -> Self {
-        Self {
-            limiter: None,
-            share: None,
+    /// The permit of a request `limiter` in shadow mode lets through over the limit:
+    /// one of its overflow limit's, so that the request holds no place under `limiter`
+    /// itself. `None` for an enforcing limit, or once the overflow holds its
+    /// [`MAX_LIMIT`](super::limiter::MAX_LIMIT) (then the request is refused after all).
+    pub(crate) fn shadow(limiter: &Limiter) -> Option<Self> {
+        let overflow = limiter.overflow()?;
+        match overflow.try_admit() {
+            Admission::Admitted(_) => Some(Self::new(Arc::clone(overflow))),
+            Admission::Queued(_) | Admission::Rejected => None,
         }
     }
 }
@@ -49,9 +51,7 @@ impl Drop for Permit {
         if let Some(share) = &self.share {
             share.unhold();
         }
-        if let Some(limiter) = &self.limiter {
-            limiter.release();
-        }
+        self.limiter.release();
     }
 }
 

@@ -133,20 +133,21 @@ where
 
 impl<S, C, H, X, K> ConcurrencyLimitService<S, C, H, X, K> {
     /// A request over the limit (already counted): refused with `Overloaded`, or in
-    /// shadow mode sent holding no permit. Out of line: the admitted path stays small.
+    /// shadow mode sent with a permit of the overflow limit. Out of line and cold: the
+    /// admitted path stays small.
     #[cold]
     #[inline(never)]
     fn shed<Req>(&mut self, request: Req, classify: C) -> ResponseFuture<S, Req, C, H>
     where
         S: Service<Req>,
     {
-        if self.limiter.is_shadow() {
+        if let Some(permit) = Permit::shadow(&self.limiter) {
             #[cfg(feature = "tracing")]
             tracing::debug!(
                 limit = self.limiter.limit(),
                 "request would be shed: overloaded (shadow mode: let through)"
             );
-            return ResponseFuture::let_through(self.inner.call(request), classify);
+            return ResponseFuture::let_through(self.inner.call(request), permit, classify);
         }
         #[cfg(feature = "tracing")]
         tracing::debug!(limit = self.limiter.limit(), "request shed: overloaded");
