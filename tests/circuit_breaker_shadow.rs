@@ -289,3 +289,35 @@ async fn metrics_and_the_handle_show_what_would_have_been_rejected() {
         "a reset starts the count afresh"
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn a_shadow_endpoint_stays_in_the_balancer_s_pool() {
+    use palisade::circuit_breaker::EjectionGroup;
+
+    let layer = builder().shadow(true).build().unwrap();
+    let handle = layer.handle();
+    let group = EjectionGroup::new();
+    let reached = Arc::new(AtomicU64::new(0));
+    let mut endpoint = layer
+        .ejecting(&group)
+        .layer(dependency(Arc::clone(&reached)));
+    let down = Call {
+        key: 0,
+        millis: 0,
+        fails: true,
+    };
+    for _ in 0..5 {
+        // An enforcing endpoint would be not ready once open; a shadow one stays ready.
+        let ready = futures_util::FutureExt::now_or_never(endpoint.ready());
+        let error = ready
+            .expect("ready at once")
+            .unwrap()
+            .call(down)
+            .await
+            .unwrap_err();
+        assert!(!error.is::<CircuitOpen>());
+    }
+    assert_eq!(reached.load(Ordering::Relaxed), 5);
+    assert_eq!(handle.state(), State::Open);
+    assert_eq!(handle.shadow_rejected(), 3);
+}
