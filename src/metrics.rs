@@ -7,11 +7,13 @@
 //! |---|---|---|
 //! | `palisade_circuit_breaker_transitions_total` | `from`, `to` (and `key` for a keyed breaker that opted in with `key_in_metrics`) | a breaker changes state |
 //! | `palisade_circuit_breaker_rejected_total` | (`key`, likewise) | a call is refused by an open breaker |
+//! | `palisade_circuit_breaker_shadow_rejected_total` | (`key`, likewise) | a breaker in shadow mode lets through a call it would have refused |
 //! | `palisade_rate_limit_rejected_total` | | a request is refused by a rate limiter |
 //! | `palisade_rate_limit_shadow_rejected_total` | | a rate limiter in shadow mode lets through a request it would have refused |
 //! | `palisade_retry_attempts_total` | `reason` | a request is retried (`error`, `response`, `status`, `grpc_status`, `timeout`, or the kind of a rejection from a layer below: `unavailable` (an open circuit), `overloaded`, `rate_limited`) |
 //! | `palisade_retry_budget_exhausted_total` | | a retry is refused by the budget |
 //! | `palisade_concurrency_limit_rejected_total` | | a request is refused with `Overloaded` |
+//! | `palisade_concurrency_limit_shadow_rejected_total` | | a concurrency limit in shadow mode lets through a request it would have refused |
 //!
 //! | gauge | when it is set |
 //! |---|---|
@@ -66,6 +68,20 @@ pub(crate) fn circuit_rejected(key: Option<&str>) {
         None => metrics::counter!("palisade_circuit_breaker_rejected_total").increment(1),
         Some(key) => metrics::counter!(
             "palisade_circuit_breaker_rejected_total",
+            "key" => key.to_owned(),
+        )
+        .increment(1),
+    }
+}
+
+/// `key` as in [`circuit_transition`].
+#[cfg_attr(not(feature = "metrics"), allow(unused_variables))]
+pub(crate) fn circuit_rejected_in_shadow(key: Option<&str>) {
+    #[cfg(feature = "metrics")]
+    match key {
+        None => metrics::counter!("palisade_circuit_breaker_shadow_rejected_total").increment(1),
+        Some(key) => metrics::counter!(
+            "palisade_circuit_breaker_shadow_rejected_total",
             "key" => key.to_owned(),
         )
         .increment(1),
@@ -128,6 +144,11 @@ pub(crate) fn overloaded(in_flight: u32) {
         metrics::counter!("palisade_concurrency_limit_rejected_total").increment(1);
         metrics::gauge!("palisade_concurrency_limit_in_flight").set(f64::from(in_flight));
     }
+}
+
+pub(crate) fn overloaded_in_shadow() {
+    #[cfg(feature = "metrics")]
+    metrics::counter!("palisade_concurrency_limit_shadow_rejected_total").increment(1);
 }
 
 #[cfg_attr(not(feature = "metrics"), allow(unused_variables))]

@@ -890,3 +890,68 @@ fn a_keyed_breaker_policy_is_reported_at_its_fields() {
         Some(&PolicyMismatch::NeedsExtractor)
     );
 }
+
+#[tokio::test(start_paused = true)]
+async fn shadow_breakers_and_concurrency_limits_come_from_the_file_and_survive_a_round_trip() {
+    let policies = toml_doc(
+        "[breakers.watching]\nminimum_calls = 2\nsliding_window = { count = 2 }\nshadow = true\n\
+         [breakers.enforcing]\nminimum_calls = 2\nsliding_window = { count = 2 }\nshadow = false\n\
+         [breakers.keyed_watching]\nminimum_calls = 2\nsliding_window = { count = 2 }\n\
+         keyed = { max_keys = 4 }\nshadow = true\n\
+         [concurrency.watching]\nmax_in_flight = 1\nshadow = true\n\
+         [concurrency.enforcing]\nmax_in_flight = 1",
+    );
+    let failing = || service_fn(|_: u32| async { Err::<(), BoxError>("down".into()) });
+    for (format, policies) in round_trips(&policies) {
+        assert_eq!(policies, policies.clone(), "{format}");
+        for (name, shadow) in [("watching", true), ("enforcing", false)] {
+            let layer = policies.circuit_breaker(name).unwrap();
+            let handle = layer.handle();
+            assert_eq!(handle.is_shadow(), shadow, "{format}: {name}");
+            let mut service = layer.layer(failing());
+            let mut reached = 0;
+            for n in 0..5 {
+                let error = service.ready().await.unwrap().call(n).await.unwrap_err();
+                reached += u64::from(error.to_string() == "down");
+            }
+            assert_eq!(handle.state(), State::Open, "{format}: {name} tripped");
+            let expected = if shadow { (5, 3) } else { (2, 0) };
+            assert_eq!(
+                (reached, handle.shadow_rejected()),
+                expected,
+                "{format}: {name}"
+            );
+        }
+        let keyed = policies
+            .keyed_circuit_breaker::<_, u32>("keyed_watching", |n: &u32| Some(n % 2))
+            .unwrap();
+        let handle = keyed.handle();
+        assert!(handle.is_shadow(), "{format}");
+        let mut service = keyed.layer(failing());
+        for n in 0..6 {
+            let error = service.ready().await.unwrap().call(n).await.unwrap_err();
+            assert_eq!(error.to_string(), "down", "{format}: call {n} is sent");
+        }
+        assert_eq!(handle.shadow_rejected(), 2, "{format}: one per key");
+
+        for (name, shadow) in [("watching", true), ("enforcing", false)] {
+            let layer: ConcurrencyLimitLayer = policies.concurrency_limit(name).unwrap();
+            let handle = layer.handle();
+            assert_eq!(handle.is_shadow(), shadow, "{format}: {name}");
+            let service = layer.layer(service_fn(|n: u32| async move { Ok::<_, BoxError>(n) }));
+            let mut held = service.clone();
+            let first = held.ready().await.unwrap().call(1);
+            let second = service.clone().oneshot(2).await;
+            assert_eq!(second.is_ok(), shadow, "{format}: {name}");
+            assert_eq!(first.await.unwrap(), 1);
+            assert_eq!(
+                handle.shadow_rejected(),
+                u64::from(shadow),
+                "{format}: {name}"
+            );
+            assert_eq!(handle.rejected(), u64::from(!shadow), "{format}: {name}");
+        }
+    }
+    let text = toml::to_string(&policies).unwrap();
+    assert!(text.contains("shadow = true"), "{text}");
+}

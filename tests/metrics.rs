@@ -268,3 +268,42 @@ async fn a_concurrency_limit_counts_its_rejections_and_reports_its_limit() {
     }
     assert_eq!((rejected, in_flight), (2, Some(1.0)));
 }
+
+#[tokio::test(start_paused = true)]
+async fn shadow_breakers_and_concurrency_limits_count_what_they_would_have_refused() {
+    use palisade::concurrency_limit::ConcurrencyLimitLayer;
+
+    let recorder = DebuggingRecorder::new();
+    let snapshotter = recorder.snapshotter();
+    let _guard = metrics::set_default_local_recorder(&recorder);
+
+    let breaker = CircuitBreakerLayer::builder()
+        .sliding_window(SlidingWindow::count(2))
+        .minimum_calls(2)
+        .shadow(true)
+        .build()
+        .expect("a valid breaker");
+    let mut service = breaker.layer(service_fn(|_: ()| async {
+        Err::<(), _>(BoxError::from("down"))
+    }));
+    for _ in 0..5 {
+        let error = service.ready().await.unwrap().call(()).await.unwrap_err();
+        assert!(!error.is::<CircuitOpen>(), "let through");
+    }
+    let limit = ConcurrencyLimitLayer::builder()
+        .max_in_flight(1)
+        .shadow(true)
+        .build()
+        .expect("a valid limit");
+    let mut service = limit.layer(service_fn(|n: u32| async move { Ok::<_, BoxError>(n) }));
+    let held = service.ready().await.unwrap().call(1);
+    assert_eq!(service.ready().await.unwrap().call(2).await.unwrap(), 2);
+    assert_eq!(held.await.unwrap(), 1);
+
+    let counters = counters(&snapshotter);
+    let count = |name| counter(&counters, name, &[]);
+    assert_eq!(count("palisade_circuit_breaker_shadow_rejected_total"), 3);
+    assert_eq!(count("palisade_circuit_breaker_rejected_total"), 0);
+    assert_eq!(count("palisade_concurrency_limit_shadow_rejected_total"), 1);
+    assert_eq!(count("palisade_concurrency_limit_rejected_total"), 0);
+}

@@ -250,6 +250,8 @@ pub(crate) struct Config {
     pub(crate) slow: Option<SlowCalls>,
     pub(crate) open: OpenBackoff,
     pub(crate) probes: u32,
+    /// Shadow mode: a refused call is sent, unrecorded, and counted.
+    pub(crate) shadow: bool,
 }
 
 impl Default for Config {
@@ -261,6 +263,7 @@ impl Default for Config {
             slow: None,
             open: OpenBackoff::fixed(Duration::from_secs(30)),
             probes: 5,
+            shadow: false,
         }
     }
 }

@@ -3,7 +3,7 @@
 
 use super::future::ResponseFuture;
 use super::lanes::CoreRefs;
-use super::service::CallReport;
+use super::service::{CallReport, refused};
 use super::state::{Core, Permit, Refusal};
 use crate::classify::{Classify, ErrorsAsFailures};
 use crate::sync::{Mutex, MutexGuard, lock};
@@ -41,7 +41,8 @@ struct Member {
 impl Member {
     /// Why this endpoint cannot take a call now, if it cannot.
     fn refuses(&self, now: Instant) -> Option<Refusal> {
-        if self.reserved_probes.load(Ordering::Acquire) > 0 {
+        // A breaker in shadow mode lets every call through, so its endpoint takes them.
+        if self.reserved_probes.load(Ordering::Acquire) > 0 || self.core.is_shadow() {
             return None;
         }
         self.core.refuses(now)
@@ -275,8 +276,14 @@ impl<S, C> EjectionService<S, C> {
     /// Decides whether the next call may go through, or must be rejected, or (Pending)
     /// the balancer should look elsewhere until the task is woken.
     fn reserve(&mut self, cx: &mut Context<'_>) -> Poll<Reserved> {
-        if let Ok(permit) = self.core().try_admit(Instant::now) {
-            return Poll::Ready(Reserved::Admit(permit));
+        let refusal = match self.core().try_admit(Instant::now) {
+            Ok(permit) => return Poll::Ready(Reserved::Admit(permit)),
+            Err(refusal) => refusal,
+        };
+        // In shadow mode the endpoint is never taken out of the pool: the call goes
+        // through, and `call` counts it.
+        if self.core().is_shadow() {
+            return Poll::Ready(Reserved::Reject(refusal));
         }
         // Registered first and looked again second, so that a change in between wakes us.
         self.wake_on_any_change(cx.waker());
@@ -415,7 +422,9 @@ where
                 Poll::Pending => return Poll::Pending,
             }
         }
-        if let Some(Reserved::Reject(_)) = self.reserved {
+        if let Some(Reserved::Reject(_)) = self.reserved
+            && !self.core().is_shadow()
+        {
             return Poll::Ready(Ok(()));
         }
         let ready = self.inner.poll_ready(cx).map_err(Into::into);
@@ -437,10 +446,10 @@ where
                 let report = CallReport::new(self.lanes.take(), permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
-            Err(open) => {
-                crate::metrics::circuit_rejected(None);
-                ResponseFuture::rejected(open)
-            }
+            Err(open) => refused(self.lanes.core(), open, None, self.classify.clone(), || {
+                let report = CallReport::new(self.lanes.take(), Permit::SHADOW);
+                (self.inner.call(request), report)
+            }),
         }
     }
 }

@@ -29,6 +29,18 @@ impl CircuitBreakerHandle {
         self.core.metrics(Instant::now())
     }
 
+    /// Whether the breaker runs in [shadow mode](super::CircuitBreakerLayerBuilder::shadow).
+    pub fn is_shadow(&self) -> bool {
+        self.core.is_shadow()
+    }
+
+    /// How many calls the breaker in shadow mode let through that it would have
+    /// rejected, since it was built or last [reset](Self::reset) (always 0 for an
+    /// enforcing breaker); [`Metrics::shadow_rejected`] too.
+    pub fn shadow_rejected(&self) -> u64 {
+        self.core.shadow_rejected()
+    }
+
     /// Rejects every call until [`force_closed`](Self::force_closed) or
     /// [`reset`](Self::reset). On a breaker already forced open it does nothing: no
     /// transition is reported and [`Metrics::last_transition`] stays.
@@ -93,6 +105,19 @@ impl<K> KeyedCircuitBreakerHandle<K>
 where
     K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
 {
+    /// Whether the layer runs in [shadow mode](super::CircuitBreakerLayerBuilder::shadow).
+    pub fn is_shadow(&self) -> bool {
+        self.breakers.is_shadow()
+    }
+
+    /// How many calls the layer in shadow mode let through that one of its breakers
+    /// would have rejected, since it was built or last [reset](Self::reset) (always 0
+    /// for an enforcing layer). Each breaker's share is in its
+    /// [`Metrics::shadow_rejected`].
+    pub fn shadow_rejected(&self) -> u64 {
+        self.breakers.shadow_rejected()
+    }
+
     /// The state of `key`'s breaker (see [`CircuitBreakerHandle::state`]).
     pub fn state_for(&self, key: &K) -> State {
         self.breakers.tracked(key).map_or_else(

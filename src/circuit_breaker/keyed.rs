@@ -10,7 +10,7 @@
 use super::config::Config;
 use super::state::{Core, Observer, State, Transition, TransitionReason};
 use crate::key::{Idle, KeyedTable};
-use crate::sync::{self, AtomicU32, Ordering, fence};
+use crate::sync::{self, AtomicU32, AtomicU64, Ordering, fence};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
@@ -120,6 +120,10 @@ pub(crate) struct KeyedBreakers<K> {
     config: Config,
     events: Arc<Events<K>>,
     forced: AtomicU32,
+    /// Calls a keyed layer in shadow mode let through that its breakers refused, since
+    /// it was built or reset: the layer's total, which the table's dropping of idle
+    /// breakers does not lose.
+    shadow_rejected: AtomicU64,
 }
 
 impl<K> fmt::Debug for KeyedBreakers<K> {
@@ -135,6 +139,21 @@ impl<K> KeyedBreakers<K>
 where
     K: Hash + Eq + Clone + fmt::Debug + Send + Sync + 'static,
 {
+    /// Counts a call the layer in shadow mode let through instead of rejecting it.
+    pub(crate) fn count_shadow_rejected(&self) {
+        self.shadow_rejected.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The calls the layer in shadow mode let through instead of rejecting them.
+    pub(crate) fn shadow_rejected(&self) -> u64 {
+        self.shadow_rejected.load(Ordering::Relaxed)
+    }
+
+    /// Whether the layer runs in shadow mode.
+    pub(crate) fn is_shadow(&self) -> bool {
+        self.config.shadow
+    }
+
     /// Breakers for at most `max_keys` keys (`max_keys >= 1`) plus the shared one.
     pub(crate) fn new(
         config: Config,
@@ -160,6 +179,7 @@ where
             config,
             events,
             forced: AtomicU32::new(NOT_FORCED),
+            shadow_rejected: AtomicU64::new(0),
         }
     }
 
@@ -278,6 +298,9 @@ where
     /// appear afterwards (until a [reset](TransitionReason::Reset), which returns them
     /// all to closed).
     pub(crate) fn force_all(&self, state: State, reason: TransitionReason, now: Instant) {
+        if reason == TransitionReason::Reset {
+            self.shadow_rejected.store(0, Ordering::Relaxed);
+        }
         let forced = match state {
             State::ForcedOpen => FORCED_OPEN,
             State::ForcedClosed => FORCED_CLOSED,

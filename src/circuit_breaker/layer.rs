@@ -196,6 +196,28 @@ impl<C, X, K> CircuitBreakerLayerBuilder<C, X, K> {
         self
     }
 
+    /// Shadow mode (default off): the breaker decides, counts, changes state, logs and
+    /// reports its transitions exactly as it would, but a call it would reject is sent to
+    /// the inner service instead (forced open too: a shadow breaker rejects nothing),
+    /// and [`shadow_rejected`] counts it (the `metrics`
+    /// counter `palisade_circuit_breaker_shadow_rejected_total` too). Rolls a new
+    /// breaker out by watching it before it sheds anything.
+    ///
+    /// A call let through is not recorded: its outcome goes neither into the window nor
+    /// into the probes, as an enforcing breaker never sees a call it rejected. So the
+    /// shadow breaker opens, half-opens and closes exactly when an enforcing one would on
+    /// the same traffic, as long as the dependency answers each call the same whether
+    /// or not the shed calls reached it; one that recovers only once its load drops
+    /// recovers later behind a shadow breaker, which does not drop it. Under
+    /// [`ejecting`](CircuitBreakerLayer::ejecting), a shadow endpoint never leaves the
+    /// pool. See the [module docs](super#shadow-mode).
+    ///
+    /// [`shadow_rejected`]: super::CircuitBreakerHandle::shadow_rejected
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.config.shadow = shadow;
+        self
+    }
+
     /// How results are judged: a preset from [`crate::classify`] or a closure
     /// `Fn(&Result<Res, E>) -> Outcome`.
     pub fn classify<D>(self, classify: D) -> CircuitBreakerLayerBuilder<D, X, K> {

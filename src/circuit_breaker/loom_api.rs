@@ -50,6 +50,7 @@ impl Settings {
             slow: None,
             open: OpenBackoff::exponential(self.open_for).max(self.open_for),
             probes: self.probes,
+            shadow: false,
         }
         .validate()
         .expect("a valid model configuration")

@@ -122,6 +122,44 @@
 //! # }
 //! ```
 //!
+//! # Shadow mode
+//!
+//! [`shadow`](CircuitBreakerLayerBuilder::shadow) rolls a breaker out by watching it
+//! first: it records outcomes, trips, half-opens, closes, logs and reports every
+//! transition as it would, but sends the calls it would reject to the inner service.
+//! Those calls are not recorded (an enforcing breaker never sees their outcomes), so
+//! the shadow breaker goes through the states an enforcing one would on the same
+//! traffic, as long as the dependency answers the same whether or not the shed calls
+//! reach it. [`CircuitBreakerHandle::shadow_rejected`] (or
+//! [`KeyedCircuitBreakerHandle::shadow_rejected`] for a keyed layer),
+//! [`Metrics::shadow_rejected`] and the `palisade_circuit_breaker_shadow_rejected_total`
+//! counter show how many calls it would have rejected.
+//!
+//! ```
+//! use palisade::circuit_breaker::{CircuitBreakerLayer, SlidingWindow, State};
+//! use std::time::Duration;
+//! use tower::{Layer, Service, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread", start_paused = true)]
+//! # async fn main() {
+//! let watching = CircuitBreakerLayer::builder()
+//!     .sliding_window(SlidingWindow::count(4))
+//!     .minimum_calls(4)
+//!     .open_for(Duration::from_secs(30))
+//!     .shadow(true)
+//!     .build()
+//!     .unwrap();
+//! let handle = watching.handle();
+//! let mut service = watching.layer(service_fn(|_: ()| async { Err::<(), _>("down") }));
+//! for _ in 0..6 {
+//!     let error = service.ready().await.unwrap().call(()).await.unwrap_err();
+//!     assert_eq!(error.to_string(), "down"); // every call reaches the dependency
+//! }
+//! assert_eq!(handle.state(), State::Open); // it tripped after four
+//! assert_eq!(handle.shadow_rejected(), 2); // and would have rejected the last two
+//! # }
+//! ```
+//!
 //! # Example
 //!
 //! ```

@@ -52,6 +52,7 @@ impl Setup {
                 .multiplier(self.multiplier as f64)
                 .max(Duration::from_millis(self.max_open_ms())),
             probes: self.probes,
+            shadow: false,
         }
         .validate()
         .expect("generated configurations are valid")

@@ -1,3 +1,4 @@
+use super::error::CircuitOpen;
 use super::future::ResponseFuture;
 use super::keyed::{KeyedBreaker, KeyedBreakers};
 use super::lanes::{CoreRef, CoreRefs};
@@ -96,10 +97,10 @@ where
                 let report = CallReport::new(self.lanes.take(), permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
-            Err(open) => {
-                crate::metrics::circuit_rejected(None);
-                ResponseFuture::rejected(open)
-            }
+            Err(open) => refused(self.lanes.core(), open, None, self.classify.clone(), || {
+                let report = CallReport::new(self.lanes.take(), Permit::SHADOW);
+                (self.inner.call(request), report)
+            }),
         }
     }
 }
@@ -198,11 +199,42 @@ where
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
             Err(open) => {
-                crate::metrics::circuit_rejected(breaker.label());
-                ResponseFuture::rejected(open)
+                let classify = self.classify.clone();
+                refused(&breaker.core, open, breaker.label(), classify, || {
+                    self.breakers.count_shadow_rejected();
+                    let report = CallReport::keyed(breaker.clone(), Permit::SHADOW);
+                    (self.inner.call(request), report)
+                })
             }
         }
     }
+}
+
+/// What a call the breaker refused gets: the rejection, or in shadow mode what `send`
+/// gives, the call sent with a [`Permit::SHADOW`] that records nothing. Out of line and
+/// cold, so that the admitted call's path stays as it was.
+#[cold]
+#[inline(never)]
+pub(crate) fn refused<F, C>(
+    core: &Core,
+    open: CircuitOpen,
+    label: Option<&str>,
+    classify: C,
+    send: impl FnOnce() -> (F, CallReport),
+) -> ResponseFuture<F, C> {
+    if !core.is_shadow() {
+        crate::metrics::circuit_rejected(label);
+        return ResponseFuture::rejected(open);
+    }
+    #[cfg(feature = "tracing")]
+    tracing::debug!(
+        key = label,
+        retry_after = ?open.retry_after(),
+        "call would be rejected: circuit open (shadow mode: let through)"
+    );
+    crate::metrics::circuit_rejected_in_shadow(label);
+    let (future, report) = send();
+    ResponseFuture::called(future, report, classify)
 }
 
 /// Records one call's outcome into its breaker; the [`Report`] the breaker hands to

@@ -133,8 +133,13 @@ pub struct Metrics {
     pub probe_slow_calls: u32,
     /// Calls rejected since the breaker was built or last
     /// [`reset`](super::CircuitBreakerHandle::reset): while open, forced open, or
-    /// half-open with every probe slot taken.
+    /// half-open with every probe slot taken. Always 0 in shadow mode, which rejects
+    /// nothing: see `shadow_rejected`.
     pub rejected: u64,
+    /// Calls a breaker in [shadow mode](super::CircuitBreakerLayerBuilder::shadow) let
+    /// through that it would have rejected, since it was built or last reset (always 0
+    /// for an enforcing breaker, whose refusals are in `rejected`).
+    pub shadow_rejected: u64,
     /// How many times in a row the breaker has opened without closing in between.
     pub consecutive_trips: u32,
     /// When the breaker last changed state, if it ever did.
@@ -150,6 +155,14 @@ pub(crate) struct Permit {
 }
 
 impl Permit {
+    /// The permit of a call a breaker in shadow mode refused and let through: like a
+    /// forced-closed call's, it records nothing, so that the breaker's window and probes
+    /// see what an enforcing breaker's would.
+    pub(crate) const SHADOW: Permit = Permit {
+        generation: 0,
+        kind: PermitKind::Unrecorded,
+    };
+
     /// Whether this permit holds a half-open probe slot.
     pub(crate) fn is_probe(&self) -> bool {
         self.kind == PermitKind::Probe
@@ -252,8 +265,9 @@ pub(crate) struct Core {
     jitter_seed: AtomicU64,
     /// Nanoseconds since `base` of the last transition, plus one (0: never).
     last_transition: AtomicU64,
-    /// Calls rejected since build or reset. Written only on rejection, on a line of its
-    /// own so that a flood of rejections does not contend with the probes or the config.
+    /// Calls rejected since build or reset (in shadow mode: the calls that would have
+    /// been). Written only on rejection, on a line of its own so that a flood of
+    /// rejections does not contend with the probes or the config.
     rejected: CachePadded<AtomicU64>,
     window: Window,
     config: Config,
@@ -433,8 +447,23 @@ impl Core {
         self.waiters.register(id, waker);
     }
 
+    /// Whether the breaker runs in shadow mode, letting refused calls through.
+    pub(crate) fn is_shadow(&self) -> bool {
+        self.config.shadow
+    }
+
+    /// The calls a breaker in shadow mode let through that it would have rejected.
+    pub(crate) fn shadow_rejected(&self) -> u64 {
+        if self.config.shadow {
+            self.rejected.load(Ordering::Relaxed)
+        } else {
+            0
+        }
+    }
+
     /// Counts a rejection: the only place the rejected counter is written, off the
-    /// path of admitted calls.
+    /// path of admitted calls. In shadow mode the same counter holds the calls that
+    /// would have been rejected, and [`metrics`](Self::metrics) reports it as such.
     pub(crate) fn reject(&self, refusal: Refusal) -> CircuitOpen {
         self.rejected.fetch_add(1, Ordering::Relaxed);
         CircuitOpen::new(refusal.retry_after)
@@ -785,6 +814,7 @@ impl Core {
         let last = self.last_transition.load(Ordering::Acquire);
         let word = Word::decode(self.state.load(Ordering::Acquire));
         let probes = self.episode(word);
+        let rejected = self.rejected.load(Ordering::Relaxed);
         Metrics {
             state: word.state,
             calls: counts.calls,
@@ -797,7 +827,8 @@ impl Core {
             probe_successes: probes.completed.saturating_sub(probes.failed),
             probe_failures: probes.failed,
             probe_slow_calls: probes.slow,
-            rejected: self.rejected.load(Ordering::Relaxed),
+            rejected: if self.config.shadow { 0 } else { rejected },
+            shadow_rejected: self.shadow_rejected(),
             consecutive_trips: self.consecutive_trips.load(Ordering::Acquire),
             last_transition: last
                 .checked_sub(1)

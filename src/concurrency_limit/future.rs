@@ -102,6 +102,13 @@ where
         Self::new(State::Called { future, admitted }, classify)
     }
 
+    /// A request a limit in shadow mode let through over the limit: it holds a permit
+    /// of the overflow limit only ([`Permit::shadow`]) and reports nothing to an
+    /// adaptive limit.
+    pub(crate) fn let_through(future: S::Future, permit: Permit, classify: C) -> Self {
+        Self::called(future, permit, SampleReport::shadow(), classify)
+    }
+
     pub(crate) fn rejected(error: Overloaded, classify: C) -> Self {
         Self::new(State::Rejected { error: Some(error) }, classify)
     }
@@ -138,8 +145,18 @@ impl<S: Service<Req>, Req> Queued<S, Req> {
             if !this.place.left {
                 return Poll::Pending;
             }
-            this.place.limiter.count_rejection();
-            let error = this.place.limiter.overloaded();
+            let limiter = &this.place.limiter;
+            limiter.count_rejection();
+            // In shadow mode a request that waited in vain goes through all the same.
+            if let Some(permit) = Permit::shadow(limiter)
+                && let Some((mut service, request)) = this.ready.take()
+            {
+                return Poll::Ready(State::Called {
+                    future: service.call(request),
+                    admitted: Some((permit, SampleReport::shadow())),
+                });
+            }
+            let error = limiter.overloaded();
             return Poll::Ready(State::Rejected { error: Some(error) });
         }
         this.place.left = true;

@@ -44,9 +44,22 @@ impl ConcurrencyLimitHandle {
         self.limiter.queued()
     }
 
-    /// The requests refused with [`Overloaded`](super::Overloaded) so far.
+    /// The requests refused with [`Overloaded`](super::Overloaded) so far (none in
+    /// shadow mode: see [`shadow_rejected`](Self::shadow_rejected)).
     pub fn rejected(&self) -> u64 {
         self.limiter.rejected()
+    }
+
+    /// Whether the limit runs in [shadow mode](super::ConcurrencyLimitLayerBuilder::shadow).
+    pub fn is_shadow(&self) -> bool {
+        self.limiter.is_shadow()
+    }
+
+    /// How many requests the limit in shadow mode let through that it would have
+    /// refused with [`Overloaded`](super::Overloaded) (always 0 for an enforcing limit,
+    /// whose refusals are in [`rejected`](Self::rejected)).
+    pub fn shadow_rejected(&self) -> u64 {
+        self.limiter.shadow_rejected()
     }
 
     /// A [keyed](super::ConcurrencyLimitLayerBuilder::keyed) limit: the keys holding at

@@ -78,6 +78,7 @@ impl ConcurrencyLimitLayer {
             max_keys: DEFAULT_MAX_KEYS,
             extractor: Global,
             key: PhantomData,
+            shadow: false,
         }
     }
 }
@@ -127,6 +128,7 @@ pub struct ConcurrencyLimitLayerBuilder<
     max_keys: usize,
     extractor: X,
     key: PhantomData<fn() -> K>,
+    shadow: bool,
 }
 
 impl<C, H, X, K> fmt::Debug for ConcurrencyLimitLayerBuilder<C, H, X, K> {
@@ -144,6 +146,7 @@ impl<C, H, X, K> fmt::Debug for ConcurrencyLimitLayerBuilder<C, H, X, K> {
             .field("retry_after", &self.retry_after)
             .field("keyed", &self.keyed.is_some())
             .field("max_keys", &self.max_keys)
+            .field("shadow", &self.shadow)
             .finish_non_exhaustive()
     }
 }
@@ -213,6 +216,7 @@ impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
             max_keys: self.max_keys,
             extractor: self.extractor,
             key: PhantomData,
+            shadow: self.shadow,
         }
     }
 
@@ -236,6 +240,7 @@ impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
             max_keys: self.max_keys,
             extractor,
             key: PhantomData,
+            shadow: self.shadow,
         }
     }
 
@@ -258,6 +263,26 @@ impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
         self.release_with()
     }
 
+    /// Shadow mode (default off): the limit decides and counts every request as it
+    /// would, but a request it would refuse with [`Overloaded`](super::Overloaded) is
+    /// sent to the inner service instead, and
+    /// [`shadow_rejected`](super::ConcurrencyLimitHandle::shadow_rejected) counts it
+    /// (the `metrics` counter `palisade_concurrency_limit_shadow_rejected_total` too).
+    /// Rolls a new limit out by watching it before it sheds anything.
+    ///
+    /// A request let through holds no place under the limit and reports nothing to an adaptive
+    /// algorithm, as an enforcing limit never runs it: so `in_flight`, the queue and
+    /// the limit an algorithm moves follow what an enforcing limit's would on the same
+    /// traffic, as long as the backend's latency and errors do not depend on the extra
+    /// load the shadow limit lets through (on an overloaded backend they do, and the
+    /// shadow's adaptive limit then falls further). A queued request waits as it would;
+    /// if its wait ends without a permit it goes through, counted. See the
+    /// [module docs](super#shadow-mode).
+    pub fn shadow(mut self, shadow: bool) -> Self {
+        self.shadow = shadow;
+        self
+    }
+
     /// Keeps each request's permit where `H2` says (see [`Release`](super::Release)).
     pub fn release_with<H2>(self) -> ConcurrencyLimitLayerBuilder<C, H2, X, K> {
         ConcurrencyLimitLayerBuilder {
@@ -270,6 +295,7 @@ impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
             max_keys: self.max_keys,
             extractor: self.extractor,
             key: PhantomData,
+            shadow: self.shadow,
         }
     }
 
@@ -303,7 +329,9 @@ impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
         if self.retry_after.is_zero() || self.retry_after > MAX_DURATION {
             return Err(ConcurrencyLimitConfigError::RetryAfter(self.retry_after));
         }
-        let mut limiter = limiter.with_retry_after(self.retry_after);
+        let mut limiter = limiter
+            .with_retry_after(self.retry_after)
+            .with_shadow(self.shadow);
         if let Some((waiters, max_wait)) = self.queue {
             let max = MAX_LIMIT as usize;
             if waiters == 0 || waiters > max {

@@ -80,7 +80,13 @@ pub(crate) struct Limiter {
     /// Every admission and release writes it: on cache lines of its own, so that the
     /// `Arc`'s counts and the rejection count do not bounce with it between cores.
     word: CachePadded<AtomicU64>,
+    /// Refused requests (in shadow mode: the requests that would have been).
     rejected: AtomicU64,
+    /// Shadow mode: the limit the requests let through over this one hold their
+    /// permits from (static, at [`MAX_LIMIT`], no queue), so that they count neither in
+    /// this limit's `in_flight` nor for its algorithm, and an admitted request's permit
+    /// stays one plain `Arc`.
+    overflow: Option<Arc<Limiter>>,
     queue: Option<Queue>,
     algorithm: Option<Mutex<Box<dyn LimitAlgorithm>>>,
     retry_after: Duration,
@@ -110,6 +116,7 @@ impl Limiter {
         Self {
             word: CachePadded(AtomicU64::new(Word::new(limit.max(1)).0)),
             rejected: AtomicU64::new(0),
+            overflow: None,
             queue: None,
             algorithm: None,
             retry_after: DEFAULT_RETRY_AFTER,
@@ -133,6 +140,22 @@ impl Limiter {
             max_wait,
         });
         self
+    }
+
+    /// Shadow mode: requests over the limit are counted and let through.
+    pub(crate) fn with_shadow(mut self, shadow: bool) -> Self {
+        self.overflow = shadow.then(|| Arc::new(Limiter::fixed(MAX_LIMIT)));
+        self
+    }
+
+    pub(crate) fn is_shadow(&self) -> bool {
+        self.overflow.is_some()
+    }
+
+    /// In shadow mode, a permit for a request let through over the limit, from the
+    /// overflow limit (`None` if that one holds [`MAX_LIMIT`] already).
+    pub(crate) fn overflow(&self) -> Option<&Arc<Limiter>> {
+        self.overflow.as_ref()
     }
 
     /// Asks rejected clients to come back after `retry_after`.
@@ -162,8 +185,22 @@ impl Limiter {
         Word(self.word.load(Ordering::Relaxed)).in_flight()
     }
 
+    /// The requests refused with `Overloaded` (0 in shadow mode).
     pub(crate) fn rejected(&self) -> u64 {
-        self.rejected.load(Ordering::Relaxed)
+        if self.is_shadow() {
+            0
+        } else {
+            self.rejected.load(Ordering::Relaxed)
+        }
+    }
+
+    /// The requests a limit in shadow mode let through that it would have refused.
+    pub(crate) fn shadow_rejected(&self) -> u64 {
+        if self.is_shadow() {
+            self.rejected.load(Ordering::Relaxed)
+        } else {
+            0
+        }
     }
 
     pub(crate) fn queued(&self) -> usize {
@@ -231,15 +268,19 @@ impl Limiter {
     }
 
     fn reject(&self) -> Admission {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::overloaded(self.in_flight());
+        self.count_rejection();
         Admission::Rejected
     }
 
-    /// Counts a waiter that gave up as rejected.
+    /// Counts a refusal (or a waiter that gave up): the one place a rejection is
+    /// counted, in shadow mode as one that would have been.
     pub(crate) fn count_rejection(&self) {
         self.rejected.fetch_add(1, Ordering::Relaxed);
-        crate::metrics::overloaded(self.in_flight());
+        if self.is_shadow() {
+            crate::metrics::overloaded_in_shadow();
+        } else {
+            crate::metrics::overloaded(self.in_flight());
+        }
     }
 
     /// Gives a permit back: to the oldest waiter if there is one and room for it.

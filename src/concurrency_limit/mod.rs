@@ -92,6 +92,33 @@
 //! few instructions, a clock read, and while contended a short lock that counts it; an
 //! unkeyed limit does none of this.
 //!
+//! # Shadow mode
+//!
+//! [`shadow`](ConcurrencyLimitLayerBuilder::shadow) rolls a limit out by watching it
+//! first: every request over the limit (or whose wait in the queue runs out) is counted
+//! and logged as a refusal would be, and sent to the inner service instead. It takes no
+//! place under the limit and tells an adaptive algorithm nothing, so the limit keeps adapting on the
+//! requests an enforcing limit would run. [`ConcurrencyLimitHandle::shadow_rejected`]
+//! and the `palisade_concurrency_limit_shadow_rejected_total` counter show how many
+//! requests it would have refused.
+//!
+//! ```
+//! use palisade::concurrency_limit::ConcurrencyLimitLayer;
+//! use tower::{Layer, Service, ServiceExt, service_fn};
+//!
+//! # #[tokio::main(flavor = "current_thread")]
+//! # async fn main() -> Result<(), tower::BoxError> {
+//! let watching = ConcurrencyLimitLayer::builder().max_in_flight(1).shadow(true).build()?;
+//! let handle = watching.handle();
+//! let mut service = watching.layer(service_fn(|n: u32| async move { Ok::<_, tower::BoxError>(n) }));
+//! let first = service.ready().await?.call(1); // holds the one permit
+//! let second = service.ready().await?.call(2); // over the limit: let through
+//! assert_eq!((first.await?, second.await?), (1, 2));
+//! assert_eq!(handle.shadow_rejected(), 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
 //! # Example
 //!
 //! ```

@@ -8,7 +8,7 @@ use tokio::time::Instant;
 
 use super::algorithms::Sample;
 use super::fair::KeyCell;
-use super::limiter::Limiter;
+use super::limiter::{Admission, Limiter};
 use crate::classify::{Outcome, Report};
 
 /// One admitted request's place under the limit, given back when dropped.
@@ -30,6 +30,18 @@ impl Permit {
         Self {
             limiter,
             share: Some(share),
+        }
+    }
+
+    /// The permit of a request `limiter` in shadow mode lets through over the limit:
+    /// one of its overflow limit's, so that the request holds no place under `limiter`
+    /// itself. `None` for an enforcing limit, or once the overflow holds its
+    /// [`MAX_LIMIT`](super::limiter::MAX_LIMIT) (then the request is refused after all).
+    pub(crate) fn shadow(limiter: &Limiter) -> Option<Self> {
+        let overflow = limiter.overflow()?;
+        match overflow.try_admit() {
+            Admission::Admitted(_) => Some(Self::new(Arc::clone(overflow))),
+            Admission::Queued(_) | Admission::Rejected => None,
         }
     }
 }
@@ -169,6 +181,14 @@ impl SampleReport {
             in_flight,
         });
         Self { pending }
+    }
+}
+
+impl SampleReport {
+    /// The report of a request let through in shadow mode: an enforcing limit would not
+    /// have run it, so it tells the algorithm nothing.
+    pub(crate) fn shadow() -> Self {
+        Self { pending: None }
     }
 }
 

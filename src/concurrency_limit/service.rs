@@ -126,16 +126,29 @@ where
                 let limiter = Arc::clone(&self.limiter);
                 ResponseFuture::queued(limiter, waiter, max_wait, (ready, request), classify)
             }
-            Admission::Rejected => self.shed(classify),
+            Admission::Rejected => self.shed(request, classify),
         }
     }
 }
 
 impl<S, C, H, X, K> ConcurrencyLimitService<S, C, H, X, K> {
-    fn shed<Req>(&self, classify: C) -> ResponseFuture<S, Req, C, H>
+    /// A request over the limit (already counted): refused with `Overloaded`, or in
+    /// shadow mode sent with a permit of the overflow limit. Out of line and cold: the
+    /// admitted path stays small.
+    #[cold]
+    #[inline(never)]
+    fn shed<Req>(&mut self, request: Req, classify: C) -> ResponseFuture<S, Req, C, H>
     where
         S: Service<Req>,
     {
+        if let Some(permit) = Permit::shadow(&self.limiter) {
+            #[cfg(feature = "tracing")]
+            tracing::debug!(
+                limit = self.limiter.limit(),
+                "request would be shed: overloaded (shadow mode: let through)"
+            );
+            return ResponseFuture::let_through(self.inner.call(request), permit, classify);
+        }
         #[cfg(feature = "tracing")]
         tracing::debug!(limit = self.limiter.limit(), "request shed: overloaded");
         ResponseFuture::rejected(self.limiter.overloaded(), classify)
@@ -154,17 +167,18 @@ impl<S, C, H, X, K> ConcurrencyLimitService<S, C, H, X, K> {
     {
         let classify = self.classify.clone();
         let Some(keyed) = &self.keyed else {
-            return self.shed(classify);
+            return self.shed(request, classify);
         };
         let key = keyed.extractor.extract(&request);
         let now = tokio::time::Instant::now();
-        match keyed.shares.admit(&self.limiter, key.as_ref(), now) {
+        let admission = keyed.shares.admit(&self.limiter, key.as_ref(), now);
+        match admission {
             FairAdmission::Admitted(in_flight, share) => {
                 let report = SampleReport::new(&self.limiter, in_flight);
                 let permit = Permit::keyed(Arc::clone(&self.limiter), share);
                 ResponseFuture::called(self.inner.call(request), permit, report, classify)
             }
-            FairAdmission::Rejected => self.shed(classify),
+            FairAdmission::Rejected => self.shed(request, classify),
         }
     }
 }

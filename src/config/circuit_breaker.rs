@@ -23,6 +23,7 @@ use std::time::Duration;
 /// open_for = "30s"                          # or open_backoff = { initial = "5s", max = "60s", multiplier = 2.0, jitter = 0.2 }
 /// half_open_probes = 5
 /// keyed = { max_keys = 1000 }               # one breaker per key (upstream, route, ...)
+/// shadow = true                            # decide and count, reject nothing (default false)
 /// ```
 ///
 /// How results are classified is code, not data: build with
@@ -63,6 +64,10 @@ pub struct CircuitBreakerConfig {
     /// One breaker per key, at most `max_keys` of them (the extractor is code).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyed: Option<KeyedConfig>,
+    /// [Shadow mode](crate::circuit_breaker::CircuitBreakerLayerBuilder::shadow): decide and count, refuse
+    /// nothing (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
 }
 
 /// [`SlidingWindow`] as data: `{ count = 100 }` or `{ time = "60s" }`, optionally with
@@ -230,6 +235,9 @@ impl CircuitBreakerConfig {
         }
         if let Some(probes) = self.half_open_probes {
             builder = builder.half_open_probes(probes);
+        }
+        if let Some(shadow) = self.shadow {
+            builder = builder.shadow(shadow);
         }
         builder
     }

@@ -18,6 +18,7 @@ use std::time::Duration;
 /// queue = { waiters = 100, max_wait = "50ms" }   # not with `keyed`
 /// retry_after = "1s"
 /// keyed = { max_keys = 10000 }                    # fair per client
+/// shadow = true                                  # decide and count, refuse nothing (default false)
 /// ```
 ///
 /// How results are classified and when a permit is released are code: build with
@@ -50,6 +51,10 @@ pub struct ConcurrencyLimitConfig {
     /// Fair per client; the extractor comes from code.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub keyed: Option<KeyedConfig>,
+    /// [Shadow mode](crate::concurrency_limit::ConcurrencyLimitLayerBuilder::shadow): decide and count, refuse
+    /// nothing (default false).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shadow: Option<bool>,
 }
 
 /// The `queue` section of a [`ConcurrencyLimitConfig`].
@@ -215,6 +220,9 @@ impl ConcurrencyLimitConfig {
         }
         if let Some(retry_after) = self.retry_after {
             builder = builder.retry_after(retry_after);
+        }
+        if let Some(shadow) = self.shadow {
+            builder = builder.shadow(shadow);
         }
         builder
     }

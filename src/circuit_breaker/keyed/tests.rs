@@ -21,6 +21,7 @@ fn config() -> Config {
         slow: None,
         open: OpenBackoff::fixed(Duration::from_millis(100)),
         probes: 2,
+        shadow: false,
     }
     .validate()
     .expect("valid")
