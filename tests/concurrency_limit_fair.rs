@@ -5,8 +5,6 @@
 //! header. Time is paused, except in the server test, which depends on no timing.
 
 use std::pin::Pin;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -304,6 +302,8 @@ mod server {
     use hyper_util::rt::TokioExecutor;
     use palisade::ServiceBuilderExt;
     use palisade::key::Header;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
     use tokio::sync::Semaphore;
     use tower::ServiceBuilder;
 
