@@ -4,6 +4,11 @@
 //! and every server in `CorrelationIdLayer`; nothing passes the ID by hand.
 #![cfg(all(feature = "http", feature = "tracing"))]
 
+#[path = "hops/net.rs"]
+mod net;
+
+use self::net::{listener, serve};
+
 use axum::extract::{Extension, State};
 use axum::http::HeaderMap;
 use axum::routing::get;
@@ -17,7 +22,6 @@ use palisade::correlation::{
 };
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
-use tokio::net::TcpListener;
 use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -110,12 +114,6 @@ impl Health for Inventory {
     }
 }
 
-async fn listener() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    (listener, address)
-}
-
 async fn start_inventory(journal: Journal) -> SocketAddr {
     let (listener, address) = listener().await;
     let server = tonic::transport::Server::builder()
@@ -202,12 +200,6 @@ async fn start_gateway(journal: Journal, orders: SocketAddr) -> SocketAddr {
         .with_state(gateway)
         .layer(CorrelationIdLayer::new());
     serve(app).await
-}
-
-async fn serve(app: axum::Router) -> SocketAddr {
-    let (listener, address) = listener().await;
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    address
 }
 
 /// Starts the three hops, sends one request to the gateway (with `id` if given) and

@@ -8,6 +8,11 @@
 //! margins, never exact milliseconds.
 #![cfg(all(feature = "axum", feature = "tonic"))]
 
+#[path = "hops/net.rs"]
+mod net;
+
+use self::net::{listener, serve};
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -22,7 +27,6 @@ use palisade::retry::{Backoff, GrpcRetry, HttpRetry, ReplayBody, RetryLayer};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tokio::time::Instant;
 use tonic::transport::Endpoint;
 use tonic_health::pb::health_client::HealthClient;
@@ -176,18 +180,6 @@ impl Health for Inventory {
     ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("not part of the test"))
     }
-}
-
-async fn listener() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    (listener, address)
-}
-
-async fn serve(app: axum::Router) -> SocketAddr {
-    let (listener, address) = listener().await;
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    address
 }
 
 async fn start_inventory(journal: Journal, setup: Setup) -> SocketAddr {

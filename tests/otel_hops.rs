@@ -9,6 +9,11 @@
 //! `set_parent`, the client side's injection through OpenTelemetry's propagator).
 #![cfg(all(feature = "axum", feature = "tonic", feature = "opentelemetry"))]
 
+#[path = "hops/net.rs"]
+mod net;
+
+use self::net::{listener, serve};
+
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::routing::get;
@@ -23,7 +28,6 @@ use palisade::correlation::{CorrelationIdLayer, PropagateCorrelationIdLayer};
 use std::net::SocketAddr;
 use std::sync::OnceLock;
 use std::time::Duration;
-use tokio::net::TcpListener;
 use tonic::transport::Endpoint;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::health_server::{Health, HealthServer};
@@ -140,18 +144,6 @@ impl Health for Inventory {
     ) -> Result<tonic::Response<Self::WatchStream>, tonic::Status> {
         Err(tonic::Status::unimplemented("not part of the test"))
     }
-}
-
-async fn listener() -> (TcpListener, SocketAddr) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let address = listener.local_addr().unwrap();
-    (listener, address)
-}
-
-async fn serve(app: axum::Router) -> SocketAddr {
-    let (listener, address) = listener().await;
-    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    address
 }
 
 async fn start_inventory() -> SocketAddr {
