@@ -74,9 +74,14 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
     let service = limit.layer(service_fn(ok));
     let (loose, tight) = (config(LOOSE), config(TIGHT));
     let done = Arc::new(AtomicBool::new(false));
+    // Every client sends its first request before the first reload, so that some are
+    // surely admitted: flipping back and forth drains the bucket (a shrink keeps the
+    // tokens as a fraction, rounded down; a growth adds none).
+    let start = Arc::new(tokio::sync::Barrier::new(17));
     let reloader = {
-        let done = done.clone();
+        let (done, start) = (done.clone(), start.clone());
         tokio::spawn(async move {
+            start.wait().await;
             let mut reloads = 0u64;
             while !done.load(Ordering::Relaxed) {
                 let next = if reloads.is_multiple_of(2) {
@@ -93,10 +98,13 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
     };
     let clients: Vec<_> = (0..16)
         .map(|_| {
-            let service = service.clone();
+            let (service, start) = (service.clone(), start.clone());
             tokio::spawn(async move {
                 let (mut admitted, mut refused) = (0u32, 0u32);
-                for _ in 0..2_000 {
+                for request in 0..2_000 {
+                    if request == 1 {
+                        start.wait().await;
+                    }
                     match service.clone().oneshot(Request::new(())).await {
                         Ok(response) => {
                             let (q, w, r, t) = fields(&response);
