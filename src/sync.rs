@@ -23,6 +23,51 @@ pub(crate) use std::sync::{
     atomic::{AtomicBool, AtomicU32, AtomicU64, AtomicUsize, Ordering, fence},
 };
 
+/// A value read on every call and replaced now and then (a live reload), without a lock
+/// for readers: [`arc_swap::ArcSwap`], whose readers announce the pointer they hold in a
+/// thread-local slot instead of touching a shared reference count. Under loom, a
+/// mutex-guarded `Arc` (arc-swap has no loom build): the models treat the swap as the
+/// linearizable cell it is and explore what the cores do around it.
+pub(crate) struct Swap<T>(
+    #[cfg(not(loom))] arc_swap::ArcSwap<T>,
+    #[cfg(loom)] Mutex<std::sync::Arc<T>>,
+);
+
+/// What [`Swap::load`] gives: the value in force when it was loaded, held for as long as
+/// the guard lives (keep it short: it is not a reference count).
+#[cfg(not(loom))]
+pub(crate) type Loaded<T> = arc_swap::Guard<std::sync::Arc<T>>;
+#[cfg(loom)]
+pub(crate) type Loaded<T> = std::sync::Arc<T>;
+
+impl<T> Swap<T> {
+    pub(crate) fn new(value: std::sync::Arc<T>) -> Self {
+        #[cfg(not(loom))]
+        return Self(arc_swap::ArcSwap::new(value));
+        #[cfg(loom)]
+        return Self(Mutex::new(value));
+    }
+
+    /// The value in force.
+    #[inline]
+    pub(crate) fn load(&self) -> Loaded<T> {
+        #[cfg(not(loom))]
+        return self.0.load();
+        #[cfg(loom)]
+        return std::sync::Arc::clone(&lock(&self.0));
+    }
+
+    /// Puts `value` in force for every later [`load`](Self::load).
+    pub(crate) fn store(&self, value: std::sync::Arc<T>) {
+        #[cfg(not(loom))]
+        self.0.store(value);
+        #[cfg(loom)]
+        {
+            *lock(&self.0) = value;
+        }
+    }
+}
+
 /// Keeps a hot value on a pair of cache lines of its own (adjacent-line prefetchers pull
 /// lines in twos), so that threads hammering it do not also evict their neighbours, and
 /// threads that only read the neighbours do not steal it from the thread about to write

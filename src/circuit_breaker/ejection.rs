@@ -446,7 +446,7 @@ where
                 let report = CallReport::new(self.lanes.take(), permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
-            Err(open) => refused(self.lanes.core(), open, None, self.classify.clone(), || {
+            Err(rejected) => refused(rejected, None, self.classify.clone(), || {
                 let report = CallReport::new(self.lanes.take(), Permit::SHADOW);
                 (self.inner.call(request), report)
             }),

@@ -68,6 +68,50 @@ impl CircuitBreakerHandle {
         self.core
             .force(State::Closed, TransitionReason::Reset, Instant::now());
     }
+
+    /// Switches the breaker to `config`, atomically: every decision (to trip, to close,
+    /// how long to stay open, whether to let a refused call through) is taken under the
+    /// old configuration or the new one, never a mix of the two.
+    ///
+    /// `config` is validated as
+    /// [`CircuitBreakerConfig::build`](crate::config::CircuitBreakerConfig::build)
+    /// validates it, with the same [`ConfigError`](crate::config::ConfigError) (field
+    /// path included); a refused configuration changes nothing. A `keyed` section is
+    /// refused with [`NotReloadable`](crate::config::NotReloadable): a global breaker
+    /// stays global. Everything else can change, [`shadow`](super::CircuitBreakerLayerBuilder::shadow)
+    /// included, from the next call on. See [live reload](super#live-reload) for what
+    /// carries over: in short, the state always, the window when its kind does.
+    ///
+    /// ```
+    /// use palisade::circuit_breaker::State;
+    /// use palisade::config::CircuitBreakerConfig;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config: CircuitBreakerConfig = toml::from_str("minimum_calls = 20")?;
+    /// let handle = config.build()?.handle();
+    ///
+    /// handle.reload(&toml::from_str(
+    ///     "failure_rate_threshold = 0.2\nminimum_calls = 10\nshadow = true",
+    /// )?)?;
+    /// assert!(handle.is_shadow()); // watching, from the next call on
+    ///
+    /// let refused = handle.reload(&toml::from_str("minimum_calls = 0")?);
+    /// assert_eq!(refused.unwrap_err().path(), "minimum_calls");
+    /// assert!(handle.is_shadow()); // the configuration in force stays
+    /// assert_eq!(handle.state(), State::Closed);
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "serde")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+    pub fn reload(
+        &self,
+        config: &crate::config::CircuitBreakerConfig,
+    ) -> Result<(), crate::config::ConfigError> {
+        let config = config.reload_config(None)?;
+        self.core.reload(config, Instant::now());
+        Ok(())
+    }
 }
 
 /// Observes and controls the breakers of a keyed layer; cheap to clone. Made by
@@ -209,5 +253,46 @@ where
     pub fn reset(&self) {
         self.breakers
             .force_all(State::Closed, TransitionReason::Reset, Instant::now());
+    }
+
+    /// Switches every breaker of the layer to `config`: the shared one, each tracked
+    /// key's, and those of keys that appear afterwards. Each breaker switches
+    /// atomically, as [`CircuitBreakerHandle::reload`] describes, and keeps its own
+    /// state and (when the window's kind is unchanged) its window.
+    ///
+    /// `config` is validated as [`build_keyed`](crate::config::CircuitBreakerConfig::build_keyed)
+    /// validates it; it must have a `keyed` section with the `max_keys` the layer was
+    /// built with (left out: the default), else it is refused with
+    /// [`NotReloadable`](crate::config::NotReloadable) at `keyed` or `keyed.max_keys`. A
+    /// refused configuration changes nothing.
+    ///
+    /// ```
+    /// use palisade::config::CircuitBreakerConfig;
+    ///
+    /// # fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config: CircuitBreakerConfig = toml::from_str("keyed = { max_keys = 100 }")?;
+    /// let layer = config.build_keyed::<_, String>(|host: &String| Some(host.clone()))?;
+    /// let handle = layer.handle();
+    ///
+    /// handle.reload(&toml::from_str("shadow = true\nkeyed = { max_keys = 100 }")?)?;
+    /// assert!(handle.is_shadow());
+    ///
+    /// let refused = handle.reload(&toml::from_str("keyed = { max_keys = 5 }")?).unwrap_err();
+    /// assert_eq!(
+    ///     refused.to_string(),
+    ///     "keyed.max_keys: cannot change at run time (the layer was built with 100): build a new layer to change it",
+    /// );
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "serde")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+    pub fn reload(
+        &self,
+        config: &crate::config::CircuitBreakerConfig,
+    ) -> Result<(), crate::config::ConfigError> {
+        let config = config.reload_config(Some(self.breakers.max_keys()))?;
+        self.breakers.reload(config, Instant::now());
+        Ok(())
     }
 }

@@ -10,7 +10,7 @@
 use super::config::Config;
 use super::state::{Core, Observer, State, Transition, TransitionReason};
 use crate::key::{Idle, KeyedTable};
-use crate::sync::{self, AtomicU32, AtomicU64, Ordering, fence};
+use crate::sync::{self, AtomicU32, AtomicU64, Mutex, Ordering, fence, lock};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
@@ -116,8 +116,11 @@ impl<K: fmt::Debug> Events<K> {
 /// without a key and by new keys the full table cannot track.
 pub(crate) struct KeyedBreakers<K> {
     table: KeyedTable<K, Entry>,
+    /// The shared breaker, whose configuration is also the one a new key's starts with.
     shared: sync::Arc<KeyedBreaker>,
-    config: Config,
+    max_keys: usize,
+    /// Serialises reloads, so that every breaker ends with the last one's configuration.
+    reloading: Mutex<()>,
     events: Arc<Events<K>>,
     forced: AtomicU32,
     /// Calls a keyed layer in shadow mode let through that its breakers refused, since
@@ -130,7 +133,7 @@ impl<K> fmt::Debug for KeyedBreakers<K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("KeyedBreakers")
             .field("shared", &self.shared)
-            .field("config", &self.config)
+            .field("max_keys", &self.max_keys)
             .finish_non_exhaustive()
     }
 }
@@ -151,7 +154,36 @@ where
 
     /// Whether the layer runs in shadow mode.
     pub(crate) fn is_shadow(&self) -> bool {
-        self.config.shadow
+        self.shared.core.is_shadow()
+    }
+
+    /// The most keys the layer tracks.
+    pub(crate) fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
+    /// Puts `config` in force for every breaker: the shared one, then every tracked
+    /// key's (each as [`Core::reload`] says), and every key's that appears afterwards.
+    ///
+    /// A new key's breaker takes the shared breaker's configuration under its shard's
+    /// lock, and the tracked ones are collected shard by shard under the same locks
+    /// after the shared breaker took the new one: a breaker created during the reload
+    /// either starts with the new configuration or is in the collection.
+    pub(crate) fn reload(&self, config: Config, now: Instant) {
+        let _reloading = lock(&self.reloading);
+        self.shared.core.reload(config, now);
+        for breaker in self.collect() {
+            breaker.core.reload(config, now);
+        }
+    }
+
+    /// Every tracked breaker, collected so that what is done to them (user code, in
+    /// transitions) runs outside the shards' locks.
+    fn collect(&self) -> Vec<sync::Arc<KeyedBreaker>> {
+        let mut breakers = Vec::with_capacity(self.len());
+        self.table
+            .for_each(|_, Entry(breaker)| breakers.push(sync::Arc::clone(breaker)));
+        breakers
     }
 
     /// Breakers for at most `max_keys` keys (`max_keys >= 1`) plus the shared one.
@@ -176,7 +208,8 @@ where
                 core: Core::keyed(config, listener, now),
                 label: shared_label,
             }),
-            config,
+            max_keys,
+            reloading: Mutex::new(()),
             events,
             forced: AtomicU32::new(NOT_FORCED),
             shadow_rejected: AtomicU64::new(0),
@@ -216,7 +249,7 @@ where
             Arc::new(move |transition| events.report(Some(&key), label.as_deref(), transition))
         };
         let breaker = KeyedBreaker {
-            core: Core::keyed(self.config, listener, now),
+            core: Core::keyed(self.shared.core.config(), listener, now),
             label,
         };
         match self.forced.load(Ordering::Acquire) {
@@ -307,12 +340,7 @@ where
             _ => NOT_FORCED,
         };
         self.forced.store(forced, Ordering::Release);
-        // Collected first: the transitions reach user code, which must not run under a
-        // shard's lock.
-        let mut breakers = Vec::with_capacity(self.len());
-        self.table
-            .for_each(|_, Entry(breaker)| breakers.push(sync::Arc::clone(breaker)));
-        for breaker in breakers.iter().chain([&self.shared]) {
+        for breaker in self.collect().iter().chain([&self.shared]) {
             breaker.core.force(state, reason, now);
         }
     }

@@ -87,6 +87,16 @@ impl Cursor {
         }
     }
 
+    /// The position after the last one handed out (to a lane's block, used or not).
+    pub(crate) fn position(&self) -> u32 {
+        self.shared.load(Ordering::Relaxed)
+    }
+
+    /// Hands out `position` next, from a cursor nobody uses yet.
+    pub(crate) fn restart_at(&self, position: u32) {
+        self.shared.store(position, Ordering::Relaxed);
+    }
+
     /// The next position (wrapping at 2^32).
     pub(crate) fn next(&self) -> u32 {
         if self.blocks.is_empty() {

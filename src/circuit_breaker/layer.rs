@@ -132,7 +132,7 @@ impl<X> fmt::Debug for Keyed<X> {
 }
 
 /// How many keys a keyed breaker tracks unless told otherwise.
-const DEFAULT_MAX_KEYS: usize = 1_000;
+pub(crate) const DEFAULT_MAX_KEYS: usize = 1_000;
 
 impl<C, X: fmt::Debug, K> fmt::Debug for CircuitBreakerLayerBuilder<C, X, K> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
@@ -233,7 +233,7 @@ impl<C, X, K> CircuitBreakerLayerBuilder<C, X, K> {
     }
 
     /// The checked configuration.
-    fn checked_config(&self) -> Result<Config, CircuitBreakerConfigError> {
+    pub(crate) fn checked_config(&self) -> Result<Config, CircuitBreakerConfigError> {
         let mut config = self.config;
         config.minimum_calls = self
             .minimum_calls

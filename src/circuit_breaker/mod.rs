@@ -213,11 +213,15 @@ mod window;
 #[cfg(all(test, not(loom)))]
 mod model_tests;
 
+#[cfg(feature = "serde")]
+pub(crate) use self::config::Config;
 pub use self::config::{OpenBackoff, SlidingWindow};
 pub use self::ejection::{EjectionGroup, EjectionLayer, EjectionService};
 pub use self::error::{CircuitBreakerConfigError, CircuitOpen};
 pub use self::future::ResponseFuture;
 pub use self::handle::{CircuitBreakerHandle, KeyedCircuitBreakerHandle};
+#[cfg(feature = "serde")]
+pub(crate) use self::layer::DEFAULT_MAX_KEYS;
 pub use self::layer::{
     CircuitBreakerLayer, CircuitBreakerLayerBuilder, Keyed, KeyedCircuitBreakerLayer,
 };

@@ -1,8 +1,7 @@
-use super::error::CircuitOpen;
 use super::future::ResponseFuture;
 use super::keyed::{KeyedBreaker, KeyedBreakers};
 use super::lanes::{CoreRef, CoreRefs};
-use super::state::{Core, Permit};
+use super::state::{Core, Permit, Rejected};
 use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
 use crate::context::DeadlineExceeded;
 use crate::key::KeyExtractor;
@@ -97,7 +96,7 @@ where
                 let report = CallReport::new(self.lanes.take(), permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
-            Err(open) => refused(self.lanes.core(), open, None, self.classify.clone(), || {
+            Err(rejected) => refused(rejected, None, self.classify.clone(), || {
                 let report = CallReport::new(self.lanes.take(), Permit::SHADOW);
                 (self.inner.call(request), report)
             }),
@@ -198,9 +197,9 @@ where
                 let report = CallReport::keyed(breaker, permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
-            Err(open) => {
+            Err(rejected) => {
                 let classify = self.classify.clone();
-                refused(&breaker.core, open, breaker.label(), classify, || {
+                refused(rejected, breaker.label(), classify, || {
                     self.breakers.count_shadow_rejected();
                     let report = CallReport::keyed(breaker.clone(), Permit::SHADOW);
                     (self.inner.call(request), report)
@@ -216,13 +215,13 @@ where
 #[cold]
 #[inline(never)]
 pub(crate) fn refused<F, C>(
-    core: &Core,
-    open: CircuitOpen,
+    rejected: Rejected,
     label: Option<&str>,
     classify: C,
     send: impl FnOnce() -> (F, CallReport),
 ) -> ResponseFuture<F, C> {
-    if !core.is_shadow() {
+    let Rejected { open, shadow } = rejected;
+    if !shadow {
         crate::metrics::circuit_rejected(label);
         return ResponseFuture::rejected(open);
     }
@@ -278,7 +277,7 @@ impl CallReport {
 
     fn holding(breaker: Held, permit: Permit) -> Self {
         // Only slow-call detection needs the start; the closed fast path reads no clock.
-        let started = breaker.core().config().slow.map(|_| Instant::now());
+        let started = breaker.core().times_calls().then(Instant::now);
         Self {
             breaker,
             permit: Some(permit),

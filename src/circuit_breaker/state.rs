@@ -8,13 +8,22 @@
 //! an earlier half-open phase changes nothing. Every transition to a state other than
 //! half-open stamps it afresh, so its generation never lags far enough behind the state
 //! word's for the 16-bit counter to wrap onto a live phase.
+//!
+//! The configuration and the window it judges by are one [`Policy`], read through one
+//! load per decision and replaced whole by a live reload, so that no decision mixes two
+//! configurations. What a decision leaves in the state word stays as it was decided: an
+//! open breaker keeps the deadline it opened with, and a half-open episode keeps the
+//! probe count it started with (the word carries it), so that a reload never strands an
+//! episode waiting for probes it no longer admits.
 
 use super::config::{Config, MAX_PROBES};
 use super::error::CircuitOpen;
 use super::waiters::Waiters;
 use super::window::{Counts, Sample, Window};
 use crate::classify::Outcome;
-use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
+use crate::sync::{
+    AtomicBool, AtomicU32, AtomicU64, CachePadded, Mutex, Ordering, Swap, fence, lock,
+};
 use std::fmt;
 use std::sync::Arc;
 use std::task::Waker;
@@ -180,7 +189,8 @@ enum PermitKind {
 }
 
 /// The packed state word: 3 bits of state, 16 bits of generation, 45 bits of "open
-/// until" in milliseconds since the core's base instant (a thousand years).
+/// until" in milliseconds since the core's base instant (a thousand years). Half-open
+/// has no deadline: the same bits hold the probe slots of the episode.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Word {
     state: State,
@@ -211,6 +221,11 @@ impl Word {
             generation: self.generation.wrapping_add(1),
             open_until_ms,
         }
+    }
+
+    /// The probe slots of a half-open word.
+    fn slots(self) -> u32 {
+        self.open_until_ms as u32 & MAX_PROBES
     }
 }
 
@@ -257,6 +272,20 @@ impl Probes {
     }
 }
 
+/// What a breaker decides by: its configuration and the window of recent outcomes it
+/// judges, swapped together by a live reload.
+pub(crate) struct Policy {
+    pub(crate) config: Config,
+    window: Arc<Window>,
+}
+
+/// Calls refused since build or reset: rejected, or (in shadow mode) let through.
+#[derive(Default)]
+struct Refusals {
+    rejected: AtomicU64,
+    shadow: AtomicU64,
+}
+
 /// The shared state of one breaker.
 pub(crate) struct Core {
     state: CachePadded<AtomicU64>,
@@ -265,12 +294,17 @@ pub(crate) struct Core {
     jitter_seed: AtomicU64,
     /// Nanoseconds since `base` of the last transition, plus one (0: never).
     last_transition: AtomicU64,
-    /// Calls rejected since build or reset (in shadow mode: the calls that would have
-    /// been). Written only on rejection, on a line of its own so that a flood of
-    /// rejections does not contend with the probes or the config.
-    rejected: CachePadded<AtomicU64>,
-    window: Window,
-    config: Config,
+    /// Written only on refusal, on a line of its own so that a flood of rejections does
+    /// not contend with the probes or the policy.
+    refusals: CachePadded<Refusals>,
+    policy: Swap<Policy>,
+    /// Whether the policy in force detects slow calls, read when a call starts (to take
+    /// its start time) apart from the policy, so that a call costs one policy load. A
+    /// call that started under another policy than the one that judges it is timed as
+    /// its start saw fit: untimed, it is not slow.
+    timed: AtomicBool,
+    /// Serialises the handle's changes that move the window (reload, reset).
+    writer: Mutex<()>,
     base: Instant,
     observer: Option<Observer>,
     /// Whether `notify` emits the `tracing` event and the `metrics` counter itself; a
@@ -284,7 +318,7 @@ impl fmt::Debug for Core {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("Core")
             .field("state", &self.state())
-            .field("config", &self.config)
+            .field("config", &self.config())
             .field("observer", &self.observer.is_some())
             .finish_non_exhaustive()
     }
@@ -309,9 +343,13 @@ impl Core {
             consecutive_trips: AtomicU32::new(0),
             jitter_seed: AtomicU64::new(seed),
             last_transition: AtomicU64::new(0),
-            rejected: CachePadded(AtomicU64::new(0)),
-            window: Window::new(config.window, now),
-            config,
+            refusals: CachePadded(Refusals::default()),
+            policy: Swap::new(Arc::new(Policy {
+                config,
+                window: Arc::new(Window::new(config.window, now)),
+            })),
+            timed: AtomicBool::new(config.slow.is_some()),
+            writer: Mutex::new(()),
             base: now,
             observer,
             announce: true,
@@ -349,12 +387,19 @@ impl Core {
         if word.state != State::Closed {
             return false;
         }
-        let counts = self.window.counts(now);
+        let counts = self.policy.load().window.counts(now);
         counts.failures == 0 && counts.slow == 0
     }
 
-    pub(crate) fn config(&self) -> &Config {
-        &self.config
+    /// The configuration in force.
+    pub(crate) fn config(&self) -> Config {
+        self.policy.load().config
+    }
+
+    /// Whether a call starting now is timed for slow-call detection.
+    #[inline]
+    pub(crate) fn times_calls(&self) -> bool {
+        self.timed.load(Ordering::Relaxed)
     }
 
     pub(crate) fn state(&self) -> State {
@@ -363,7 +408,7 @@ impl Core {
 
     /// Lets a call through, or says why not. `now` is read only when the breaker is
     /// open, so the closed path never reads the clock.
-    pub(crate) fn admit(&self, now: impl Fn() -> Instant) -> Result<Permit, CircuitOpen> {
+    pub(crate) fn admit(&self, now: impl Fn() -> Instant) -> Result<Permit, Rejected> {
         self.try_admit(now).map_err(|refusal| self.reject(refusal))
     }
 
@@ -382,11 +427,12 @@ impl Core {
                     if now < self.open_until(word) {
                         return Err(self.refusal(word, now));
                     }
-                    let half_open = word.next(State::HalfOpen, 0);
+                    let slots = self.policy.load().config.probes;
+                    let half_open = word.next(State::HalfOpen, u64::from(slots));
                     self.transition(raw, half_open, TransitionReason::OpenTimeElapsed, now);
                     continue;
                 }
-                State::HalfOpen => match self.take_probe(raw, word.generation) {
+                State::HalfOpen => match self.take_probe(raw, word) {
                     ProbeSlot::Taken if self.state.load(Ordering::Acquire) == raw => {
                         PermitKind::Probe
                     }
@@ -421,7 +467,7 @@ impl Core {
                 timed: false,
             },
             _ => Refusal {
-                retry_after: self.config.open.initial(),
+                retry_after: self.config().open.initial(),
                 timed: false,
             },
         }
@@ -436,7 +482,7 @@ impl Core {
             State::Closed | State::ForcedClosed => false,
             State::ForcedOpen => true,
             State::Open => now < self.open_until(word),
-            State::HalfOpen => self.episode(word).taken >= self.config.probes,
+            State::HalfOpen => self.episode(word).taken >= word.slots(),
         };
         refused.then(|| self.refusal(word, now))
     }
@@ -449,24 +495,30 @@ impl Core {
 
     /// Whether the breaker runs in shadow mode, letting refused calls through.
     pub(crate) fn is_shadow(&self) -> bool {
-        self.config.shadow
+        self.policy.load().config.shadow
     }
 
     /// The calls a breaker in shadow mode let through that it would have rejected.
     pub(crate) fn shadow_rejected(&self) -> u64 {
-        if self.config.shadow {
-            self.rejected.load(Ordering::Relaxed)
-        } else {
-            0
-        }
+        self.refusals.shadow.load(Ordering::Relaxed)
     }
 
-    /// Counts a rejection: the only place the rejected counter is written, off the
-    /// path of admitted calls. In shadow mode the same counter holds the calls that
-    /// would have been rejected, and [`metrics`](Self::metrics) reports it as such.
-    pub(crate) fn reject(&self, refusal: Refusal) -> CircuitOpen {
-        self.rejected.fetch_add(1, Ordering::Relaxed);
-        CircuitOpen::new(refusal.retry_after)
+    /// Settles a refused call: rejected, or let through in shadow mode, and counted as
+    /// what it was. The only place the refusal counters are written, off the path of
+    /// admitted calls; one reading of the shadow switch decides both, so that a call a
+    /// reload flips the switch under is counted as what it got.
+    pub(crate) fn reject(&self, refusal: Refusal) -> Rejected {
+        let shadow = self.is_shadow();
+        let counter = if shadow {
+            &self.refusals.shadow
+        } else {
+            &self.refusals.rejected
+        };
+        counter.fetch_add(1, Ordering::Relaxed);
+        Rejected {
+            open: CircuitOpen::new(refusal.retry_after),
+            shadow,
+        }
     }
 
     /// How long the breaker stayed open before this half-open phase (without jitter):
@@ -474,7 +526,7 @@ impl Core {
     /// hang, and a zero hint would send clients and retry layers into a tight loop.
     fn latest_open_time(&self) -> Duration {
         let trips = self.consecutive_trips.load(Ordering::Acquire);
-        self.config.open.nominal(trips.saturating_sub(1))
+        self.config().open.nominal(trips.saturating_sub(1))
     }
 
     /// Records a call's outcome. `duration` is how long the call took (only looked at
@@ -487,20 +539,26 @@ impl Core {
         duration: Duration,
         now: impl Fn() -> Instant,
     ) {
-        let sample = match outcome {
-            Outcome::Ignored => return self.release(permit),
-            Outcome::Success | Outcome::Failure => Sample {
-                failure: outcome == Outcome::Failure,
-                slow: self
-                    .config
-                    .slow
-                    .is_some_and(|slow| duration > slow.threshold),
-            },
+        if outcome == Outcome::Ignored {
+            return self.release(permit);
+        }
+        if permit.kind == PermitKind::Unrecorded {
+            return;
+        }
+        // One policy for the whole decision: the sample, the window, the verdict and
+        // the open time.
+        let policy = self.policy.load();
+        let sample = Sample {
+            failure: outcome == Outcome::Failure,
+            slow: policy
+                .config
+                .slow
+                .is_some_and(|slow| duration > slow.threshold),
         };
         match permit.kind {
             PermitKind::Unrecorded => {}
-            PermitKind::Closed => self.record_closed(permit.generation, sample, now),
-            PermitKind::Probe => self.complete_probe(permit.generation, sample, now),
+            PermitKind::Closed => self.record_closed(&policy, permit.generation, sample, now),
+            PermitKind::Probe => self.complete_probe(&policy, permit.generation, sample, now),
         }
     }
 
@@ -512,43 +570,33 @@ impl Core {
         }
     }
 
-    fn record_closed(&self, generation: u16, sample: Sample, now: impl Fn() -> Instant) {
+    fn record_closed(
+        &self,
+        policy: &Policy,
+        generation: u16,
+        sample: Sample,
+        now: impl Fn() -> Instant,
+    ) {
         let raw = self.state.load(Ordering::Acquire);
         let word = Word::decode(raw);
         // A call admitted before the breaker moved on says nothing about the new phase.
         if word.state != State::Closed || word.generation != generation {
             return;
         }
-        let Some(counts) = self.window.record(sample, &now) else {
+        let Some(counts) = policy.window.record(sample, &now) else {
             return;
         };
-        if counts.calls < self.config.minimum_calls {
+        if counts.calls < policy.config.minimum_calls {
             return;
         }
-        if let Some(reason) = self.verdict(counts) {
-            self.open(raw, reason, now());
+        if let Some(reason) = verdict(&policy.config, counts) {
+            self.open(&policy.config, raw, reason, now());
         }
     }
 
-    /// Whether `counts` call for opening, and why.
-    fn verdict(&self, counts: Counts) -> Option<TransitionReason> {
-        let calls = counts.calls as f64;
-        if counts.calls > 0 && counts.failures as f64 >= self.config.failure_rate * calls {
-            Some(TransitionReason::FailureRate)
-        } else if counts.calls > 0
-            && self
-                .config
-                .slow
-                .is_some_and(|slow| counts.slow as f64 >= slow.rate * calls)
-        {
-            Some(TransitionReason::SlowCallRate)
-        } else {
-            None
-        }
-    }
-
-    /// Takes a probe slot of the half-open phase whose state word is `state`.
-    fn take_probe(&self, state: u64, generation: u16) -> ProbeSlot {
+    /// Takes a probe slot of the half-open phase whose state word is `state` (`word`).
+    fn take_probe(&self, state: u64, word: Word) -> ProbeSlot {
+        let generation = word.generation;
         let mut raw = self.probes.load(Ordering::Acquire);
         loop {
             let current = Probes::decode(raw);
@@ -563,7 +611,7 @@ impl Core {
                 // probe of the phase starts it afresh.
                 Probes::fresh(generation)
             };
-            if probes.taken >= self.config.probes {
+            if probes.taken >= word.slots() {
                 return ProbeSlot::Full;
             }
             let next = Probes {
@@ -590,7 +638,13 @@ impl Core {
         self.waiters.wake_all();
     }
 
-    fn complete_probe(&self, generation: u16, sample: Sample, now: impl Fn() -> Instant) {
+    fn complete_probe(
+        &self,
+        policy: &Policy,
+        generation: u16,
+        sample: Sample,
+        now: impl Fn() -> Instant,
+    ) {
         let Some(probes) = self.update_probes(generation, |probes| Probes {
             completed: probes.completed + 1,
             failed: probes.failed + u32::from(sample.failure),
@@ -599,43 +653,57 @@ impl Core {
         }) else {
             return;
         };
-        // Exactly one report completes the last probe: it decides.
-        if probes.completed != self.config.probes {
+        let half_open = self.state.load(Ordering::Acquire);
+        let word = Word::decode(half_open);
+        // Exactly one report completes the last probe of the episode: it decides. (The
+        // episode moved on if the word is another: not ours to decide.)
+        if word.state != State::HalfOpen
+            || word.generation != generation
+            || probes.completed != word.slots()
+        {
             return;
         }
-        let half_open = Word {
-            state: State::HalfOpen,
-            generation,
-            open_until_ms: 0,
-        };
         let counts = Counts {
             calls: u64::from(probes.completed),
             failures: u64::from(probes.failed),
             slow: u64::from(probes.slow),
         };
         let now = now();
-        match self.verdict(counts) {
-            Some(TransitionReason::FailureRate) => {
-                self.open(half_open.encode(), TransitionReason::ProbesFailed, now)
-            }
-            Some(_) => self.open(half_open.encode(), TransitionReason::ProbesSlow, now),
-            None => {
-                // Empty the window before the closed phase starts recording into it, or
-                // the first closed call would be judged with the failures that tripped
-                // the breaker. The decider is alone here, unless the breaker was moved
-                // by hand meanwhile; then the window is not ours to clear.
-                if self.state.load(Ordering::Acquire) != half_open.encode() {
-                    return;
-                }
-                self.window.clear();
-                let closed = half_open.next(State::Closed, 0);
-                self.transition(
-                    half_open.encode(),
-                    closed,
-                    TransitionReason::ProbesSucceeded,
-                    now,
-                );
-            }
+        match verdict(&policy.config, counts) {
+            Some(TransitionReason::FailureRate) => self.open(
+                &policy.config,
+                half_open,
+                TransitionReason::ProbesFailed,
+                now,
+            ),
+            Some(_) => self.open(&policy.config, half_open, TransitionReason::ProbesSlow, now),
+            None => self.close(policy, half_open, now),
+        }
+    }
+
+    /// Closes the breaker from the half-open word `half_open` after its probes
+    /// succeeded.
+    fn close(&self, policy: &Policy, half_open: u64, now: Instant) {
+        // Empty the window before the closed phase starts recording into it, or the first
+        // closed call would be judged with the failures that tripped the breaker. The
+        // decider is alone here, unless the breaker was moved by hand meanwhile; then the
+        // window is not ours to clear.
+        if self.state.load(Ordering::Acquire) != half_open {
+            return;
+        }
+        policy.window.clear();
+        let closed = Word::decode(half_open).next(State::Closed, 0);
+        if !self.transition(half_open, closed, TransitionReason::ProbesSucceeded, now) {
+            return;
+        }
+        // A reload that resized the window meanwhile may have carried the failures over
+        // before we cleared them (it carries a window only from a closed state it saw,
+        // and looks again after publishing; this is the other half of that handshake:
+        // with both fences, one of the two sees the other).
+        fence(Ordering::SeqCst);
+        let current = self.policy.load();
+        if !Arc::ptr_eq(&current.window, &policy.window) {
+            current.window.clear();
         }
     }
 
@@ -663,9 +731,9 @@ impl Core {
 
     /// Opens the breaker from the state word `from`, for the open time of the next
     /// consecutive trip.
-    fn open(&self, from: u64, reason: TransitionReason, now: Instant) {
+    fn open(&self, config: &Config, from: u64, reason: TransitionReason, now: Instant) {
         let trips = self.consecutive_trips.load(Ordering::Acquire);
-        let open_for = self.config.open.duration(trips, self.random());
+        let open_for = config.open.duration(trips, self.random());
         let until = now
             .saturating_duration_since(self.base)
             .saturating_add(open_for);
@@ -770,13 +838,53 @@ impl Core {
         }
     }
 
+    /// Puts `config` (validated) in force for every decision from now on, keeping the
+    /// state: the window stays when its kind and size do; a resized window of the same
+    /// kind starts with what the old one holds that it covers, if the breaker is closed
+    /// (in any other state the window is emptied before it counts again, when the
+    /// breaker closes or is reset, so it starts empty); a window of the other kind
+    /// starts empty.
+    pub(crate) fn reload(&self, config: Config, now: Instant) {
+        let _writer = lock(&self.writer);
+        let old = self.policy.load();
+        let before = self.state.load(Ordering::Acquire);
+        let (window, carried) = if old.config.window == config.window {
+            (Arc::clone(&old.window), false)
+        } else {
+            let window = Window::new(config.window, self.base);
+            let closed = Word::decode(before).state == State::Closed;
+            let carried = closed && window.carry(&old.window, now);
+            (Arc::new(window), carried)
+        };
+        drop(old);
+        self.policy.store(Arc::new(Policy {
+            config,
+            window: Arc::clone(&window),
+        }));
+        self.timed.store(config.slow.is_some(), Ordering::Relaxed);
+        if carried {
+            // Carried from a closed breaker: if it moved meanwhile it may have closed
+            // again, clearing the old window after we copied it (see `close`, the other
+            // half of this handshake), and the new one must not keep what it cleared.
+            fence(Ordering::SeqCst);
+            if self.state.load(Ordering::Acquire) != before {
+                window.clear();
+            }
+        }
+        // A shadow switch or a probe count may make an endpoint ready.
+        self.waiters.wake_all();
+    }
+
     /// Moves to `state` from whatever state the breaker is in (manual control). Forcing
     /// the state the breaker was already forced into is a no-op, not a transition.
     pub(crate) fn force(&self, state: State, reason: TransitionReason, now: Instant) {
         if reason == TransitionReason::Reset {
-            self.window.clear();
+            // Not while a reload carries the window over, which would keep what we clear.
+            let _writer = lock(&self.writer);
+            self.policy.load().window.clear();
             self.consecutive_trips.store(0, Ordering::Release);
-            self.rejected.store(0, Ordering::Relaxed);
+            self.refusals.rejected.store(0, Ordering::Relaxed);
+            self.refusals.shadow.store(0, Ordering::Relaxed);
         }
         loop {
             let raw = self.state.load(Ordering::Acquire);
@@ -803,7 +911,8 @@ impl Core {
     }
 
     pub(crate) fn metrics(&self, now: Instant) -> Metrics {
-        let counts = self.window.counts(now);
+        let policy = self.policy.load();
+        let counts = policy.window.counts(now);
         let rate = |part: u64| {
             if counts.calls == 0 {
                 0.0
@@ -814,7 +923,6 @@ impl Core {
         let last = self.last_transition.load(Ordering::Acquire);
         let word = Word::decode(self.state.load(Ordering::Acquire));
         let probes = self.episode(word);
-        let rejected = self.rejected.load(Ordering::Relaxed);
         Metrics {
             state: word.state,
             calls: counts.calls,
@@ -822,18 +930,51 @@ impl Core {
             slow_calls: counts.slow,
             failure_rate: rate(counts.failures),
             slow_call_rate: rate(counts.slow),
-            minimum_calls_reached: counts.calls >= self.config.minimum_calls,
+            minimum_calls_reached: counts.calls >= policy.config.minimum_calls,
             probes_in_flight: probes.taken.saturating_sub(probes.completed),
             probe_successes: probes.completed.saturating_sub(probes.failed),
             probe_failures: probes.failed,
             probe_slow_calls: probes.slow,
-            rejected: if self.config.shadow { 0 } else { rejected },
+            rejected: self.refusals.rejected.load(Ordering::Relaxed),
             shadow_rejected: self.shadow_rejected(),
             consecutive_trips: self.consecutive_trips.load(Ordering::Acquire),
             last_transition: last
                 .checked_sub(1)
                 .map(|nanos| self.base + Duration::from_nanos(nanos)),
         }
+    }
+}
+
+/// Whether `counts` call for opening under `config`, and why.
+fn verdict(config: &Config, counts: Counts) -> Option<TransitionReason> {
+    let calls = counts.calls as f64;
+    if counts.calls > 0 && counts.failures as f64 >= config.failure_rate * calls {
+        Some(TransitionReason::FailureRate)
+    } else if counts.calls > 0
+        && config
+            .slow
+            .is_some_and(|slow| counts.slow as f64 >= slow.rate * calls)
+    {
+        Some(TransitionReason::SlowCallRate)
+    } else {
+        None
+    }
+}
+
+/// A refused call, as [`Core::reject`] settled it.
+#[derive(Debug)]
+pub(crate) struct Rejected {
+    /// The rejection, or in shadow mode the one it would have been.
+    pub(crate) open: CircuitOpen,
+    /// Whether the breaker was in shadow mode: the call goes through.
+    pub(crate) shadow: bool,
+}
+
+#[cfg(test)]
+impl Rejected {
+    /// The rejection's hint.
+    pub(crate) fn retry_after(&self) -> Duration {
+        self.open.retry_after()
     }
 }
 

@@ -65,6 +65,19 @@ impl Window {
             Window::Time(window) => window.clear(),
         }
     }
+
+    /// Fills this fresh window, of another size than `old`, with what `old` holds that
+    /// still means something in it, as of `now`: a count window the latest outcomes
+    /// that fit, in order; a time window the counts of the spans it still covers. False
+    /// (nothing carried) when the kinds differ. The window must not be in use yet.
+    pub(crate) fn carry(&self, old: &Window, now: Instant) -> bool {
+        match (self, old) {
+            (Window::Count(new), Window::Count(old)) => new.carry(old),
+            (Window::Time(new), Window::Time(old)) => new.carry(old, now),
+            _ => return false,
+        }
+        true
+    }
 }
 
 /// Positions in a ring of `len` slots: `n % len` without a hardware division, which
@@ -117,6 +130,22 @@ impl CountWindow {
             ring: Ring::new(size),
             counts: AtomicU64::new(0),
         }
+    }
+
+    /// The latest outcomes of `old` that fit, oldest first at position 0, the cursor
+    /// after them: the window a breaker of this size would hold had it seen the same
+    /// calls (a shrink keeps the newest, a growth keeps them all and fills up from
+    /// there). Positions reserved by other lanes and not used yet carry what they held,
+    /// as they would in `old` (the usual slack of a shared window).
+    fn carry(&self, old: &CountWindow) {
+        let end = old.cursor.position();
+        let start = end.saturating_sub(self.slots.len().min(old.slots.len()) as u32);
+        for (slot, position) in self.slots.iter().zip(start..end) {
+            let value = old.slots[old.ring.index(position)].load(Ordering::Acquire);
+            let empty = slot.swap(value, Ordering::AcqRel);
+            self.apply(empty, value);
+        }
+        self.cursor.restart_at(end - start);
     }
 
     #[inline]
@@ -249,6 +278,52 @@ impl TimeWindow {
 
     fn live(&self) -> u32 {
         self.buckets.len() as u32
+    }
+
+    /// Every live counter of `old`, as of `now`, in the bucket of this window where its
+    /// span starts, if this window still covers that: a wider window keeps all the old
+    /// one saw, a narrower one the newest part, and no count lingers longer than the
+    /// span it was recorded in allows. (A count is placed by the start of its old
+    /// bucket, so it leaves the new window no later than it would have left the old.)
+    fn carry(&self, old: &TimeWindow, now: Instant) {
+        let elapsed = now.saturating_duration_since(self.base).as_nanos() as u64;
+        let (old_now, new_now) = (elapsed / old.width_nanos, elapsed / self.width_nanos);
+        self.newest.store(new_now as u32, Ordering::Release);
+        let pairs = old.buckets.iter().flat_map(|bucket| {
+            [
+                (&bucket.calls, &self.totals.calls, 0),
+                (&bucket.failures, &self.totals.failures, 1),
+                (&bucket.slow, &self.totals.slow, 2),
+            ]
+        });
+        for (counter, total, field) in pairs {
+            let word = Word::of(counter.load(Ordering::Acquire));
+            let age = age(old_now as u32, word.stamp);
+            if word.retired || word.count == 0 || !(0..i64::from(old.live())).contains(&age) {
+                continue;
+            }
+            let start = (old_now - age as u64).saturating_mul(old.width_nanos);
+            let epoch = start / self.width_nanos;
+            if new_now - epoch >= u64::from(self.live()) {
+                continue;
+            }
+            let bucket = &self.buckets[self.ring.index(epoch as u32)];
+            let into = [&bucket.calls, &bucket.failures, &bucket.slow][field];
+            let held = Word::of(into.load(Ordering::Acquire));
+            let before = if held.stamp == epoch as u32 {
+                held.count
+            } else {
+                0
+            };
+            let count = before.saturating_add(word.count).min(MAX_BUCKET_COUNT);
+            let placed = Word {
+                stamp: epoch as u32,
+                retired: false,
+                count,
+            };
+            into.store(placed.bits(), Ordering::Release);
+            total.fetch_add(u64::from(count - before), Ordering::AcqRel);
+        }
     }
 
     fn record(&self, sample: Sample, now: Instant) -> Counts {

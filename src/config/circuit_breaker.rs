@@ -1,10 +1,10 @@
 //! The circuit breaker's configuration.
 
 use super::KeyedConfig;
-use super::error::{ConfigError, PolicyMismatch};
+use super::error::{ConfigError, NotReloadable, PolicyMismatch};
 use crate::circuit_breaker::{
-    CircuitBreakerConfigError, CircuitBreakerLayer, CircuitBreakerLayerBuilder, Keyed,
-    KeyedCircuitBreakerLayer, OpenBackoff, SlidingWindow,
+    CircuitBreakerConfigError, CircuitBreakerLayer, CircuitBreakerLayerBuilder, Config,
+    DEFAULT_MAX_KEYS, Keyed, KeyedCircuitBreakerLayer, OpenBackoff, SlidingWindow,
 };
 use serde::{Deserialize, Serialize};
 use std::fmt;
@@ -292,6 +292,22 @@ impl CircuitBreakerConfig {
         self.check_open_time()?;
         self.apply(builder)
             .build()
+            .map_err(|error| self.locate(error))
+    }
+
+    /// The configuration a live reload to this one puts in force in a breaker built
+    /// global (`max_keys` `None`) or keyed with `max_keys`: `build()`'s validation, with
+    /// the options that cannot change at run time as the layer was built.
+    pub(crate) fn reload_config(&self, max_keys: Option<usize>) -> Result<Config, ConfigError> {
+        NotReloadable::check_keyed(self.keyed.is_some(), max_keys.is_some(), "breaker")?;
+        if let (Some(keyed), Some(built)) = (&self.keyed, max_keys)
+            && keyed.max_keys.unwrap_or(DEFAULT_MAX_KEYS) != built
+        {
+            return Err(NotReloadable::at("keyed.max_keys", built));
+        }
+        self.check_open_time()?;
+        self.apply(CircuitBreakerLayer::builder())
+            .checked_config()
             .map_err(|error| self.locate(error))
     }
 

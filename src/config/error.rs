@@ -116,4 +116,25 @@ impl NotReloadable {
             was: was.to_string(),
         }
     }
+
+    /// The refusal of a reload that changes the option at `path`, which the layer was
+    /// built with as `was`.
+    pub(crate) fn at(path: &str, was: impl fmt::Display) -> ConfigError {
+        ConfigError::new(path, Self::new(was))
+    }
+
+    /// Refuses a reload that would make a global `layer` ("limiter", "breaker") keyed
+    /// (a `keyed` section in `keyed_section`) or a keyed one global.
+    pub(crate) fn check_keyed(
+        keyed_section: bool,
+        built_keyed: bool,
+        layer: &str,
+    ) -> Result<(), ConfigError> {
+        let was = match (keyed_section, built_keyed) {
+            (true, false) => format!("no `keyed` section (a global {layer})"),
+            (false, true) => format!("a `keyed` section (a keyed {layer})"),
+            _ => return Ok(()),
+        };
+        Err(Self::at("keyed", was))
+    }
 }

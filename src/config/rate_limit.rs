@@ -358,17 +358,11 @@ impl RateLimitConfig {
     /// The first option that differs from what the layer was built with and cannot change
     /// at run time.
     fn check_fixed(&self, built: &Settings) -> Result<(), ConfigError> {
-        let fixed = |path: &str, was: &dyn fmt::Display| {
-            Err(ConfigError::new(path, NotReloadable::new(was)))
-        };
+        let fixed = |path: &str, was: &dyn fmt::Display| Err(NotReloadable::at(path, was));
         if self.redis.is_some() {
             return fixed("redis", &"its buckets in process");
         }
-        match (&self.keyed, built.keyed) {
-            (Some(_), false) => return fixed("keyed", &"no `keyed` section (a global limiter)"),
-            (None, true) => return fixed("keyed", &"a `keyed` section (a keyed limiter)"),
-            _ => {}
-        }
+        NotReloadable::check_keyed(self.keyed.is_some(), built.keyed, "limiter")?;
         if let Some(keyed) = &self.keyed {
             let max_keys = keyed.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
             if max_keys != built.max_keys {
