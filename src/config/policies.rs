@@ -161,6 +161,36 @@ impl Policies {
         })
     }
 
+    /// Reloads the breaker behind `handle` with the circuit breaker `name` (see
+    /// [`CircuitBreakerHandle::reload`](crate::circuit_breaker::CircuitBreakerHandle::reload)):
+    /// an error names its place in the document (`breakers.payments.minimum_calls`), and
+    /// changes nothing.
+    pub fn reload_circuit_breaker(
+        &self,
+        name: &str,
+        handle: &crate::circuit_breaker::CircuitBreakerHandle,
+    ) -> Result<(), ConfigError> {
+        build("breakers", &self.breakers, name, |policy| {
+            handle.reload(policy)
+        })
+    }
+
+    /// Reloads every breaker of the keyed layer behind `handle` with the circuit
+    /// breaker `name` (see
+    /// [`KeyedCircuitBreakerHandle::reload`](crate::circuit_breaker::KeyedCircuitBreakerHandle::reload)).
+    pub fn reload_keyed_circuit_breaker<K>(
+        &self,
+        name: &str,
+        handle: &crate::circuit_breaker::KeyedCircuitBreakerHandle<K>,
+    ) -> Result<(), ConfigError>
+    where
+        K: Hash + Eq + Clone + std::fmt::Debug + Send + Sync + 'static,
+    {
+        build("breakers", &self.breakers, name, |policy| {
+            handle.reload(policy)
+        })
+    }
+
     /// The circuit breaker `name`, applied to `builder` (with its classifier).
     pub fn circuit_breaker_from<C>(
         &self,
