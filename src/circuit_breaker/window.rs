@@ -326,6 +326,7 @@ impl TimeWindow {
         }
     }
 
+    #[inline]
     fn record(&self, sample: Sample, now: Instant) -> Counts {
         let epoch = self.epoch(now);
         let live = self.live();
