@@ -2,7 +2,7 @@
 //! tells the balancer to route around the endpoint instead of failing its calls.
 
 use super::future::ResponseFuture;
-use super::lanes::CoreRefs;
+use super::lanes::{Lanes, Published};
 use super::service::{CallReport, refused};
 use super::state::{Core, Permit, Refusal};
 use crate::classify::{Classify, ErrorsAsFailures};
@@ -169,7 +169,7 @@ impl EjectionGroup {
 /// ```
 pub struct EjectionLayer<C = ErrorsAsFailures> {
     core: Arc<Core>,
-    lanes: Arc<CoreRefs>,
+    lanes: Published,
     classify: C,
     group: EjectionGroup,
 }
@@ -177,7 +177,7 @@ pub struct EjectionLayer<C = ErrorsAsFailures> {
 impl<C> EjectionLayer<C> {
     pub(crate) fn new(
         core: Arc<Core>,
-        lanes: Arc<CoreRefs>,
+        lanes: Published,
         classify: C,
         group: EjectionGroup,
     ) -> Self {
@@ -216,7 +216,7 @@ impl<S, C: Clone> Layer<S> for EjectionLayer<C> {
     fn layer(&self, inner: S) -> Self::Service {
         EjectionService {
             inner,
-            lanes: Arc::clone(&self.lanes),
+            lanes: Lanes::new(&self.lanes),
             classify: self.classify.clone(),
             membership: self.group.join(Arc::clone(&self.core)),
             group: self.group.clone(),
@@ -231,7 +231,7 @@ impl<S, C: Clone> Layer<S> for EjectionLayer<C> {
 /// [`EjectionLayer`].
 pub struct EjectionService<S, C = ErrorsAsFailures> {
     inner: S,
-    lanes: Arc<CoreRefs>,
+    lanes: Lanes,
     classify: C,
     /// Keeps the endpoint in the group for as long as it (or a clone) lives.
     membership: Arc<Member>,
@@ -270,7 +270,7 @@ impl<S, C> EjectionService<S, C> {
     }
 
     fn core(&self) -> &Core {
-        self.lanes.core()
+        &self.membership.core
     }
 
     /// Decides whether the next call may go through, or must be rejected, or (Pending)
@@ -365,7 +365,7 @@ impl<S, C> EjectionService<S, C> {
     /// Gives back what a reservation holds (a probe slot).
     fn release(&mut self) {
         if let Some(Reserved::Admit(permit)) = self.take_reserved() {
-            self.lanes.core().release(permit);
+            self.membership.core.release(permit);
         }
     }
 }
@@ -375,7 +375,7 @@ impl<S: Clone, C: Clone> Clone for EjectionService<S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            lanes: Arc::clone(&self.lanes),
+            lanes: self.lanes.clone(),
             classify: self.classify.clone(),
             membership: Arc::clone(&self.membership),
             group: self.group.clone(),
@@ -390,7 +390,7 @@ impl<S: fmt::Debug, C> fmt::Debug for EjectionService<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("EjectionService")
             .field("inner", &self.inner)
-            .field("core", self.lanes.core())
+            .field("core", self.core())
             .field("reserved", &self.reserved)
             .finish_non_exhaustive()
     }
@@ -441,13 +441,14 @@ where
             Some(Reserved::Reject(refusal)) => Err(self.core().reject(refusal)),
             None => self.core().admit(Instant::now),
         };
+        let lanes = self.lanes.load();
         match decision {
             Ok(permit) => {
-                let report = CallReport::new(self.lanes.take(), permit);
+                let report = CallReport::new(lanes.take(), permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
             Err(rejected) => refused(rejected, None, self.classify.clone(), || {
-                let report = CallReport::new(self.lanes.take(), Permit::SHADOW);
+                let report = CallReport::new(lanes.take(), Permit::SHADOW);
                 (self.inner.call(request), report)
             }),
         }

@@ -1,4 +1,5 @@
 use super::keyed::KeyedBreakers;
+use super::lanes::{CoreRefs, Published};
 use super::state::{Core, Metrics, State, TransitionReason};
 use std::fmt;
 use std::hash::Hash;
@@ -7,14 +8,24 @@ use tokio::time::Instant;
 
 /// Observes and controls one breaker; cheap to clone. Made by
 /// [`CircuitBreakerLayer::handle`](super::CircuitBreakerLayer::handle).
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct CircuitBreakerHandle {
     core: Arc<Core>,
+    /// Where the breaker's calls find its policy: a reload publishes new lanes here.
+    lanes: Published,
+}
+
+impl fmt::Debug for CircuitBreakerHandle {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("CircuitBreakerHandle")
+            .field("core", &self.core)
+            .finish_non_exhaustive()
+    }
 }
 
 impl CircuitBreakerHandle {
-    pub(crate) fn new(core: Arc<Core>) -> Self {
-        Self { core }
+    pub(crate) fn new(core: Arc<Core>, lanes: Published) -> Self {
+        Self { core, lanes }
     }
 
     /// The current state. An open breaker whose open time has passed reads as open
@@ -109,7 +120,10 @@ impl CircuitBreakerHandle {
         config: &crate::config::CircuitBreakerConfig,
     ) -> Result<(), crate::config::ConfigError> {
         let config = config.reload_config(None)?;
-        self.core.reload(config, Instant::now());
+        self.core.reload(config, Instant::now(), |policy| {
+            self.lanes
+                .store(Arc::new(CoreRefs::with(&self.core, policy)));
+        });
         Ok(())
     }
 }

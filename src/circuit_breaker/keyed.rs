@@ -171,9 +171,9 @@ where
     /// either starts with the new configuration or is in the collection.
     pub(crate) fn reload(&self, config: Config, now: Instant) {
         let _reloading = lock(&self.reloading);
-        self.shared.core.reload(config, now);
+        self.shared.core.reload(config, now, |_| {});
         for breaker in self.collect() {
-            breaker.core.reload(config, now);
+            breaker.core.reload(config, now, |_| {});
         }
     }
 

@@ -1,7 +1,14 @@
 //! Spreading the per-call writes that every thread would otherwise make to one shared
 //! cache line over a few lanes, one per CPU: a thread always uses the same lane.
+//!
+//! The lanes also carry the breaker's policy to its calls. A live reload publishes a new
+//! set of lanes holding the new policy; each service keeps the set it last saw and
+//! checks with one relaxed load per call whether it is still the one in force
+//! ([`arc_swap::Cache`]), and each call holds its lane, and so its policy, to the end.
+//! So a call is decided and recorded under one policy, and the success path pays one
+//! load and a compare for the reload, not a synchronised read of a shared pointer.
 
-use super::state::Core;
+use super::state::{Core, Policy};
 use crate::sync::{AtomicU32, AtomicU64, CachePadded, Ordering};
 use std::sync::Arc;
 
@@ -30,19 +37,28 @@ pub(crate) struct CoreRefs {
     lanes: Box<[Arc<CoreRef>]>,
 }
 
-/// One lane's reference to the core, on cache lines of its own.
+/// One lane's reference to the core and the policy it was published with, on cache
+/// lines of its own.
 #[repr(align(128))]
 pub(crate) struct CoreRef {
     pub(crate) core: Arc<Core>,
+    pub(crate) policy: Arc<Policy>,
 }
 
 impl CoreRefs {
+    /// Lanes to `core` with the policy now in force.
     pub(crate) fn new(core: &Arc<Core>) -> Self {
+        Self::with(core, &core.current_policy())
+    }
+
+    /// Lanes to `core` with `policy`.
+    pub(crate) fn with(core: &Arc<Core>, policy: &Arc<Policy>) -> Self {
         Self {
             lanes: (0..count())
                 .map(|_| {
                     Arc::new(CoreRef {
                         core: Arc::clone(core),
+                        policy: Arc::clone(policy),
                     })
                 })
                 .collect(),
@@ -56,6 +72,36 @@ impl CoreRefs {
     /// A reference for one call, from this thread's lane.
     pub(crate) fn take(&self) -> Arc<CoreRef> {
         Arc::clone(&self.lanes[current(self.lanes.len())])
+    }
+}
+
+/// The lanes in force for one breaker, swapped whole by a reload.
+pub(crate) type Published = Arc<arc_swap::ArcSwap<CoreRefs>>;
+
+/// Lanes for a new breaker.
+pub(crate) fn publish(core: &Arc<Core>) -> Published {
+    Arc::new(arc_swap::ArcSwap::from_pointee(CoreRefs::new(core)))
+}
+
+/// A service's view of its breaker's lanes: the set it last saw, renewed when a reload
+/// published another.
+#[derive(Clone)]
+pub(crate) struct Lanes(arc_swap::Cache<Published, Arc<CoreRefs>>);
+
+impl Lanes {
+    pub(crate) fn new(published: &Published) -> Self {
+        Self(arc_swap::Cache::new(Arc::clone(published)))
+    }
+
+    /// The lanes in force.
+    #[inline]
+    pub(crate) fn load(&mut self) -> &Arc<CoreRefs> {
+        self.0.load()
+    }
+
+    /// The lanes in force, without renewing the view (for `Debug`).
+    pub(crate) fn peek(&self) -> arc_swap::Guard<Arc<CoreRefs>> {
+        self.0.arc_swap().load()
     }
 }
 

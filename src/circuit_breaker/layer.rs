@@ -3,7 +3,7 @@ use super::ejection::{EjectionGroup, EjectionLayer};
 use super::error::CircuitBreakerConfigError;
 use super::handle::{CircuitBreakerHandle, KeyedCircuitBreakerHandle};
 use super::keyed::{KeyLabel, KeyedBreakers, KeyedObserver};
-use super::lanes::CoreRefs;
+use super::lanes::{self, Lanes, Published};
 use super::service::{CircuitBreakerService, KeyedCircuitBreakerService};
 use super::state::{Core, Observer, Transition};
 use crate::classify::ErrorsAsFailures;
@@ -24,7 +24,7 @@ use tower_layer::Layer;
 #[must_use = "a layer or builder does nothing until it is used"]
 pub struct CircuitBreakerLayer<C = ErrorsAsFailures> {
     core: Arc<Core>,
-    lanes: Arc<CoreRefs>,
+    lanes: Published,
     classify: C,
 }
 
@@ -67,7 +67,7 @@ impl CircuitBreakerLayer {
 impl<C> CircuitBreakerLayer<C> {
     /// A handle that observes and controls this breaker.
     pub fn handle(&self) -> CircuitBreakerHandle {
-        CircuitBreakerHandle::new(Arc::clone(&self.core))
+        CircuitBreakerHandle::new(Arc::clone(&self.core), Arc::clone(&self.lanes))
     }
 
     /// This breaker for an endpoint inside a `tower::balance` pool: while it refuses
@@ -93,7 +93,7 @@ impl<S, C: Clone> Layer<S> for CircuitBreakerLayer<C> {
     type Service = CircuitBreakerService<S, C>;
 
     fn layer(&self, inner: S) -> Self::Service {
-        CircuitBreakerService::new(inner, Arc::clone(&self.lanes), self.classify.clone())
+        CircuitBreakerService::new(inner, Lanes::new(&self.lanes), self.classify.clone())
     }
 }
 
@@ -286,7 +286,7 @@ impl<C> CircuitBreakerLayerBuilder<C> {
         });
         let core = Arc::new(Core::new(config, observer, Instant::now()));
         Ok(CircuitBreakerLayer {
-            lanes: Arc::new(CoreRefs::new(&core)),
+            lanes: lanes::publish(&core),
             core,
             classify: self.classify,
         })

@@ -1,6 +1,6 @@
 use super::future::ResponseFuture;
 use super::keyed::{KeyedBreaker, KeyedBreakers};
-use super::lanes::{CoreRef, CoreRefs};
+use super::lanes::{CoreRef, Lanes};
 use super::state::{Core, Permit, Rejected};
 use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
 use crate::context::DeadlineExceeded;
@@ -9,6 +9,7 @@ use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Duration;
 use tokio::time::Instant;
 use tower::BoxError;
 use tower_service::Service;
@@ -21,12 +22,12 @@ use tower_service::Service;
 /// [`DeadlineExceeded`], since a caller that gave up says nothing about the dependency.
 pub struct CircuitBreakerService<S, C = ErrorsAsFailures> {
     inner: S,
-    lanes: Arc<CoreRefs>,
+    lanes: Lanes,
     classify: C,
 }
 
 impl<S, C> CircuitBreakerService<S, C> {
-    pub(crate) fn new(inner: S, lanes: Arc<CoreRefs>, classify: C) -> Self {
+    pub(crate) fn new(inner: S, lanes: Lanes, classify: C) -> Self {
         Self {
             inner,
             lanes,
@@ -54,7 +55,7 @@ impl<S: Clone, C: Clone> Clone for CircuitBreakerService<S, C> {
     fn clone(&self) -> Self {
         Self {
             inner: self.inner.clone(),
-            lanes: Arc::clone(&self.lanes),
+            lanes: self.lanes.clone(),
             classify: self.classify.clone(),
         }
     }
@@ -64,7 +65,7 @@ impl<S: fmt::Debug, C> fmt::Debug for CircuitBreakerService<S, C> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("CircuitBreakerService")
             .field("inner", &self.inner)
-            .field("core", self.lanes.core())
+            .field("core", self.lanes.peek().core())
             .finish_non_exhaustive()
     }
 }
@@ -91,13 +92,14 @@ where
         {
             return ResponseFuture::rejected(DeadlineExceeded::new(None));
         }
-        match self.lanes.core().admit(Instant::now) {
+        let lanes = self.lanes.load();
+        match lanes.core().admit(Instant::now) {
             Ok(permit) => {
-                let report = CallReport::new(self.lanes.take(), permit);
+                let report = CallReport::new(lanes.take(), permit);
                 ResponseFuture::called(self.inner.call(request), report, self.classify.clone())
             }
             Err(rejected) => refused(rejected, None, self.classify.clone(), || {
-                let report = CallReport::new(self.lanes.take(), Permit::SHADOW);
+                let report = CallReport::new(lanes.take(), Permit::SHADOW);
                 (self.inner.call(request), report)
             }),
         }
@@ -264,6 +266,28 @@ impl Held {
             Held::Keyed(breaker) => &breaker.core,
         }
     }
+
+    /// Whether the call is timed for slow-call detection.
+    #[inline]
+    fn times_calls(&self) -> bool {
+        match self {
+            Held::Lane(lane) => lane.policy.times_calls(),
+            Held::Keyed(breaker) => breaker.core.times_calls(),
+        }
+    }
+
+    /// Records the call under the policy it holds (a global breaker's lane) or the one
+    /// in force (a keyed breaker's).
+    fn record(&self, permit: Permit, outcome: Outcome, duration: Duration, now: Option<Instant>) {
+        let now = || now.unwrap_or_else(Instant::now);
+        match self {
+            Held::Lane(lane) => {
+                lane.core
+                    .record_under(&lane.policy, permit, outcome, duration, now)
+            }
+            Held::Keyed(breaker) => breaker.core.record(permit, outcome, duration, now),
+        }
+    }
 }
 
 impl CallReport {
@@ -277,7 +301,7 @@ impl CallReport {
 
     fn holding(breaker: Held, permit: Permit) -> Self {
         // Only slow-call detection needs the start; the closed fast path reads no clock.
-        let started = breaker.core().times_calls().then(Instant::now);
+        let started = breaker.times_calls().then(Instant::now);
         Self {
             breaker,
             permit: Some(permit),
@@ -305,9 +329,7 @@ impl Report for CallReport {
             (Some(started), Some(now)) => now.saturating_duration_since(started),
             _ => Default::default(),
         };
-        self.breaker.core().record(permit, outcome, duration, || {
-            now.unwrap_or_else(Instant::now)
-        });
+        self.breaker.record(permit, outcome, duration, now);
     }
 }
 

@@ -22,7 +22,7 @@ use super::waiters::Waiters;
 use super::window::{Counts, Sample, Window};
 use crate::classify::Outcome;
 use crate::sync::{
-    AtomicBool, AtomicU32, AtomicU64, CachePadded, Mutex, Ordering, Swap, fence, lock,
+    AtomicBool, AtomicU32, AtomicU64, CachePadded, Loaded, Mutex, Ordering, Swap, fence, lock,
 };
 use std::fmt;
 use std::sync::Arc;
@@ -279,6 +279,14 @@ pub(crate) struct Policy {
     window: Arc<Window>,
 }
 
+impl Policy {
+    /// Whether calls are timed, for slow-call detection.
+    #[inline]
+    pub(crate) fn times_calls(&self) -> bool {
+        self.config.slow.is_some()
+    }
+}
+
 /// Calls refused since build or reset: rejected, or (in shadow mode) let through.
 #[derive(Default)]
 struct Refusals {
@@ -389,6 +397,11 @@ impl Core {
         }
         let counts = self.policy.load().window.counts(now);
         counts.failures == 0 && counts.slow == 0
+    }
+
+    /// The policy in force, to hold (what a global breaker's lanes keep).
+    pub(crate) fn current_policy(&self) -> Arc<Policy> {
+        Arc::clone(&self.policy.load())
     }
 
     /// The configuration in force.
@@ -529,11 +542,31 @@ impl Core {
         self.config().open.nominal(trips.saturating_sub(1))
     }
 
-    /// Records a call's outcome. `duration` is how long the call took (only looked at
-    /// when slow calls are detected); `now` is read only if a time window or a
-    /// transition needs it.
+    /// The policy in force (one load: hold it for one decision, not across a call).
+    #[inline]
+    pub(crate) fn policy(&self) -> Loaded<Policy> {
+        self.policy.load()
+    }
+
+    /// Records a call's outcome under the policy in force. `duration` is how long the
+    /// call took (only looked at when slow calls are detected); `now` is read only if a
+    /// time window or a transition needs it.
     pub(crate) fn record(
         &self,
+        permit: Permit,
+        outcome: Outcome,
+        duration: Duration,
+        now: impl Fn() -> Instant,
+    ) {
+        self.record_under(&self.policy(), permit, outcome, duration, now);
+    }
+
+    /// [`record`](Self::record) under `policy`: the one in force, or one that was (a
+    /// global breaker's call holds the policy of the lanes it was admitted through).
+    #[inline]
+    pub(crate) fn record_under(
+        &self,
+        policy: &Policy,
         permit: Permit,
         outcome: Outcome,
         duration: Duration,
@@ -547,7 +580,6 @@ impl Core {
         }
         // One policy for the whole decision: the sample, the window, the verdict and
         // the open time.
-        let policy = self.policy.load();
         let sample = Sample {
             failure: outcome == Outcome::Failure,
             slow: policy
@@ -557,8 +589,8 @@ impl Core {
         };
         match permit.kind {
             PermitKind::Unrecorded => {}
-            PermitKind::Closed => self.record_closed(&policy, permit.generation, sample, now),
-            PermitKind::Probe => self.complete_probe(&policy, permit.generation, sample, now),
+            PermitKind::Closed => self.record_closed(policy, permit.generation, sample, now),
+            PermitKind::Probe => self.complete_probe(policy, permit.generation, sample, now),
         }
     }
 
@@ -843,8 +875,9 @@ impl Core {
     /// kind starts with what the old one holds that it covers, if the breaker is closed
     /// (in any other state the window is emptied before it counts again, when the
     /// breaker closes or is reset, so it starts empty); a window of the other kind
-    /// starts empty.
-    pub(crate) fn reload(&self, config: Config, now: Instant) {
+    /// starts empty. `publish` puts the new policy wherever else it is read (a global
+    /// breaker's lanes), still in the reload's turn, so that reloads publish in order.
+    pub(crate) fn reload(&self, config: Config, now: Instant, publish: impl FnOnce(&Arc<Policy>)) {
         let _writer = lock(&self.writer);
         let old = self.policy.load();
         let before = self.state.load(Ordering::Acquire);
@@ -857,11 +890,13 @@ impl Core {
             (Arc::new(window), carried)
         };
         drop(old);
-        self.policy.store(Arc::new(Policy {
+        let policy = Arc::new(Policy {
             config,
             window: Arc::clone(&window),
-        }));
+        });
+        self.policy.store(Arc::clone(&policy));
         self.timed.store(config.slow.is_some(), Ordering::Relaxed);
+        publish(&policy);
         if carried {
             // Carried from a closed breaker: if it moved meanwhile it may have closed
             // again, clearing the old window after we copied it (see `close`, the other
