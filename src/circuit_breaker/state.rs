@@ -551,6 +551,9 @@ impl Core {
     /// Records a call's outcome under the policy in force. `duration` is how long the
     /// call took (only looked at when slow calls are detected); `now` is read only if a
     /// time window or a transition needs it.
+    // Out of line: the global breaker's calls record through `record_under`, and this
+    // one's policy load must not swell their report.
+    #[inline(never)]
     pub(crate) fn record(
         &self,
         permit: Permit,
@@ -563,7 +566,6 @@ impl Core {
 
     /// [`record`](Self::record) under `policy`: the one in force, or one that was (a
     /// global breaker's call holds the policy of the lanes it was admitted through).
-    #[inline]
     pub(crate) fn record_under(
         &self,
         policy: &Policy,
@@ -574,9 +576,6 @@ impl Core {
     ) {
         if outcome == Outcome::Ignored {
             return self.release(permit);
-        }
-        if permit.kind == PermitKind::Unrecorded {
-            return;
         }
         // One policy for the whole decision: the sample, the window, the verdict and
         // the open time.

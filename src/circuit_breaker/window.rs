@@ -271,6 +271,7 @@ impl TimeWindow {
         }
     }
 
+    #[inline]
     fn epoch(&self, now: Instant) -> u32 {
         let elapsed = now.saturating_duration_since(self.base).as_nanos() as u64;
         (elapsed / self.width_nanos) as u32
@@ -411,6 +412,7 @@ impl TimeWindow {
 
 /// How many epochs `stamp` lies behind `epoch` (negative when it is ahead), across the
 /// 32-bit wrap.
+#[inline]
 fn age(epoch: u32, stamp: u32) -> i64 {
     i64::from(epoch.wrapping_sub(stamp) as i32)
 }
@@ -452,6 +454,7 @@ impl Word {
     }
 }
 
+#[inline]
 fn total(total: &AtomicU64) -> u64 {
     (total.load(Ordering::Acquire) as i64).max(0) as u64
 }
@@ -461,6 +464,7 @@ fn total(total: &AtomicU64) -> u64 {
 /// call if a newer epoch already took the bucket (a racing thread read the clock later;
 /// this call is then older than the window) or the window moved past this epoch.
 /// Returns `total` afterwards.
+#[inline]
 fn add(counter: &AtomicU64, total: &AtomicU64, epoch: u32) -> u64 {
     let mut current = counter.load(Ordering::Relaxed);
     loop {
