@@ -46,8 +46,8 @@ impl CircuitBreakerHandle {
     }
 
     /// How many calls the breaker in shadow mode let through that it would have
-    /// rejected, since it was built or last [reset](Self::reset) (always 0 for an
-    /// enforcing breaker); [`Metrics::shadow_rejected`] too.
+    /// rejected, since it was built or last [reset](Self::reset) (0 for a breaker never
+    /// in shadow mode); [`Metrics::shadow_rejected`] too.
     pub fn shadow_rejected(&self) -> u64 {
         self.core.shadow_rejected()
     }

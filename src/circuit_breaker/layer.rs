@@ -210,7 +210,8 @@ impl<C, X, K> CircuitBreakerLayerBuilder<C, X, K> {
     /// or not the shed calls reached it; one that recovers only once its load drops
     /// recovers later behind a shadow breaker, which does not drop it. Under
     /// [`ejecting`](CircuitBreakerLayer::ejecting), a shadow endpoint never leaves the
-    /// pool. See the [module docs](super#shadow-mode).
+    /// pool. See the [module docs](super#shadow-mode). With the `serde` feature the switch
+    /// flips at run time too, from the next call on ([live reload](super#live-reload)).
     ///
     /// [`shadow_rejected`]: super::CircuitBreakerHandle::shadow_rejected
     pub fn shadow(mut self, shadow: bool) -> Self {

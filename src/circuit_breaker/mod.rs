@@ -160,6 +160,97 @@
 //! # }
 //! ```
 //!
+//! # Live reload
+//!
+//! With the `serde` feature, [`CircuitBreakerHandle::reload`] switches a breaker built
+//! in code or from a file to a new [`CircuitBreakerConfig`](crate::config::CircuitBreakerConfig)
+//! while it serves ([`KeyedCircuitBreakerHandle::reload`] every breaker of a keyed layer,
+//! present and future; `Policies::reload_circuit_breaker` a policy of a document, its
+//! errors named in the document).
+//!
+//! - **Validated as `build()` validates**: an invalid configuration is refused with the
+//!   same `ConfigError`, field path included, and changes nothing. What shapes the layer
+//!   is fixed: global or keyed, and `keyed.max_keys`; a change is refused with
+//!   `NotReloadable` at that field.
+//! - **Atomic**: the configuration and the window it judges are one policy, published
+//!   whole, so no decision mixes two configurations (a new threshold with an old
+//!   minimum, a new window with an old minimum, one policy's verdict with the other's
+//!   open time). A global breaker's call takes its policy with its lane when it is
+//!   admitted and records its outcome under it; a keyed breaker's call under the policy
+//!   in force when it finishes. Whether slow-call detection times a call is settled when
+//!   it starts: a call started without it is not slow.
+//! - **The state is kept**: closed, open, half-open or forced, the consecutive trips
+//!   and the counters. A reload never moves the state by itself: a window the new
+//!   thresholds condemn trips on the next outcome that changes it.
+//! - **An open breaker keeps its deadline**: a new open time (or backoff) applies from
+//!   the next trip, not to the open period under way, whose rejections keep telling the
+//!   `retry_after` they told. A half-open episode keeps the probe count it started with
+//!   (a smaller one must not strand probes in flight); its verdict takes the thresholds
+//!   in force when its last probe reports.
+//! - **The window is kept when its kind and size are**: the same count, or the same time
+//!   span and buckets. A count window of another size keeps the newest outcomes that fit,
+//!   in order: what a window of the new size would hold had it seen the same calls (a
+//!   shrink keeps the last N, a growth keeps them all and fills up from there). A time
+//!   window of another span or bucket count moves each old bucket's counts into the new
+//!   bucket where the old one started, if the new span still covers it: a wider window
+//!   keeps everything, a narrower one the newest part, and no count stays longer than the
+//!   span it was recorded in allows. Rates over calls and over time do not translate into
+//!   each other, so a window of the other kind starts empty, in the same state. A window
+//!   only counts while closed (the breaker closes, or is reset, with an empty one), so in
+//!   any other state a resized window starts empty. An outcome recorded while the resize
+//!   copies the window may be lost.
+//! - **The shadow switch** takes effect on the next call. Enforcing to shadow: the next
+//!   call the breaker refuses goes through and counts in `shadow_rejected`; shadow to
+//!   enforcing: the next is rejected. Under [`ejecting`](CircuitBreakerLayer::ejecting) a
+//!   reload wakes the endpoints waiting in `poll_ready`, so one that turned shadow rejoins
+//!   the pool at once.
+//!
+//! The success path pays for reload with one relaxed load and a compare: each service
+//! keeps the lanes it last saw and renews them when a reload published others.
+//!
+#![cfg_attr(
+    feature = "serde",
+    doc = r##"
+```
+use palisade::circuit_breaker::State;
+use palisade::config::CircuitBreakerConfig;
+use tower::{BoxError, Layer, Service, ServiceExt, service_fn};
+
+# #[tokio::main(flavor = "current_thread", start_paused = true)]
+# async fn main() -> Result<(), BoxError> {
+let config: CircuitBreakerConfig = toml::from_str(r#"
+    sliding_window = { count = 10 }
+    minimum_calls = 10
+    open_for = "30s"
+"#)?;
+let breaker = config.build()?;
+let handle = breaker.handle();
+let mut service = breaker.layer(service_fn(|fail: bool| async move {
+    if fail { Err::<(), BoxError>("down".into()) } else { Ok(()) }
+}));
+for fail in [true, true, false] {
+    let _ = service.ready().await?.call(fail).await;
+}
+
+// Tighter, watched first: 3 calls are enough, and a third of them failing trips it.
+handle.reload(&toml::from_str(r#"
+    sliding_window = { count = 10 }
+    minimum_calls = 3
+    failure_rate_threshold = 0.3
+    open_for = "30s"
+    shadow = true
+"#)?)?;
+assert_eq!(handle.metrics().calls, 3); // the window was kept
+let _ = service.ready().await?.call(true).await;
+assert_eq!(handle.state(), State::Open);
+assert!(service.ready().await?.call(false).await.is_ok()); // shadow: let through
+assert_eq!(handle.shadow_rejected(), 1);
+# Ok(())
+# }
+```
+"##
+)]
+//!
 //! # Example
 //!
 //! ```

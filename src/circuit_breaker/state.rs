@@ -142,12 +142,13 @@ pub struct Metrics {
     pub probe_slow_calls: u32,
     /// Calls rejected since the breaker was built or last
     /// [`reset`](super::CircuitBreakerHandle::reset): while open, forced open, or
-    /// half-open with every probe slot taken. Always 0 in shadow mode, which rejects
-    /// nothing: see `shadow_rejected`.
+    /// half-open with every probe slot taken. A breaker in shadow mode rejects nothing:
+    /// the calls it let through instead are in `shadow_rejected` (both are kept across a
+    /// reload that flips the switch).
     pub rejected: u64,
     /// Calls a breaker in [shadow mode](super::CircuitBreakerLayerBuilder::shadow) let
-    /// through that it would have rejected, since it was built or last reset (always 0
-    /// for an enforcing breaker, whose refusals are in `rejected`).
+    /// through that it would have rejected, since it was built or last reset (0 for a
+    /// breaker never in shadow mode, whose refusals are in `rejected`).
     pub shadow_rejected: u64,
     /// How many times in a row the breaker has opened without closing in between.
     pub consecutive_trips: u32,

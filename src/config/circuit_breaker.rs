@@ -32,6 +32,10 @@ use std::time::Duration;
 /// section takes its key extractor in code too
 /// ([`build_keyed`](Self::build_keyed)); [`build`](Self::build) refuses it, so that a
 /// file and the code that reads it cannot disagree about it.
+///
+/// A breaker takes a new one at run time through its handle
+/// ([`CircuitBreakerHandle::reload`](crate::circuit_breaker::CircuitBreakerHandle::reload)),
+/// every field but `keyed`'s.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 #[non_exhaustive]
