@@ -1,5 +1,7 @@
 use super::keyed::KeyedBreakers;
-use super::lanes::{CoreRefs, Published};
+#[cfg(feature = "serde")]
+use super::lanes::CoreRefs;
+use super::lanes::Published;
 use super::state::{Core, Metrics, State, TransitionReason};
 use std::fmt;
 use std::hash::Hash;
@@ -12,6 +14,7 @@ use tokio::time::Instant;
 pub struct CircuitBreakerHandle {
     core: Arc<Core>,
     /// Where the breaker's calls find its policy: a reload publishes new lanes here.
+    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
     lanes: Published,
 }
 

@@ -10,7 +10,7 @@
 use super::config::Config;
 use super::state::{Core, Observer, State, Transition, TransitionReason};
 use crate::key::{Idle, KeyedTable};
-use crate::sync::{self, AtomicU32, AtomicU64, Mutex, Ordering, fence, lock};
+use crate::sync::{self, AtomicU32, AtomicU64, Mutex, Ordering, fence};
 use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
@@ -120,6 +120,7 @@ pub(crate) struct KeyedBreakers<K> {
     shared: sync::Arc<KeyedBreaker>,
     max_keys: usize,
     /// Serialises reloads, so that every breaker ends with the last one's configuration.
+    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
     reloading: Mutex<()>,
     events: Arc<Events<K>>,
     forced: AtomicU32,
@@ -158,6 +159,7 @@ where
     }
 
     /// The most keys the layer tracks.
+    #[cfg(feature = "serde")]
     pub(crate) fn max_keys(&self) -> usize {
         self.max_keys
     }
@@ -169,8 +171,9 @@ where
     /// lock, and the tracked ones are collected shard by shard under the same locks
     /// after the shared breaker took the new one: a breaker created during the reload
     /// either starts with the new configuration or is in the collection.
+    #[cfg(feature = "serde")]
     pub(crate) fn reload(&self, config: Config, now: Instant) {
-        let _reloading = lock(&self.reloading);
+        let _reloading = sync::lock(&self.reloading);
         self.shared.core.reload(config, now, |_| {});
         for breaker in self.collect() {
             breaker.core.reload(config, now, |_| {});

@@ -877,6 +877,7 @@ impl Core {
     /// breaker closes or is reset, so it starts empty); a window of the other kind
     /// starts empty. `publish` puts the new policy wherever else it is read (a global
     /// breaker's lanes), still in the reload's turn, so that reloads publish in order.
+    #[cfg(feature = "serde")]
     pub(crate) fn reload(&self, config: Config, now: Instant, publish: impl FnOnce(&Arc<Policy>)) {
         let _writer = lock(&self.writer);
         let old = self.policy.load();
