@@ -6,9 +6,15 @@
 //! breaker only when it is [idle](Core::is_idle) and nobody holds it: the check runs
 //! under the shard's lock, where every lookup takes its reference, so a call can never
 //! record into a breaker the table has already dropped.
+//!
+//! A key's entry also carries the policy its calls decide by, as a global breaker's
+//! lanes do: a reload replaces the entry with one holding the new policy (the same core),
+//! under the shard's lock that every lookup takes anyway, so the success path reads the
+//! policy for free. Calls in flight keep the entry they took, and with it the core:
+//! the table counts them through the core's references too.
 
 use super::config::Config;
-use super::state::{Core, Observer, State, Transition, TransitionReason};
+use super::state::{Core, Observer, Policy, State, Transition, TransitionReason};
 use crate::key::{Idle, KeyedTable};
 use crate::sync::{self, AtomicU32, AtomicU64, Mutex, Ordering, fence};
 use std::fmt;
@@ -32,13 +38,32 @@ pub(crate) type KeyLabel<K> = Arc<dyn Fn(&K) -> String + Send + Sync>;
 /// The label of the shared breaker's metrics, when keys are labelled.
 const SHARED_LABEL: &str = "(shared)";
 
-/// One key's breaker (or the shared one) and its `metrics` label.
+/// One key's breaker (or the shared one), the policy its calls decide by, and its
+/// `metrics` label.
 pub(crate) struct KeyedBreaker {
-    pub(crate) core: Core,
+    pub(crate) core: sync::Arc<Core>,
+    /// The policy published with this entry; `None` for the shared breaker, which has
+    /// no entry to replace and reads the policy in force.
+    policy: Option<Arc<Policy>>,
     label: Option<Arc<str>>,
 }
 
 impl KeyedBreaker {
+    /// `core`'s entry with the policy in force.
+    fn entry(core: sync::Arc<Core>, label: Option<Arc<str>>) -> Self {
+        Self {
+            policy: Some(core.current_policy()),
+            core,
+            label,
+        }
+    }
+
+    /// The policy this entry's calls decide by, if it holds one (else the one in force).
+    #[inline]
+    pub(crate) fn policy(&self) -> Option<&Policy> {
+        self.policy.as_deref()
+    }
+
     /// The label of this breaker's `metrics`, if keys are labelled.
     pub(crate) fn label(&self) -> Option<&str> {
         self.label.as_deref()
@@ -62,7 +87,9 @@ impl Idle for Entry {
     /// Held by nobody (no call in flight, no handle working on it), and no worse than a
     /// fresh breaker.
     fn is_idle(&self, now: Instant) -> bool {
-        if sync::Arc::strong_count(&self.0) != 1 {
+        // A call holds the entry it took, which a reload may have replaced since: the
+        // core's count covers those.
+        if sync::Arc::strong_count(&self.0) != 1 || sync::Arc::strong_count(&self.0.core) != 1 {
             return false;
         }
         // The count is read relaxed: synchronise with the release of the last call's
@@ -175,8 +202,22 @@ where
     pub(crate) fn reload(&self, config: Config, now: Instant) {
         let _reloading = sync::lock(&self.reloading);
         self.shared.core.reload(config, now, |_| {});
-        for breaker in self.collect() {
+        let mut tracked = Vec::with_capacity(self.len());
+        self.table.for_each(|key, Entry(breaker)| {
+            tracked.push((key.clone(), sync::Arc::clone(breaker)));
+        });
+        for (key, breaker) in tracked {
             breaker.core.reload(config, now, |_| {});
+            // The entry's calls move to the new policy; an entry the table dropped (or
+            // replaced with a fresh breaker, which took the new policy) is left alone.
+            let mut slot = self.table.slot(&key);
+            if let Some(Entry(entry)) = slot.get_mut()
+                && sync::Arc::ptr_eq(&entry.core, &breaker.core)
+            {
+                let label = entry.label.clone();
+                *entry =
+                    sync::Arc::new(KeyedBreaker::entry(sync::Arc::clone(&breaker.core), label));
+            }
         }
     }
 
@@ -208,7 +249,8 @@ where
             // A breaker with only successes is idle at once: sweep only for room.
             table: KeyedTable::sweeping_when_full(max_keys),
             shared: sync::Arc::new(KeyedBreaker {
-                core: Core::keyed(config, listener, now),
+                core: sync::Arc::new(Core::keyed(config, listener, now)),
+                policy: None,
                 label: shared_label,
             }),
             max_keys,
@@ -251,16 +293,13 @@ where
             let (key, label) = (key.clone(), label.clone());
             Arc::new(move |transition| events.report(Some(&key), label.as_deref(), transition))
         };
-        let breaker = KeyedBreaker {
-            core: Core::keyed(self.shared.core.config(), listener, now),
-            label,
-        };
+        let core = Core::keyed(self.shared.core.config(), listener, now);
         match self.forced.load(Ordering::Acquire) {
-            FORCED_OPEN => breaker.core.start_in(State::ForcedOpen),
-            FORCED_CLOSED => breaker.core.start_in(State::ForcedClosed),
+            FORCED_OPEN => core.start_in(State::ForcedOpen),
+            FORCED_CLOSED => core.start_in(State::ForcedClosed),
             _ => {}
         }
-        sync::Arc::new(breaker)
+        sync::Arc::new(KeyedBreaker::entry(sync::Arc::new(core), label))
     }
 
     /// `key`'s breaker, if the table tracks it.

@@ -1,7 +1,7 @@
 use super::future::ResponseFuture;
 use super::keyed::{KeyedBreaker, KeyedBreakers};
 use super::lanes::{CoreRef, Lanes};
-use super::state::{Core, Permit, Rejected};
+use super::state::{Core, Permit, Policy, Rejected};
 use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
 use crate::context::DeadlineExceeded;
 use crate::key::KeyExtractor;
@@ -272,7 +272,9 @@ impl Held {
     fn times_calls(&self) -> bool {
         match self {
             Held::Lane(lane) => lane.policy.times_calls(),
-            Held::Keyed(breaker) => breaker.core.times_calls(),
+            Held::Keyed(breaker) => breaker
+                .policy()
+                .map_or_else(|| breaker.core.times_calls(), Policy::times_calls),
         }
     }
 
@@ -285,7 +287,12 @@ impl Held {
                 lane.core
                     .record_under(&lane.policy, permit, outcome, duration, now)
             }
-            Held::Keyed(breaker) => breaker.core.record(permit, outcome, duration, now),
+            Held::Keyed(breaker) => match breaker.policy() {
+                Some(policy) => breaker
+                    .core
+                    .record_under(policy, permit, outcome, duration, now),
+                None => breaker.core.record(permit, outcome, duration, now),
+            },
         }
     }
 }
