@@ -242,6 +242,50 @@ fn failed_probe_reopens_exactly_once() {
     });
 }
 
+/// A reload that resizes the window of a closed breaker races the breaker tripping,
+/// half-opening and closing again: whatever the order, the closed breaker's window never
+/// keeps the failure that tripped it (the reload carries the old window only from a
+/// closed state it saw, and looks again after publishing; the close looks for a window
+/// published meanwhile), and the recovery is seen exactly once.
+#[test]
+fn a_resize_racing_a_trip_and_a_recovery_keeps_no_stale_failure() {
+    model(Some(3), || {
+        let start = Instant::now();
+        let later = start + OPEN_FOR;
+        let (breaker, opened, closed) = breaker(count_window(2, 1), start);
+        let call = breaker.admit(start).expect("closed");
+        breaker.record(call, false, start);
+        let reloader = {
+            let breaker = breaker.clone();
+            thread::spawn(move || {
+                let wider = Settings {
+                    window: SlidingWindow::count(3),
+                    ..count_window(2, 1)
+                };
+                breaker.reload(wider, start);
+            })
+        };
+        let caller = {
+            let breaker = breaker.clone();
+            thread::spawn(move || {
+                let call = breaker.admit(start).expect("closed");
+                breaker.record(call, true, start);
+                let probe = breaker.admit(later).expect("the probe");
+                breaker.record(probe, false, later);
+            })
+        };
+        join_all(vec![reloader, caller]);
+        assert_eq!(opened.load(Ordering::SeqCst), 1);
+        assert_eq!(closed.load(Ordering::SeqCst), 1);
+        assert_eq!(breaker.state(), State::Closed);
+        assert_eq!(
+            breaker.counts(later),
+            (0, 0),
+            "a stale outcome survived the close"
+        );
+    });
+}
+
 /// Three threads take one token each from a bucket of two at the same instant: exactly
 /// two get one. A fourth thread's reservation (handed back) never lets a third through.
 #[test]

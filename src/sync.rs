@@ -58,7 +58,7 @@ impl<T> Swap<T> {
     }
 
     /// Puts `value` in force for every later [`load`](Self::load).
-    #[cfg(feature = "serde")]
+    #[cfg(any(feature = "serde", loom))]
     pub(crate) fn store(&self, value: std::sync::Arc<T>) {
         #[cfg(not(loom))]
         self.0.store(value);

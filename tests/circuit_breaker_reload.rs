@@ -53,41 +53,45 @@ where
 
 const SECOND: Duration = Duration::from_secs(1);
 
-// Two policies whose halves, mixed, would show in what a trip leaves behind: under A a
-// trip needs the whole window of 4 and opens for 100 s; under B it needs 8 of a window
-// of 16 and opens for 200 s. A's minimum with B's window would trip on 4 to 7 calls, and
-// B's minimum can never be met in A's window.
-const A: &str = "sliding_window = { count = 4 }\nminimum_calls = 4\nopen_for = \"100s\"";
-const B: &str = "sliding_window = { count = 16 }\nminimum_calls = 8\nopen_for = \"200s\"";
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn reload_under_concurrent_load_never_tears_the_policy() {
-    let breaker = config(A).build().unwrap();
+/// Many tasks call a breaker whose every call fails while a reloader flips it between
+/// `a` and `b` (`pause` yields between reloads) and a checker, at each trip, reads the
+/// window the trip left and the open time it chose and hands them to `judge` (true: the
+/// trip was judged under `b`), which asserts they belong to one policy. Returns how many
+/// trips each policy judged.
+async fn flip_under_load(
+    a: &str,
+    b: &str,
+    pause: usize,
+    judge: fn(u64, Duration) -> bool,
+) -> (u32, u32) {
+    let breaker = config(a).build().unwrap();
     let handle = breaker.handle();
     let service = breaker.layer(dependency());
-    let (a, b) = (config(A), config(B));
+    let (a, b) = (config(a), config(b));
     let done = Arc::new(AtomicBool::new(false));
     // Held by the reloader for each reload, and by the checker while it reads a trip:
-    // a reload while open empties the resized window, and the checker must see the
+    // a reload while open empties a resized window, and the checker must see the
     // window the trip left.
-    let pause = Arc::new(tokio::sync::Mutex::new(()));
+    let turn = Arc::new(tokio::sync::Mutex::new(()));
     let reloader = {
-        let (done, pause, handle) = (done.clone(), pause.clone(), handle.clone());
+        let (done, turn, handle) = (done.clone(), turn.clone(), handle.clone());
         tokio::spawn(async move {
             let mut reloads = 0u64;
             while !done.load(Ordering::Relaxed) {
                 let next = if reloads.is_multiple_of(2) { &b } else { &a };
-                let _pause = pause.lock().await;
+                let held = turn.lock().await;
                 handle.reload(next).expect("a valid configuration");
                 reloads += 1;
-                drop(_pause);
-                tokio::task::yield_now().await;
+                drop(held);
+                for _ in 0..pause {
+                    tokio::task::yield_now().await;
+                }
             }
             reloads
         })
     };
     let checker = {
-        let (done, pause, handle) = (done.clone(), pause.clone(), handle.clone());
+        let (done, turn, handle) = (done.clone(), turn.clone(), handle.clone());
         let mut probe = service.clone();
         tokio::spawn(async move {
             let (mut under_a, mut under_b) = (0u32, 0u32);
@@ -96,24 +100,19 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
                     tokio::task::yield_now().await;
                     continue;
                 }
-                let _pause = pause.lock().await;
+                let held = turn.lock().await;
                 let calls = handle.metrics().calls;
                 let retry_after = send(&mut probe, true).await.expect_err("open");
                 handle.reset();
-                drop(_pause);
-                // Zero: a reload came between the trip and the pause and emptied the
-                // window (the breaker was not closed): nothing to judge.
+                drop(held);
+                // Zero: a reload came between the trip and the checker and emptied a
+                // resized window (the breaker was not closed): nothing to judge.
                 if calls == 0 {
                     continue;
                 }
-                if retry_after > 150 * SECOND {
-                    assert!(
-                        (8..=16).contains(&calls),
-                        "B's open time after {calls} calls"
-                    );
+                if judge(calls, retry_after) {
                     under_b += 1;
                 } else {
-                    assert_eq!(calls, 4, "A's open time after {calls} calls");
                     under_a += 1;
                 }
             }
@@ -136,10 +135,70 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
     }
     done.store(true, Ordering::Relaxed);
     let reloads = reloader.await.unwrap();
-    let (under_a, under_b) = checker.await.expect("no trip saw a torn policy");
-    assert!(reloads > 100, "{reloads} reloads");
+    let trips = checker.await.expect("no trip saw a torn policy");
+    assert!(reloads > 50, "{reloads} reloads");
+    trips
+}
+
+/// A trip under B opens for 200 s, under A for 100 s.
+fn opened_by_b(retry_after: Duration) -> bool {
+    retry_after > 150 * SECOND
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reload_under_concurrent_load_never_tears_the_policy() {
+    // Every reload resizes the window. Under A a trip needs the whole window of 4 and
+    // opens for 100 s; under B it needs 8 of a window of 16 and opens for 200 s. A's
+    // minimum with B's window would trip on 4 to 7 calls; B's minimum can never be met
+    // in A's window.
+    let (under_a, under_b) = flip_under_load(
+        "sliding_window = { count = 4 }\nminimum_calls = 4\nopen_for = \"100s\"",
+        "sliding_window = { count = 16 }\nminimum_calls = 8\nopen_for = \"200s\"",
+        1,
+        |calls, retry_after| {
+            if opened_by_b(retry_after) {
+                assert!(
+                    (8..=16).contains(&calls),
+                    "B's open time after {calls} calls"
+                );
+                true
+            } else {
+                assert_eq!(calls, 4, "A's open time after {calls} calls");
+                false
+            }
+        },
+    )
+    .await;
     assert!(
-        under_a > 5 && under_b > 5,
+        under_a > 0 && under_b > 0,
+        "{under_a} trips judged under A, {under_b} under B"
+    );
+
+    // The same window, kept across every reload, so that every trip is read: B's open
+    // time with A's minimum would show as a trip on fewer than B's 12 calls.
+    let (under_a, under_b) = flip_under_load(
+        "sliding_window = { count = 16 }\nminimum_calls = 4\nopen_for = \"100s\"",
+        "sliding_window = { count = 16 }\nminimum_calls = 12\nopen_for = \"200s\"",
+        8,
+        |calls, retry_after| {
+            if opened_by_b(retry_after) {
+                assert!(
+                    (12..=16).contains(&calls),
+                    "B's open time after {calls} calls"
+                );
+                true
+            } else {
+                assert!(
+                    (4..=16).contains(&calls),
+                    "A's open time after {calls} calls"
+                );
+                false
+            }
+        },
+    )
+    .await;
+    assert!(
+        under_a > 0 && under_b > 0,
         "{under_a} trips judged under A, {under_b} under B"
     );
 }

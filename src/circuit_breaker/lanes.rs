@@ -134,13 +134,13 @@ impl Cursor {
     }
 
     /// The position after the last one handed out (to a lane's block, used or not).
-    #[cfg(feature = "serde")]
+    #[cfg(any(feature = "serde", loom))]
     pub(crate) fn position(&self) -> u32 {
         self.shared.load(Ordering::Relaxed)
     }
 
     /// Hands out `position` next, from a cursor nobody uses yet.
-    #[cfg(feature = "serde")]
+    #[cfg(any(feature = "serde", loom))]
     pub(crate) fn restart_at(&self, position: u32) {
         self.shared.store(position, Ordering::Relaxed);
     }

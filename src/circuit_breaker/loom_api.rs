@@ -78,6 +78,11 @@ impl Breaker {
         self.0.record(call.0, outcome, Duration::ZERO, || now);
     }
 
+    /// Switches the breaker to `settings` at `now` (a live reload).
+    pub(crate) fn reload(&self, settings: Settings, now: Instant) {
+        self.0.reload(settings.config(), now, |_| {});
+    }
+
     /// Gives a call's permit back unrecorded (a dropped call).
     pub(crate) fn release(&self, call: Call) {
         self.0.release(call.0);

@@ -877,7 +877,7 @@ impl Core {
     /// breaker closes or is reset, so it starts empty); a window of the other kind
     /// starts empty. `publish` puts the new policy wherever else it is read (a global
     /// breaker's lanes), still in the reload's turn, so that reloads publish in order.
-    #[cfg(feature = "serde")]
+    #[cfg(any(feature = "serde", loom))]
     pub(crate) fn reload(&self, config: Config, now: Instant, publish: impl FnOnce(&Arc<Policy>)) {
         let _writer = lock(&self.writer);
         let old = self.policy.load();
@@ -1006,7 +1006,7 @@ pub(crate) struct Rejected {
     pub(crate) shadow: bool,
 }
 
-#[cfg(test)]
+#[cfg(all(test, not(loom)))]
 impl Rejected {
     /// The rejection's hint.
     pub(crate) fn retry_after(&self) -> Duration {

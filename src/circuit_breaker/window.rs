@@ -70,7 +70,7 @@ impl Window {
     /// still means something in it, as of `now`: a count window the latest outcomes
     /// that fit, in order; a time window the counts of the spans it still covers. False
     /// (nothing carried) when the kinds differ. The window must not be in use yet.
-    #[cfg(feature = "serde")]
+    #[cfg(any(feature = "serde", loom))]
     pub(crate) fn carry(&self, old: &Window, now: Instant) -> bool {
         match (self, old) {
             (Window::Count(new), Window::Count(old)) => new.carry(old),
@@ -138,7 +138,7 @@ impl CountWindow {
     /// calls (a shrink keeps the newest, a growth keeps them all and fills up from
     /// there). Positions reserved by other lanes and not used yet carry what they held,
     /// as they would in `old` (the usual slack of a shared window).
-    #[cfg(feature = "serde")]
+    #[cfg(any(feature = "serde", loom))]
     fn carry(&self, old: &CountWindow) {
         let end = old.cursor.position();
         let start = end.saturating_sub(self.slots.len().min(old.slots.len()) as u32);
@@ -288,7 +288,7 @@ impl TimeWindow {
     /// one saw, a narrower one the newest part, and no count lingers longer than the
     /// span it was recorded in allows. (A count is placed by the start of its old
     /// bucket, so it leaves the new window no later than it would have left the old.)
-    #[cfg(feature = "serde")]
+    #[cfg(any(feature = "serde", loom))]
     fn carry(&self, old: &TimeWindow, now: Instant) {
         let elapsed = now.saturating_duration_since(self.base).as_nanos() as u64;
         let (old_now, new_now) = (elapsed / old.width_nanos, elapsed / self.width_nanos);
