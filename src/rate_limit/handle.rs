@@ -53,10 +53,9 @@ impl<St: Store> RateLimitHandle<St> {
             .update_quota(|quota| quota.with_refill(tokens, period))
     }
 
-    /// Holds at most `capacity` tokens from now on. A smaller capacity keeps each bucket
-    /// as full as a fraction (half full stays half full); a larger one keeps the tokens
-    /// it holds: raising it does not hand out a free burst, the extra tokens accrue at the
-    /// refill rate (see [runtime changes](super#runtime-changes)).
+    /// Holds at most `capacity` tokens from now on. Each bucket stays as full as a
+    /// fraction, whichever way the capacity moves: half full of 100 becomes half full of
+    /// 10, or of 1000 (see [runtime changes](super#runtime-changes) for the rounding).
     pub fn set_capacity(&self, capacity: u64) -> Result<(), RateLimitConfigError> {
         self.store
             .update_quota(|quota| quota.with_capacity(capacity))
