@@ -245,6 +245,83 @@ async fn an_invalid_reload_is_refused_at_its_field_and_the_old_policy_holds() {
     assert_eq!(limited(&error).retry_after(), SECOND);
 }
 
+/// How long a request took to be admitted.
+async fn admitted_after<S>(service: &mut S) -> Duration
+where
+    S: Service<u32, Response = u32, Error = BoxError>,
+{
+    let asked = Instant::now();
+    send(service, 0).await.expect("admitted");
+    asked.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_through_reload_applies_to_the_next_request_both_ways() {
+    let enforcing = "capacity = 2\nrefill = \"1/s\"\nmax_wait = \"10s\"";
+    let shadow = format!("{enforcing}\nshadow = true");
+    let limit = config(enforcing).build().unwrap();
+    let handle = limit.handle();
+    let mut service = limit.layer(echo());
+    for _ in 0..2 {
+        assert_eq!(admitted_after(&mut service).await, Duration::ZERO);
+    }
+    // Enforcing: the third request waits for its slot.
+    assert_eq!(admitted_after(&mut service).await, SECOND);
+
+    handle.reload(&config(&shadow)).unwrap();
+    assert!(handle.is_shadow());
+    // In shadow mode requests go at once: the next ten take the slots they would wait
+    // for (a wait is not a refusal), the eleventh would be refused (a wait over 10 s).
+    for _ in 0..11 {
+        assert_eq!(admitted_after(&mut service).await, Duration::ZERO);
+    }
+    assert_eq!(handle.shadow_rejected(), 1);
+
+    handle.reload(&config(enforcing)).unwrap();
+    assert!(!handle.is_shadow());
+    // Enforcing again, on the bucket shadow mode charged: refused, then a 10 s wait.
+    assert!(limited(&send(&mut service, 0).await.unwrap_err()).retry_after() > Duration::ZERO);
+    advance(SECOND).await;
+    assert_eq!(admitted_after(&mut service).await, 10 * SECOND);
+    assert_eq!(handle.shadow_rejected(), 1);
+
+    // A refused reload leaves the switch as it was.
+    let refused = format!("{shadow}\nkeyed = {{}}");
+    assert_eq!(
+        handle.reload(&config(&refused)).unwrap_err().path(),
+        "keyed"
+    );
+    assert!(!handle.is_shadow());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keyed_limiter_flipped_to_shadow_lets_a_request_without_a_key_through() {
+    let enforcing = "capacity = 1\nrefill = \"1/s\"\nkeyed = {}";
+    let limit = config(enforcing)
+        .build_keyed::<_, u32>(|request: &u32| (*request != 0).then_some(*request))
+        .unwrap();
+    let handle = limit.handle();
+    let mut service = limit.layer(echo());
+    assert!(
+        send(&mut service, 0)
+            .await
+            .unwrap_err()
+            .is::<palisade::rate_limit::MissingKey>()
+    );
+    send(&mut service, 1).await.unwrap();
+    assert!(send(&mut service, 1).await.is_err());
+    handle
+        .reload(&config(&format!("{enforcing}\nshadow = true")))
+        .unwrap();
+    assert_eq!(send(&mut service, 0).await.unwrap(), 0);
+    assert_eq!(send(&mut service, 1).await.unwrap(), 1);
+    assert_eq!(handle.shadow_rejected(), 2);
+    handle.reload(&config(enforcing)).unwrap();
+    assert!(send(&mut service, 0).await.is_err());
+    assert!(send(&mut service, 1).await.is_err());
+    assert_eq!(handle.shadow_rejected(), 2);
+}
+
 fn not_reloadable(error: &ConfigError) -> &NotReloadable {
     error
         .error()
@@ -264,11 +341,6 @@ async fn options_fixed_at_build_time_are_refused_at_their_field() {
         .handle();
     let refusals = [
         (&global, "capacity = 5\nrefill = \"1/s\"", "max_wait"),
-        (
-            &global,
-            "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nshadow = true",
-            "shadow",
-        ),
         (
             &global,
             "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nredis = {}",

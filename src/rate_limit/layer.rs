@@ -33,8 +33,8 @@ pub(crate) struct Policy<X, C, H> {
     pub(crate) max_wait: Duration,
     pub(crate) when_key_missing: WhenKeyMissing,
     pub(crate) on_admitted: H,
-    /// `Some` in shadow mode: nothing is refused, and what would have been is counted.
-    pub(crate) shadow: Option<Arc<Shadow>>,
+    /// The shadow switch (on: nothing is refused, and what would have been is counted).
+    pub(crate) shadow: Arc<Shadow>,
 }
 
 impl RateLimitLayer {
@@ -279,7 +279,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
                 max_wait: settings.max_wait,
                 when_key_missing: settings.when_key_missing,
                 on_admitted: self.on_admitted,
-                shadow: settings.shadow.then(Arc::default),
+                shadow: Arc::new(Shadow::new(settings.shadow)),
             }),
             settings,
         })

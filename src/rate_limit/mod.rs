@@ -181,6 +181,8 @@ pub use self::redis::{
     RedisUnavailable, WhenUnavailable,
 };
 pub use self::service::RateLimitService;
+#[cfg(loom)]
+pub(crate) use self::shadow::{Shadow, Switch};
 pub use self::store::{
     Acquire, Admission, Answer, LocalReservation, LocalStore, NeverPending, StatusWanted, Store,
 };

@@ -191,10 +191,8 @@ pub struct RedisStore<K = ()> {
 
 struct Shared<K> {
     connection: RedisConnection,
-    prefix: Vec<u8>,
-    timeout: Duration,
-    recheck: Duration,
-    when_unavailable: WhenUnavailable,
+    /// What it was built with (a reload checks that they stay).
+    options: RedisOptions,
     quota: RwLock<Scaled>,
     /// The first invalid option, for [`Store::validate`].
     invalid: Option<RateLimitConfigError>,
@@ -231,27 +229,25 @@ where
             )),
             WhenUnavailable::Admit | WhenUnavailable::Reject => None,
         };
+        let leases = (options.batch > 1).then(|| {
+            Arc::new(Leases::new(
+                u64::from(options.batch),
+                options
+                    .lease_for
+                    .map(|lease_for| lease_for.min(MAX_LEASE_FOR)),
+                options.lease_max_keys.max(1),
+            ))
+        });
         Self {
             shared: Arc::new(Shared {
                 connection,
-                prefix: options.prefix,
-                timeout: options.timeout,
-                recheck: options.recheck,
-                when_unavailable: options.when_unavailable,
                 quota: RwLock::new(Scaled::unchecked(quota)),
                 invalid,
                 fallback,
                 health: Health::new(options.recheck),
                 shared_available: AtomicU64::new(quota.capacity()),
-                leases: (options.batch > 1).then(|| {
-                    Arc::new(Leases::new(
-                        u64::from(options.batch),
-                        options
-                            .lease_for
-                            .map(|lease_for| lease_for.min(MAX_LEASE_FOR)),
-                        options.lease_max_keys.max(1),
-                    ))
-                }),
+                leases,
+                options,
             }),
         }
     }
@@ -310,8 +306,8 @@ where
     }
 
     fn bucket_key(&self, key: Option<&K>) -> Vec<u8> {
-        let mut bucket = Vec::with_capacity(self.prefix.len() + 32);
-        bucket.extend_from_slice(&self.prefix);
+        let mut bucket = Vec::with_capacity(self.options.prefix.len() + 32);
+        bucket.extend_from_slice(&self.options.prefix);
         match key {
             Some(key) => {
                 bucket.push(b'{');
@@ -336,7 +332,7 @@ where
         let invocation = script::gcra(&bucket, &ask, batch);
         let mut connection = self.connection.clone();
         let answer = tokio::time::timeout(
-            self.timeout,
+            self.options.timeout,
             invocation.invoke_async::<Reply>(&mut connection),
         )
         .await;
@@ -356,6 +352,7 @@ where
                         expires,
                         bucket_left: reply.left,
                         full_at: sent + reply.until_full,
+                        quota: ask.quota(),
                     });
                     // This request's status counts the tokens its replica holds.
                     reply.left = reply.left.saturating_add(left);
@@ -363,8 +360,10 @@ where
                 let increment = ask.scaled.token.saturating_mul(ask.cost);
                 return Ok(reply.into_admission(bucket, increment, &ask));
             }
-            Ok(Err(error)) => RedisUnavailable::failed(error, self.recheck),
-            Err(_elapsed) => RedisUnavailable::no_answer(self.timeout, self.recheck),
+            Ok(Err(error)) => RedisUnavailable::failed(error, self.options.recheck),
+            Err(_elapsed) => {
+                RedisUnavailable::no_answer(self.options.timeout, self.options.recheck)
+            }
         };
         self.report_down(&unavailable);
         self.unavailable(key.as_ref(), ask, unavailable)
@@ -373,7 +372,7 @@ where
     /// The [`WhenUnavailable`] policy's decision.
     fn unavailable(&self, key: Option<&K>, ask: Ask, unavailable: RedisUnavailable) -> Decided<K> {
         let Some(fallback) = &self.fallback else {
-            return match self.when_unavailable {
+            return match self.options.when_unavailable {
                 WhenUnavailable::Reject => Err(unavailable.into()),
                 _ => Ok(Admission::Admitted { status: None }),
             };
@@ -393,8 +392,8 @@ where
         if switched {
             tracing::warn!(
                 error = %unavailable,
-                policy = ?self.when_unavailable,
-                recheck = ?self.recheck,
+                policy = ?self.options.when_unavailable,
+                recheck = ?self.options.recheck,
                 "deciding rate limits by the fallback policy until Redis answers"
             );
         }
@@ -418,7 +417,7 @@ where
             return;
         };
         let mut connection = self.connection.clone();
-        let timeout = self.timeout;
+        let timeout = self.options.timeout;
         runtime.spawn(async move {
             let invocation = script::give_back(&slot);
             // Best effort: if Redis does not answer, the slot stays spent.
@@ -455,7 +454,7 @@ where
         };
         let leases = self.shared.leases.as_ref();
         let now = Instant::now();
-        if let Some(spent) = leases.and_then(|leases| leases.spend(key, cost, now)) {
+        if let Some(spent) = leases.and_then(|leases| leases.spend(key, cost, now, quota)) {
             return Answer::Now(Ok(Admission::Admitted {
                 status: request.status.report(|| RateLimitStatus {
                     quota,
@@ -476,7 +475,7 @@ where
                 })
             }
             Route::Fallback => {
-                let down = RedisUnavailable::down(self.shared.recheck);
+                let down = RedisUnavailable::down(self.shared.options.recheck);
                 Answer::Now(self.shared.unavailable(key, ask, down))
             }
         }
@@ -501,7 +500,7 @@ where
         let mut quota = write(&self.shared.quota);
         let changed = Scaled::of(change(quota.quota)?)?;
         if let (Some(fallback), WhenUnavailable::Local { replicas }) =
-            (&self.shared.fallback, self.shared.when_unavailable)
+            (&self.shared.fallback, self.shared.options.when_unavailable)
         {
             fallback.update_quota(|_| Ok(local_share(changed.quota, replicas)))?;
         }
@@ -511,6 +510,20 @@ where
 
     fn validate(&self) -> Result<(), RateLimitConfigError> {
         self.shared.invalid.clone().map_or(Ok(()), Err)
+    }
+
+    /// The `redis` section must be the one the store was built with, field by field, and
+    /// the quota one the scripts count exactly.
+    #[cfg(feature = "serde")]
+    fn check_reload(
+        &self,
+        config: &crate::config::RateLimitConfig,
+        quota: Quota,
+    ) -> Result<(), crate::config::ConfigError> {
+        config.check_redis_reload(&self.shared.options)?;
+        Scaled::of(quota)
+            .map(drop)
+            .map_err(|error| crate::config::ConfigError::new("capacity", error))
     }
 
     fn available(&self, key: Option<&K>) -> u64 {
@@ -545,9 +558,12 @@ impl<K> Clone for RedisStore<K> {
 impl<K> std::fmt::Debug for RedisStore<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("prefix", &String::from_utf8_lossy(&self.shared.prefix))
-            .field("timeout", &self.shared.timeout)
-            .field("when_unavailable", &self.shared.when_unavailable)
+            .field(
+                "prefix",
+                &String::from_utf8_lossy(&self.shared.options.prefix),
+            )
+            .field("timeout", &self.shared.options.timeout)
+            .field("when_unavailable", &self.shared.options.when_unavailable)
             .field("redis_up", &self.is_redis_up())
             .finish_non_exhaustive()
     }
