@@ -171,7 +171,9 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     /// refused by its store) reaches the inner service, and
     /// [`RateLimitHandle::shadow_rejected`] counts it. Its buckets are charged as they
     /// would be, so they track the limit it would enforce: roll out a new limit by
-    /// watching it first. See the [module docs](super#shadow-mode).
+    /// watching it first. This is where the switch starts:
+    /// [`RateLimitHandle::set_shadow`] and a reload turn it while serving. See the
+    /// [module docs](super#shadow-mode).
     pub fn shadow(mut self, shadow: bool) -> Self {
         self.settings.shadow = shadow;
         self

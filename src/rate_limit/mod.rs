@@ -94,7 +94,10 @@
 //! [`headers_on_success`](Builder::headers_on_success), sets the `RateLimit` fields it
 //! would answer with, but lets every request through at once.
 //! [`RateLimitHandle::shadow_rejected`] and the `palisade_rate_limit_shadow_rejected_total`
-//! counter show how many requests it would have refused.
+//! counter show how many requests it would have refused. The switch is live:
+//! [`RateLimitHandle::set_shadow`], or a reload of a configuration with (or without)
+//! `shadow = true`, turns it on or off from the next request on, and since both modes
+//! charge the buckets alike, they carry on as they are.
 //!
 //! ```
 //! use std::time::Duration;
@@ -124,8 +127,10 @@
 //!
 //! [`RateLimitHandle::set_rate`] and [`set_capacity`](RateLimitHandle::set_capacity)
 //! change one side of the quota; `RateLimitHandle::reload` (feature `serde`) switches to
-//! a whole new configuration, capacity and rate at once. Each change is one atomic step:
-//! a request is decided under the quota before it or the one after, never a mix.
+//! a whole new configuration, capacity, rate and shadow switch at once. Each change is
+//! one atomic step: a request is decided under the quota before it or the one after,
+//! never a mix (and gets the outcome of the policy before or after a reload, never one's
+//! quota with the other's shadow switch).
 //!
 //! The tokens carry over *as a fraction* of the capacity, whichever way it moves: a
 //! bucket of 100 holding 50 becomes one of 10 holding 5, or one of 1000 holding 500 (full
@@ -145,6 +150,10 @@
 //! bucket), once: flipping between two quotas any number of times ends where the first
 //! round trip did. (A unit is usually tiny, 10^-7 of a token at `refill(100, 1s)`; it is
 //! a whole token only at a refill of one token per nanosecond.)
+//!
+//! That is the in-process store's rule. `RedisStore` (feature `redis`) keeps each
+//! bucket's time until it is full instead, so that replicas that have not all reloaded
+//! yet agree on what the buckets on the server mean; its docs say what that gives.
 
 mod bucket;
 mod error;

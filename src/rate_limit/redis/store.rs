@@ -181,10 +181,35 @@ use crate::sync::{AtomicU64, Ordering, read, write};
 /// shared bucket's last decision seen by this replica, and
 /// [`available_for`](crate::rate_limit::RateLimitHandle::available_for) from the local fallback
 /// while it is in use, else the capacity (per-key state lives on Redis).
-/// [`set_rate`](crate::rate_limit::RateLimitHandle::set_rate) and
-/// [`set_capacity`](crate::rate_limit::RateLimitHandle::set_capacity) change this replica's quota
-/// (apply them on every replica); a bucket on Redis keeps the time it needs to be full
-/// again, re-read in the new quota on its next request.
+///
+/// # Runtime changes
+///
+/// [`set_rate`](crate::rate_limit::RateLimitHandle::set_rate),
+/// [`set_capacity`](crate::rate_limit::RateLimitHandle::set_capacity) and
+/// [`reload`](crate::rate_limit::RateLimitHandle::reload) (feature `serde`) change this
+/// replica's quota, from its next request on: apply them on every replica (each replica
+/// decides with its own quota, on the shared buckets, until they all have). A reload
+/// keeps every option of the `redis` section as the store was built (each one refused
+/// with [`NotReloadable`](crate::config::NotReloadable) at its field, `redis.prefix`,
+/// `redis.batch`, ...), and refuses a quota the scripts cannot count exactly.
+///
+/// A bucket on Redis is the time until it is full again (its TAT, on the server's
+/// clock), which no quota change rewrites: the next request reads it under the new
+/// quota, as that much time's worth of the new refill owed, at most a full bucket's
+/// time and `max_wait` (the most a bucket can owe under its own quota; beyond that it
+/// counts as empty with its queue full, and is stored so). So the state on Redis means
+/// the same to replicas that do not agree on the quota yet, and:
+///
+/// - A change that keeps the time to fill the bucket (capacity and rate scaled
+///   together) keeps the bucket as full as a fraction, as in process.
+/// - A change of capacity alone keeps the tokens owed: a bucket of 10 holding 4 owes 6,
+///   and holds 94 of 100, or none of 5.
+/// - A change of rate alone keeps the time owed: half full of 10 at 1/s owes 5 s, which
+///   at 10/s is beyond the full bucket's second, so it is empty, and full a second later.
+///
+/// Tokens [leased](#local-batching) under the old quota are forfeited (the next request
+/// asks Redis), and the [local fallback](WhenUnavailable::Local) moves to its share of the
+/// new quota as an in-process store does (as a fraction).
 pub struct RedisStore<K = ()> {
     shared: Arc<Shared<K>>,
 }
