@@ -9,7 +9,7 @@
 
 use crate::circuit_breaker::loom_api::{Breaker, KeyedModel, Settings};
 use crate::circuit_breaker::{SlidingWindow, State, Transition};
-use crate::rate_limit::{Quota, TokenBucket, Verdict};
+use crate::rate_limit::{Quota, Shadow, Switch, TokenBucket, Verdict};
 use crate::retry::RetryBudget;
 use loom::sync::Arc;
 use loom::sync::atomic::{AtomicUsize, Ordering};
@@ -389,6 +389,55 @@ fn token_bucket_quota_change_is_atomic() {
         assert_eq!(bucket.quota(), new);
         assert_eq!(bucket.available(now), 0);
     });
+}
+
+/// A reload that turns shadow mode on (or off) and changes the quota races a request,
+/// which reads the switch as the rate limiter's service does (before the bucket decides,
+/// and again on a refusal): its outcome is the old policy's or the new one's. The
+/// enforcing policy's quota admits the request (a cost of 2, capacity 2) and the shadow
+/// policy's refuses it (capacity 1), so both policies let it through, and a refusal
+/// could only come from one's quota with the other's switch.
+#[test]
+fn rate_limit_shadow_switch_never_mixes_policies() {
+    for turning_on in [true, false] {
+        model(None, move || {
+            let now = Instant::now();
+            let second = Duration::from_secs(1);
+            let (admits, refuses) = (
+                Quota::new(2, 1, second).unwrap(),
+                Quota::new(1, 1, second).unwrap(),
+            );
+            let (old, new) = if turning_on {
+                (admits, refuses)
+            } else {
+                (refuses, admits)
+            };
+            let bucket = Arc::new(TokenBucket::new(old, now));
+            let shadow = Arc::new(Shadow::new(!turning_on));
+            let reloader = {
+                let (bucket, shadow) = (bucket.clone(), shadow.clone());
+                thread::spawn(move || {
+                    let reload = || {
+                        bucket.set_quota(new, now);
+                        Ok::<(), ()>(())
+                    };
+                    shadow.switch(turning_on, reload).unwrap();
+                })
+            };
+            let request = thread::spawn(move || {
+                let switch = Switch::before(&shadow);
+                let (verdict, _) = bucket.take(2, 0, bucket.nanos(now));
+                if let Verdict::Deny(denied) = verdict {
+                    assert!(
+                        switch.on().is_some(),
+                        "refused ({denied:?}) by one policy's quota and the other's switch"
+                    );
+                }
+            });
+            reloader.join().unwrap();
+            request.join().unwrap();
+        });
+    }
 }
 
 /// Concurrent withdrawals against a reserve of one retry and one deposit: successful

@@ -90,8 +90,13 @@ async fn flip_under_load(
             reloads
         })
     };
+    // Set once the checker has judged a few trips under each policy: on a loaded
+    // machine the interleavings that trip under one of them can be rare, so the
+    // clients go on (up to a cap) until both have been seen.
+    let judged_both = Arc::new(AtomicBool::new(false));
     let checker = {
         let (done, turn, handle) = (done.clone(), turn.clone(), handle.clone());
+        let judged_both = judged_both.clone();
         let mut probe = service.clone();
         tokio::spawn(async move {
             let (mut under_a, mut under_b) = (0u32, 0u32);
@@ -115,6 +120,9 @@ async fn flip_under_load(
                 } else {
                     under_a += 1;
                 }
+                if under_a >= 3 && under_b >= 3 {
+                    judged_both.store(true, Ordering::Relaxed);
+                }
             }
             (under_a, under_b)
         })
@@ -122,8 +130,12 @@ async fn flip_under_load(
     let clients: Vec<_> = (0..16)
         .map(|_| {
             let mut service = service.clone();
+            let judged_both = judged_both.clone();
             tokio::spawn(async move {
-                for _ in 0..3_000 {
+                for call in 0..100_000 {
+                    if call >= 3_000 && judged_both.load(Ordering::Relaxed) {
+                        break;
+                    }
                     let _ = send(&mut service, true).await;
                     tokio::task::yield_now().await;
                 }

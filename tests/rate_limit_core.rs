@@ -443,11 +443,12 @@ fn quota_changes_carry_the_tokens_over() {
     bucket.set_quota(Quota::new(4, 1, Duration::from_secs(1)).unwrap(), later);
     assert_eq!(bucket.available(later), 2);
 
-    // A larger capacity is not a free burst: the new room fills at the refill rate.
+    // A larger capacity keeps the fraction too: half of 6, and the rest at the refill
+    // rate.
     bucket.set_quota(Quota::new(6, 1, Duration::from_secs(1)).unwrap(), later);
-    assert_eq!(bucket.available(later), 2);
-    assert_eq!(bucket.available(later + Duration::from_secs(3)), 5);
-    assert_eq!(bucket.available(later + Duration::from_secs(4)), 6);
+    assert_eq!(bucket.available(later), 3);
+    assert_eq!(bucket.available(later + Duration::from_secs(2)), 5);
+    assert_eq!(bucket.available(later + Duration::from_secs(3)), 6);
     assert_eq!(bucket.quota().capacity(), 6);
 }
 
@@ -548,4 +549,63 @@ fn an_unbounded_max_wait_cannot_overflow_the_bucket() {
     }
     assert_eq!(bucket.available(start), 0);
     assert_eq!(bucket.available(start + slowest), 1);
+}
+
+/// Flips `bucket` between `from` (the quota in force) and `to` `flips` times at `now`,
+/// checking that it holds `in_to` tokens every time it is in `to`.
+fn flip(bucket: &TokenBucket, from: Quota, to: Quota, flips: usize, in_to: u64, now: Instant) {
+    for _ in 0..flips {
+        bucket.set_quota(to, now);
+        assert_eq!(bucket.available(now), in_to);
+        bucket.set_quota(from, now);
+    }
+}
+
+#[test]
+fn flipping_between_two_capacities_a_thousand_times_ends_where_it_started() {
+    let start = Instant::now();
+    let second = Duration::from_secs(1);
+    // A token of 100/s is 10^7 units: every fraction here is a whole number of units.
+    let (large, small) = (
+        Quota::new(1000, 100, second).unwrap(),
+        Quota::new(7, 100, second).unwrap(),
+    );
+    let bucket = TokenBucket::new(large, start);
+    bucket.acquire(333, start).unwrap();
+    // 667 of 1000 is 4.669 of 7.
+    flip(&bucket, large, small, 1000, 4, start);
+    assert_eq!(bucket.available(start), 667);
+    // From the small side: 3 of 7 is 428.57... of 1000, and back.
+    let bucket = TokenBucket::new(small, start);
+    bucket.acquire(4, start).unwrap();
+    flip(&bucket, small, large, 1000, 428, start);
+    assert_eq!(bucket.available(start), 3);
+}
+
+#[test]
+fn where_a_fraction_needs_finer_units_a_round_trip_loses_less_than_a_unit_once() {
+    let start = Instant::now();
+    // One token per nanosecond: a token is one unit, so 7 tokens have 7 units and most
+    // fractions of 1000 fall between two of them.
+    let nanosecond = Duration::from_nanos(1);
+    let (large, small) = (
+        Quota::new(1000, 1, nanosecond).unwrap(),
+        Quota::new(7, 1, nanosecond).unwrap(),
+    );
+    // Through the larger quota and back: exact. 3 of 7 is 428.57 of 1000, rounded up
+    // (a growth rounds up), and 429 of 1000 is 3.003 of 7, rounded down (a shrink).
+    let bucket = TokenBucket::new(small, start);
+    bucket.acquire(4, start).unwrap();
+    flip(&bucket, small, large, 1000, 429, start);
+    assert_eq!(bucket.available(start), 3);
+    // Through the smaller one and back: 667 of 1000 is 4.669 of 7, rounded down to 4,
+    // which is 571.43 of 1000, rounded up to 572: less than one unit of 7 (1000 / 7
+    // tokens of 1000) lost, once; from there on 572 and 4 map onto each other.
+    let bucket = TokenBucket::new(large, start);
+    bucket.acquire(333, start).unwrap();
+    bucket.set_quota(small, start);
+    bucket.set_quota(large, start);
+    assert_eq!(bucket.available(start), 572);
+    flip(&bucket, large, small, 1000, 4, start);
+    assert_eq!(bucket.available(start), 572);
 }

@@ -74,14 +74,9 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
     let service = limit.layer(service_fn(ok));
     let (loose, tight) = (config(LOOSE), config(TIGHT));
     let done = Arc::new(AtomicBool::new(false));
-    // Every client sends its first request before the first reload, so that some are
-    // surely admitted: flipping back and forth drains the bucket (a shrink keeps the
-    // tokens as a fraction, rounded down; a growth adds none).
-    let start = Arc::new(tokio::sync::Barrier::new(17));
     let reloader = {
-        let (done, start) = (done.clone(), start.clone());
+        let done = done.clone();
         tokio::spawn(async move {
-            start.wait().await;
             let mut reloads = 0u64;
             while !done.load(Ordering::Relaxed) {
                 let next = if reloads.is_multiple_of(2) {
@@ -98,13 +93,10 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
     };
     let clients: Vec<_> = (0..16)
         .map(|_| {
-            let (service, start) = (service.clone(), start.clone());
+            let service = service.clone();
             tokio::spawn(async move {
                 let (mut admitted, mut refused) = (0u32, 0u32);
-                for request in 0..2_000 {
-                    if request == 1 {
-                        start.wait().await;
-                    }
+                for _ in 0..2_000 {
                     match service.clone().oneshot(Request::new(())).await {
                         Ok(response) => {
                             let (q, w, r, t) = fields(&response);
@@ -163,13 +155,64 @@ async fn tightening_applies_at_once_and_keeps_the_bucket_as_full_as_a_fraction()
     send(&mut service, 0).await.unwrap();
     assert!(send(&mut service, 0).await.is_err());
 
-    // Loosening keeps the tokens (none): no free burst, the room fills at the new rate.
+    // Loosening keeps the fraction: empty stays empty, and the room fills at the new
+    // rate.
     handle
         .reload(&config("capacity = 100\nrefill = \"10/s\""))
         .unwrap();
     assert_eq!(handle.available(), 0);
     advance(SECOND).await;
     assert_eq!(handle.available(), 10);
+}
+
+#[tokio::test(start_paused = true)]
+async fn flipping_a_thousand_times_leaves_the_shared_bucket_where_it_was() {
+    // A token of 100/s is 10^7 units: 555 of 1000 is exactly 5.55 of 10.
+    let (large, small) = (
+        config("capacity = 1000\nrefill = \"100/s\""),
+        config("capacity = 10\nrefill = \"100/s\""),
+    );
+    let limit = large.build().unwrap();
+    let handle = limit.handle();
+    let mut service = limit.layer(echo());
+    for n in 0..445 {
+        send(&mut service, n).await.unwrap();
+    }
+    for _ in 0..1000 {
+        handle.reload(&small).unwrap();
+        assert_eq!(handle.available(), 5);
+        handle.reload(&large).unwrap();
+    }
+    assert_eq!(handle.available(), 555);
+}
+
+#[tokio::test(start_paused = true)]
+async fn flipping_a_thousand_times_leaves_a_keys_bucket_where_it_was() {
+    let (large, small) = (
+        config("capacity = 1000\nrefill = \"100/s\"\nkeyed = {}"),
+        config("capacity = 10\nrefill = \"100/s\"\nkeyed = {}"),
+    );
+    let limit = large
+        .build_keyed::<_, u32>(|request: &u32| Some(*request))
+        .unwrap();
+    let handle = limit.handle();
+    let mut service = limit.layer(echo());
+    for _ in 0..445 {
+        send(&mut service, 1).await.unwrap();
+    }
+    let token = SECOND / 100;
+    // A key's bucket moves on its next request: each quota gets one, and the time it
+    // takes the bucket to win that token back.
+    for _ in 0..1000 {
+        handle.reload(&small).unwrap();
+        send(&mut service, 1).await.unwrap();
+        advance(token).await;
+        assert_eq!(handle.available_for(&1), 5);
+        handle.reload(&large).unwrap();
+        send(&mut service, 1).await.unwrap();
+        advance(token).await;
+        assert_eq!(handle.available_for(&1), 555);
+    }
 }
 
 #[tokio::test(start_paused = true)]
@@ -202,6 +245,83 @@ async fn an_invalid_reload_is_refused_at_its_field_and_the_old_policy_holds() {
     assert_eq!(limited(&error).retry_after(), SECOND);
 }
 
+/// How long a request took to be admitted.
+async fn admitted_after<S>(service: &mut S) -> Duration
+where
+    S: Service<u32, Response = u32, Error = BoxError>,
+{
+    let asked = Instant::now();
+    send(service, 0).await.expect("admitted");
+    asked.elapsed()
+}
+
+#[tokio::test(start_paused = true)]
+async fn shadow_through_reload_applies_to_the_next_request_both_ways() {
+    let enforcing = "capacity = 2\nrefill = \"1/s\"\nmax_wait = \"10s\"";
+    let shadow = format!("{enforcing}\nshadow = true");
+    let limit = config(enforcing).build().unwrap();
+    let handle = limit.handle();
+    let mut service = limit.layer(echo());
+    for _ in 0..2 {
+        assert_eq!(admitted_after(&mut service).await, Duration::ZERO);
+    }
+    // Enforcing: the third request waits for its slot.
+    assert_eq!(admitted_after(&mut service).await, SECOND);
+
+    handle.reload(&config(&shadow)).unwrap();
+    assert!(handle.is_shadow());
+    // In shadow mode requests go at once: the next ten take the slots they would wait
+    // for (a wait is not a refusal), the eleventh would be refused (a wait over 10 s).
+    for _ in 0..11 {
+        assert_eq!(admitted_after(&mut service).await, Duration::ZERO);
+    }
+    assert_eq!(handle.shadow_rejected(), 1);
+
+    handle.reload(&config(enforcing)).unwrap();
+    assert!(!handle.is_shadow());
+    // Enforcing again, on the bucket shadow mode charged: refused, then a 10 s wait.
+    assert!(limited(&send(&mut service, 0).await.unwrap_err()).retry_after() > Duration::ZERO);
+    advance(SECOND).await;
+    assert_eq!(admitted_after(&mut service).await, 10 * SECOND);
+    assert_eq!(handle.shadow_rejected(), 1);
+
+    // A refused reload leaves the switch as it was.
+    let refused = format!("{shadow}\nkeyed = {{}}");
+    assert_eq!(
+        handle.reload(&config(&refused)).unwrap_err().path(),
+        "keyed"
+    );
+    assert!(!handle.is_shadow());
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_keyed_limiter_flipped_to_shadow_lets_a_request_without_a_key_through() {
+    let enforcing = "capacity = 1\nrefill = \"1/s\"\nkeyed = {}";
+    let limit = config(enforcing)
+        .build_keyed::<_, u32>(|request: &u32| (*request != 0).then_some(*request))
+        .unwrap();
+    let handle = limit.handle();
+    let mut service = limit.layer(echo());
+    assert!(
+        send(&mut service, 0)
+            .await
+            .unwrap_err()
+            .is::<palisade::rate_limit::MissingKey>()
+    );
+    send(&mut service, 1).await.unwrap();
+    assert!(send(&mut service, 1).await.is_err());
+    handle
+        .reload(&config(&format!("{enforcing}\nshadow = true")))
+        .unwrap();
+    assert_eq!(send(&mut service, 0).await.unwrap(), 0);
+    assert_eq!(send(&mut service, 1).await.unwrap(), 1);
+    assert_eq!(handle.shadow_rejected(), 2);
+    handle.reload(&config(enforcing)).unwrap();
+    assert!(send(&mut service, 0).await.is_err());
+    assert!(send(&mut service, 1).await.is_err());
+    assert_eq!(handle.shadow_rejected(), 2);
+}
+
 fn not_reloadable(error: &ConfigError) -> &NotReloadable {
     error
         .error()
@@ -221,11 +341,6 @@ async fn options_fixed_at_build_time_are_refused_at_their_field() {
         .handle();
     let refusals = [
         (&global, "capacity = 5\nrefill = \"1/s\"", "max_wait"),
-        (
-            &global,
-            "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nshadow = true",
-            "shadow",
-        ),
         (
             &global,
             "capacity = 5\nrefill = \"1/s\"\nmax_wait = \"1s\"\nredis = {}",
@@ -317,41 +432,48 @@ async fn a_document_reloads_a_keyed_policy_and_its_errors_name_their_place() {
     assert!(send(&mut service, 2).await.is_err());
 }
 
-/// What the model says a bucket holds `elapsed_ns` after switching from `capacity`
-/// holding `held` tokens (negative: owing them to queued reservations) to `to_capacity`
-/// refilled at `tokens` per `period_ns`: a smaller capacity keeps the fraction, anything
-/// else keeps the tokens, and refill adds exactly.
-fn model(
-    capacity: u64,
-    held: i64,
-    to_capacity: u64,
-    tokens: u64,
-    period_ns: u64,
-    elapsed_ns: u64,
-) -> u64 {
-    let (capacity, held, to_capacity) = (
-        i128::from(capacity),
-        i128::from(held),
-        i128::from(to_capacity),
-    );
-    let (tokens, period, elapsed) = (
-        i128::from(tokens),
-        i128::from(period_ns),
-        i128::from(elapsed_ns),
-    );
-    // held' = held * to_capacity / capacity when shrinking a bucket that holds tokens,
-    // written over the common denominator `denominator`.
-    let (numerator, denominator) = if held > 0 && to_capacity < capacity {
-        (held * to_capacity * period, capacity * period)
+fn gcd(a: u64, b: u64) -> u64 {
+    if b == 0 { a } else { gcd(b, a % b) }
+}
+
+/// The units of a token and of a nanosecond at `tokens` per `period_ns` (the rate in
+/// lowest terms, as the bucket counts it).
+fn units(tokens: u64, period_ns: u64) -> (i128, i128) {
+    let common = gcd(tokens, period_ns);
+    (i128::from(period_ns / common), i128::from(tokens / common))
+}
+
+/// `numerator / denominator`, rounded down or up.
+fn divide(numerator: i128, denominator: i128, up: bool) -> i128 {
+    let down = numerator.div_euclid(denominator);
+    if up && down * denominator != numerator {
+        down + 1
     } else {
-        (held * period, period)
-    };
-    let total = numerator + elapsed * tokens * (denominator / period);
-    if total <= 0 {
-        0
-    } else {
-        u64::try_from((total / denominator).min(to_capacity)).unwrap()
+        down
     }
+}
+
+/// A quota as the model sees it: capacity, refill tokens, refill period in nanoseconds.
+type Plain = (u64, u64, u64);
+
+/// What the model says a bucket holds `elapsed_ns` after switching from `from` holding
+/// `held` tokens (negative: owing them to queued reservations) to `to`. It keeps its
+/// fullness as a fraction of the capacity (a debt in tokens), counted in units of the new
+/// quota: exact where a whole number of units expresses it, else rounded down when the
+/// new full bucket has fewer units than the old, up when it has more. Then it refills
+/// exactly, up to the new capacity.
+fn model(from: Plain, held: i64, to: Plain, elapsed_ns: u64) -> u64 {
+    let (token_from, _) = units(from.1, from.2);
+    let (token, unit) = units(to.1, to.2);
+    let (full_from, full) = (i128::from(from.0) * token_from, i128::from(to.0) * token);
+    let held = i128::from(held);
+    let held_units = if held > 0 {
+        divide(held * token_from * full, full_from, full > full_from)
+    } else {
+        held * token
+    };
+    let total = held_units + i128::from(elapsed_ns) * unit;
+    u64::try_from(total.div_euclid(token).clamp(0, i128::from(to.0))).unwrap()
 }
 
 proptest! {
@@ -387,19 +509,64 @@ proptest! {
         }
         let held = i64::try_from(capacity - take).unwrap() - i64::try_from(owe).unwrap();
         bucket.set_quota(to, start);
-        let period_ns = u64::try_from(to_period.as_nanos()).unwrap();
-        prop_assert_eq!(
-            bucket.available(start),
-            model(capacity, held, to_capacity, to_tokens, period_ns, 0)
-        );
+        let period_ns = |ms: u64| ms * 1_000_000;
+        let from = (capacity, from_tokens, period_ns(from_period_ms));
+        let to = (to_capacity, to_tokens, period_ns(to_period_ms));
+        prop_assert_eq!(bucket.available(start), model(from, held, to, 0));
         let mut elapsed = 0;
         for ms in later_ms {
             elapsed += ms * 1_000_000;
             prop_assert_eq!(
                 bucket.available(start + Duration::from_nanos(elapsed)),
-                model(capacity, held, to_capacity, to_tokens, period_ns, elapsed),
+                model(from, held, to, elapsed),
                 "{} ms after the switch", elapsed / 1_000_000
             );
+        }
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// Flipping between two quotas with no time passing: through a quota whose full
+    /// bucket has at least as many units the bucket comes back exactly; through one with
+    /// fewer it loses less than one of that quota's units (`capacity / units` tokens of
+    /// its own), on the first round trip only.
+    #[test]
+    fn round_trips_are_exact_or_lose_less_than_a_unit_once(
+        a in (1u64..=1_000, 1u64..=1_000, 1u64..=100_000),
+        b in (1u64..=1_000, 1u64..=1_000, 1u64..=100_000),
+        take_share in 0.0f64..=1.0,
+        flips in 1usize..=20,
+    ) {
+        let quota = |(capacity, tokens, period): Plain| {
+            Quota::new(capacity, tokens, Duration::from_nanos(period))
+        };
+        let (Ok(quota_a), Ok(quota_b)) = (quota(a), quota(b)) else {
+            return Err(TestCaseError::reject("not a valid quota"));
+        };
+        let start = Instant::now();
+        let bucket = TokenBucket::new(quota_a, start);
+        let take = ((a.0 as f64) * take_share) as u64;
+        if take > 0 {
+            bucket.acquire(take, start).unwrap();
+        }
+        let round_trip = || {
+            bucket.set_quota(quota_b, start);
+            bucket.set_quota(quota_a, start);
+            bucket.available(start)
+        };
+        let held = a.0 - take;
+        let after = round_trip();
+        let (full_a, full_b) = (a.0 * units(a.1, a.2).0 as u64, b.0 * units(b.1, b.2).0 as u64);
+        if full_b >= full_a {
+            prop_assert_eq!(after, held);
+        } else {
+            prop_assert!(after <= held);
+            prop_assert!(held - after <= a.0.div_ceil(full_b), "{held} -> {after}");
+        }
+        for _ in 0..flips {
+            prop_assert_eq!(round_trip(), after);
         }
     }
 }

@@ -41,53 +41,59 @@ fn traffic() -> impl Strategy<Value = Vec<(u64, Request)>> {
     prop::collection::vec((0u64..400, request), 1..80)
 }
 
-/// Runs `traffic` through an enforcing and a shadow limiter at the same instants.
-fn side_by_side(traffic: &[(u64, Request)], max_wait: Duration) {
+/// Runs `traffic` through an enforcing limiter and a watched one at the same instants,
+/// the watched one in shadow mode at step `i` when `shadow[i]` (its switch turned by its
+/// handle between steps; in shadow mode throughout when `shadow` is shorter).
+fn side_by_side(traffic: &[(u64, Request)], max_wait: Duration, shadow: &[bool]) {
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_time()
         .start_paused(true)
         .build()
         .expect("a runtime");
     runtime.block_on(async {
-        let (enforcing, shadow) = (limiter(false, max_wait), limiter(true, max_wait));
-        let (enforcing_handle, shadow_handle) = (enforcing.handle(), shadow.handle());
+        let (enforcing, watched) = (limiter(false, max_wait), limiter(true, max_wait));
+        let (enforcing_handle, watched_handle) = (enforcing.handle(), watched.handle());
         let echo = || service_fn(|request: Request| async move { Ok::<_, BoxError>(request) });
-        let (mut enforcing, mut shadow) = (enforcing.layer(echo()), shadow.layer(echo()));
-        assert!(shadow_handle.is_shadow() && !enforcing_handle.is_shadow());
+        let (mut enforcing, mut watched) = (enforcing.layer(echo()), watched.layer(echo()));
+        assert!(watched_handle.is_shadow() && !enforcing_handle.is_shadow());
         let mut refused = 0;
         for (step, &(gap, request)) in traffic.iter().enumerate() {
             tokio::time::advance(Duration::from_millis(gap)).await;
-            // The shadow first: it never waits, so both decide at this instant (the
-            // enforcing one may then wait for its slot, moving the clock for both).
-            let passed = shadow.ready().await.unwrap().call(request).await;
-            assert!(
-                passed.is_ok(),
-                "step {step}: shadow mode lets {request:?} through"
-            );
-            if enforcing
-                .ready()
-                .await
-                .unwrap()
-                .call(request)
-                .await
-                .is_err()
-            {
-                refused += 1;
+            let in_shadow = shadow.get(step).copied().unwrap_or(true);
+            watched_handle.set_shadow(in_shadow);
+            assert_eq!(watched_handle.is_shadow(), in_shadow);
+            // Both decide in `call`, at this instant; then both answers are awaited
+            // together (an enforcing limiter may wait for its slot).
+            let watching = watched.ready().await.unwrap().call(request);
+            let enforced = enforcing.ready().await.unwrap().call(request);
+            let (passed, enforced) = futures_util::future::join(watching, enforced).await;
+            if in_shadow {
+                assert!(
+                    passed.is_ok(),
+                    "step {step}: shadow mode lets {request:?} through"
+                );
+                refused += u64::from(enforced.is_err());
+            } else {
+                assert_eq!(
+                    passed.is_ok(),
+                    enforced.is_ok(),
+                    "step {step}: enforcing again, it decides {request:?} as the other"
+                );
             }
             assert_eq!(
-                shadow_handle.shadow_rejected(),
+                watched_handle.shadow_rejected(),
                 refused,
-                "step {step}: counts what the enforcing limiter refused"
+                "step {step}: counts what the enforcing limiter refused while in shadow mode"
             );
             for client in 0..4 {
                 assert_eq!(
-                    shadow_handle.available_for(&client),
+                    watched_handle.available_for(&client),
                     enforcing_handle.available_for(&client),
                     "step {step}: client {client}'s bucket"
                 );
             }
             assert_eq!(
-                shadow_handle.available(),
+                watched_handle.available(),
                 enforcing_handle.available(),
                 "step {step}"
             );
@@ -99,12 +105,25 @@ fn side_by_side(traffic: &[(u64, Request)], max_wait: Duration) {
 proptest! {
     #[test]
     fn shadow_mode_counts_exactly_what_enforcing_mode_refuses(traffic in traffic()) {
-        side_by_side(&traffic, Duration::ZERO);
+        side_by_side(&traffic, Duration::ZERO, &[]);
     }
 
     #[test]
     fn shadow_mode_keeps_the_slots_enforcing_mode_waits_for(traffic in traffic()) {
-        side_by_side(&traffic, Duration::from_millis(700));
+        side_by_side(&traffic, Duration::from_millis(700), &[]);
+    }
+
+    /// The switch turned on and off between requests: in shadow mode the limiter lets
+    /// everything through and counts what the enforcing one refuses, enforcing it decides
+    /// as the enforcing one does, and the buckets never part.
+    #[test]
+    fn the_switch_turned_live_takes_effect_on_the_next_request(
+        traffic in traffic(),
+        shadow in prop::collection::vec(any::<bool>(), 80),
+        waits in any::<bool>(),
+    ) {
+        let max_wait = if waits { Duration::from_millis(700) } else { Duration::ZERO };
+        side_by_side(&traffic, max_wait, &shadow);
     }
 }
 
@@ -122,7 +141,12 @@ fn a_burst_is_refused_by_the_enforcing_limiter_and_counted_by_the_shadow() {
     };
     let mut traffic = vec![(0, one); 12];
     traffic.extend([(10, nobody), (10, nobody), (0, Request { cost: 6, ..one })]);
-    side_by_side(&traffic, Duration::ZERO);
+    side_by_side(&traffic, Duration::ZERO, &[]);
+    // And with the switch off for the burst's first half and the key-less requests.
+    let shadow: Vec<bool> = (0..traffic.len())
+        .map(|step| (6..12).contains(&step) || step == 14)
+        .collect();
+    side_by_side(&traffic, Duration::ZERO, &shadow);
 }
 
 #[cfg(feature = "http")]

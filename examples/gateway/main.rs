@@ -10,7 +10,9 @@
 //! ```
 //!
 //! The per-client limit comes from `policies.toml` next to this file, and an admin
-//! endpoint on a loopback port (`POST /admin/reload`) reloads it live.
+//! endpoint on a loopback port (`POST /admin/reload`) reloads it live. (The scripted
+//! scenario edits a copy of it in a temporary directory; `--serve` reads the file
+//! itself, for you to edit.)
 //!
 //! `cargo run --example gateway --features full` drives a scripted scenario, prints a
 //! report and exits non-zero if any step misbehaved. `-- --serve` keeps the system up
@@ -62,7 +64,14 @@ const OPEN_FOR: Duration = Duration::from_secs(2);
 async fn main() -> ExitCode {
     let serve = std::env::args().any(|arg| arg == "--serve");
     let logs = Logs::install(serve);
-    let system = match System::start().await {
+    let policies = match admin::PolicyFile::in_use(serve) {
+        Ok(policies) => policies,
+        Err(error) => {
+            eprintln!("could not read the policy file: {error}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let system = match System::start(policies).await {
         Ok(system) => system,
         Err(error) => {
             eprintln!("could not start the system: {error}");
@@ -93,6 +102,10 @@ struct System {
     legacy: SocketAddr,
     /// The gateway's admin endpoint, on loopback.
     admin: SocketAddr,
+    /// The policy file the gateway reads (and reloads on an empty `POST /admin/reload`).
+    policies: Arc<admin::PolicyFile>,
+    /// The per-client limit's handle, to read what it would have refused in shadow mode.
+    per_client: RateLimitHandle<LocalStore<Subject>>,
 }
 
 /// The gateway's router and the handles of its layers.
@@ -103,7 +116,8 @@ struct Gateway {
 }
 
 impl System {
-    async fn start() -> Result<Self, BoxError> {
+    async fn start(policies: admin::PolicyFile) -> Result<Self, BoxError> {
+        let policies = Arc::new(policies);
         let secret = b"palisade demo secret";
         let payments = Arc::new(Payments::default());
 
@@ -144,9 +158,15 @@ impl System {
             router,
             upstream_breakers,
             per_client,
-        } = gateway_router(users_addr, orders_addr, legacy, TokenKeys::new(secret))?;
+        } = gateway_router(
+            users_addr,
+            orders_addr,
+            legacy,
+            TokenKeys::new(secret),
+            &policies,
+        )?;
         let gateway = serve_http(router).await?;
-        let admin = admin::serve(per_client).await?;
+        let admin = admin::serve(per_client.clone(), policies.clone()).await?;
 
         Ok(Self {
             gateway,
@@ -159,6 +179,8 @@ impl System {
             orders: orders_addr,
             legacy,
             admin,
+            policies,
+            per_client,
         })
     }
 
@@ -175,6 +197,10 @@ impl System {
         );
         println!(
             "  curl -i -X POST --data-binary @examples/gateway/policies.toml http://{}/admin/reload",
+            self.admin
+        );
+        println!(
+            "  # or edit examples/gateway/policies.toml (shadow = true, say), then:\n  curl -i -X POST http://{}/admin/reload",
             self.admin
         );
         println!("Press Ctrl-C to stop.");
@@ -228,10 +254,11 @@ fn gateway_router(
     orders: SocketAddr,
     legacy: SocketAddr,
     tokens: TokenKeys,
+    policy_file: &admin::PolicyFile,
 ) -> Result<Gateway, BoxError> {
-    // The per-client limit is data, in the file next to this one; the key (the token's
-    // subject) is code.
-    let policies = admin::parse(&std::fs::read_to_string(admin::policy_file())?)?;
+    // The per-client limit is data, in the policy file; the key (the token's subject) is
+    // code.
+    let policies = admin::parse(&policy_file.read()?)?;
     let per_client = policies
         .keyed_rate_limit(admin::PER_CLIENT, |request: &axum::extract::Request| {
             request.extensions().get::<Subject>().cloned()
@@ -533,6 +560,7 @@ async fn scenario(system: &System, logs: &Logs, report: &mut Report) {
     deadlines::step(report, logs).await;
     one_upstream_unreachable(system, report).await;
     admin::step(system, report).await;
+    admin::shadow_step(system, report).await;
 }
 
 /// The gateway keeps a breaker per upstream: the retired `/legacy` service opens its own

@@ -92,14 +92,11 @@ impl Policies {
     /// [`RateLimitHandle::reload`](crate::rate_limit::RateLimitHandle::reload)): an error
     /// names its place in the document (`limits.per_client.capacity`), and changes
     /// nothing.
-    pub fn reload_rate_limit<K>(
+    pub fn reload_rate_limit<St: crate::rate_limit::Store>(
         &self,
         name: &str,
-        handle: &crate::rate_limit::RateLimitHandle<LocalStore<K>>,
-    ) -> Result<(), ConfigError>
-    where
-        K: Hash + Eq + Clone + Send + Sync + 'static,
-    {
+        handle: &crate::rate_limit::RateLimitHandle<St>,
+    ) -> Result<(), ConfigError> {
         build("limits", &self.limits, name, |policy| handle.reload(policy))
     }
 

@@ -271,6 +271,11 @@ impl RedisConfig {
     }
 }
 
+/// A reload refused at `path`: the layer was built with `was` there.
+fn fixed(path: &str, was: &dyn fmt::Display) -> Result<(), ConfigError> {
+    Err(NotReloadable::at(path, was))
+}
+
 impl RateLimitConfig {
     /// `capacity` tokens refilled at `refill`, every other setting at its default.
     pub fn new(capacity: u64, refill: Refill) -> Self {
@@ -344,7 +349,8 @@ impl RateLimitConfig {
     }
 
     /// The quota a live reload to this configuration switches a layer built with `built`
-    /// to: `build()`'s validation, and the options that cannot change left as they are.
+    /// to: `build()`'s validation, and the layer's options that cannot change left as
+    /// they are (the store checks its own: [`Store::check_reload`](crate::rate_limit::Store::check_reload)).
     pub(crate) fn reload_quota(&self, built: &Settings) -> Result<Quota, ConfigError> {
         self.check_fixed(built)?;
         let quota = Quota::new(self.capacity, self.refill.tokens, self.refill.per)
@@ -355,13 +361,9 @@ impl RateLimitConfig {
         Ok(quota)
     }
 
-    /// The first option that differs from what the layer was built with and cannot change
-    /// at run time.
+    /// The first option of the layer that differs from what it was built with and cannot
+    /// change at run time.
     fn check_fixed(&self, built: &Settings) -> Result<(), ConfigError> {
-        let fixed = |path: &str, was: &dyn fmt::Display| Err(NotReloadable::at(path, was));
-        if self.redis.is_some() {
-            return fixed("redis", &"its buckets in process");
-        }
         NotReloadable::check_keyed(self.keyed.is_some(), built.keyed, "limiter")?;
         if let Some(keyed) = &self.keyed {
             let max_keys = keyed.max_keys.unwrap_or(DEFAULT_MAX_KEYS);
@@ -382,10 +384,16 @@ impl RateLimitConfig {
             let was = humantime_serde::re::humantime::format_duration(built.max_wait);
             return fixed("max_wait", &was);
         }
-        if self.shadow.unwrap_or(false) != built.shadow {
-            return fixed("shadow", &built.shadow);
-        }
         Ok(())
+    }
+
+    /// For a reload of a store without a `redis` section: the configuration has none
+    /// either.
+    pub(crate) fn check_not_on_redis(&self) -> Result<(), ConfigError> {
+        match self.redis {
+            Some(_) => fixed("redis", &"no `redis` section"),
+            None => Ok(()),
+        }
     }
 
     /// Whether the way it is built matches what the configuration describes.
@@ -443,6 +451,21 @@ impl RateLimitConfig {
 
 #[cfg(feature = "redis")]
 impl RateLimitConfig {
+    /// For a reload of a store on Redis built with `built`: the configuration has a
+    /// `redis` section, every field of it as the store was built (left out: its default).
+    pub(crate) fn check_redis_reload(
+        &self,
+        built: &crate::rate_limit::RedisOptions,
+    ) -> Result<(), ConfigError> {
+        let Some(redis) = &self.redis else {
+            return fixed("redis", &"a `redis` section (its buckets on Redis)");
+        };
+        match built.first_difference(&redis.options()) {
+            Some((field, was)) => fixed(&super::error::join("redis", field), &was),
+            None => Ok(()),
+        }
+    }
+
     /// The global limiter this configuration describes, on the Redis server (or
     /// cluster) behind `connection`; the configuration must have a `redis` section.
     pub fn build_on_redis(

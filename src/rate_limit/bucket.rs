@@ -197,21 +197,44 @@ impl Quota {
     }
 
     /// Re-expresses a TAT measured in `self` (where the time is `now`) in `to` (where it
-    /// is `now_to`). A change never hands out tokens: a smaller capacity keeps the bucket
-    /// as full *as a fraction* (a bucket of 100 holding 50 becomes one of 10 holding 5), a
-    /// larger or equal one keeps the tokens it holds (the extra room fills at the refill
-    /// rate); a debt beyond empty (queued reservations) is kept in tokens. Rounded down.
+    /// is `now_to`), keeping the bucket as full *as a fraction* (a bucket of 100 holding
+    /// 50 becomes one of 10 holding 5, or one of 1000 holding 500); a debt beyond empty
+    /// (queued reservations) is kept in tokens.
+    ///
+    /// The held amount is counted in units (a token is `token` of them), and is exact
+    /// whenever the new quota's units can express it. Otherwise it is rounded to a unit of
+    /// `to`: down when `to` has fewer units in a full bucket (its tolerance), up when it
+    /// has more. A unit of a larger tolerance is less than one of the smaller, so a round
+    /// trip through a larger tolerance comes back exactly, and one through a smaller
+    /// loses less than one unit of the smaller, once: flipping back and forth between two
+    /// quotas stays put from the first round trip on (see [`rescaled`]).
     fn rescale(&self, tat: u64, now: u64, to: &Quota, now_to: u64) -> u64 {
         let held = i128::from(self.tolerance()) - i128::from(tat.saturating_sub(now));
-        // Both products stay below 2^114: a held amount and a tolerance are at most 2^57.
-        let held = if held > 0 && to.capacity < self.capacity {
-            (held * i128::from(to.tolerance())).div_euclid(i128::from(self.tolerance()))
+        let held = if held > 0 {
+            rescaled(held, self.tolerance(), to.tolerance())
         } else {
-            (held * i128::from(to.token)).div_euclid(i128::from(self.token))
+            rescaled(held, self.token, to.token)
         };
         let debt = i128::from(to.tolerance()) - held.min(i128::from(to.tolerance()));
         let room = i128::from(TAT_MASK.saturating_sub(now_to));
         now_to + u64::try_from(debt.min(room)).unwrap_or(0)
+    }
+}
+
+/// `amount * to / from` (`from`, `to` >= 1), rounded down when `to < from` and up when
+/// `to > from` (exact when they are equal), so that scaling up and back down is the
+/// identity: for `to > from`, `y = ceil(x * to / from)` exceeds `x * to / from` by less
+/// than one, so `y * from / to` exceeds `x` by less than `from / to < 1`, and its floor is
+/// `x`. Scaling down and back up loses less than one unit of the smaller scale, and the
+/// two values it reaches then map onto each other: a fixed point.
+///
+/// The product stays below 2^115: an amount and a tolerance are at most 2^57 each.
+fn rescaled(amount: i128, from: u64, to: u64) -> i128 {
+    let (product, from) = (amount * i128::from(to), i128::from(from));
+    if i128::from(to) < from {
+        product.div_euclid(from)
+    } else {
+        -(-product).div_euclid(from)
     }
 }
 
@@ -737,9 +760,10 @@ impl TokenBucket {
         self.ring.current().quota
     }
 
-    /// Switches to `quota` at `now`, in one step: a smaller capacity keeps the bucket as
-    /// full as a fraction, a larger one keeps the tokens, and queued reservations keep
-    /// their slots (see [runtime changes](super#runtime-changes)).
+    /// Switches to `quota` at `now`, in one step: the bucket stays as full as a fraction
+    /// of its capacity (half full stays half full, whether the capacity shrinks or
+    /// grows), and queued reservations keep their slots (see
+    /// [runtime changes](super#runtime-changes)).
     pub fn set_quota(&self, quota: Quota, now: Instant) {
         // Cannot fail: the change itself is infallible.
         let _ = self.update(now, |_| Ok(quota));

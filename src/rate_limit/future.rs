@@ -12,7 +12,7 @@ use tower_service::Service;
 use super::bucket::Denied;
 use super::error::{CostExceedsCapacity, RateLimited};
 use super::layer::{OnAdmitted, RateLimitStatus};
-use super::shadow::Shadow;
+use super::shadow::{Shadow, Switch};
 use super::store::{Admission, Store};
 
 /// The response future of [`RateLimitService`](super::RateLimitService).
@@ -55,7 +55,9 @@ enum Slow<S, Req, St: Store> {
         pending: St::Pending,
         ready: Option<(S, Req)>,
         store: Arc<St>,
-        shadow: Option<Arc<Shadow>>,
+        shadow: Arc<Shadow>,
+        /// The switch when the request was sent.
+        was_shadow: bool,
     },
     /// Admitted for later: waiting for the reserved slot.
     Waiting {
@@ -96,12 +98,14 @@ where
                     ready,
                     store,
                     shadow,
+                    was_shadow,
                 } => {
                     let decision = ready!(pending.poll(cx));
                     let Some((mut service, request)) = ready.take() else {
                         return Poll::Ready(State::failed(completed()));
                     };
-                    match Next::resolve(store, decision, shadow.as_deref()) {
+                    let switch = Switch::seen(shadow, *was_shadow);
+                    match Next::resolve(store, decision, switch) {
                         Next::Go(admitted) => {
                             *status = admitted;
                             return Poll::Ready(State::Calling {
@@ -173,19 +177,20 @@ pub(crate) enum Next<St: Store> {
 }
 
 impl<St: Store> Next<St> {
-    /// In shadow mode (`shadow` is `Some`) every decision is `Go`: a reserved slot stays
-    /// taken (the enforcing limiter's request would use it) but is not waited for, and a
-    /// refusal is counted and let through with the fields it would have answered with.
+    /// In shadow mode (the `switch` on, before or after the decision) every decision is
+    /// `Go`: a reserved slot stays taken (the enforcing limiter's request would use it)
+    /// but is not waited for, and a refusal is counted and let through with the fields it
+    /// would have answered with. An admission does not read the switch again.
     #[inline]
     pub(crate) fn resolve(
         store: &Arc<St>,
         decision: Result<Admission<St::Reservation>, BoxError>,
-        shadow: Option<&Shadow>,
+        switch: Switch<'_>,
     ) -> Self {
         let (refusal, why, fields) = match decision {
             Ok(Admission::Admitted { status }) => return Next::Go(status),
             Ok(Admission::Reserved { wait, reservation }) => {
-                if shadow.is_some() {
+                if switch.on().is_some() {
                     // Dropped, not cancelled: the slot stays taken.
                     return Next::Go(None);
                 }
@@ -212,7 +217,7 @@ impl<St: Store> Next<St> {
             ),
             Err(error) => (error, "store refused", None),
         };
-        if let Some(shadow) = shadow {
+        if let Some(shadow) = switch.on() {
             shadow.let_through(why);
             return Next::Go(fields);
         }
@@ -268,7 +273,7 @@ where
         service: S,
         request: Req,
         store: Arc<St>,
-        shadow: Option<Arc<Shadow>>,
+        (shadow, was_shadow): (Arc<Shadow>, bool),
         on_admitted: H,
     ) -> Self {
         let slow = Slow::Deciding {
@@ -276,6 +281,7 @@ where
             ready: Some((service, request)),
             store,
             shadow,
+            was_shadow,
         };
         Self::new(State::Slow(Box::pin(slow)), None, on_admitted)
     }

@@ -11,13 +11,13 @@ use super::store::{LocalStore, Store};
 /// cheap to clone, shared with every service the layer built.
 pub struct RateLimitHandle<St = LocalStore> {
     store: Arc<St>,
-    shadow: Option<Arc<Shadow>>,
+    shadow: Arc<Shadow>,
     /// What the layer was built with.
     settings: Settings,
 }
 
 impl<St: Store> RateLimitHandle<St> {
-    pub(crate) fn new(store: Arc<St>, shadow: Option<Arc<Shadow>>, settings: Settings) -> Self {
+    pub(crate) fn new(store: Arc<St>, shadow: Arc<Shadow>, settings: Settings) -> Self {
         Self {
             store,
             shadow,
@@ -53,10 +53,9 @@ impl<St: Store> RateLimitHandle<St> {
             .update_quota(|quota| quota.with_refill(tokens, period))
     }
 
-    /// Holds at most `capacity` tokens from now on. A smaller capacity keeps each bucket
-    /// as full as a fraction (half full stays half full); a larger one keeps the tokens
-    /// it holds: raising it does not hand out a free burst, the extra tokens accrue at the
-    /// refill rate (see [runtime changes](super#runtime-changes)).
+    /// Holds at most `capacity` tokens from now on. Each bucket stays as full as a
+    /// fraction, whichever way the capacity moves: half full of 100 becomes half full of
+    /// 10, or of 1000 (see [runtime changes](super#runtime-changes) for the rounding).
     pub fn set_capacity(&self, capacity: u64) -> Result<(), RateLimitConfigError> {
         self.store
             .update_quota(|quota| quota.with_capacity(capacity))
@@ -69,28 +68,33 @@ impl<St: Store> RateLimitHandle<St> {
 }
 
 #[cfg(feature = "serde")]
-impl<K> RateLimitHandle<LocalStore<K>>
-where
-    K: std::hash::Hash + Eq + Clone + Send + Sync + 'static,
-{
-    /// Switches the limiter to `config`'s capacity and refill rate, atomically: every
-    /// request is decided under the old quota or the new one, never a mix of the two.
+impl<St: Store> RateLimitHandle<St> {
+    /// Switches the limiter to `config`'s capacity, refill rate and shadow switch: every
+    /// request gets the outcome of the old policy or of the new one, never a mix (the
+    /// capacity of one with the rate of the other, or one's quota with the other's
+    /// switch). The next request is decided by the new policy.
     ///
     /// `config` is validated as [`RateLimitConfig::build`](crate::config::RateLimitConfig::build)
     /// validates it, with the same [`ConfigError`](crate::config::ConfigError) (field path
     /// included); a refused configuration changes nothing. The options that shape the
     /// layer cannot change at run time and must be what it was built with (left out:
     /// their defaults): `keyed` (global or keyed), `keyed.max_keys`,
-    /// `keyed.when_key_missing`, `max_wait`, `shadow`, and a `redis` section (an
-    /// in-process limiter has none). A difference is refused with
+    /// `keyed.when_key_missing`, `max_wait`, and the store's own options, checked by
+    /// [`Store::check_reload`]: an in-process limiter has no `redis` section, and one on
+    /// Redis (`RedisStore`, feature `redis`) keeps every field of its `redis` section
+    /// (`redis.prefix`, `redis.timeout`, ...). A difference is refused with
     /// [`NotReloadable`](crate::config::NotReloadable) at that field; build a new layer
     /// to change them.
     ///
-    /// The tokens carry over: a smaller capacity keeps each bucket as full *as a
-    /// fraction* (a bucket of 100 holding 50 becomes one of 10 holding 5), a larger one
-    /// keeps the tokens it holds (no free burst: the extra room fills at the new rate),
-    /// and queued reservations keep their slots. The shared bucket moves at once; a
-    /// keyed bucket moves on its next request (see [runtime changes](super#runtime-changes)).
+    /// `shadow` switches [shadow mode](super::Builder::shadow) on or off (left out: off)
+    /// from the next request on; the count of [`shadow_rejected`](Self::shadow_rejected)
+    /// carries on.
+    ///
+    /// The tokens carry over: each bucket stays as full *as a fraction* (a bucket of 100
+    /// holding 50 becomes one of 10 holding 5, or one of 1000 holding 500), and queued
+    /// reservations keep their slots. The shared bucket moves at once; a keyed bucket
+    /// moves on its next request (see [runtime changes](super#runtime-changes), and the
+    /// `RedisStore` docs for buckets on Redis, which keep the time until they are full).
     ///
     /// ```
     /// use palisade::config::RateLimitConfig;
@@ -108,6 +112,12 @@ where
     /// let refused = handle.reload(&toml::from_str("capacity = 0\nrefill = \"5/s\"")?);
     /// assert_eq!(refused.unwrap_err().path(), "capacity");
     /// assert_eq!(handle.quota().capacity(), 10); // the old policy holds
+    ///
+    /// // Watch a tighter limit before it enforces, then enforce it.
+    /// handle.reload(&toml::from_str("capacity = 5\nrefill = \"1/s\"\nshadow = true")?)?;
+    /// assert!(handle.is_shadow());
+    /// handle.reload(&toml::from_str("capacity = 5\nrefill = \"1/s\"")?)?;
+    /// assert!(!handle.is_shadow());
     /// # Ok(())
     /// # }
     /// ```
@@ -116,25 +126,36 @@ where
         config: &crate::config::RateLimitConfig,
     ) -> Result<(), crate::config::ConfigError> {
         let quota = config.reload_quota(&self.settings)?;
-        // Cannot fail: the quota is checked, and a local store takes any quota.
-        self.store
-            .update_quota(|_| Ok(quota))
-            .map_err(|error| crate::config::ConfigError::new("", error))
+        self.store.check_reload(config, quota)?;
+        let shadow = config.shadow.unwrap_or(false);
+        // Cannot fail for palisade's stores: `check_reload` accepted the quota.
+        self.shadow
+            .switch(shadow, || self.store.update_quota(|_| Ok(quota)))
+            .map_err(|error| crate::config::ConfigError::new("capacity", error))
     }
 }
 
 impl<St> RateLimitHandle<St> {
-    /// Whether the limiter runs in [shadow mode](super::Builder::shadow).
+    /// Whether the limiter runs in [shadow mode](super::Builder::shadow) now.
     pub fn is_shadow(&self) -> bool {
-        self.shadow.is_some()
+        self.shadow.is_on()
     }
 
-    /// How many requests the limiter in shadow mode let through that it would have
-    /// refused (always 0 for an enforcing limiter).
+    /// Turns [shadow mode](super::Builder::shadow) on or off, from the next request on
+    /// (what [`reload`](Self::reload) does with a configuration's `shadow`; the quota
+    /// stays). Buckets are charged the same way in both modes, so they carry on as they
+    /// are.
+    pub fn set_shadow(&self, shadow: bool) {
+        let _ = self
+            .shadow
+            .switch(shadow, || Ok::<(), std::convert::Infallible>(()));
+    }
+
+    /// How many requests the limiter let through in shadow mode that it would have
+    /// refused, since it was built (whenever shadow mode was on; an enforcing limiter
+    /// counts none).
     pub fn shadow_rejected(&self) -> u64 {
-        self.shadow
-            .as_ref()
-            .map_or(0, |shadow| shadow.would_reject())
+        self.shadow.would_reject()
     }
 }
 

@@ -33,8 +33,8 @@ pub(crate) struct Policy<X, C, H> {
     pub(crate) max_wait: Duration,
     pub(crate) when_key_missing: WhenKeyMissing,
     pub(crate) on_admitted: H,
-    /// `Some` in shadow mode: nothing is refused, and what would have been is counted.
-    pub(crate) shadow: Option<Arc<Shadow>>,
+    /// The shadow switch (on: nothing is refused, and what would have been is counted).
+    pub(crate) shadow: Arc<Shadow>,
 }
 
 impl RateLimitLayer {
@@ -171,7 +171,9 @@ impl<X, C, K, H> Builder<X, C, K, H> {
     /// refused by its store) reaches the inner service, and
     /// [`RateLimitHandle::shadow_rejected`] counts it. Its buckets are charged as they
     /// would be, so they track the limit it would enforce: roll out a new limit by
-    /// watching it first. See the [module docs](super#shadow-mode).
+    /// watching it first. This is where the switch starts:
+    /// [`RateLimitHandle::set_shadow`] and a reload turn it while serving. See the
+    /// [module docs](super#shadow-mode).
     pub fn shadow(mut self, shadow: bool) -> Self {
         self.settings.shadow = shadow;
         self
@@ -279,7 +281,7 @@ impl<X, C, K, H> Builder<X, C, K, H> {
                 max_wait: settings.max_wait,
                 when_key_missing: settings.when_key_missing,
                 on_admitted: self.on_admitted,
-                shadow: settings.shadow.then(Arc::default),
+                shadow: Arc::new(Shadow::new(settings.shadow)),
             }),
             settings,
         })

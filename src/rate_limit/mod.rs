@@ -94,7 +94,10 @@
 //! [`headers_on_success`](Builder::headers_on_success), sets the `RateLimit` fields it
 //! would answer with, but lets every request through at once.
 //! [`RateLimitHandle::shadow_rejected`] and the `palisade_rate_limit_shadow_rejected_total`
-//! counter show how many requests it would have refused.
+//! counter show how many requests it would have refused. The switch is live:
+//! [`RateLimitHandle::set_shadow`], or a reload of a configuration with (or without)
+//! `shadow = true`, turns it on or off from the next request on, and since both modes
+//! charge the buckets alike, they carry on as they are.
 //!
 //! ```
 //! use std::time::Duration;
@@ -124,13 +127,33 @@
 //!
 //! [`RateLimitHandle::set_rate`] and [`set_capacity`](RateLimitHandle::set_capacity)
 //! change one side of the quota; `RateLimitHandle::reload` (feature `serde`) switches to
-//! a whole new configuration, capacity and rate at once. Each change is one atomic step:
-//! a request is decided under the quota before it or the one after, never a mix. No change
-//! hands out tokens: a smaller capacity keeps each bucket as full *as a fraction* (half
-//! full stays half full, rounded down), a larger or equal one keeps the tokens it holds
-//! (the extra room fills at the refill rate), and queued reservations keep their slots.
-//! The global bucket moves to the new quota at once; a keyed bucket moves on its next
-//! request (its refill since its last request counts at the old rate).
+//! a whole new configuration, capacity, rate and shadow switch at once. Each change is
+//! one atomic step: a request is decided under the quota before it or the one after,
+//! never a mix (and gets the outcome of the policy before or after a reload, never one's
+//! quota with the other's shadow switch).
+//!
+//! The tokens carry over *as a fraction* of the capacity, whichever way it moves: a
+//! bucket of 100 holding 50 becomes one of 10 holding 5, or one of 1000 holding 500 (full
+//! stays full, empty stays empty; a change of rate alone keeps the tokens). Queued
+//! reservations keep their slots (a debt beyond empty is kept in tokens). The global
+//! bucket moves to the new quota at once; a keyed bucket moves on its next request (its
+//! refill since its last request counts at the old rate).
+//!
+//! The fraction is counted in the bucket's units, fractions of a token (a token is
+//! `period / g` units, `g` as in [`Quota`]: 200,000,000 of them for `refill(5, 1s)`), and
+//! is kept exactly whenever the new quota's units can express it. Where they cannot, it
+//! is rounded to one of the new quota's units: down (fewer tokens) when the new full
+//! bucket has fewer units than the old, up (more, by less than a unit) when it has more.
+//! So a change and its reverse bring a bucket back exactly when the quota in between had
+//! at least as many units in a full bucket; through one with fewer, the bucket loses
+//! less than one of its units (a `1 / (capacity * units of a token)` share of the
+//! bucket), once: flipping between two quotas any number of times ends where the first
+//! round trip did. (A unit is usually tiny, 10^-7 of a token at `refill(100, 1s)`; it is
+//! a whole token only at a refill of one token per nanosecond.)
+//!
+//! That is the in-process store's rule. `RedisStore` (feature `redis`) keeps each
+//! bucket's time until it is full instead, so that replicas that have not all reloaded
+//! yet agree on what the buckets on the server mean; its docs say what that gives.
 
 mod bucket;
 mod error;
@@ -167,6 +190,8 @@ pub use self::redis::{
     RedisUnavailable, WhenUnavailable,
 };
 pub use self::service::RateLimitService;
+#[cfg(loom)]
+pub(crate) use self::shadow::{Shadow, Switch};
 pub use self::store::{
     Acquire, Admission, Answer, LocalReservation, LocalStore, NeverPending, StatusWanted, Store,
 };

@@ -7,6 +7,7 @@ use tower_service::Service;
 use super::MissingKey;
 use super::future::{Next, ResponseFuture};
 use super::layer::{Cost, NoHeaders, OnAdmitted, Policy, UnitCost, WhenKeyMissing};
+use super::shadow::Switch;
 use super::store::{Acquire, Answer, LocalStore, StatusWanted, Store};
 use crate::key::{Global, KeyExtractor};
 
@@ -79,13 +80,15 @@ where
         let acquire = Acquire::new(key.as_ref(), policy.cost.cost(&request))
             .max_wait(policy.max_wait)
             .status(status);
+        // Read before the store decides: see `shadow` for why a reload cannot mix policies.
+        let switch = Switch::before(&policy.shadow);
         // An answer known now calls the service polled ready right here, with no clone.
         let decided = match self.store.acquire(acquire) {
             Answer::Now(decided) => decided,
             Answer::Later(pending) => {
                 let ready = take_ready(&mut self.inner);
                 let store = self.store.clone();
-                let shadow = policy.shadow.clone();
+                let shadow = (policy.shadow.clone(), switch.was_on());
                 return ResponseFuture::deciding(
                     pending,
                     ready,
@@ -96,7 +99,7 @@ where
                 );
             }
         };
-        match Next::resolve(&self.store, decided, policy.shadow.as_deref()) {
+        match Next::resolve(&self.store, decided, switch) {
             Next::Go(status) => {
                 ResponseFuture::calling(self.inner.call(request), status, on_admitted)
             }
@@ -118,13 +121,12 @@ impl<S, X, C, St: Store, H> RateLimitService<S, X, C, St, H> {
     where
         S: Service<Req>,
     {
-        match &self.policy.shadow {
-            None => ResponseFuture::failed(MissingKey.into(), on_admitted),
-            Some(shadow) => {
-                shadow.let_through("missing key");
-                ResponseFuture::calling(self.inner.call(request), None, on_admitted)
-            }
+        let shadow = &self.policy.shadow;
+        if !shadow.is_on() {
+            return ResponseFuture::failed(MissingKey.into(), on_admitted);
         }
+        shadow.let_through("missing key");
+        ResponseFuture::calling(self.inner.call(request), None, on_admitted)
     }
 }
 

@@ -204,6 +204,24 @@ pub trait Store: Send + Sync + 'static {
     fn validate(&self) -> Result<(), RateLimitConfigError> {
         Ok(())
     }
+
+    /// Checks, before anything changes, that a live
+    /// [`reload`](super::RateLimitHandle::reload) to `config` can switch this store to
+    /// `quota` (which passed the builder's own validation): the store's options, which a
+    /// reload cannot change, are what it was built with, and `quota` is one it can
+    /// enforce. An error names its field (a difference is a
+    /// [`NotReloadable`](crate::config::NotReloadable)); it is the reload's error, and
+    /// nothing changes. The default accepts every quota and refuses a `redis` section: a
+    /// store of your own (like [`LocalStore`]) is built without one. (Feature `serde`.)
+    #[cfg(feature = "serde")]
+    fn check_reload(
+        &self,
+        config: &crate::config::RateLimitConfig,
+        quota: Quota,
+    ) -> Result<(), crate::config::ConfigError> {
+        let _ = quota;
+        config.check_not_on_redis()
+    }
 }
 
 /// What the layer asks a [`Store`] for one request.

@@ -15,6 +15,14 @@ local tolerance = token * capacity
 
 local stored = redis.call('GET', KEYS[1])
 local debt = debt_of(stored, unit)
+if debt > tolerance + max_wait then
+  -- Further from full than a full bucket's time and the longest wait: a TAT stored under
+  -- another quota (a reload to one that fills sooner), or a server clock stepped back.
+  -- The bucket is empty with its queue full, and is stored so, so that the wait it
+  -- answers is the truth.
+  debt = tolerance + max_wait
+  stored = store(KEYS[1], debt, unit)
+end
 local held = divmod(math.max(0, tolerance - debt), token)
 local granted = 1
 if batch > 1 and max_wait == 0 then

@@ -31,6 +31,9 @@ struct Lease {
     /// a request admitted from the lease reports.
     bucket_left: u64,
     full_at: Instant,
+    /// The quota the tokens were taken under: after a change of quota they are forfeited,
+    /// so that the next request is decided by the new quota.
+    quota: Option<Quota>,
 }
 
 impl Lease {
@@ -41,6 +44,7 @@ impl Lease {
             refilling: true,
             bucket_left: 0,
             full_at: now,
+            quota: None,
         }
     }
 }
@@ -70,6 +74,8 @@ pub(super) struct Batch {
     pub(super) expires: Instant,
     pub(super) bucket_left: u64,
     pub(super) full_at: Instant,
+    /// The quota the batch was taken under.
+    pub(super) quota: Quota,
 }
 
 /// The leases of one store.
@@ -116,11 +122,18 @@ impl<K: Hash + Eq + Clone> Leases<K> {
         sent.checked_add(self.lease_for(quota)).unwrap_or(sent)
     }
 
-    /// Spends `cost` tokens of `key`'s lease, if it holds them and is not expired.
-    pub(super) fn spend(&self, key: Option<&K>, cost: u64, now: Instant) -> Option<Spent> {
+    /// Spends `cost` tokens of `key`'s lease, if it holds them, is not expired, and was
+    /// taken under `quota` (the quota in force).
+    pub(super) fn spend(
+        &self,
+        key: Option<&K>,
+        cost: u64,
+        now: Instant,
+        quota: Quota,
+    ) -> Option<Spent> {
         self.with_lease(key, |lease| {
             let lease = lease?;
-            if now >= lease.expires || lease.left < cost {
+            if now >= lease.expires || lease.left < cost || lease.quota != Some(quota) {
                 return None;
             }
             lease.left -= cost;
@@ -181,6 +194,7 @@ impl<K: Hash + Eq + Clone> Leases<K> {
                     refilling: false,
                     bucket_left: batch.bucket_left,
                     full_at: batch.full_at,
+                    quota: Some(batch.quota),
                 };
             }
         });
@@ -247,12 +261,17 @@ impl<K: Hash + Eq + Clone> Drop for Refilling<K> {
 mod tests {
     use super::*;
 
+    fn quota() -> Quota {
+        Quota::new(10, 1, Duration::from_millis(100)).unwrap()
+    }
+
     fn filled(left: u64, now: Instant, life: Duration) -> Batch {
         Batch {
             left,
             expires: now + life,
             bucket_left: 10,
             full_at: now + Duration::from_secs(1),
+            quota: quota(),
         }
     }
 
@@ -261,17 +280,28 @@ mod tests {
         let leases = Arc::new(Leases::<u8>::new(4, None, 10));
         let now = Instant::now();
         let life = Duration::from_millis(100);
-        assert!(leases.spend(Some(&1), 1, now).is_none());
+        assert!(leases.spend(Some(&1), 1, now, quota()).is_none());
         let refill = leases.start_refill(Some(&1), now).unwrap();
         refill.fill(filled(3, now, life));
-        let spent = leases.spend(Some(&1), 2, now).unwrap();
+        let spent = leases.spend(Some(&1), 2, now, quota()).unwrap();
         assert_eq!(spent.remaining, 11);
-        assert!(leases.spend(Some(&1), 1, now).is_some());
-        assert!(leases.spend(Some(&1), 1, now).is_none(), "empty");
+        assert!(leases.spend(Some(&1), 1, now, quota()).is_some());
+        assert!(leases.spend(Some(&1), 1, now, quota()).is_none(), "empty");
 
         let refill = leases.start_refill(Some(&1), now).unwrap();
         refill.fill(filled(3, now, life));
-        assert!(leases.spend(Some(&1), 1, now + life).is_none(), "expired");
+        assert!(
+            leases.spend(Some(&1), 1, now + life, quota()).is_none(),
+            "expired"
+        );
+
+        let refill = leases.start_refill(Some(&1), now).unwrap();
+        refill.fill(filled(3, now, life));
+        let other = Quota::new(5, 1, Duration::from_millis(100)).unwrap();
+        assert!(
+            leases.spend(Some(&1), 1, now, other).is_none(),
+            "another quota"
+        );
     }
 
     #[test]
@@ -290,7 +320,7 @@ mod tests {
         drop(refill);
         let refill = leases.start_refill(Some(&1), now).unwrap();
         refill.fill(filled(3, now, Duration::from_millis(100)));
-        assert!(leases.spend(Some(&1), 1, now).is_some());
+        assert!(leases.spend(Some(&1), 1, now, quota()).is_some());
     }
 
     #[test]

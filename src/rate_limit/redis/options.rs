@@ -141,3 +141,47 @@ impl RedisOptions {
         }
     }
 }
+
+#[cfg(feature = "serde")]
+impl RedisOptions {
+    /// The first option that differs from `other`: its field in a configuration's `redis`
+    /// section, and this value as the configuration would write it.
+    pub(crate) fn first_difference(&self, other: &RedisOptions) -> Option<(&'static str, String)> {
+        self.as_written()
+            .into_iter()
+            .zip(other.as_written())
+            .find(|(this, other)| this.1 != other.1)
+            .map(|(this, _)| this)
+    }
+
+    /// Every option, by its field in a `redis` section, as the section writes it.
+    fn as_written(&self) -> [(&'static str, String); 8] {
+        let duration = |duration: Duration| {
+            humantime_serde::re::humantime::format_duration(duration).to_string()
+        };
+        let when_unavailable = match self.when_unavailable {
+            WhenUnavailable::Admit => "\"admit\"".to_owned(),
+            WhenUnavailable::Reject => "\"reject\"".to_owned(),
+            WhenUnavailable::Local { replicas } => {
+                format!("{{ local = {{ replicas = {replicas} }} }}")
+            }
+        };
+        [
+            (
+                "prefix",
+                format!("{:?}", String::from_utf8_lossy(&self.prefix)),
+            ),
+            ("timeout", duration(self.timeout)),
+            ("recheck", duration(self.recheck)),
+            ("when_unavailable", when_unavailable),
+            ("fallback_max_keys", self.fallback_max_keys.to_string()),
+            ("batch", self.batch.to_string()),
+            (
+                "lease_for",
+                self.lease_for
+                    .map_or_else(|| "none (the default)".to_owned(), duration),
+            ),
+            ("lease_max_keys", self.lease_max_keys.to_string()),
+        ]
+    }
+}

@@ -181,20 +181,43 @@ use crate::sync::{AtomicU64, Ordering, read, write};
 /// shared bucket's last decision seen by this replica, and
 /// [`available_for`](crate::rate_limit::RateLimitHandle::available_for) from the local fallback
 /// while it is in use, else the capacity (per-key state lives on Redis).
-/// [`set_rate`](crate::rate_limit::RateLimitHandle::set_rate) and
-/// [`set_capacity`](crate::rate_limit::RateLimitHandle::set_capacity) change this replica's quota
-/// (apply them on every replica); a bucket on Redis keeps the time it needs to be full
-/// again, re-read in the new quota on its next request.
+///
+/// # Runtime changes
+///
+/// [`set_rate`](crate::rate_limit::RateLimitHandle::set_rate),
+/// [`set_capacity`](crate::rate_limit::RateLimitHandle::set_capacity) and
+/// [`reload`](crate::rate_limit::RateLimitHandle::reload) (feature `serde`) change this
+/// replica's quota, from its next request on: apply them on every replica (each replica
+/// decides with its own quota, on the shared buckets, until they all have). A reload
+/// keeps every option of the `redis` section as the store was built (each one refused
+/// with [`NotReloadable`](crate::config::NotReloadable) at its field, `redis.prefix`,
+/// `redis.batch`, ...), and refuses a quota the scripts cannot count exactly.
+///
+/// A bucket on Redis is the time until it is full again (its TAT, on the server's
+/// clock), which no quota change rewrites: the next request reads it under the new
+/// quota, as that much time's worth of the new refill owed, at most a full bucket's
+/// time and `max_wait` (the most a bucket can owe under its own quota; beyond that it
+/// counts as empty with its queue full, and is stored so). So the state on Redis means
+/// the same to replicas that do not agree on the quota yet, and:
+///
+/// - A change that keeps the time to fill the bucket (capacity and rate scaled
+///   together) keeps the bucket as full as a fraction, as in process.
+/// - A change of capacity alone keeps the tokens owed: a bucket of 10 holding 4 owes 6,
+///   and holds 94 of 100, or none of 5.
+/// - A change of rate alone keeps the time owed: half full of 10 at 1/s owes 5 s, which
+///   at 10/s is beyond the full bucket's second, so it is empty, and full a second later.
+///
+/// Tokens [leased](#local-batching) under the old quota are forfeited (the next request
+/// asks Redis), and the [local fallback](WhenUnavailable::Local) moves to its share of the
+/// new quota as an in-process store does (as a fraction).
 pub struct RedisStore<K = ()> {
     shared: Arc<Shared<K>>,
 }
 
 struct Shared<K> {
     connection: RedisConnection,
-    prefix: Vec<u8>,
-    timeout: Duration,
-    recheck: Duration,
-    when_unavailable: WhenUnavailable,
+    /// What it was built with (a reload checks that they stay).
+    options: RedisOptions,
     quota: RwLock<Scaled>,
     /// The first invalid option, for [`Store::validate`].
     invalid: Option<RateLimitConfigError>,
@@ -231,27 +254,25 @@ where
             )),
             WhenUnavailable::Admit | WhenUnavailable::Reject => None,
         };
+        let leases = (options.batch > 1).then(|| {
+            Arc::new(Leases::new(
+                u64::from(options.batch),
+                options
+                    .lease_for
+                    .map(|lease_for| lease_for.min(MAX_LEASE_FOR)),
+                options.lease_max_keys.max(1),
+            ))
+        });
         Self {
             shared: Arc::new(Shared {
                 connection,
-                prefix: options.prefix,
-                timeout: options.timeout,
-                recheck: options.recheck,
-                when_unavailable: options.when_unavailable,
                 quota: RwLock::new(Scaled::unchecked(quota)),
                 invalid,
                 fallback,
                 health: Health::new(options.recheck),
                 shared_available: AtomicU64::new(quota.capacity()),
-                leases: (options.batch > 1).then(|| {
-                    Arc::new(Leases::new(
-                        u64::from(options.batch),
-                        options
-                            .lease_for
-                            .map(|lease_for| lease_for.min(MAX_LEASE_FOR)),
-                        options.lease_max_keys.max(1),
-                    ))
-                }),
+                leases,
+                options,
             }),
         }
     }
@@ -310,8 +331,8 @@ where
     }
 
     fn bucket_key(&self, key: Option<&K>) -> Vec<u8> {
-        let mut bucket = Vec::with_capacity(self.prefix.len() + 32);
-        bucket.extend_from_slice(&self.prefix);
+        let mut bucket = Vec::with_capacity(self.options.prefix.len() + 32);
+        bucket.extend_from_slice(&self.options.prefix);
         match key {
             Some(key) => {
                 bucket.push(b'{');
@@ -336,7 +357,7 @@ where
         let invocation = script::gcra(&bucket, &ask, batch);
         let mut connection = self.connection.clone();
         let answer = tokio::time::timeout(
-            self.timeout,
+            self.options.timeout,
             invocation.invoke_async::<Reply>(&mut connection),
         )
         .await;
@@ -356,6 +377,7 @@ where
                         expires,
                         bucket_left: reply.left,
                         full_at: sent + reply.until_full,
+                        quota: ask.quota(),
                     });
                     // This request's status counts the tokens its replica holds.
                     reply.left = reply.left.saturating_add(left);
@@ -363,8 +385,10 @@ where
                 let increment = ask.scaled.token.saturating_mul(ask.cost);
                 return Ok(reply.into_admission(bucket, increment, &ask));
             }
-            Ok(Err(error)) => RedisUnavailable::failed(error, self.recheck),
-            Err(_elapsed) => RedisUnavailable::no_answer(self.timeout, self.recheck),
+            Ok(Err(error)) => RedisUnavailable::failed(error, self.options.recheck),
+            Err(_elapsed) => {
+                RedisUnavailable::no_answer(self.options.timeout, self.options.recheck)
+            }
         };
         self.report_down(&unavailable);
         self.unavailable(key.as_ref(), ask, unavailable)
@@ -373,7 +397,7 @@ where
     /// The [`WhenUnavailable`] policy's decision.
     fn unavailable(&self, key: Option<&K>, ask: Ask, unavailable: RedisUnavailable) -> Decided<K> {
         let Some(fallback) = &self.fallback else {
-            return match self.when_unavailable {
+            return match self.options.when_unavailable {
                 WhenUnavailable::Reject => Err(unavailable.into()),
                 _ => Ok(Admission::Admitted { status: None }),
             };
@@ -393,8 +417,8 @@ where
         if switched {
             tracing::warn!(
                 error = %unavailable,
-                policy = ?self.when_unavailable,
-                recheck = ?self.recheck,
+                policy = ?self.options.when_unavailable,
+                recheck = ?self.options.recheck,
                 "deciding rate limits by the fallback policy until Redis answers"
             );
         }
@@ -418,7 +442,7 @@ where
             return;
         };
         let mut connection = self.connection.clone();
-        let timeout = self.timeout;
+        let timeout = self.options.timeout;
         runtime.spawn(async move {
             let invocation = script::give_back(&slot);
             // Best effort: if Redis does not answer, the slot stays spent.
@@ -455,7 +479,7 @@ where
         };
         let leases = self.shared.leases.as_ref();
         let now = Instant::now();
-        if let Some(spent) = leases.and_then(|leases| leases.spend(key, cost, now)) {
+        if let Some(spent) = leases.and_then(|leases| leases.spend(key, cost, now, quota)) {
             return Answer::Now(Ok(Admission::Admitted {
                 status: request.status.report(|| RateLimitStatus {
                     quota,
@@ -476,7 +500,7 @@ where
                 })
             }
             Route::Fallback => {
-                let down = RedisUnavailable::down(self.shared.recheck);
+                let down = RedisUnavailable::down(self.shared.options.recheck);
                 Answer::Now(self.shared.unavailable(key, ask, down))
             }
         }
@@ -501,7 +525,7 @@ where
         let mut quota = write(&self.shared.quota);
         let changed = Scaled::of(change(quota.quota)?)?;
         if let (Some(fallback), WhenUnavailable::Local { replicas }) =
-            (&self.shared.fallback, self.shared.when_unavailable)
+            (&self.shared.fallback, self.shared.options.when_unavailable)
         {
             fallback.update_quota(|_| Ok(local_share(changed.quota, replicas)))?;
         }
@@ -511,6 +535,20 @@ where
 
     fn validate(&self) -> Result<(), RateLimitConfigError> {
         self.shared.invalid.clone().map_or(Ok(()), Err)
+    }
+
+    /// The `redis` section must be the one the store was built with, field by field, and
+    /// the quota one the scripts count exactly.
+    #[cfg(feature = "serde")]
+    fn check_reload(
+        &self,
+        config: &crate::config::RateLimitConfig,
+        quota: Quota,
+    ) -> Result<(), crate::config::ConfigError> {
+        config.check_redis_reload(&self.shared.options)?;
+        Scaled::of(quota)
+            .map(drop)
+            .map_err(|error| crate::config::ConfigError::new("capacity", error))
     }
 
     fn available(&self, key: Option<&K>) -> u64 {
@@ -545,9 +583,12 @@ impl<K> Clone for RedisStore<K> {
 impl<K> std::fmt::Debug for RedisStore<K> {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisStore")
-            .field("prefix", &String::from_utf8_lossy(&self.shared.prefix))
-            .field("timeout", &self.shared.timeout)
-            .field("when_unavailable", &self.shared.when_unavailable)
+            .field(
+                "prefix",
+                &String::from_utf8_lossy(&self.shared.options.prefix),
+            )
+            .field("timeout", &self.shared.options.timeout)
+            .field("when_unavailable", &self.shared.options.when_unavailable)
             .field("redis_up", &self.is_redis_up())
             .finish_non_exhaustive()
     }
