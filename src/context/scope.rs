@@ -165,6 +165,7 @@ impl Drop for Entered<'_> {
 
 /// Puts `context` in the slot and returns what was there. Only fails while the thread
 /// is being torn down, when the context is then simply absent rather than a panic.
+#[inline]
 fn swap_current(context: Slot) -> Slot {
     CURRENT
         .try_with(|current| current.replace(context))
