@@ -73,7 +73,7 @@ pub use self::trace::{
 };
 
 #[cfg(feature = "http")]
-pub(crate) use self::scope::in_scope;
+pub(crate) use self::scope::enter;
 pub(crate) use self::scope::with_current;
 #[cfg(feature = "http")]
 pub use self::wire::{

@@ -3,7 +3,7 @@
 use super::{CorrelationId, Generator, IncomingDeadlines};
 use crate::context::{
     DeadlineExceeded, GRPC_PREVIOUS_ATTEMPTS, GRPC_TIMEOUT, HTTP_PREVIOUS_ATTEMPTS, RequestContext,
-    Scoped, TRACEPARENT, TRACESTATE, TraceContext, TraceState, in_scope, is_grpc_content_type,
+    Scoped, TRACEPARENT, TRACESTATE, TraceContext, TraceState, enter, is_grpc_content_type,
     parse_previous_attempts, parse_timeout, refusal,
 };
 use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
@@ -86,8 +86,6 @@ struct Config {
     trust_traceparent: bool,
     accept_trace_context: bool,
     deadlines: Option<IncomingDeadlines>,
-    /// The lengths of the names the server reads (see [`Seen::read`]).
-    lengths: u64,
 }
 
 impl Default for Config {
@@ -99,7 +97,6 @@ impl Default for Config {
             trust_traceparent: false,
             accept_trace_context: true,
             deadlines: None,
-            lengths: lengths_read(&DEFAULT_HEADER, None),
         }
     }
 }
@@ -112,9 +109,7 @@ impl CorrelationIdLayer {
 
     /// The primary header: read first, echoed, and written when an ID is minted.
     pub fn header(mut self, name: HeaderName) -> Self {
-        let config = Arc::make_mut(&mut self.config);
-        config.lengths = lengths_read(&name, config.deadlines.as_ref());
-        config.primary = name;
+        Arc::make_mut(&mut self.config).primary = name;
         self
     }
 
@@ -189,9 +184,7 @@ impl CorrelationIdLayer {
     /// # }
     /// ```
     pub fn accept_deadlines(mut self, deadlines: IncomingDeadlines) -> Self {
-        let config = Arc::make_mut(&mut self.config);
-        config.lengths = lengths_read(&config.primary, Some(&deadlines));
-        config.deadlines = Some(deadlines);
+        Arc::make_mut(&mut self.config).deadlines = Some(deadlines);
         self
     }
 }
@@ -295,8 +288,9 @@ struct Identified<'a> {
 }
 
 /// The headers the server reads, each as its first value and whether it came more than
-/// once, found in one pass over the request's headers instead of a hashed lookup each
-/// (hashing a header name costs more than comparing a few: it walks every byte).
+/// once, found in one pass over the request's headers instead of a hashed lookup each:
+/// hashing a name walks its every byte, where comparing it with a constant name mostly
+/// stops at its kind (standard or not) or its length.
 #[derive(Default)]
 struct Seen<'a> {
     primary: (Option<&'a HeaderValue>, bool),
@@ -314,10 +308,6 @@ impl<'a> Seen<'a> {
         let mut seen = Seen::default();
         let timeout_header = config.deadlines.as_ref().map(IncomingDeadlines::header);
         for (name, value) in headers {
-            // Most names are none of these: their length alone tells.
-            if config.lengths & length_bit(name) == 0 {
-                continue;
-            }
             if name == config.primary {
                 note(&mut seen.primary, value);
             }
@@ -368,31 +358,6 @@ fn note<'a>(slot: &mut (Option<&'a HeaderValue>, bool), value: &'a HeaderValue) 
         None => slot.0 = Some(value),
         Some(_) => slot.1 = true,
     }
-}
-
-/// A bit standing for the length of `name` (one bit for every length from 63 on), so
-/// that a set of names is a mask of their lengths.
-fn length_bit(name: &HeaderName) -> u64 {
-    1 << name.as_str().len().min(63)
-}
-
-/// The lengths of every name [`Seen::read`] looks for under `config`.
-fn lengths_read(primary: &HeaderName, deadlines: Option<&IncomingDeadlines>) -> u64 {
-    let fixed = [
-        &TRACEPARENT,
-        &TRACESTATE,
-        &CONTENT_TYPE,
-        &HTTP_PREVIOUS_ATTEMPTS,
-        &GRPC_PREVIOUS_ATTEMPTS,
-    ];
-    let timeouts = deadlines
-        .map(|deadlines| length_bit(deadlines.header()) | length_bit(&GRPC_TIMEOUT))
-        .unwrap_or(0);
-    fixed
-        .into_iter()
-        .fold(length_bit(primary) | timeouts, |mask, name| {
-            mask | length_bit(name)
-        })
 }
 
 impl<S> Layer<S> for CorrelationIdLayer {
@@ -465,8 +430,13 @@ where
             .deadline()
             .map(|deadline| Box::pin(sleep_until(deadline)));
         let mut scope = Some(Box::new(context.with_correlation_id(id)));
-        let inner = &mut self.inner;
-        let future = span.in_scope(|| in_scope(&mut scope, || inner.call(request)));
+        // The inner `call` runs in the span and the context, like every poll after it;
+        // the guards leave them in the reverse order.
+        let future = {
+            let _in_span = span.enter();
+            let _in_context = enter(&mut scope);
+            self.inner.call(request)
+        };
         ResponseFuture {
             kind: Kind::Running {
                 inner: Scoped::new(scope, span.instrument(future)),
@@ -503,8 +473,11 @@ type Traced<F> = F;
 
 /// The span `correlation{correlation_id=... trace_id=...}` every event of the request is
 /// logged in.
+///
+/// `None` when no subscriber wants it: a disabled `tracing::Span` still costs its drop
+/// (and, with `tracing/log` on, a `log` lookup), so none is made.
 #[cfg(feature = "tracing")]
-struct RequestSpan(tracing::Span);
+struct RequestSpan(Option<tracing::Span>);
 
 #[cfg(feature = "tracing")]
 impl RequestSpan {
@@ -512,7 +485,7 @@ impl RequestSpan {
         // One relaxed load when no subscriber was ever installed, instead of a callsite
         // check (and, if `tracing/log` is on, a `log` lookup) per request.
         if !tracing::dispatcher::has_been_set() {
-            return Self(tracing::Span::none());
+            return Self(None);
         }
         let span = tracing::error_span!(
             target: "palisade::correlation",
@@ -520,6 +493,9 @@ impl RequestSpan {
             correlation_id = %id,
             trace_id = tracing::field::Empty,
         );
+        if span.is_disabled() {
+            return Self(None);
+        }
         if let Some(trace) = context.trace() {
             span.record("trace_id", tracing::field::display(trace.trace_id()));
         }
@@ -527,21 +503,18 @@ impl RequestSpan {
         if context.trace().is_some() {
             super::otel::set_parent(&span, _headers);
         }
-        Self(span)
+        Self(Some(span))
     }
 
-    fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        if self.0.is_disabled() {
-            return f();
-        }
-        self.0.in_scope(f)
+    fn enter(&self) -> Option<tracing::span::Entered<'_>> {
+        self.0.as_ref().map(tracing::Span::enter)
     }
 
     fn instrument<F>(self, future: F) -> Traced<F> {
-        if self.0.is_disabled() {
-            return Traced::Plain(future);
+        match self.0 {
+            Some(span) => Traced::Spanned(tracing::Instrument::instrument(future, span)),
+            None => Traced::Plain(future),
         }
-        Traced::Spanned(tracing::Instrument::instrument(future, self.0))
     }
 }
 
@@ -549,14 +522,18 @@ impl RequestSpan {
 #[cfg(not(feature = "tracing"))]
 struct RequestSpan;
 
+/// What entering no span gives.
+#[cfg(not(feature = "tracing"))]
+struct NoSpan;
+
 #[cfg(not(feature = "tracing"))]
 impl RequestSpan {
     fn new(_id: &CorrelationId, _context: &RequestContext, _headers: &HeaderMap) -> Self {
         Self
     }
 
-    fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        f()
+    fn enter(&self) -> NoSpan {
+        NoSpan
     }
 
     fn instrument<F>(self, future: F) -> Traced<F> {
@@ -618,9 +595,7 @@ where
                         refusal(*this.grpc, &DeadlineExceeded::new(None).rejection())
                     }
                 };
-                let id = inner
-                    .take_context()
-                    .and_then(|mut context| context.take_correlation_id());
+                let id = inner.take_correlation_id();
                 (response, id)
             }
             KindProjection::Refused { id, timeout } => {
