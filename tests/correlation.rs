@@ -696,3 +696,69 @@ fn the_id_is_current_while_a_scoped_future_is_dropped_mid_flight() {
     assert_eq!(log.entries(), [id("inner"), id("inner"), id("outer")]);
     assert_eq!(CorrelationId::current(), None);
 }
+
+/// What a handler reads of the request context: the ID, the caller's earlier attempts,
+/// the trace-id.
+async fn context_read(layer: &CorrelationIdLayer, request: Request<()>) -> (String, u32, String) {
+    let handler = service_fn(|request: Request<()>| async move {
+        let trace = request
+            .extensions()
+            .get::<palisade::context::TraceContext>();
+        let trace_id = trace.map(|trace| trace.trace_id().to_string());
+        let id = CorrelationId::current().map(|id| id.as_str().to_owned());
+        let read = (
+            id.unwrap_or_default(),
+            palisade::context::previous_attempts(),
+        );
+        Ok::<_, Infallible>(Response::new((
+            read.0,
+            read.1,
+            trace_id.unwrap_or_default(),
+        )))
+    });
+    layer
+        .layer(handler)
+        .oneshot(request)
+        .await
+        .unwrap()
+        .into_body()
+}
+
+/// The server reads the headers it needs in one pass, passing over names by their
+/// length: names of the same lengths must neither hide the real ones nor stand in for
+/// them, wherever they come in the request.
+#[tokio::test]
+async fn the_headers_read_are_found_among_others_of_the_same_lengths() {
+    const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    let decoys = [
+        ("x-request-iz", "decoy-id"), // the length of x-request-id, content-type
+        ("traceparenx", TRACEPARENT), // of traceparent
+        ("user-agent", "bench/1.0"),  // of tracestate
+        ("x-previous-attemptz", "7"), // of x-previous-attempts
+        ("grpc-previous-rpc-attemptz", "8"), // of grpc-previous-rpc-attempts
+    ];
+    let real = [
+        ("x-request-id", "real-id"),
+        ("traceparent", TRACEPARENT),
+        ("x-previous-attempts", "2"),
+    ];
+    let layer = CorrelationIdLayer::new();
+    for headers in [
+        [&decoys[..], &real[..]].concat(),
+        [&real[..], &decoys[..]].concat(),
+    ] {
+        let read = context_read(&layer, request_with(&headers)).await;
+        let trace_id = "4bf92f3577b34da6a3ce929d0e0e4736".to_owned();
+        assert_eq!(read, ("real-id".to_owned(), 2, trace_id));
+        let only_decoys = context_read(&layer, request_with(&decoys)).await;
+        assert_eq!(uuid_version(&only_decoys.0), 4, "minted: no decoy is an ID");
+        assert_eq!((only_decoys.1, only_decoys.2.as_str()), (0, ""));
+    }
+    // gRPC requests count their earlier attempts in gRPC's header, and only there.
+    let grpc = request_with(&[
+        ("x-previous-attempts", "9"),
+        ("content-type", "application/grpc"),
+        ("grpc-previous-rpc-attempts", "3"),
+    ]);
+    assert_eq!(context_read(&layer, grpc).await.1, 3);
+}

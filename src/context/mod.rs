@@ -73,7 +73,7 @@ pub use self::trace::{
 };
 
 #[cfg(feature = "http")]
-pub(crate) use self::scope::in_scope;
+pub(crate) use self::scope::enter;
 pub(crate) use self::scope::with_current;
 #[cfg(feature = "http")]
 pub use self::wire::{
@@ -82,7 +82,8 @@ pub use self::wire::{
 };
 #[cfg(feature = "http")]
 pub(crate) use self::wire::{
-    is_grpc, read_previous_attempts, read_timeout, refusal, write_previous_attempts, write_timeout,
+    is_grpc_content_type, parse_previous_attempts, parse_timeout, refusal, write_previous_attempts,
+    write_timeout,
 };
 
 use std::time::Duration;

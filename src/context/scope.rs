@@ -145,7 +145,7 @@ pub(crate) fn with_current<R>(f: impl FnOnce(Option<&RequestContext>) -> R) -> R
 
 /// Makes `slot` the current context until dropped, then puts both back where they
 /// were, also when the code in between panics.
-struct Entered<'a> {
+pub(crate) struct Entered<'a> {
     slot: &'a mut Slot,
     outer: Slot,
 }
@@ -165,6 +165,7 @@ impl Drop for Entered<'_> {
 
 /// Puts `context` in the slot and returns what was there. Only fails while the thread
 /// is being torn down, when the context is then simply absent rather than a panic.
+#[inline]
 fn swap_current(context: Slot) -> Slot {
     CURRENT
         .try_with(|current| current.replace(context))
@@ -172,11 +173,11 @@ fn swap_current(context: Slot) -> Slot {
         .flatten()
 }
 
-/// Runs `f` with the context in `slot` (if any, else none) as the current one.
+/// Makes the context in `slot` (if any, else none) the current one until the guard is
+/// dropped.
 #[cfg(feature = "http")]
-pub(crate) fn in_scope<R>(slot: &mut Slot, f: impl FnOnce() -> R) -> R {
-    let _entered = Entered::new(slot);
-    f()
+pub(crate) fn enter(slot: &mut Slot) -> Entered<'_> {
+    Entered::new(slot)
 }
 
 /// A future that runs with a [`RequestContext`] as the current one: made by
@@ -214,11 +215,11 @@ impl<F> Scoped<F> {
         this.future.set(None);
     }
 
-    /// Gives the context back once the future has completed, so the caller needs no
-    /// clone.
+    /// Takes the correlation ID out of the context once the future has completed, so
+    /// the caller needs no clone (the context itself stays in its box, unmoved).
     #[cfg(feature = "http")]
-    pub(crate) fn take_context(self: Pin<&mut Self>) -> Option<RequestContext> {
-        self.project().context.take().map(|context| *context)
+    pub(crate) fn take_correlation_id(self: Pin<&mut Self>) -> Option<CorrelationId> {
+        self.project().context.as_mut()?.take_correlation_id()
     }
 }
 

@@ -24,9 +24,12 @@ pub const TRACESTATE: HeaderName = HeaderName::from_static("tracestate");
 
 /// Whether the request or response is gRPC (`content-type: application/grpc…`).
 pub(crate) fn is_grpc(headers: &HeaderMap) -> bool {
-    headers
-        .get(CONTENT_TYPE)
-        .is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
+    is_grpc_content_type(headers.get(CONTENT_TYPE))
+}
+
+/// Whether this first `content-type` value says gRPC.
+pub(crate) fn is_grpc_content_type(value: Option<&HeaderValue>) -> bool {
+    value.is_some_and(|value| value.as_bytes().starts_with(b"application/grpc"))
 }
 
 fn previous_attempts_header(headers: &HeaderMap) -> HeaderName {
@@ -40,8 +43,13 @@ fn previous_attempts_header(headers: &HeaderMap) -> HeaderName {
 /// The caller's count of earlier attempts; 0 when absent or malformed (at most 8
 /// digits are read, so a hostile value cannot overflow).
 pub(crate) fn read_previous_attempts(headers: &HeaderMap) -> u32 {
-    headers
-        .get(previous_attempts_header(headers))
+    parse_previous_attempts(headers.get(previous_attempts_header(headers)))
+}
+
+/// The count in the first value of the earlier-attempts header, as
+/// [`read_previous_attempts`] reads it.
+pub(crate) fn parse_previous_attempts(value: Option<&HeaderValue>) -> u32 {
+    value
         .and_then(|value| parse_timeout_ms(value.as_bytes()))
         .map_or(0, |count| {
             u32::try_from(count.as_millis()).unwrap_or(u32::MAX)
@@ -63,9 +71,20 @@ pub(crate) fn write_previous_attempts(headers: &mut HeaderMap, attempts: u32) {
 /// milliseconds. Malformed values count as absent.
 pub(crate) fn read_timeout(headers: &HeaderMap, http_header: &HeaderName) -> Option<Duration> {
     if is_grpc(headers) {
-        parse_grpc_timeout(headers.get(GRPC_TIMEOUT)?.as_bytes())
+        parse_timeout(true, headers.get(GRPC_TIMEOUT))
     } else {
-        parse_timeout_ms(headers.get(http_header)?.as_bytes())
+        parse_timeout(false, headers.get(http_header))
+    }
+}
+
+/// The time left in the first value of the timeout header of a gRPC (`grpc-timeout`) or
+/// HTTP (milliseconds) request, as [`read_timeout`] reads it.
+pub(crate) fn parse_timeout(grpc: bool, value: Option<&HeaderValue>) -> Option<Duration> {
+    let value = value?.as_bytes();
+    if grpc {
+        parse_grpc_timeout(value)
+    } else {
+        parse_timeout_ms(value)
     }
 }
 

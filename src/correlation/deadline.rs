@@ -1,7 +1,6 @@
 //! How the server side takes the caller's deadline.
 
-use crate::context::{DEFAULT_TIMEOUT_HEADER, read_timeout};
-use http::HeaderMap;
+use crate::context::DEFAULT_TIMEOUT_HEADER;
 use http::header::HeaderName;
 use std::time::Duration;
 
@@ -67,12 +66,15 @@ impl IncomingDeadlines {
         }
     }
 
-    /// The time this request has, if any: the caller's (at most the maximum), else the
-    /// default.
-    pub(crate) fn timeout_of(&self, headers: &HeaderMap) -> Option<Duration> {
-        read_timeout(headers, &self.header)
-            .map(|timeout| timeout.min(self.max))
-            .or(self.default)
+    /// The header the time left comes in on HTTP requests.
+    pub(crate) fn header(&self) -> &HeaderName {
+        &self.header
+    }
+
+    /// The time this request has, if any: the caller's `sent` time left (at most the
+    /// maximum), else the default.
+    pub(crate) fn timeout(&self, sent: Option<Duration>) -> Option<Duration> {
+        sent.map(|timeout| timeout.min(self.max)).or(self.default)
     }
 
     /// Whether a request with `timeout` left is refused at once.

@@ -2,10 +2,11 @@
 
 use super::{CorrelationId, Generator, IncomingDeadlines};
 use crate::context::{
-    DeadlineExceeded, RequestContext, Scoped, TRACEPARENT, TRACESTATE, TraceContext, TraceState,
-    in_scope, is_grpc, read_previous_attempts, refusal,
+    DeadlineExceeded, GRPC_PREVIOUS_ATTEMPTS, GRPC_TIMEOUT, HTTP_PREVIOUS_ATTEMPTS, RequestContext,
+    Scoped, TRACEPARENT, TRACESTATE, TraceContext, TraceState, enter, is_grpc_content_type,
+    parse_previous_attempts, parse_timeout, refusal,
 };
-use http::header::{HeaderMap, HeaderName};
+use http::header::{CONTENT_TYPE, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response};
 use pin_project::pin_project;
 use std::fmt;
@@ -189,66 +190,49 @@ impl CorrelationIdLayer {
 }
 
 impl Config {
-    /// The first valid ID in the accepted headers, and whether the primary header holds
-    /// that ID and nothing else (the common case, which needs no rewrite).
-    fn find_in_headers(&self, headers: &HeaderMap) -> (Option<(CorrelationId, &HeaderName)>, bool) {
-        let mut primary = headers.get_all(&self.primary).iter();
-        let first = primary
-            .next()
-            .and_then(|value| CorrelationId::from_header_value(value).ok());
-        if let Some(id) = first {
-            let sole = primary.next().is_none();
-            return (Some((id, &self.primary)), sole);
-        }
-        let found = self.fallbacks.iter().find_map(|name| {
-            let id = CorrelationId::from_header_value(headers.get(name)?).ok()?;
-            Some((id, name))
-        });
-        (found, false)
-    }
-
-    fn trusted_trace_id(&self, headers: &HeaderMap) -> Option<CorrelationId> {
-        if !self.trust_traceparent {
-            return None;
-        }
-        let trace = trace_context_of(headers)?;
-        CorrelationId::parse(trace.trace_id().to_string()).ok()
-    }
-
-    /// The request's context, but for its ID: trace, earlier attempts, deadline.
-    fn context_of<B>(&self, request: &mut Request<B>) -> (RequestContext, Option<Duration>) {
+    /// Settles the request's ID and reads the rest of its context, records the ID (and
+    /// the trace context) on the request, and names the header to echo the ID in.
+    fn identify<B>(&self, request: &mut Request<B>) -> Identified<'_> {
         let headers = request.headers();
+        let seen = Seen::read(self, headers);
+        let outer = request.extensions().get::<CorrelationId>().cloned();
+        let had_id = outer.is_some();
+        let trace = seen.trace_context(headers);
+        // The primary header holds the settled ID and nothing else (the common case)
+        // unless it is rewritten below.
+        let (id, header, settled) = match outer {
+            // An outer layer settled it: the request is left as it is.
+            Some(id) => (id, &self.primary, true),
+            None => match self.find_in_headers(&seen, headers) {
+                Some(found) => found,
+                None => {
+                    let trusted = trace.as_ref().filter(|_| self.trust_traceparent);
+                    let id = trusted
+                        .and_then(|trace| CorrelationId::parse(trace.trace_id().to_string()).ok())
+                        .unwrap_or_else(|| self.generator.generate());
+                    (id, &self.primary, false)
+                }
+            },
+        };
+        let grpc = is_grpc_content_type(seen.content_type);
+        let attempts = if grpc {
+            seen.grpc_attempts
+        } else {
+            seen.http_attempts
+        };
         let mut context =
-            RequestContext::new().with_previous_attempts(read_previous_attempts(headers));
-        let timeout = self
-            .deadlines
-            .as_ref()
-            .and_then(|deadlines| deadlines.timeout_of(headers));
+            RequestContext::new().with_previous_attempts(parse_previous_attempts(attempts));
+        let timeout = self.deadlines.as_ref().and_then(|deadlines| {
+            let sent = if grpc {
+                seen.grpc_timeout
+            } else {
+                seen.http_timeout
+            };
+            deadlines.timeout(parse_timeout(grpc, sent))
+        });
         if let Some(timeout) = timeout {
             context = context.with_timeout(timeout);
         }
-        if self.accept_trace_context
-            && let Some(trace) = trace_context_of(headers)
-        {
-            request.extensions_mut().insert(trace.clone());
-            context = context.with_trace(trace);
-        }
-        (context, timeout)
-    }
-
-    /// Settles the request's ID, records it on the request, and names the header to
-    /// echo it in.
-    fn identify<B>(&self, request: &mut Request<B>) -> (CorrelationId, &HeaderName) {
-        if let Some(id) = request.extensions().get::<CorrelationId>() {
-            return (id.clone(), &self.primary);
-        }
-        let (found, settled) = self.find_in_headers(request.headers());
-        let (id, header) = found.unwrap_or_else(|| {
-            let id = self
-                .trusted_trace_id(request.headers())
-                .unwrap_or_else(|| self.generator.generate());
-            (id, &self.primary)
-        });
         // The primary header now holds exactly the settled ID: an invalid value in it, or
         // a second value after a valid one, must not reach the handler or be forwarded.
         if !settled {
@@ -256,8 +240,123 @@ impl Config {
                 .headers_mut()
                 .insert(self.primary.clone(), id.header_value().clone());
         }
-        request.extensions_mut().insert(id.clone());
-        (id, header)
+        let extensions = request.extensions_mut();
+        if !had_id {
+            extensions.insert(id.clone());
+        }
+        if let Some(trace) = trace.filter(|_| self.accept_trace_context) {
+            extensions.insert(trace.clone());
+            context = context.with_trace(trace);
+        }
+        Identified {
+            id,
+            header,
+            context,
+            timeout,
+            grpc,
+        }
+    }
+
+    /// The first valid ID in the accepted headers, the header it came in, and whether
+    /// the primary header holds that ID and nothing else (no rewrite needed).
+    fn find_in_headers<'a>(
+        &'a self,
+        seen: &Seen<'_>,
+        headers: &HeaderMap,
+    ) -> Option<(CorrelationId, &'a HeaderName, bool)> {
+        if let (Some(first), repeated) = seen.primary
+            && let Ok(id) = CorrelationId::from_header_value(first)
+        {
+            return Some((id, &self.primary, !repeated));
+        }
+        self.fallbacks.iter().find_map(|name| {
+            let id = CorrelationId::from_header_value(headers.get(name)?).ok()?;
+            Some((id, name, false))
+        })
+    }
+}
+
+/// What [`Config::identify`] settled.
+struct Identified<'a> {
+    id: CorrelationId,
+    /// Where to echo the ID.
+    header: &'a HeaderName,
+    /// The request's context, but for its ID.
+    context: RequestContext,
+    timeout: Option<Duration>,
+    grpc: bool,
+}
+
+/// The headers the server reads, each as its first value and whether it came more than
+/// once, found in one pass over the request's headers instead of a hashed lookup each:
+/// hashing a name walks its every byte, where comparing it with a constant name mostly
+/// stops at its kind (standard or not) or its length.
+#[derive(Default)]
+struct Seen<'a> {
+    primary: (Option<&'a HeaderValue>, bool),
+    traceparent: (Option<&'a HeaderValue>, bool),
+    tracestate: bool,
+    content_type: Option<&'a HeaderValue>,
+    http_attempts: Option<&'a HeaderValue>,
+    grpc_attempts: Option<&'a HeaderValue>,
+    http_timeout: Option<&'a HeaderValue>,
+    grpc_timeout: Option<&'a HeaderValue>,
+}
+
+impl<'a> Seen<'a> {
+    fn read(config: &Config, headers: &'a HeaderMap) -> Self {
+        let mut seen = Seen::default();
+        let timeout_header = config.deadlines.as_ref().map(IncomingDeadlines::header);
+        for (name, value) in headers {
+            if name == config.primary {
+                note(&mut seen.primary, value);
+            }
+            if name == TRACEPARENT {
+                note(&mut seen.traceparent, value);
+            } else if name == TRACESTATE {
+                seen.tracestate = true;
+            } else if name == CONTENT_TYPE {
+                seen.content_type.get_or_insert(value);
+            } else if name == HTTP_PREVIOUS_ATTEMPTS {
+                seen.http_attempts.get_or_insert(value);
+            } else if name == GRPC_PREVIOUS_ATTEMPTS {
+                seen.grpc_attempts.get_or_insert(value);
+            } else if timeout_header.is_some() && name == GRPC_TIMEOUT {
+                seen.grpc_timeout.get_or_insert(value);
+            }
+            if timeout_header == Some(name) {
+                seen.http_timeout.get_or_insert(value);
+            }
+        }
+        seen
+    }
+
+    /// The trace context of a valid `traceparent` sent once, with its `tracestate` if
+    /// that is valid. W3C Trace Context: a repeated `traceparent` is invalid and the
+    /// trace restarts, so neither value may be used.
+    fn trace_context(&self, headers: &HeaderMap) -> Option<TraceContext> {
+        let (Some(only), false) = self.traceparent else {
+            return None;
+        };
+        let trace = TraceContext::parse(only.as_bytes()).ok()?;
+        if !self.tracestate {
+            return Some(trace);
+        }
+        let states = headers.get_all(TRACESTATE);
+        Some(
+            match TraceState::parse(states.iter().map(|value| value.as_bytes())) {
+                Ok(state) => trace.with_state(state),
+                Err(_) => trace,
+            },
+        )
+    }
+}
+
+/// Keeps the first value of a header, and notes a second one.
+fn note<'a>(slot: &mut (Option<&'a HeaderValue>, bool), value: &'a HeaderValue) {
+    match slot.0 {
+        None => slot.0 = Some(value),
+        Some(_) => slot.1 = true,
     }
 }
 
@@ -302,9 +401,13 @@ where
     }
 
     fn call(&mut self, mut request: Request<ReqBody>) -> Self::Future {
-        let (id, header) = self.config.identify(&mut request);
-        let (context, timeout) = self.config.context_of(&mut request);
-        let grpc = is_grpc(request.headers());
+        let Identified {
+            id,
+            header,
+            context,
+            timeout,
+            grpc,
+        } = self.config.identify(&mut request);
         let echo_header = Some(header.clone());
         if let Some(timeout) = timeout
             && self
@@ -327,8 +430,13 @@ where
             .deadline()
             .map(|deadline| Box::pin(sleep_until(deadline)));
         let mut scope = Some(Box::new(context.with_correlation_id(id)));
-        let inner = &mut self.inner;
-        let future = span.in_scope(|| in_scope(&mut scope, || inner.call(request)));
+        // The inner `call` runs in the span and the context, like every poll after it;
+        // the guards leave them in the reverse order.
+        let future = {
+            let _in_span = span.enter();
+            let _in_context = enter(&mut scope);
+            self.inner.call(request)
+        };
         ResponseFuture {
             kind: Kind::Running {
                 inner: Scoped::new(scope, span.instrument(future)),
@@ -340,36 +448,36 @@ where
     }
 }
 
-/// The trace context of a valid `traceparent` sent once, with its `tracestate` if
-/// that is valid. W3C Trace Context: a repeated `traceparent` is invalid and the trace
-/// restarts, so neither value may be used.
-fn trace_context_of(headers: &HeaderMap) -> Option<TraceContext> {
-    let mut values = headers.get_all(TRACEPARENT).iter();
-    let (Some(only), None) = (values.next(), values.next()) else {
-        return None;
-    };
-    let trace = TraceContext::parse(only.as_bytes()).ok()?;
-    let states = headers.get_all(TRACESTATE);
-    if states.iter().next().is_none() {
-        return Some(trace);
-    }
-    Some(
-        match TraceState::parse(states.iter().map(|value| value.as_bytes())) {
-            Ok(state) => trace.with_state(state),
-            Err(_) => trace,
-        },
-    )
+#[cfg(feature = "tracing")]
+#[pin_project(project = TracedProjection)]
+enum Traced<F> {
+    /// No subscriber listens: nothing to enter on each poll and on drop.
+    Plain(#[pin] F),
+    Spanned(#[pin] tracing::instrument::Instrumented<F>),
 }
 
 #[cfg(feature = "tracing")]
-type Traced<F> = tracing::instrument::Instrumented<F>;
+impl<F: Future> Future for Traced<F> {
+    type Output = F::Output;
+
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<F::Output> {
+        match self.project() {
+            TracedProjection::Plain(future) => future.poll(cx),
+            TracedProjection::Spanned(future) => future.poll(cx),
+        }
+    }
+}
+
 #[cfg(not(feature = "tracing"))]
 type Traced<F> = F;
 
 /// The span `correlation{correlation_id=... trace_id=...}` every event of the request is
 /// logged in.
+///
+/// `None` when no subscriber wants it: a disabled `tracing::Span` still costs its drop
+/// (and, with `tracing/log` on, a `log` lookup), so none is made.
 #[cfg(feature = "tracing")]
-struct RequestSpan(tracing::Span);
+struct RequestSpan(Option<tracing::Span>);
 
 #[cfg(feature = "tracing")]
 impl RequestSpan {
@@ -377,7 +485,7 @@ impl RequestSpan {
         // One relaxed load when no subscriber was ever installed, instead of a callsite
         // check (and, if `tracing/log` is on, a `log` lookup) per request.
         if !tracing::dispatcher::has_been_set() {
-            return Self(tracing::Span::none());
+            return Self(None);
         }
         let span = tracing::error_span!(
             target: "palisade::correlation",
@@ -385,6 +493,9 @@ impl RequestSpan {
             correlation_id = %id,
             trace_id = tracing::field::Empty,
         );
+        if span.is_disabled() {
+            return Self(None);
+        }
         if let Some(trace) = context.trace() {
             span.record("trace_id", tracing::field::display(trace.trace_id()));
         }
@@ -392,15 +503,18 @@ impl RequestSpan {
         if context.trace().is_some() {
             super::otel::set_parent(&span, _headers);
         }
-        Self(span)
+        Self(Some(span))
     }
 
-    fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        self.0.in_scope(f)
+    fn enter(&self) -> Option<tracing::span::Entered<'_>> {
+        self.0.as_ref().map(tracing::Span::enter)
     }
 
     fn instrument<F>(self, future: F) -> Traced<F> {
-        tracing::Instrument::instrument(future, self.0)
+        match self.0 {
+            Some(span) => Traced::Spanned(tracing::Instrument::instrument(future, span)),
+            None => Traced::Plain(future),
+        }
     }
 }
 
@@ -408,14 +522,18 @@ impl RequestSpan {
 #[cfg(not(feature = "tracing"))]
 struct RequestSpan;
 
+/// What entering no span gives.
+#[cfg(not(feature = "tracing"))]
+struct NoSpan;
+
 #[cfg(not(feature = "tracing"))]
 impl RequestSpan {
     fn new(_id: &CorrelationId, _context: &RequestContext, _headers: &HeaderMap) -> Self {
         Self
     }
 
-    fn in_scope<R>(&self, f: impl FnOnce() -> R) -> R {
-        f()
+    fn enter(&self) -> NoSpan {
+        NoSpan
     }
 
     fn instrument<F>(self, future: F) -> Traced<F> {
@@ -477,9 +595,7 @@ where
                         refusal(*this.grpc, &DeadlineExceeded::new(None).rejection())
                     }
                 };
-                let id = inner
-                    .take_context()
-                    .and_then(|mut context| context.take_correlation_id());
+                let id = inner.take_correlation_id();
                 (response, id)
             }
             KindProjection::Refused { id, timeout } => {

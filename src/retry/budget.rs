@@ -70,6 +70,8 @@ pub struct RetryBudget {
     baseline: AtomicU64,
     /// `baseline` + the newest slice's deposits: what is available now.
     balance: AtomicU64,
+    /// Tells this budget's entry in [`SliceEnd`] from another budget's.
+    id: u64,
 }
 
 /// One retry's withdrawal from a [`RetryBudget`], handed back with
@@ -126,6 +128,7 @@ impl RetryBudget {
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
             baseline: AtomicU64::new(reserve as u64),
             balance: AtomicU64::new(reserve as u64),
+            id: SliceEnd::new_id(),
         }
     }
 
@@ -160,6 +163,7 @@ impl RetryBudget {
     }
 
     /// Records one request. Called once per request, on its first attempt.
+    #[inline]
     pub fn deposit(&self, now: Instant) {
         if self.deposit > 0 {
             self.advance(now);
@@ -230,7 +234,25 @@ impl RetryBudget {
     /// into its slot. Every change is an add of the same amount to both sides, so an
     /// operation racing the boundary can only land in the neighbouring slice, never be
     /// lost or counted twice.
+    #[inline]
     fn advance(&self, now: Instant) -> u64 {
+        if SliceEnd::is_after(self.id, now) {
+            return self.epoch.load(Ordering::Acquire);
+        }
+        let epoch = self.advance_from_clock(now);
+        SliceEnd::remember(self.id, self.end_of(epoch));
+        epoch
+    }
+
+    /// When slice `epoch` ends, if that instant can be represented.
+    fn end_of(&self, epoch: u64) -> Option<Instant> {
+        let next_start = epoch.checked_add(1)?.checked_mul(self.slice_nanos)?;
+        self.start.checked_add(Duration::from_nanos(next_start))
+    }
+
+    /// [`advance`](Self::advance) from the time elapsed since `start`.
+    #[inline(never)]
+    fn advance_from_clock(&self, now: Instant) -> u64 {
         // u64 nanoseconds last 584 years; u128 division would cost more than the rest.
         let elapsed =
             u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
@@ -287,6 +309,53 @@ fn slot(epoch: u64) -> usize {
     (epoch % SLICES as u64) as usize
 }
 
+/// A per-thread note of when the slice that a budget was last seen in ends, so that a
+/// call well inside the newest slice (nearly every call) compares two instants instead
+/// of measuring the time since the budget's start (a subtraction of two `timespec`s and
+/// a conversion to nanoseconds: most of a deposit).
+///
+/// It is only ever a shortcut to the answer [`RetryBudget::advance`] would reach: the
+/// noted end is that of a slice no newer than the budget's newest, so a `now` before it
+/// is also before the end of the newest slice, where `advance` moves nothing and
+/// returns the newest slice. A stale or missing note only costs the full computation.
+/// Under loom it is off, so that the models explore every read of the atomics.
+struct SliceEnd;
+
+#[cfg(not(loom))]
+thread_local! {
+    static SLICE_END: std::cell::Cell<(u64, Option<Instant>)> = const { std::cell::Cell::new((0, None)) };
+}
+
+impl SliceEnd {
+    /// A budget id no other budget has (0 is never one, so an empty note matches none).
+    fn new_id() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[cfg(not(loom))]
+    #[inline]
+    fn is_after(id: u64, now: Instant) -> bool {
+        SLICE_END
+            .try_with(|note| matches!(note.get(), (noted, Some(end)) if noted == id && now < end))
+            .unwrap_or(false)
+    }
+
+    #[cfg(not(loom))]
+    fn remember(id: u64, end: Option<Instant>) {
+        // Only fails while the thread is torn down; the note is then simply not kept.
+        let _ = SLICE_END.try_with(|note| note.set((id, end)));
+    }
+
+    #[cfg(loom)]
+    fn is_after(_: u64, _: Instant) -> bool {
+        false
+    }
+
+    #[cfg(loom)]
+    fn remember(_: u64, _: Option<Instant>) {}
+}
+
 #[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
@@ -307,6 +376,35 @@ mod tests {
         assert!(budget.withdraw(now).is_none());
         assert!(budget.withdraw(now + Duration::from_millis(500)).is_none());
         assert!(budget.withdraw(now + Duration::from_millis(1100)).is_some());
+    }
+
+    #[test]
+    fn a_budget_never_reads_another_budgets_note() {
+        // No reserve, one retry per request, deposits expire after 1 s.
+        let (a, b) = (
+            RetryBudget::new(Duration::from_secs(1), 0, 1.0),
+            RetryBudget::new(Duration::from_secs(1), 0, 1.0),
+        );
+        let now = Instant::now();
+        b.deposit(now);
+        // `a` notes a slice ending 100 s from now, on this thread.
+        a.deposit(now + Duration::from_secs(100));
+        // `b`'s deposit has expired: the note of `a`'s slice must not say otherwise.
+        assert!(b.withdraw(now + Duration::from_secs(2)).is_none());
+        assert!(a.withdraw(now + Duration::from_secs(100)).is_some());
+    }
+
+    #[test]
+    fn a_call_inside_the_noted_slice_still_sees_every_deposit() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 0, 1.0);
+        let now = Instant::now();
+        budget.deposit(now);
+        budget.deposit(now + Duration::from_millis(10));
+        assert_eq!(budget.available(now + Duration::from_millis(20)), 2);
+        // An earlier clock reading (another task's) records into the newest slice.
+        budget.deposit(now);
+        assert_eq!(budget.available(now + Duration::from_millis(30)), 3);
+        assert_eq!(budget.available(now + Duration::from_secs(2)), 0);
     }
 
     #[test]
