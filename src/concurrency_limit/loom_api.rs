@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::fair::{FairAdmission, FairShares};
-use super::limiter::{Admission, Limiter, Waiter};
+use super::limiter::{Admission, Limit, Limiter, Policy, Waiter};
 use super::release::Permit;
 
 /// A concurrency limit's counter, with an optional queue.
@@ -39,20 +39,20 @@ impl Place {
 impl Permits {
     /// `limit` permits, and a queue of `queue` places (none for zero).
     pub(crate) fn new(limit: u32, queue: usize) -> Self {
-        let limiter = Limiter::fixed(limit);
-        Self(if queue == 0 {
-            limiter
-        } else {
-            limiter.with_queue(queue, Duration::from_secs(1))
-        })
+        let policy = Policy {
+            waiters: queue,
+            max_wait: Duration::from_secs(1),
+            ..Policy::default()
+        };
+        Self(Limiter::new(Limit::Fixed(limit), policy))
     }
 
     /// Takes a permit, a place, or nothing.
     pub(crate) fn admit(&self) -> Admit {
         match self.0.try_admit() {
             Admission::Admitted(_) => Admit::Permit,
-            Admission::Queued(waiter) => Admit::Queued(Place(waiter)),
-            Admission::Rejected => Admit::Rejected,
+            Admission::Queued { waiter, .. } => Admit::Queued(Place(waiter)),
+            Admission::Rejected(_) => Admit::Rejected,
         }
     }
 
@@ -113,7 +113,7 @@ impl FairPermits {
             FairAdmission::Admitted(_, cell) => {
                 Some(KeyPermit(Permit::keyed(Arc::clone(&self.limiter), cell)))
             }
-            FairAdmission::Rejected => None,
+            FairAdmission::Rejected(_) => None,
         }
     }
 

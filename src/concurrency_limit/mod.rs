@@ -255,6 +255,8 @@ pub use self::algorithms::{Aimd, Gradient, LimitAlgorithm, Sample};
 pub use self::error::{ConcurrencyLimitConfigError, Overloaded};
 pub use self::future::ResponseFuture;
 pub use self::handle::ConcurrencyLimitHandle;
+#[cfg(feature = "serde")]
+pub(crate) use self::layer::{Built, Plan};
 pub use self::layer::{ConcurrencyLimitLayer, ConcurrencyLimitLayerBuilder};
 pub use self::release::{Permit, Release, ReleaseOnResponse, SampleReport};
 #[cfg(feature = "http")]

@@ -1,7 +1,7 @@
 //! The permit counter against a reference model: random sequences of admissions,
 //! releases, waiters leaving the queue and limit changes, with and without a queue.
 
-use super::limiter::{Admission, Limiter, Waiter};
+use super::limiter::{Admission, Limit, Limiter, Policy, Waiter};
 use proptest::prelude::*;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -58,10 +58,8 @@ proptest! {
         capacity in 0usize..4,
         ops in proptest::collection::vec(op(), 1..120),
     ) {
-        let mut limiter = Limiter::fixed(limit);
-        if capacity > 0 {
-            limiter = limiter.with_queue(capacity, Duration::from_secs(1));
-        }
+        let policy = Policy { waiters: capacity, max_wait: Duration::from_secs(1), ..Policy::default() };
+        let limiter = Limiter::new(Limit::Fixed(limit), policy);
         let mut model = Model { limit, capacity, ..Model::default() };
         // Holders of a permit and queued waiters, by id, in the real limiter and the model.
         let mut holders: Vec<usize> = Vec::new();
@@ -85,11 +83,11 @@ proptest! {
                             prop_assert_eq!(in_flight, model.in_flight);
                             holders.push(id);
                         }
-                        Admission::Queued(waiter) => {
+                        Admission::Queued { waiter, .. } => {
                             prop_assert_eq!(expected, "queued");
                             waiters.push((id, waiter));
                         }
-                        Admission::Rejected => prop_assert_eq!(expected, "rejected"),
+                        Admission::Rejected(_) => prop_assert_eq!(expected, "rejected"),
                     }
                 }
                 Op::Release(n) if !holders.is_empty() => {
@@ -150,7 +148,7 @@ fn the_word_holds_the_largest_limit_and_count() {
     assert_eq!(limiter.limit(), super::limiter::MAX_LIMIT);
     assert!(matches!(limiter.try_admit(), Admission::Admitted(1)));
     limiter.set_limit(1);
-    assert!(matches!(limiter.try_admit(), Admission::Rejected));
+    assert!(matches!(limiter.try_admit(), Admission::Rejected(_)));
     limiter.set_limit(u32::MAX); // clamped
     assert_eq!(limiter.limit(), super::limiter::MAX_LIMIT);
     limiter.release();

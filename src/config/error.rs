@@ -116,4 +116,24 @@ impl NotReloadable {
             was: was.to_string(),
         }
     }
+
+    /// The refusal of a reload that would change `path`, built with `was`.
+    pub(crate) fn at(path: &str, was: impl fmt::Display) -> ConfigError {
+        ConfigError::new(path, Self::new(was))
+    }
+
+    /// Refuses a reload whose `now` at `path` is not what the layer was built with
+    /// (`was`, shown as `show` writes it).
+    pub(crate) fn unless_same<T: PartialEq>(
+        path: &str,
+        now: &T,
+        was: &T,
+        show: impl FnOnce(&T) -> String,
+    ) -> Result<(), ConfigError> {
+        if now == was {
+            Ok(())
+        } else {
+            Err(Self::at(path, show(was)))
+        }
+    }
 }

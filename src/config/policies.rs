@@ -230,6 +230,20 @@ impl Policies {
         })
     }
 
+    /// Reloads the concurrency limit behind `handle` with the policy `name` (see
+    /// [`ConcurrencyLimitHandle::reload`](crate::concurrency_limit::ConcurrencyLimitHandle::reload)):
+    /// an error names its place in the document (`concurrency.api.max_in_flight`), and
+    /// changes nothing.
+    pub fn reload_concurrency_limit(
+        &self,
+        name: &str,
+        handle: &crate::concurrency_limit::ConcurrencyLimitHandle,
+    ) -> Result<(), ConfigError> {
+        build("concurrency", &self.concurrency, name, |policy| {
+            handle.reload(policy)
+        })
+    }
+
     /// The incoming deadlines `name`.
     #[cfg(feature = "http")]
     #[cfg_attr(docsrs, doc(cfg(feature = "http")))]
