@@ -188,6 +188,19 @@ impl Policies {
         })
     }
 
+    /// Reloads the retry layer behind `handle` with the policy `name` (see
+    /// [`RetryHandle::reload`](crate::retry::RetryHandle::reload)): an error names its
+    /// place in the document (`retries.idempotent.max_attempts`), and changes nothing.
+    pub fn reload_retry(
+        &self,
+        name: &str,
+        handle: &crate::retry::RetryHandle,
+    ) -> Result<(), ConfigError> {
+        build("retries", &self.retries, name, |policy| {
+            handle.reload(policy)
+        })
+    }
+
     /// The concurrency limit `name`.
     pub fn concurrency_limit(&self, name: &str) -> Result<ConcurrencyLimitLayer, ConfigError> {
         build(

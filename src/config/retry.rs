@@ -211,6 +211,17 @@ impl RetryConfig {
             .map_err(|error| self.locate(error))
     }
 
+    /// What a live reload to this configuration switches to: `build()`'s validation,
+    /// over the builder's defaults. The options, and the budget's ttl, reserve rate
+    /// and ratio.
+    pub(crate) fn reload_options(
+        &self,
+    ) -> Result<(crate::retry::Options, (Duration, u32, f64)), ConfigError> {
+        let builder = self.apply(RetryLayer::builder());
+        let options = builder.options().map_err(|error| self.locate(error))?;
+        Ok((options, builder.budget_settings()))
+    }
+
     /// The field a builder error is about.
     fn locate(&self, error: RetryConfigError) -> ConfigError {
         use RetryConfigError as E;

@@ -1,6 +1,6 @@
 //! The retry budget: a lock-free, sans-io core shared by every clone of a layer.
 
-use crate::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering, lock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -48,16 +48,26 @@ const SLICES: usize = 10;
 /// the balance below what one retry costs, however many tasks race for it.
 #[derive(Debug)]
 pub struct RetryBudget {
-    ttl: Duration,
-    min_per_sec: u32,
-    ratio: f64,
+    /// As given (the getters'): read only by them, written by a reconfiguration.
+    settings: Mutex<Settings>,
     start: Instant,
-    slice_nanos: u64,
-    deposit: i64,
+    /// The length of a slice, a tenth of the ttl (clamped). Read and written only by
+    /// the holder of `advancing`.
+    slice_nanos: AtomicU64,
+    /// When the slice after the newest begins, in nanoseconds since `start`: a caller
+    /// whose clock reading is before it records into the newest slice without
+    /// dividing. Written, after `epoch`, by the holder of `advancing`.
+    next_start: AtomicU64,
+    /// What one request deposits, in thousandths of a retry (an `i64`).
+    deposit: AtomicU64,
+    /// The part of `baseline` that never expires, `min_per_sec · ttl` in thousandths
+    /// (an `i64`). Written only by the holder of `advancing`.
+    reserve: AtomicU64,
     /// The newest slice; whoever moves it forward closes it and expires the slices it
     /// skips.
     epoch: AtomicU64,
-    /// Held (never waited for) by the caller moving `epoch` forward.
+    /// Held (never waited for) by the caller moving `epoch` forward; waited for only
+    /// by a reconfiguration, which holds it just as briefly.
     advancing: AtomicBool,
     /// Net amount (deposits − withdrawals) recorded in each closed live slice, and the
     /// withdrawals of the newest; an `i64` stored two's-complement so that wrapping
@@ -70,6 +80,33 @@ pub struct RetryBudget {
     baseline: AtomicU64,
     /// `baseline` + the newest slice's deposits: what is available now.
     balance: AtomicU64,
+}
+
+/// A budget's settings, as given.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    ttl: Duration,
+    min_per_sec: u32,
+    ratio: f64,
+}
+
+impl Settings {
+    /// The slice length, the reserve and the deposit, in the budget's units. Clamped,
+    /// every amount stays far from the ends of an i64: the reserve is at most 6·10¹⁰
+    /// thousandths and a deposit 10⁶, so the balance would need 9·10¹² requests within
+    /// one ttl to overflow.
+    fn amounts(&self) -> (u64, i64, i64) {
+        let window = self.ttl.clamp(RetryBudget::MIN_TTL, RetryBudget::MAX_TTL);
+        let slice_nanos = u64::try_from(window.as_nanos() / SLICES as u128).unwrap_or(u64::MAX);
+        let min_per_sec = self.min_per_sec.min(RetryBudget::MAX_MIN_PER_SEC);
+        let reserve = thousandths(f64::from(min_per_sec) * window.as_secs_f64());
+        let deposit = if self.ratio.is_nan() {
+            0
+        } else {
+            thousandths(self.ratio.clamp(0.0, RetryBudget::MAX_RATIO))
+        };
+        (slice_nanos, reserve, deposit)
+    }
 }
 
 /// One retry's withdrawal from a [`RetryBudget`], handed back with
@@ -102,25 +139,19 @@ impl RetryBudget {
     /// such a budget behaves as if the values were clamped into those ranges (a NaN
     /// ratio as 0).
     pub fn new(ttl: Duration, min_per_sec: u32, ratio: f64) -> Self {
-        // Clamped, every amount stays far from the ends of an i64: the reserve is at
-        // most 6·10¹⁰ thousandths and a deposit 10⁶, so the balance would need 9·10¹²
-        // requests within one ttl to overflow.
-        let window = ttl.clamp(Self::MIN_TTL, Self::MAX_TTL);
-        let slice_nanos = u64::try_from(window.as_nanos() / SLICES as u128).unwrap_or(u64::MAX);
-        let reserve =
-            thousandths(f64::from(min_per_sec.min(Self::MAX_MIN_PER_SEC)) * window.as_secs_f64());
-        let deposit = if ratio.is_nan() {
-            0
-        } else {
-            thousandths(ratio.clamp(0.0, Self::MAX_RATIO))
-        };
-        Self {
+        let settings = Settings {
             ttl,
             min_per_sec,
             ratio,
+        };
+        let (slice_nanos, reserve, deposit) = settings.amounts();
+        Self {
+            settings: Mutex::new(settings),
             start: Instant::now(),
-            slice_nanos,
-            deposit,
+            slice_nanos: AtomicU64::new(slice_nanos),
+            next_start: AtomicU64::new(slice_nanos),
+            deposit: AtomicU64::new(deposit as u64),
+            reserve: AtomicU64::new(reserve as u64),
             epoch: AtomicU64::new(0),
             advancing: AtomicBool::new(false),
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
@@ -131,40 +162,95 @@ impl RetryBudget {
 
     /// How long deposits and withdrawals count.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        lock(&self.settings).ttl
     }
 
     /// The retries per second allowed whatever the traffic.
     pub fn min_per_sec(&self) -> u32 {
-        self.min_per_sec
+        lock(&self.settings).min_per_sec
     }
 
     /// The share of requests that may be retried.
     pub fn ratio(&self) -> f64 {
-        self.ratio
+        lock(&self.settings).ratio
     }
 
     pub(crate) fn validate(&self) -> Result<(), super::RetryConfigError> {
         use super::RetryConfigError;
-        if !(Self::MIN_TTL..=Self::MAX_TTL).contains(&self.ttl) {
-            return Err(RetryConfigError::BudgetTtl(self.ttl));
+        let Settings {
+            ttl,
+            min_per_sec,
+            ratio,
+        } = *lock(&self.settings);
+        if !(Self::MIN_TTL..=Self::MAX_TTL).contains(&ttl) {
+            return Err(RetryConfigError::BudgetTtl(ttl));
         }
-        if self.min_per_sec > Self::MAX_MIN_PER_SEC {
-            return Err(RetryConfigError::BudgetMinPerSec(self.min_per_sec));
+        if min_per_sec > Self::MAX_MIN_PER_SEC {
+            return Err(RetryConfigError::BudgetMinPerSec(min_per_sec));
         }
         // NaN fails the range check too.
-        if !(0.0..=Self::MAX_RATIO).contains(&self.ratio) {
-            return Err(RetryConfigError::BudgetRatio(self.ratio));
+        if !(0.0..=Self::MAX_RATIO).contains(&ratio) {
+            return Err(RetryConfigError::BudgetRatio(ratio));
         }
         Ok(())
     }
 
+    /// Takes new settings from `now` on, keeping what the budget holds (a live
+    /// reload's budget, `RetryHandle::reload`):
+    ///
+    /// - the retries deposited and withdrawn within the window stay, each slice's net
+    ///   amount in its place: it expires once as many slices have passed as it would
+    ///   have, slices now a tenth of the new `ttl` long (the current one counted from
+    ///   when it began);
+    /// - the reserve becomes the new `min_per_sec · ttl` (a smaller one can leave the
+    ///   balance below zero until withdrawals funded by the old reserve expire);
+    /// - requests deposit the new `ratio` from now on.
+    ///
+    /// Each deposit and withdrawal racing it is counted under the old settings or the
+    /// new ones. Withdrawals taken before stay refundable.
+    pub(crate) fn reconfigure(&self, ttl: Duration, min_per_sec: u32, ratio: f64, now: Instant) {
+        let settings = Settings {
+            ttl,
+            min_per_sec,
+            ratio,
+        };
+        let (slice_nanos, reserve, deposit) = settings.amounts();
+        let elapsed = self.elapsed(now);
+        // Excludes the window's moves, the one thing that reads the balance and the
+        // baseline together: the reserve goes into both as one change.
+        while self
+            .advancing
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            crate::sync::spin_loop();
+        }
+        // Closes the window to now under the old slices first.
+        self.advance_held(elapsed);
+        let old_reserve = self.reserve.swap(reserve as u64, Ordering::Relaxed);
+        let change = (reserve as u64).wrapping_sub(old_reserve);
+        self.baseline.fetch_add(change, Ordering::AcqRel);
+        self.balance.fetch_add(change, Ordering::AcqRel);
+        self.deposit.store(deposit as u64, Ordering::Relaxed);
+        let old_slice = self.slice_nanos.swap(slice_nanos, Ordering::Relaxed);
+        let begun = self
+            .next_start
+            .load(Ordering::Relaxed)
+            .saturating_sub(old_slice);
+        self.next_start
+            .store(begun.saturating_add(slice_nanos), Ordering::Release);
+        // A shorter slice may have ended already.
+        self.advance_held(elapsed);
+        *lock(&self.settings) = settings;
+        self.advancing.store(false, Ordering::Release);
+    }
+
     /// Records one request. Called once per request, on its first attempt.
     pub fn deposit(&self, now: Instant) {
-        if self.deposit > 0 {
+        let deposit = self.deposit.load(Ordering::Relaxed);
+        if deposit > 0 {
             self.advance(now);
-            self.balance
-                .fetch_add(self.deposit as u64, Ordering::AcqRel);
+            self.balance.fetch_add(deposit, Ordering::AcqRel);
         }
     }
 
@@ -221,6 +307,12 @@ impl RetryBudget {
         u64::try_from(self.balance.load(Ordering::Acquire) as i64 / SCALE).unwrap_or(0)
     }
 
+    /// Nanoseconds from `start` to `now` (u64 nanoseconds last 584 years; u128
+    /// division would cost more than the rest).
+    fn elapsed(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// Moves the window to `now`, closing the newest slice and expiring the slices it
     /// leaves behind, and returns the current slice. A caller whose clock reading is
     /// already behind the window records into the current slice, so each amount is
@@ -230,50 +322,61 @@ impl RetryBudget {
     /// into its slot. Every change is an add of the same amount to both sides, so an
     /// operation racing the boundary can only land in the neighbouring slice, never be
     /// lost or counted twice.
+    #[inline]
     fn advance(&self, now: Instant) -> u64 {
-        // u64 nanoseconds last 584 years; u128 division would cost more than the rest.
-        let elapsed =
-            u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
-        let seen = self.epoch.load(Ordering::Acquire);
-        // Nearly every call falls within the newest slice: a multiplication tells,
-        // where the division below would cost more than the rest of a deposit.
-        if seen
-            .checked_add(1)
-            .and_then(|next| next.checked_mul(self.slice_nanos))
-            .is_none_or(|next_start| elapsed < next_start)
-        {
-            return seen;
+        let elapsed = self.elapsed(now);
+        // Nearly every call falls within the newest slice. `next_start` is published
+        // after `epoch`: one read before the other is a slice that had begun.
+        if elapsed < self.next_start.load(Ordering::Acquire) {
+            return self.epoch.load(Ordering::Acquire);
         }
-        let target = elapsed / self.slice_nanos;
+        self.advance_slow(elapsed)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn advance_slow(&self, elapsed: u64) -> u64 {
         // One caller at a time moves the window, and publishes the new slice only once
         // its slots are ready: nobody records into a slot while it is being expired.
         // The others never wait; they record into the newest open slice meanwhile.
-        if target <= seen
-            || self
-                .advancing
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
+        if self
+            .advancing
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
         {
+            return self.epoch.load(Ordering::Acquire);
+        }
+        let epoch = self.advance_held(elapsed);
+        self.advancing.store(false, Ordering::Release);
+        epoch
+    }
+
+    /// [`advance`](Self::advance), by the holder of `advancing`.
+    fn advance_held(&self, elapsed: u64) -> u64 {
+        let seen = self.epoch.load(Ordering::Acquire);
+        let next_start = self.next_start.load(Ordering::Relaxed);
+        if elapsed < next_start {
             return seen;
         }
-        let seen = self.epoch.load(Ordering::Acquire);
-        if target > seen {
-            let baseline = self.baseline.load(Ordering::Acquire);
-            let deposits = self.balance.load(Ordering::Acquire).wrapping_sub(baseline);
-            self.slots[slot(seen)].fetch_add(deposits, Ordering::AcqRel);
-            self.baseline.fetch_add(deposits, Ordering::AcqRel);
-            // The slices of epochs seen+1..=target reuse the slots of the epochs a
-            // window earlier: those amounts expire now.
-            let reused = (target - seen).min(SLICES as u64);
-            for offset in 1..=reused {
-                let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
-                self.baseline.fetch_sub(expired, Ordering::AcqRel);
-                self.balance.fetch_sub(expired, Ordering::AcqRel);
-            }
-            self.epoch.store(target, Ordering::Release);
+        let slice_nanos = self.slice_nanos.load(Ordering::Relaxed);
+        let passed = (elapsed - next_start) / slice_nanos + 1;
+        let target = seen.saturating_add(passed);
+        let baseline = self.baseline.load(Ordering::Acquire);
+        let deposits = self.balance.load(Ordering::Acquire).wrapping_sub(baseline);
+        self.slots[slot(seen)].fetch_add(deposits, Ordering::AcqRel);
+        self.baseline.fetch_add(deposits, Ordering::AcqRel);
+        // The slices of epochs seen+1..=target reuse the slots of the epochs a window
+        // earlier: those amounts expire now.
+        let reused = (target - seen).min(SLICES as u64);
+        for offset in 1..=reused {
+            let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
+            self.baseline.fetch_sub(expired, Ordering::AcqRel);
+            self.balance.fetch_sub(expired, Ordering::AcqRel);
         }
-        self.advancing.store(false, Ordering::Release);
-        target.max(seen)
+        self.epoch.store(target, Ordering::Release);
+        let next = next_start.saturating_add(passed.saturating_mul(slice_nanos));
+        self.next_start.store(next, Ordering::Release);
+        target
     }
 }
 

@@ -1,4 +1,4 @@
-use super::layer::Shared;
+use super::layer::{Options, Shared};
 use super::{
     AttemptTimedOut, Backoff, DeadlineExceeded, Decision, Duplicate, RetryEvent, RetryPolicy,
     RetryReason, Withdrawal,
@@ -44,6 +44,8 @@ where
     /// refunded if it never is.
     withdrawal: Option<Withdrawal>,
     shared: Arc<Shared<P, D>>,
+    /// The options the call started with, kept to its end whatever a reload does.
+    options: Arc<Options>,
     _request: PhantomData<fn(Req)>,
 }
 
@@ -101,13 +103,13 @@ where
     pub(crate) fn new(
         future: S::Future,
         retry: Option<(S, D::Copy)>,
-        shared: Arc<Shared<P, D>>,
+        (shared, options): (Arc<Shared<P, D>>, Arc<Options>),
         now: Instant,
         caller_deadline: Option<Instant>,
     ) -> Self {
-        let mut progress = Progress::new(&shared, now, caller_deadline);
+        let mut progress = Progress::new(&options, now, caller_deadline);
         let timer = progress
-            .attempt_timer(now, shared.per_attempt_timeout)
+            .attempt_timer(now, options.per_attempt_timeout)
             .map(|at| Box::pin(sleep_until(at)));
         Self {
             state: State::Attempting { future },
@@ -116,6 +118,7 @@ where
             progress,
             withdrawal: None,
             shared,
+            options,
             _request: PhantomData,
         }
     }
@@ -130,6 +133,7 @@ where
     /// [`DeadlineExceeded`] without calling the service.
     pub(crate) fn expired(
         shared: Arc<Shared<P, D>>,
+        options: Arc<Options>,
         now: Instant,
         caller_deadline: Instant,
     ) -> Self {
@@ -137,17 +141,18 @@ where
             state: State::Expired,
             timer: None,
             retry: None,
-            progress: Progress::new(&shared, now, Some(caller_deadline)),
+            progress: Progress::new(&options, now, Some(caller_deadline)),
             withdrawal: None,
             shared,
+            options,
             _request: PhantomData,
         }
     }
 }
 
 impl Progress {
-    fn new<P, D>(shared: &Shared<P, D>, now: Instant, caller_deadline: Option<Instant>) -> Self {
-        let own = shared
+    fn new(options: &Options, now: Instant, caller_deadline: Option<Instant>) -> Self {
+        let own = options
             .deadline
             .and_then(|deadline| now.checked_add(deadline));
         let deadline = match (own, caller_deadline) {
@@ -183,7 +188,7 @@ impl Progress {
     /// and takes the budget for it.
     fn schedule<P, D, Req>(
         &self,
-        shared: &Shared<P, D>,
+        (shared, options): (&Shared<P, D>, &Options),
         copy: Option<&D::Copy>,
         now: Instant,
         reason: RetryReason,
@@ -193,15 +198,15 @@ impl Progress {
         D: Duplicate<Req>,
     {
         let copy = copy?;
-        if self.attempt >= shared.max_attempts {
+        if self.attempt >= options.max_attempts {
             return None;
         }
-        if after.is_some_and(|after| after > shared.max_server_delay) {
+        if after.is_some_and(|after| after > options.max_server_delay) {
             #[cfg(feature = "tracing")]
-            tracing::debug!(?after, cap = ?shared.max_server_delay, "requested delay above the cap; not retrying");
+            tracing::debug!(?after, cap = ?options.max_server_delay, "requested delay above the cap; not retrying");
             return None;
         }
-        let delay = self.wait(&shared.backoff, reason, after);
+        let delay = self.wait(&options.backoff, reason, after);
         let wake = now.checked_add(delay.duration())?;
         if self.deadline.is_some_and(|deadline| wake >= deadline) {
             return None;
@@ -334,7 +339,7 @@ where
                                 this.state.set(State::Done);
                                 return Poll::Ready(deadline_exceeded(this.shared, this.progress));
                             }
-                            let timeout = this.shared.per_attempt_timeout.unwrap_or_default();
+                            let timeout = this.options.per_attempt_timeout.unwrap_or_default();
                             Err(AttemptTimedOut::new(timeout).into())
                         }
                     };
@@ -344,7 +349,7 @@ where
                     let scheduled = match verdict {
                         Decision::Return => None,
                         Decision::Retry { reason, after } => this.progress.schedule(
-                            this.shared,
+                            (this.shared, this.options),
                             this.retry.as_ref().map(|(_, copy)| copy),
                             Instant::now(),
                             reason,
@@ -410,7 +415,7 @@ where
                     let now = Instant::now();
                     match this
                         .progress
-                        .attempt_timer(now, this.shared.per_attempt_timeout)
+                        .attempt_timer(now, this.options.per_attempt_timeout)
                     {
                         Some(at) => set_timer(this.timer, at),
                         None => *this.timer = None,

@@ -79,6 +79,8 @@ pub use self::body::{DEFAULT_REPLAY_LIMIT, HttpCopy, ReplayBodies, ReplayBody};
 pub use self::budget::{RetryBudget, Withdrawal};
 pub use self::error::AttemptTimedOut;
 pub use self::future::ResponseFuture;
+#[cfg(feature = "serde")]
+pub(crate) use self::layer::Options;
 pub use self::layer::{
     RetryConfigError, RetryEvent, RetryHandle, RetryLayer, RetryLayerBuilder, RetryMetrics,
 };
