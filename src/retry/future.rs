@@ -151,6 +151,7 @@ where
 }
 
 impl Progress {
+    #[inline]
     fn new(options: &Options, now: Instant, caller_deadline: Option<Instant>) -> Self {
         let own = options
             .deadline
