@@ -381,6 +381,12 @@ impl Limiter {
         Refusal::new(policy, word.limit())
     }
 
+    /// Whether a gradient algorithm is measuring its minimum RTT.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn is_measuring(&self) -> bool {
+        matches!(&*lock(&self.algorithm), Some(Algorithm::Gradient(gradient)) if gradient.is_measuring())
+    }
+
     pub(crate) fn is_adaptive(&self) -> bool {
         self.adaptive.load(Ordering::Relaxed)
     }

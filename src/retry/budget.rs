@@ -391,6 +391,167 @@ fn slot(epoch: u64) -> usize {
 }
 
 #[cfg(all(test, not(loom)))]
+mod model_tests {
+    //! The budget against a reference model that keeps every amount with the slice it
+    //! was recorded in: random deposits, withdrawals, refunds, waits and
+    //! reconfigurations, and the balance after each.
+
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Deposit,
+        Withdraw,
+        /// Refunds the `n`th withdrawal still held (modulo their number).
+        Refund(usize),
+        Wait(u64),
+        Reconfigure(Duration, u32, f64),
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Deposit),
+            3 => Just(Op::Withdraw),
+            1 => any::<usize>().prop_map(Op::Refund),
+            3 => (0u64..4_000).prop_map(Op::Wait),
+            1 => (1_000u64..=60_000, 0u32..5, 0.0f64..2.0)
+                .prop_map(|(ttl, min, ratio)| Op::Reconfigure(Duration::from_millis(ttl), min, ratio)),
+        ]
+    }
+
+    /// Slices as numbers, each holding the net amount recorded in it; an amount counts
+    /// until the slice is `SLICES` slices old.
+    #[derive(Debug)]
+    struct Model {
+        slice: u64,
+        next_start: u64,
+        epoch: u64,
+        reserve: i64,
+        deposit: i64,
+        amounts: BTreeMap<u64, i64>,
+    }
+
+    impl Model {
+        fn new(settings: Settings) -> Self {
+            let (slice, reserve, deposit) = settings.amounts();
+            Self {
+                slice,
+                next_start: slice,
+                epoch: 0,
+                reserve,
+                deposit,
+                amounts: BTreeMap::new(),
+            }
+        }
+
+        fn advance(&mut self, elapsed: u64) {
+            if elapsed >= self.next_start {
+                let passed = (elapsed - self.next_start) / self.slice + 1;
+                self.epoch += passed;
+                self.next_start += passed * self.slice;
+            }
+            let oldest = self.epoch.saturating_sub(SLICES as u64 - 1);
+            self.amounts.retain(|&epoch, _| epoch >= oldest);
+        }
+
+        fn balance(&self) -> i64 {
+            self.reserve + self.amounts.values().sum::<i64>()
+        }
+
+        fn record(&mut self, epoch: u64, amount: i64) {
+            *self.amounts.entry(epoch).or_default() += amount;
+        }
+
+        fn available(&self) -> u64 {
+            u64::try_from(self.balance() / SCALE).unwrap_or(0)
+        }
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn the_budget_follows_the_model_across_reconfigurations(
+            (ttl, min, ratio) in (1_000u64..=60_000, 0u32..5, 0.0f64..2.0),
+            ops in proptest::collection::vec(op(), 1..150),
+        ) {
+            let settings = Settings { ttl: Duration::from_millis(ttl), min_per_sec: min, ratio };
+            let budget = RetryBudget::new(settings.ttl, min, ratio);
+            let mut model = Model::new(settings);
+            let mut elapsed = 0u64;
+            let mut held: Vec<(Withdrawal, u64)> = Vec::new();
+            for op in ops {
+                let now = budget.start + Duration::from_nanos(elapsed);
+                match op {
+                    Op::Deposit => {
+                        budget.deposit(now);
+                        if model.deposit > 0 {
+                            model.advance(elapsed);
+                            let epoch = model.epoch;
+                            model.record(epoch, model.deposit);
+                        }
+                    }
+                    Op::Withdraw => {
+                        model.advance(elapsed);
+                        let granted = budget.withdraw(now);
+                        prop_assert_eq!(granted.is_some(), model.balance() >= SCALE);
+                        if let Some(withdrawal) = granted {
+                            let epoch = model.epoch;
+                            model.record(epoch, -SCALE);
+                            held.push((withdrawal, epoch));
+                        }
+                    }
+                    Op::Refund(n) if !held.is_empty() => {
+                        let (withdrawal, epoch) = held.remove(n % held.len());
+                        budget.refund(withdrawal, now);
+                        model.advance(elapsed);
+                        if model.epoch - epoch < SLICES as u64 {
+                            model.record(epoch, SCALE);
+                        }
+                    }
+                    Op::Refund(_) => {}
+                    Op::Wait(ms) => elapsed += ms * 1_000_000,
+                    Op::Reconfigure(ttl, min_per_sec, ratio) => {
+                        budget.reconfigure(ttl, min_per_sec, ratio, now);
+                        model.advance(elapsed);
+                        let (slice, reserve, deposit) =
+                            Settings { ttl, min_per_sec, ratio }.amounts();
+                        let begun = model.next_start - model.slice;
+                        model.slice = slice;
+                        model.next_start = begun + slice;
+                        model.reserve = reserve;
+                        model.deposit = deposit;
+                        model.advance(elapsed);
+                        prop_assert_eq!(budget.ttl(), ttl);
+                        prop_assert_eq!(budget.min_per_sec(), min_per_sec);
+                    }
+                }
+                let now = budget.start + Duration::from_nanos(elapsed);
+                model.advance(elapsed);
+                prop_assert_eq!(budget.available(now), model.available(), "{:?}", model);
+            }
+        }
+    }
+
+    /// A lower reserve can leave the balance below zero: nothing is withdrawn until the
+    /// withdrawals it funded expire, a ttl later.
+    #[test]
+    fn a_lower_reserve_owes_what_the_old_one_lent() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 1, 0.0);
+        let now = budget.start;
+        let spent: Vec<_> = std::iter::from_fn(|| budget.withdraw(now)).collect();
+        assert_eq!(spent.len(), 10);
+        budget.reconfigure(Duration::from_secs(10), 0, 0.0, now);
+        assert_eq!(budget.available(now), 0);
+        budget.reconfigure(Duration::from_secs(10), 1, 0.0, now);
+        assert_eq!(budget.available(now), 0, "the old reserve is spent");
+        assert_eq!(budget.available(now + Duration::from_secs(10)), 10);
+    }
+}
+
+#[cfg(all(test, not(loom)))]
 mod tests {
     use super::*;
 

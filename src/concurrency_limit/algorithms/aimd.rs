@@ -128,6 +128,12 @@ impl Aimd {
         self.limit
     }
 
+    /// `(min_limit, max_limit)`.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn bounds(&self) -> (u32, u32) {
+        (self.min_limit, self.max_limit)
+    }
+
     fn decrease(&mut self, now: Instant) {
         // `limit * ratio` is below 2^31 and exact enough in an f64; the cast saturates.
         let reduced = (f64::from(self.limit) * self.backoff_ratio).floor() as u32;

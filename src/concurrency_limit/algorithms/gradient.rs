@@ -242,6 +242,18 @@ impl Gradient {
         self.limit
     }
 
+    /// `(min_limit, max_limit)`.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn bounds(&self) -> (u32, u32) {
+        (self.min_limit, self.max_limit)
+    }
+
+    /// Whether the minimum RTT is being measured.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn is_measuring(&self) -> bool {
+        matches!(self.phase, Phase::Measuring { .. })
+    }
+
     fn measure(&mut self, now: Instant) {
         self.phase = Phase::Measuring {
             since: Some(now),
