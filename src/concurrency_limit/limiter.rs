@@ -21,7 +21,9 @@ use std::time::Duration;
 
 use super::algorithms::{Aimd, Gradient, LimitAlgorithm, Sample};
 use super::error::Overloaded;
-use crate::sync::{AtomicBool, AtomicU64, AtomicUsize, CachePadded, Mutex, Ordering, fence, lock};
+use crate::sync::{
+    AtomicBool, AtomicU32, AtomicU64, AtomicUsize, CachePadded, Mutex, Ordering, fence, lock,
+};
 
 /// What a rejected client is asked to wait unless configured otherwise.
 pub(crate) const DEFAULT_RETRY_AFTER: Duration = Duration::from_secs(1);
@@ -95,9 +97,10 @@ impl Default for Policy {
 }
 
 /// One published [`Policy`], each field its own atomic (durations in nanoseconds: at
-/// most a day, validated before they get here).
+/// most a day, validated before they get here), and the limit its reload set.
 #[derive(Debug)]
 struct PolicySlot {
+    limit: AtomicU32,
     shadow: AtomicBool,
     retry_after: AtomicU64,
     waiters: AtomicUsize,
@@ -109,24 +112,31 @@ fn nanos(duration: Duration) -> u64 {
 }
 
 impl PolicySlot {
-    fn new(policy: Policy) -> Self {
+    fn new(policy: Policy, limit: u32) -> Self {
         let slot = Self {
+            limit: AtomicU32::new(0),
             shadow: AtomicBool::new(false),
             retry_after: AtomicU64::new(0),
             waiters: AtomicUsize::new(0),
             max_wait: AtomicU64::new(0),
         };
-        slot.store(policy);
+        slot.store(policy, limit);
         slot
     }
 
-    fn store(&self, policy: Policy) {
+    fn store(&self, policy: Policy, limit: u32) {
+        self.limit.store(limit, Ordering::Relaxed);
         self.shadow.store(policy.shadow, Ordering::Relaxed);
         self.retry_after
             .store(nanos(policy.retry_after), Ordering::Relaxed);
         self.waiters.store(policy.waiters, Ordering::Relaxed);
         self.max_wait
             .store(nanos(policy.max_wait), Ordering::Relaxed);
+    }
+
+    /// The limit the reload that published this slot set.
+    fn limit(&self) -> u32 {
+        self.limit.load(Ordering::Relaxed)
     }
 
     fn load(&self) -> Policy {
@@ -143,12 +153,15 @@ impl PolicySlot {
 /// slots, whose readers never wait.
 ///
 /// Reload `k` is complete when the sequence number is `2k`, and its policy is in slot
-/// `k % 2`. A reload sets `2k + 1`, writes reload `k + 1`'s policy into the other slot,
-/// moves the limit, and sets `2k + 2`. A reader takes the slot of `sequence / 2` and the
-/// word, and keeps them if the sequence has not moved meanwhile: at `2k + 1` the slot it
-/// reads is reload `k`'s, which nobody writes, and the word still holds reload `k`'s
-/// limit unless the sequence moved on. A reader retries only because a reload made
-/// progress, so readers are lock-free; reloads are serialised by the caller.
+/// `k % 2`. Reload `k + 1` writes its policy, and the limit it will set, into the other
+/// slot, sets `2k + 1`, moves the limit in the word, and sets `2k + 2`. A reader takes
+/// the slots and the word, and keeps what it read if the sequence has not moved
+/// meanwhile: at `2k` the word holds reload `k`'s limit (a reload's move of it comes
+/// after its odd number); at `2k + 1` the word holds one reload's limit or the other's,
+/// and the reader tells which by the limit the new slot says (equal limits make either
+/// policy a true answer). A reader retries only because a reload made progress, so
+/// readers are lock-free. Reloads are serialised by the caller, and nothing else moves
+/// the limit while one runs (an algorithm's update holds the same lock).
 #[derive(Debug)]
 struct PolicyCell {
     sequence: AtomicU64,
@@ -160,10 +173,13 @@ fn slot_of(sequence: u64) -> usize {
 }
 
 impl PolicyCell {
-    fn new(policy: Policy) -> Self {
+    fn new(policy: Policy, limit: u32) -> Self {
         Self {
             sequence: AtomicU64::new(0),
-            slots: [PolicySlot::new(policy), PolicySlot::new(policy)],
+            slots: [
+                PolicySlot::new(policy, limit),
+                PolicySlot::new(policy, limit),
+            ],
         }
     }
 
@@ -171,12 +187,21 @@ impl PolicyCell {
     fn snapshot(&self, word: &AtomicU64) -> (Policy, Word) {
         loop {
             let sequence = self.sequence.load(Ordering::Acquire);
-            let policy = self.slots[slot_of(sequence)].load();
+            let old = self.slots[slot_of(sequence)].load();
+            let reloading = sequence % 2 == 1;
+            let new = reloading.then(|| {
+                let slot = &self.slots[slot_of(sequence + 1)];
+                (slot.load(), slot.limit())
+            });
             let current = Word(word.load(Ordering::Acquire));
             fence(Ordering::Acquire);
-            if self.sequence.load(Ordering::Relaxed) == sequence {
-                return (policy, current);
+            if self.sequence.load(Ordering::Relaxed) != sequence {
+                continue;
             }
+            return match new {
+                Some((new, limit)) if current.limit() == limit => (new, current),
+                _ => (old, current),
+            };
         }
     }
 
@@ -186,13 +211,15 @@ impl PolicyCell {
         self.slots[slot_of(self.sequence.load(Ordering::Acquire))].load()
     }
 
-    /// Publishes `policy`, and the limit `move_limit` sets, as one change. Callers are
-    /// serialised (the queue's lock).
-    fn publish(&self, policy: Policy, move_limit: impl FnOnce()) {
+    /// Publishes `policy`, and `limit`, which `move_limit` sets in the word, as one
+    /// change. Callers are serialised (the queue's lock).
+    fn publish(&self, policy: Policy, limit: u32, move_limit: impl FnOnce()) {
         let sequence = self.sequence.load(Ordering::Relaxed);
-        self.sequence.store(sequence + 1, Ordering::Relaxed);
+        // A reader still on an older number that reads these stores sees the number
+        // moved.
         fence(Ordering::Release);
-        self.slots[slot_of(sequence + 2)].store(policy);
+        self.slots[slot_of(sequence + 2)].store(policy, limit);
+        self.sequence.store(sequence + 1, Ordering::Release);
         move_limit();
         self.sequence.store(sequence + 2, Ordering::Release);
     }
@@ -359,7 +386,7 @@ impl Limiter {
             shadow_rejected: AtomicU64::new(0),
             overflow: None,
             waiters: Mutex::new(VecDeque::new()),
-            policy: PolicyCell::new(policy),
+            policy: PolicyCell::new(policy, limit.clamp(1, MAX_LIMIT)),
             adaptive: AtomicBool::new(algorithm.is_some()),
             algorithm: Mutex::new(algorithm),
         }
@@ -653,10 +680,9 @@ impl Limiter {
         });
         self.adaptive.store(algorithm.is_some(), Ordering::Relaxed);
         let mut waiters = lock(&self.waiters);
-        self.policy.publish(policy, || {
-            if let Some(limit) = next {
-                self.store_limit(limit);
-            }
+        let limit = next.map_or_else(|| self.limit(), |limit| limit.clamp(1, MAX_LIMIT));
+        self.policy.publish(policy, limit, || {
+            self.store_limit(limit);
         });
         self.hand_over(&mut waiters);
         drop(waiters);

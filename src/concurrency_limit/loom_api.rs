@@ -47,6 +47,33 @@ impl Permits {
         Self(Limiter::new(Limit::Fixed(limit), policy))
     }
 
+    /// `limit` permits, no queue, refused requests told to come back after `retry_after`.
+    pub(crate) fn with_retry_after(limit: u32, retry_after: Duration) -> Self {
+        let policy = Policy {
+            retry_after,
+            ..Policy::default()
+        };
+        Self(Limiter::new(Limit::Fixed(limit), policy))
+    }
+
+    /// A live reload to a static `limit` and `retry_after` (no queue).
+    pub(crate) fn reload(&self, limit: u32, retry_after: Duration) {
+        let policy = Policy {
+            retry_after,
+            ..Policy::default()
+        };
+        self.0.reload(Some(Limit::Fixed(limit)), policy);
+    }
+
+    /// Takes a permit, or says the limit and `retry_after` it was refused with.
+    pub(crate) fn admit_or_refusal(&self) -> Result<(), (u32, Duration)> {
+        match self.0.try_admit() {
+            Admission::Admitted(_) => Ok(()),
+            Admission::Rejected(refusal) => Err((refusal.limit, refusal.retry_after)),
+            Admission::Queued { .. } => panic!("no queue"),
+        }
+    }
+
     /// Takes a permit, a place, or nothing.
     pub(crate) fn admit(&self) -> Admit {
         match self.0.try_admit() {
