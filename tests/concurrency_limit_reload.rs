@@ -84,6 +84,7 @@ async fn yielding(_: ()) -> Result<(), BoxError> {
 const TIGHT: &str = "max_in_flight = 2\nretry_after = \"1s\"";
 const SHADOW: &str = "max_in_flight = 6\nretry_after = \"3s\"\nshadow = true";
 const MIDDLE: &str = "max_in_flight = 4\nretry_after = \"2s\"";
+const RELOADS: usize = 600;
 const REFUSALS: [(u32, Duration); 2] = [(2, Duration::from_secs(1)), (4, Duration::from_secs(2))];
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -93,28 +94,37 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
     let service = limit.layer(service_fn(yielding));
     let configs = [config(SHADOW), config(MIDDLE), config(TIGHT)];
     let done = Arc::new(AtomicBool::new(false));
+    // Requests decided so far: each configuration stays in force for a few dozen, so
+    // that every one of them, the shadow one included, decides some.
+    let decided = Arc::new(AtomicU64::new(0));
+    // A thread of its own, so that the runtime's scheduling cannot starve it.
     let reloader = {
-        let (done, handle) = (done.clone(), handle.clone());
-        tokio::spawn(async move {
-            let mut reloads = 0usize;
-            while !done.load(Ordering::Relaxed) {
+        let (done, handle, decided) = (done.clone(), handle.clone(), decided.clone());
+        std::thread::spawn(move || {
+            for reload in 0..RELOADS {
+                let mark = decided.load(Ordering::Relaxed);
                 handle
-                    .reload(&configs[reloads % configs.len()])
+                    .reload(&configs[reload % configs.len()])
                     .expect("a valid configuration");
-                reloads += 1;
-                tokio::task::yield_now().await;
+                while decided.load(Ordering::Relaxed) < mark + 8 {
+                    std::thread::yield_now();
+                }
             }
-            reloads
+            // The clients stop once every reload has had its requests.
+            done.store(true, Ordering::Relaxed);
         })
     };
     let refused = Arc::new(AtomicU64::new(0));
     let clients: Vec<_> = (0..16)
         .map(|_| {
-            let (service, refused) = (service.clone(), refused.clone());
+            let (service, refused, decided) = (service.clone(), refused.clone(), decided.clone());
+            let done = done.clone();
             tokio::spawn(async move {
                 let mut admitted = 0u64;
-                for _ in 0..1_000 {
-                    match service.clone().oneshot(()).await {
+                while !done.load(Ordering::Relaxed) {
+                    let response = service.clone().oneshot(()).await;
+                    decided.fetch_add(1, Ordering::Relaxed);
+                    match response {
                         Ok(()) => admitted += 1,
                         Err(error) => {
                             let overloaded = overloaded(&error);
@@ -132,13 +142,11 @@ async fn reload_under_concurrent_load_never_tears_the_policy() {
     for client in clients {
         admitted += client.await.expect("no client panicked");
     }
-    done.store(true, Ordering::Relaxed);
-    let reloads = reloader.await.unwrap();
+    reloader.join().unwrap();
     let refused = refused.load(Ordering::Relaxed);
     // Every refusal seen was counted as one, and the shadow configuration let some
     // through that it counted instead.
     assert_eq!(handle.rejected(), refused);
-    assert!(reloads > 100, "{reloads} reloads");
     assert!(
         admitted > 0 && refused > 0 && handle.shadow_rejected() > 0,
         "{admitted} admitted, {refused} refused, {} let through",
