@@ -46,6 +46,7 @@ impl<T> std::ops::Deref for CachePadded<T> {
 
 /// Tells the processor (or under loom, the model) that this thread waits in a loop for
 /// another to finish something short.
+#[cfg(any(test, feature = "serde"))]
 pub(crate) fn spin_loop() {
     #[cfg(loom)]
     loom::hint::spin_loop();

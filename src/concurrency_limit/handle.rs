@@ -13,6 +13,7 @@ pub struct ConcurrencyLimitHandle {
     limiter: Arc<Limiter>,
     keys: Option<Arc<dyn KeyCounts>>,
     /// What the layer was built with that a reload cannot change.
+    #[cfg_attr(not(feature = "serde"), allow(dead_code))]
     built: Built,
 }
 

@@ -211,6 +211,7 @@ impl PolicyCell {
         self.slots[slot_of(self.sequence.load(Ordering::Acquire))].load()
     }
 
+    #[cfg(any(test, feature = "serde"))]
     /// Publishes `policy`, and `limit`, which `move_limit` sets in the word, as one
     /// change. Callers are serialised (the queue's lock).
     fn publish(&self, policy: Policy, limit: u32, move_limit: impl FnOnce()) {
@@ -299,14 +300,18 @@ impl Algorithm {
         }
     }
 
+    #[cfg(any(test, feature = "serde"))]
     /// Takes `new`'s settings, keeping this one's state: the limit in force, clamped
-    /// into the new bounds. `Err(new)` when `new` is another kind of algorithm, whose
-    /// state would mean nothing here.
-    fn reconfigure(&mut self, new: Self) -> Result<u32, Self> {
-        match (self, new) {
-            (Self::Aimd(aimd), Self::Aimd(new)) => Ok(aimd.reconfigure(&new)),
-            (Self::Gradient(gradient), Self::Gradient(new)) => Ok(gradient.reconfigure(&new)),
-            (_, new) => Err(new),
+    /// into the new bounds. Another kind of algorithm, whose state would mean nothing
+    /// here, replaces this one and starts from its starting limit. Returns the limit.
+    fn reconfigure(&mut self, new: Self) -> u32 {
+        match (&mut *self, new) {
+            (Self::Aimd(aimd), Self::Aimd(new)) => aimd.reconfigure(&new),
+            (Self::Gradient(gradient), Self::Gradient(new)) => gradient.reconfigure(&new),
+            (_, new) => {
+                *self = new;
+                self.starting_limit()
+            }
         }
     }
 }
@@ -654,6 +659,7 @@ impl Limiter {
         }
     }
 
+    #[cfg(any(test, feature = "serde"))]
     /// Switches to `limit` (`None`: the limit and its algorithm stay as they are) and
     /// `policy`, as one change: a request is refused, queued or let through under the
     /// old limit and policy or the new ones. The same kind of algorithm keeps its state
@@ -666,17 +672,10 @@ impl Limiter {
                 *algorithm = None;
                 limit
             }
-            Limit::Adaptive(new) => {
-                let carried = match algorithm.as_mut() {
-                    Some(current) => current.reconfigure(new),
-                    None => Err(new),
-                };
-                carried.unwrap_or_else(|new| {
-                    let limit = new.starting_limit();
-                    *algorithm = Some(new);
-                    limit
-                })
-            }
+            Limit::Adaptive(new) => match algorithm.as_mut() {
+                Some(current) => current.reconfigure(new),
+                None => algorithm.insert(new).starting_limit(),
+            },
         });
         self.adaptive.store(algorithm.is_some(), Ordering::Relaxed);
         let mut waiters = lock(&self.waiters);

@@ -62,6 +62,7 @@ pub struct RetryBudget {
     deposit: AtomicU64,
     /// The part of `baseline` that never expires, `min_per_sec · ttl` in thousandths
     /// (an `i64`). Written only by the holder of `advancing`.
+    #[cfg_attr(not(any(test, feature = "serde")), allow(dead_code))]
     reserve: AtomicU64,
     /// The newest slice; whoever moves it forward closes it and expires the slices it
     /// skips.
@@ -195,6 +196,7 @@ impl RetryBudget {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "serde"))]
     /// Takes new settings from `now` on, keeping what the budget holds (a live
     /// reload's budget, `RetryHandle::reload`):
     ///

@@ -115,6 +115,7 @@ impl Aimd {
         )
     }
 
+    #[cfg(any(test, feature = "serde"))]
     /// Takes `new`'s settings and keeps the state: the limit in force, clamped into the
     /// new bounds, the round of good requests and the last decrease. (`initial_limit`
     /// only matters at the start.) Returns the limit.

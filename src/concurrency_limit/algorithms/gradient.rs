@@ -193,6 +193,7 @@ impl Gradient {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "serde"))]
     /// Takes `new`'s settings and keeps the state: the minimum RTT, the window and the
     /// latencies gathered. The limit in force is clamped into the new bounds (while the
     /// minimum RTT is measured, it is the new `min_limit`, and the limit to go back to
