@@ -21,6 +21,9 @@ use std::time::Duration;
 /// shadow = true                                  # decide and count, refuse nothing (default false)
 /// ```
 ///
+/// A running limit takes a new configuration through
+/// [`ConcurrencyLimitHandle::reload`](crate::concurrency_limit::ConcurrencyLimitHandle::reload).
+///
 /// How results are classified and when a permit is released are code: build with
 /// [`build_from`](Self::build_from) and a builder that has them. A policy with a
 /// `keyed` section takes its key extractor in code ([`build_keyed`](Self::build_keyed));

@@ -18,6 +18,9 @@ use std::time::Duration;
 /// max_server_delay = "30s"
 /// ```
 ///
+/// A running layer takes a new configuration through
+/// [`RetryHandle::reload`](crate::retry::RetryHandle::reload).
+///
 /// Which results are retried, and how a request is duplicated, are code: build with
 /// [`build_from`](Self::build_from) and a builder that has its policy.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
