@@ -82,6 +82,7 @@ pub struct ReleaseOnResponse;
 impl<Res> Release<Res> for ReleaseOnResponse {
     type Response = Res;
 
+    #[inline]
     fn hold(response: Res, permit: Permit) -> Res {
         drop(permit);
         response
