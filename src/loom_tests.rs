@@ -516,6 +516,42 @@ fn retry_budget_refund_races_withdrawal_and_expiry() {
     });
 }
 
+/// A reload (to a reserve of two retries) races a deposit and a withdrawal, and a third
+/// thread moving the window into the next slice: whatever the interleaving, the reserve
+/// lands in the balance exactly once and nothing deposited or withdrawn is lost.
+#[test]
+fn retry_budget_reconfiguration_races_deposits_withdrawals_and_the_window() {
+    model(Some(2), || {
+        let now = Instant::now();
+        // A reserve of one retry; each deposit is one retry.
+        let budget = Arc::new(RetryBudget::new(Duration::from_secs(1), 1, 1.0));
+        let reloader = {
+            let budget = budget.clone();
+            thread::spawn(move || budget.reconfigure(Duration::from_secs(1), 2, 1.0, now))
+        };
+        let spender = {
+            let budget = budget.clone();
+            thread::spawn(move || {
+                budget.deposit(now);
+                budget.withdraw(now).is_some()
+            })
+        };
+        let mover = {
+            let budget = budget.clone();
+            thread::spawn(move || {
+                budget.available(now + Duration::from_millis(150));
+            })
+        };
+        reloader.join().unwrap();
+        mover.join().unwrap();
+        assert!(spender.join().unwrap(), "a reserve was there either way");
+        // The new reserve (2), plus the deposit (1), minus the withdrawal (1).
+        assert_eq!(budget.available(now + Duration::from_millis(150)), 2);
+        // A ttl later only the new reserve is left.
+        assert_eq!(budget.available(now + Duration::from_secs(3)), 2);
+    });
+}
+
 mod concurrency_limit {
     use super::{join_all, model};
     use crate::concurrency_limit::loom_api::{Admit, Permits};
@@ -644,6 +680,80 @@ mod concurrency_limit {
                 Admit::Rejected => panic!("the queue had room"),
             }
             assert_eq!((permits.in_flight(), permits.queued()), (2, 0));
+        });
+    }
+
+    /// A reload raises the limit (1 to 2) and `retry_after` (1 s to 2 s) while a request
+    /// arrives with the one permit held: it is admitted under the new limit or refused
+    /// under the old one, told the old `retry_after`, never the old limit with the new
+    /// answer.
+    #[test]
+    fn a_refusal_racing_a_raising_reload_is_answered_under_one_policy() {
+        use std::time::Duration;
+        model(None, || {
+            let permits = Arc::new(Permits::with_retry_after(1, Duration::from_secs(1)));
+            assert!(permits.admit_or_refusal().is_ok());
+            let reloader = {
+                let permits = permits.clone();
+                thread::spawn(move || permits.reload(2, Duration::from_secs(2)))
+            };
+            let outcome = permits.admit_or_refusal();
+            reloader.join().unwrap();
+            match outcome {
+                Ok(()) => assert_eq!(permits.in_flight(), 2),
+                Err(refusal) => assert_eq!(refusal, (1, Duration::from_secs(1)), "a torn policy"),
+            }
+        });
+    }
+
+    /// A reload lowers the limit (3 to 2) and raises `retry_after` while a request
+    /// arrives with two permits held: admitted under the old limit, or refused under the
+    /// new one with the new answer.
+    #[test]
+    fn a_refusal_racing_a_lowering_reload_is_answered_under_one_policy() {
+        use std::time::Duration;
+        model(None, || {
+            let permits = Arc::new(Permits::with_retry_after(3, Duration::from_secs(1)));
+            assert!(permits.admit_or_refusal().is_ok());
+            assert!(permits.admit_or_refusal().is_ok());
+            let reloader = {
+                let permits = permits.clone();
+                thread::spawn(move || permits.reload(2, Duration::from_secs(2)))
+            };
+            let outcome = permits.admit_or_refusal();
+            reloader.join().unwrap();
+            match outcome {
+                Ok(()) => assert_eq!(permits.in_flight(), 3),
+                Err(refusal) => assert_eq!(refusal, (2, Duration::from_secs(2)), "a torn policy"),
+            }
+        });
+    }
+
+    /// Two reloads in a row (to 2 and 2 s, then back to 1 and 3 s) race a request with
+    /// the one permit held: a reader that started on the first reload's numbers and
+    /// reads slots the second overwrites never mixes them up.
+    #[test]
+    fn a_refusal_racing_two_reloads_is_answered_under_one_policy() {
+        use std::time::Duration;
+        model(Some(3), || {
+            let permits = Arc::new(Permits::with_retry_after(1, Duration::from_secs(1)));
+            assert!(permits.admit_or_refusal().is_ok());
+            let reloader = {
+                let permits = permits.clone();
+                thread::spawn(move || {
+                    permits.reload(2, Duration::from_secs(2));
+                    permits.reload(1, Duration::from_secs(3));
+                })
+            };
+            let outcome = permits.admit_or_refusal();
+            reloader.join().unwrap();
+            if let Err((limit, retry_after)) = outcome {
+                assert_eq!(limit, 1);
+                assert!(
+                    [1, 3].map(Duration::from_secs).contains(&retry_after),
+                    "a torn policy: {retry_after:?} with a limit of 1"
+                );
+            }
         });
     }
 

@@ -90,6 +90,16 @@ impl<T> std::ops::Deref for CachePadded<T> {
 // cannot have left it half-written: a poisoned lock is used as is rather than turning
 // one user panic into a panic in every later request.
 
+/// Tells the processor (or under loom, the model) that this thread waits in a loop for
+/// another to finish something short.
+#[cfg(any(test, feature = "serde"))]
+pub(crate) fn spin_loop() {
+    #[cfg(loom)]
+    loom::hint::spin_loop();
+    #[cfg(not(loom))]
+    std::hint::spin_loop();
+}
+
 /// Locks `mutex`, recovering it if a panic poisoned it.
 pub(crate) fn lock<T: ?Sized>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
     mutex.lock().unwrap_or_else(PoisonError::into_inner)

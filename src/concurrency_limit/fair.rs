@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::limiter::{Admission, Limiter};
+use super::limiter::{Admission, Limiter, Refusal};
 use crate::key::{Idle, KeyedTable, MIN_SWEEP_SPACING};
 use crate::sync::{AtomicU32, AtomicU64, Mutex, Ordering, lock};
 
@@ -134,8 +134,9 @@ impl FairCore {
 pub(crate) enum FairAdmission {
     /// A permit (the requests in flight, this one included) and the key's share of it.
     Admitted(u32, Arc<KeyCell>),
-    /// Refused: no free slot, or the key holds its share while the layer is contended.
-    Rejected,
+    /// Refused (and counted): no free slot, or the key holds its share while the layer
+    /// is contended.
+    Rejected(Refusal),
 }
 
 /// The per-key shares of one keyed concurrency limit.
@@ -206,32 +207,40 @@ impl<K: Hash + Eq + Clone> FairShares<K> {
         window: u64,
     ) -> FairAdmission {
         let contended = nanos < self.core.contended_until.load(Ordering::Acquire);
-        let cap = if contended {
+        let (cap, share) = if contended {
+            // The share and its refusal under one policy.
+            let refusal = limiter.refusal();
             let competing = self.core.compete(cell, window);
-            limiter.limit().div_ceil(competing)
+            (refusal.limit.div_ceil(competing), Some(refusal))
         } else {
-            u32::MAX
+            (u32::MAX, None)
         };
         if !cell.try_hold(cap) {
-            limiter.count_rejection();
-            return FairAdmission::Rejected;
+            let refusal = share.unwrap_or_else(|| limiter.refusal());
+            limiter.count(&refusal);
+            return FairAdmission::Rejected(refusal);
         }
-        match limiter.try_admit() {
-            Admission::Admitted(in_flight) => FairAdmission::Admitted(in_flight, Arc::clone(cell)),
-            refused => {
-                // A keyed limit has no queue (`build` refuses one); should a waiter come
-                // back all the same, it leaves at once.
-                if let Admission::Queued(waiter) = refused
-                    && limiter.leave(&waiter)
-                {
+        let refusal = match limiter.try_admit() {
+            Admission::Admitted(in_flight) => {
+                return FairAdmission::Admitted(in_flight, Arc::clone(cell));
+            }
+            Admission::Rejected(refusal) => refusal,
+            // A keyed limit has no queue (`build` and a reload refuse one); should a
+            // waiter come back all the same, it leaves at once.
+            Admission::Queued {
+                waiter, refusal, ..
+            } => {
+                if limiter.leave(&waiter) {
                     limiter.release();
                 }
-                cell.unhold();
-                self.contend(nanos);
-                self.core.compete(cell, window);
-                FairAdmission::Rejected
+                limiter.count(&refusal);
+                refusal
             }
-        }
+        };
+        cell.unhold();
+        self.contend(nanos);
+        self.core.compete(cell, window);
+        FairAdmission::Rejected(refusal)
     }
 
     /// A request found no free slot: the layer is contended for two windows from now.

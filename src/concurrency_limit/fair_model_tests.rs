@@ -161,7 +161,7 @@ proptest! {
                             prop_assert_eq!(in_flight, model.in_flight);
                             permits.push((holder, cell));
                         }
-                        FairAdmission::Rejected => {
+                        FairAdmission::Rejected(_) => {
                             prop_assert!(expected.is_none(), "{:?} refused, the model admits", key);
                         }
                     }

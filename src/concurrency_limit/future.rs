@@ -12,7 +12,7 @@ use tower::BoxError;
 use tower_service::Service;
 
 use super::error::Overloaded;
-use super::limiter::{Limiter, Waiter};
+use super::limiter::{Limiter, Refusal, Waiter};
 use super::release::{Permit, Release, SampleReport};
 use crate::classify::Classify;
 
@@ -59,6 +59,9 @@ struct Queued<S, Req> {
 struct Place {
     limiter: Arc<Limiter>,
     waiter: Arc<Waiter>,
+    /// The answer if the wait runs out: the policy the request was queued under, so
+    /// that a reload meanwhile does not mix two.
+    refusal: Refusal,
     left: bool,
 }
 
@@ -114,8 +117,7 @@ where
     }
 
     pub(crate) fn queued(
-        limiter: Arc<Limiter>,
-        waiter: Arc<Waiter>,
+        (limiter, waiter, refusal): (Arc<Limiter>, Arc<Waiter>, Refusal),
         max_wait: Duration,
         ready: (S, Req),
         classify: C,
@@ -125,6 +127,7 @@ where
             place: Place {
                 limiter,
                 waiter,
+                refusal,
                 left: false,
             },
             ready: Some(ready),
@@ -145,10 +148,11 @@ impl<S: Service<Req>, Req> Queued<S, Req> {
             if !this.place.left {
                 return Poll::Pending;
             }
-            let limiter = &this.place.limiter;
-            limiter.count_rejection();
+            let (limiter, refusal) = (&this.place.limiter, this.place.refusal);
+            limiter.count(&refusal);
             // In shadow mode a request that waited in vain goes through all the same.
-            if let Some(permit) = Permit::shadow(limiter)
+            if refusal.shadow
+                && let Some(permit) = Permit::shadow(limiter)
                 && let Some((mut service, request)) = this.ready.take()
             {
                 return Poll::Ready(State::Called {
@@ -156,7 +160,7 @@ impl<S: Service<Req>, Req> Queued<S, Req> {
                     admitted: Some((permit, SampleReport::shadow())),
                 });
             }
-            let error = limiter.overloaded();
+            let error = refusal.overloaded();
             return Poll::Ready(State::Rejected { error: Some(error) });
         }
         this.place.left = true;

@@ -10,7 +10,7 @@ use super::algorithms::{Aimd, Gradient, LimitAlgorithm};
 use super::error::ConcurrencyLimitConfigError;
 use super::fair::{FairShares, KeyCounts, Keyed};
 use super::handle::ConcurrencyLimitHandle;
-use super::limiter::{DEFAULT_RETRY_AFTER, Limiter, MAX_LIMIT};
+use super::limiter::{Algorithm, DEFAULT_RETRY_AFTER, Limit, Limiter, MAX_LIMIT, Policy};
 use super::release::ReleaseOnResponse;
 use super::service::ConcurrencyLimitService;
 use crate::classify::ErrorsAsFailures;
@@ -34,6 +34,7 @@ pub struct ConcurrencyLimitLayer<C = ErrorsAsFailures, H = ReleaseOnResponse, X 
     keyed: Option<Arc<Keyed<X, K>>>,
     /// The same shares as `keyed`, for the handle, which does not know `K`.
     counts: Option<Arc<dyn KeyCounts>>,
+    built: Built,
     classify: C,
     release: PhantomData<fn() -> H>,
 }
@@ -44,6 +45,7 @@ impl<C: Clone, H, X, K> Clone for ConcurrencyLimitLayer<C, H, X, K> {
             limiter: Arc::clone(&self.limiter),
             keyed: self.keyed.clone(),
             counts: self.counts.clone(),
+            built: self.built,
             classify: self.classify.clone(),
             release: PhantomData,
         }
@@ -86,7 +88,7 @@ impl ConcurrencyLimitLayer {
 impl<C, H, X, K> ConcurrencyLimitLayer<C, H, X, K> {
     /// A handle that observes this limit.
     pub fn handle(&self) -> ConcurrencyLimitHandle {
-        ConcurrencyLimitHandle::new(Arc::clone(&self.limiter), self.counts.clone())
+        ConcurrencyLimitHandle::new(Arc::clone(&self.limiter), self.counts.clone(), self.built)
     }
 }
 
@@ -300,59 +302,22 @@ impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
     }
 
     /// Checks the configuration and creates the limit's state.
-    pub fn build(self) -> Result<ConcurrencyLimitLayer<C, H, X, K>, ConcurrencyLimitConfigError>
+    pub fn build(mut self) -> Result<ConcurrencyLimitLayer<C, H, X, K>, ConcurrencyLimitConfigError>
     where
         X: Send + Sync + 'static,
         K: Hash + Eq + Clone + Send + Sync + 'static,
     {
-        let limiter = match self.limit.ok_or(ConcurrencyLimitConfigError::NoLimit)? {
-            LimitChoice::Fixed(limit) if limit == 0 || limit > MAX_LIMIT => {
-                return Err(ConcurrencyLimitConfigError::Limit {
-                    limit,
-                    max: MAX_LIMIT,
-                });
-            }
-            LimitChoice::Fixed(limit) => Limiter::fixed(limit),
-            LimitChoice::Aimd(aimd) => {
-                aimd.validate()
-                    .map_err(|reason| algorithm("Aimd", reason))?;
-                Limiter::adaptive(Box::new(aimd))
-            }
-            LimitChoice::Gradient(gradient) => {
-                gradient
-                    .validate()
-                    .map_err(|reason| algorithm("Gradient", reason))?;
-                Limiter::adaptive(Box::new(gradient))
-            }
-            LimitChoice::Custom(custom) => Limiter::adaptive(custom),
-        };
-        if self.retry_after.is_zero() || self.retry_after > MAX_DURATION {
-            return Err(ConcurrencyLimitConfigError::RetryAfter(self.retry_after));
+        if self.limit.is_none() {
+            return Err(ConcurrencyLimitConfigError::NoLimit);
         }
-        let mut limiter = limiter
-            .with_retry_after(self.retry_after)
-            .with_shadow(self.shadow);
-        if let Some((waiters, max_wait)) = self.queue {
-            let max = MAX_LIMIT as usize;
-            if waiters == 0 || waiters > max {
-                return Err(ConcurrencyLimitConfigError::QueueSize { waiters, max });
-            }
-            if max_wait.is_zero() || max_wait > MAX_DURATION {
-                return Err(ConcurrencyLimitConfigError::MaxWait(max_wait));
-            }
-            limiter = limiter.with_queue(waiters, max_wait);
-        }
-        let (keyed, counts) = match self.keyed {
+        let plan = self.plan()?;
+        let limit = plan.limit.ok_or(ConcurrencyLimitConfigError::NoLimit)?;
+        let built = plan.built;
+        let (keyed, counts) = match built.max_keys {
             None => (None, None),
-            Some(()) => {
-                if self.max_keys == 0 {
-                    return Err(ConcurrencyLimitConfigError::ZeroMaxKeys);
-                }
-                if self.queue.is_some() {
-                    return Err(ConcurrencyLimitConfigError::KeyedQueue);
-                }
+            Some(max_keys) => {
                 let shares =
-                    FairShares::new(self.max_keys, self.retry_after, tokio::time::Instant::now());
+                    FairShares::new(max_keys, built.retry_after, tokio::time::Instant::now());
                 let keyed = Arc::new(Keyed {
                     extractor: self.extractor,
                     shares,
@@ -362,13 +327,94 @@ impl<C, H, X, K> ConcurrencyLimitLayerBuilder<C, H, X, K> {
             }
         };
         Ok(ConcurrencyLimitLayer {
-            limiter: Arc::new(limiter),
+            limiter: Arc::new(Limiter::new(limit, plan.policy)),
             keyed,
             counts,
+            built,
             classify: self.classify,
             release: PhantomData,
         })
     }
+
+    /// The checked settings, without the state: what `build` builds, and what a live
+    /// reload switches to (the same rules, in the same order).
+    pub(crate) fn plan(&mut self) -> Result<Plan, ConcurrencyLimitConfigError> {
+        let limit = match self.limit.take() {
+            None => None,
+            Some(LimitChoice::Fixed(limit)) if limit == 0 || limit > MAX_LIMIT => {
+                return Err(ConcurrencyLimitConfigError::Limit {
+                    limit,
+                    max: MAX_LIMIT,
+                });
+            }
+            Some(LimitChoice::Fixed(limit)) => Some(Limit::Fixed(limit)),
+            Some(LimitChoice::Aimd(aimd)) => {
+                aimd.validate()
+                    .map_err(|reason| algorithm("Aimd", reason))?;
+                Some(Limit::Adaptive(Algorithm::Aimd(aimd)))
+            }
+            Some(LimitChoice::Gradient(gradient)) => {
+                gradient
+                    .validate()
+                    .map_err(|reason| algorithm("Gradient", reason))?;
+                Some(Limit::Adaptive(Algorithm::Gradient(gradient)))
+            }
+            Some(LimitChoice::Custom(custom)) => Some(Limit::Adaptive(Algorithm::Custom(custom))),
+        };
+        if self.retry_after.is_zero() || self.retry_after > MAX_DURATION {
+            return Err(ConcurrencyLimitConfigError::RetryAfter(self.retry_after));
+        }
+        let mut policy = Policy {
+            shadow: self.shadow,
+            retry_after: self.retry_after,
+            ..Policy::default()
+        };
+        if let Some((waiters, max_wait)) = self.queue {
+            let max = MAX_LIMIT as usize;
+            if waiters == 0 || waiters > max {
+                return Err(ConcurrencyLimitConfigError::QueueSize { waiters, max });
+            }
+            if max_wait.is_zero() || max_wait > MAX_DURATION {
+                return Err(ConcurrencyLimitConfigError::MaxWait(max_wait));
+            }
+            policy.waiters = waiters;
+            policy.max_wait = max_wait;
+        }
+        let max_keys = match self.keyed {
+            None => None,
+            Some(()) if self.max_keys == 0 => return Err(ConcurrencyLimitConfigError::ZeroMaxKeys),
+            Some(()) if self.queue.is_some() => {
+                return Err(ConcurrencyLimitConfigError::KeyedQueue);
+            }
+            Some(()) => Some(self.max_keys),
+        };
+        Ok(Plan {
+            limit,
+            policy,
+            built: Built {
+                max_keys,
+                retry_after: self.retry_after,
+            },
+        })
+    }
+}
+
+/// A checked configuration: what [`ConcurrencyLimitLayerBuilder::plan`] returns.
+#[derive(Debug)]
+pub(crate) struct Plan {
+    /// `None` when no limit was given (`build` refuses that; a reload keeps the limit).
+    pub(crate) limit: Option<Limit>,
+    pub(crate) policy: Policy,
+    pub(crate) built: Built,
+}
+
+/// What a live reload cannot change: the key table, and the fairness windows that a
+/// keyed limit cuts time into (`retry_after` long).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Built {
+    /// `Some(max_keys)` for a keyed limit.
+    pub(crate) max_keys: Option<usize>,
+    pub(crate) retry_after: Duration,
 }
 
 fn algorithm(algorithm: &'static str, reason: &'static str) -> ConcurrencyLimitConfigError {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 use super::fair::{FairAdmission, FairShares};
-use super::limiter::{Admission, Limiter, Waiter};
+use super::limiter::{Admission, Limit, Limiter, Policy, Waiter};
 use super::release::Permit;
 
 /// A concurrency limit's counter, with an optional queue.
@@ -39,20 +39,47 @@ impl Place {
 impl Permits {
     /// `limit` permits, and a queue of `queue` places (none for zero).
     pub(crate) fn new(limit: u32, queue: usize) -> Self {
-        let limiter = Limiter::fixed(limit);
-        Self(if queue == 0 {
-            limiter
-        } else {
-            limiter.with_queue(queue, Duration::from_secs(1))
-        })
+        let policy = Policy {
+            waiters: queue,
+            max_wait: Duration::from_secs(1),
+            ..Policy::default()
+        };
+        Self(Limiter::new(Limit::Fixed(limit), policy))
+    }
+
+    /// `limit` permits, no queue, refused requests told to come back after `retry_after`.
+    pub(crate) fn with_retry_after(limit: u32, retry_after: Duration) -> Self {
+        let policy = Policy {
+            retry_after,
+            ..Policy::default()
+        };
+        Self(Limiter::new(Limit::Fixed(limit), policy))
+    }
+
+    /// A live reload to a static `limit` and `retry_after` (no queue).
+    pub(crate) fn reload(&self, limit: u32, retry_after: Duration) {
+        let policy = Policy {
+            retry_after,
+            ..Policy::default()
+        };
+        self.0.reload(Some(Limit::Fixed(limit)), policy);
+    }
+
+    /// Takes a permit, or says the limit and `retry_after` it was refused with.
+    pub(crate) fn admit_or_refusal(&self) -> Result<(), (u32, Duration)> {
+        match self.0.try_admit() {
+            Admission::Admitted(_) => Ok(()),
+            Admission::Rejected(refusal) => Err((refusal.limit, refusal.retry_after)),
+            Admission::Queued { .. } => panic!("no queue"),
+        }
     }
 
     /// Takes a permit, a place, or nothing.
     pub(crate) fn admit(&self) -> Admit {
         match self.0.try_admit() {
             Admission::Admitted(_) => Admit::Permit,
-            Admission::Queued(waiter) => Admit::Queued(Place(waiter)),
-            Admission::Rejected => Admit::Rejected,
+            Admission::Queued { waiter, .. } => Admit::Queued(Place(waiter)),
+            Admission::Rejected(_) => Admit::Rejected,
         }
     }
 
@@ -113,7 +140,7 @@ impl FairPermits {
             FairAdmission::Admitted(_, cell) => {
                 Some(KeyPermit(Permit::keyed(Arc::clone(&self.limiter), cell)))
             }
-            FairAdmission::Rejected => None,
+            FairAdmission::Rejected(_) => None,
         }
     }
 

@@ -100,7 +100,8 @@
 //! place under the limit and tells an adaptive algorithm nothing, so the limit keeps adapting on the
 //! requests an enforcing limit would run. [`ConcurrencyLimitHandle::shadow_rejected`]
 //! and the `palisade_concurrency_limit_shadow_rejected_total` counter show how many
-//! requests it would have refused.
+//! requests it would have refused. The switch is also in the configuration
+//! (`shadow = true`) and [live-reloadable](#live-reload), both ways, for the next request.
 //!
 //! ```
 //! use palisade::concurrency_limit::ConcurrencyLimitLayer;
@@ -115,6 +116,38 @@
 //! let second = service.ready().await?.call(2); // over the limit: let through
 //! assert_eq!((first.await?, second.await?), (1, 2));
 //! assert_eq!(handle.shadow_rejected(), 1);
+//! # Ok(())
+//! # }
+//! ```
+//!
+//! # Live reload
+//!
+//! With the `serde` feature, [`ConcurrencyLimitHandle::reload`] switches a running limit
+//! to a new [`ConcurrencyLimitConfig`](crate::config::ConcurrencyLimitConfig) (and
+//! `Policies::reload_concurrency_limit` to a named policy of a document): its static
+//! limit or its algorithm's settings, shadow mode, `retry_after` and the queue, in one
+//! step. A refusal is decided and answered under the old configuration or the new one:
+//! the options are published with the limit through a sequence number that a refusal
+//! reads (it never waits), while an admission reads nothing new. A lower limit keeps the
+//! permits held; a higher one lets queued requests in; the same algorithm keeps its
+//! estimate, clamped into the new bounds, and another kind starts afresh. An invalid
+//! configuration, or one that changes what shapes a keyed limit, is refused at its
+//! field and changes nothing.
+//!
+//! ```
+//! # #[cfg(not(feature = "serde"))]
+//! # fn main() {}
+//! # #[cfg(feature = "serde")]
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use palisade::config::ConcurrencyLimitConfig;
+//!
+//! // Roll a tighter limit out in shadow mode first, then enforce it.
+//! let handle = toml::from_str::<ConcurrencyLimitConfig>("max_in_flight = 100")?.build()?.handle();
+//! handle.reload(&toml::from_str("max_in_flight = 40\nshadow = true")?)?;
+//! assert!(handle.is_shadow());
+//! // ... watch handle.shadow_rejected() ...
+//! handle.reload(&toml::from_str("max_in_flight = 40")?)?;
+//! assert_eq!((handle.limit(), handle.is_shadow()), (40, false));
 //! # Ok(())
 //! # }
 //! ```
@@ -255,6 +288,8 @@ pub use self::algorithms::{Aimd, Gradient, LimitAlgorithm, Sample};
 pub use self::error::{ConcurrencyLimitConfigError, Overloaded};
 pub use self::future::ResponseFuture;
 pub use self::handle::ConcurrencyLimitHandle;
+#[cfg(feature = "serde")]
+pub(crate) use self::layer::{Built, Plan};
 pub use self::layer::{ConcurrencyLimitLayer, ConcurrencyLimitLayerBuilder};
 pub use self::release::{Permit, Release, ReleaseOnResponse, SampleReport};
 #[cfg(feature = "http")]

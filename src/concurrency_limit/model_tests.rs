@@ -1,7 +1,10 @@
 //! The permit counter against a reference model: random sequences of admissions,
-//! releases, waiters leaving the queue and limit changes, with and without a queue.
+//! releases, waiters leaving the queue, limit changes and reloads (of the limit and the
+//! queue), with and without a queue; and the adaptive algorithms' state carried over a
+//! reload.
 
-use super::limiter::{Admission, Limiter, Waiter};
+use super::algorithms::{Aimd, Gradient, LimitAlgorithm, Sample};
+use super::limiter::{Admission, Algorithm, Limit, Limiter, Policy, Waiter};
 use proptest::prelude::*;
 use std::collections::VecDeque;
 use std::sync::Arc;
@@ -15,6 +18,8 @@ enum Op {
     /// The `n`th waiter (modulo their number) gives up.
     Leave(usize),
     SetLimit(u32),
+    /// A reload to a static limit and a queue of this many places.
+    Reload(u32, usize),
 }
 
 fn op() -> impl Strategy<Value = Op> {
@@ -23,6 +28,7 @@ fn op() -> impl Strategy<Value = Op> {
         3 => any::<usize>().prop_map(Op::Release),
         1 => any::<usize>().prop_map(Op::Leave),
         1 => (0u32..8).prop_map(Op::SetLimit),
+        1 => (1u32..8, 0usize..4).prop_map(|(limit, waiters)| Op::Reload(limit, waiters)),
     ]
 }
 
@@ -58,10 +64,8 @@ proptest! {
         capacity in 0usize..4,
         ops in proptest::collection::vec(op(), 1..120),
     ) {
-        let mut limiter = Limiter::fixed(limit);
-        if capacity > 0 {
-            limiter = limiter.with_queue(capacity, Duration::from_secs(1));
-        }
+        let policy = Policy { waiters: capacity, max_wait: Duration::from_secs(1), ..Policy::default() };
+        let limiter = Limiter::new(Limit::Fixed(limit), policy);
         let mut model = Model { limit, capacity, ..Model::default() };
         // Holders of a permit and queued waiters, by id, in the real limiter and the model.
         let mut holders: Vec<usize> = Vec::new();
@@ -85,11 +89,11 @@ proptest! {
                             prop_assert_eq!(in_flight, model.in_flight);
                             holders.push(id);
                         }
-                        Admission::Queued(waiter) => {
+                        Admission::Queued { waiter, .. } => {
                             prop_assert_eq!(expected, "queued");
                             waiters.push((id, waiter));
                         }
-                        Admission::Rejected => prop_assert_eq!(expected, "rejected"),
+                        Admission::Rejected(_) => prop_assert_eq!(expected, "rejected"),
                     }
                 }
                 Op::Release(n) if !holders.is_empty() => {
@@ -119,6 +123,13 @@ proptest! {
                     model.limit = new.max(1);
                     model.serve();
                     limiter.set_limit(new);
+                }
+                Op::Reload(new, waiters) => {
+                    model.limit = new;
+                    model.capacity = waiters;
+                    model.serve();
+                    let policy = Policy { waiters, max_wait: Duration::from_secs(1), ..Policy::default() };
+                    limiter.reload(Some(Limit::Fixed(new)), policy);
                 }
                 Op::Release(_) | Op::Leave(_) => {}
             }
@@ -150,9 +161,133 @@ fn the_word_holds_the_largest_limit_and_count() {
     assert_eq!(limiter.limit(), super::limiter::MAX_LIMIT);
     assert!(matches!(limiter.try_admit(), Admission::Admitted(1)));
     limiter.set_limit(1);
-    assert!(matches!(limiter.try_admit(), Admission::Rejected));
+    assert!(matches!(limiter.try_admit(), Admission::Rejected(_)));
     limiter.set_limit(u32::MAX); // clamped
     assert_eq!(limiter.limit(), super::limiter::MAX_LIMIT);
     limiter.release();
     assert_eq!(limiter.in_flight(), 0);
+}
+
+/// Valid AIMD settings: `min <= initial <= max`.
+fn aimd() -> impl Strategy<Value = Aimd> {
+    (1u32..40, 0u32..40, 0u32..40, 0.5f64..0.99).prop_map(|(min, above, span, ratio)| {
+        let max = min + above.max(span);
+        Aimd::new()
+            .min_limit(min)
+            .initial_limit(min + above.min(span))
+            .max_limit(max)
+            .backoff_ratio(ratio)
+            .latency_threshold(Duration::from_millis(50))
+    })
+}
+
+/// Valid gradient settings, measuring the minimum RTT over two requests.
+fn gradient() -> impl Strategy<Value = Gradient> {
+    (1u32..40, 0u32..40, 0u32..40, 0.0f64..2.0).prop_map(|(min, above, span, buffer)| {
+        Gradient::new()
+            .min_limit(min)
+            .initial_limit(min + above.min(span))
+            .max_limit(min + above.max(span))
+            .buffer(buffer)
+            .min_rtt_requests(2)
+            .interval(Duration::from_millis(20))
+    })
+}
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Aimd(Aimd),
+    Gradient(Gradient),
+}
+
+fn kind() -> impl Strategy<Value = Kind> {
+    prop_oneof![
+        aimd().prop_map(Kind::Aimd),
+        gradient().prop_map(Kind::Gradient)
+    ]
+}
+
+impl Kind {
+    fn limit(&self) -> Limit {
+        Limit::Adaptive(match self.clone() {
+            Kind::Aimd(aimd) => Algorithm::Aimd(aimd),
+            Kind::Gradient(gradient) => Algorithm::Gradient(gradient),
+        })
+    }
+
+    fn bounds(&self) -> (u32, u32) {
+        match self {
+            Kind::Aimd(aimd) => aimd.bounds(),
+            Kind::Gradient(gradient) => gradient.bounds(),
+        }
+    }
+
+    fn starting_limit(&self) -> u32 {
+        match self {
+            Kind::Aimd(aimd) => aimd.starting_limit(),
+            Kind::Gradient(gradient) => gradient.starting_limit(),
+        }
+    }
+
+    fn same_kind(&self, other: &Kind) -> bool {
+        matches!(
+            (self, other),
+            (Kind::Aimd(_), Kind::Aimd(_)) | (Kind::Gradient(_), Kind::Gradient(_))
+        )
+    }
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    /// An adaptive limit moved by random samples, then reloaded: the same kind of
+    /// algorithm keeps the limit it reached, clamped into the new bounds (a gradient
+    /// measuring its minimum RTT sits at the new minimum); another kind starts from its
+    /// starting limit; a static limit is that limit. Every limit after stays in bounds.
+    #[test]
+    fn a_reload_clamps_the_estimate_or_starts_afresh(
+        before in kind(),
+        after in prop_oneof![kind().prop_map(Some), (1u32..60).prop_map(|_| None)],
+        fixed in 1u32..60,
+        samples in proptest::collection::vec((1u64..120, 1u32..60, prop::bool::weighted(0.2)), 0..80),
+        more in proptest::collection::vec((1u64..120, 1u32..60, prop::bool::weighted(0.2)), 0..40),
+    ) {
+        let limiter = Limiter::new(before.limit(), Policy::default());
+        let start = tokio::time::Instant::now();
+        let mut now = start;
+        let mut feed = |limiter: &Limiter, samples: &[(u64, u32, bool)]| {
+            for &(ms, in_flight, congested) in samples {
+                now += Duration::from_millis(ms);
+                limiter.record(Sample::new(Duration::from_millis(ms), in_flight, congested, now));
+            }
+        };
+        feed(&limiter, &samples);
+        let reached = limiter.limit();
+        let measuring = limiter.is_measuring();
+        match &after {
+            Some(after) => {
+                limiter.reload(Some(after.limit()), Policy::default());
+                let (min, max) = after.bounds();
+                let expected = match (before.same_kind(after), measuring) {
+                    (false, _) => after.starting_limit(),
+                    (true, true) => min,
+                    (true, false) => reached.clamp(min, max),
+                };
+                prop_assert_eq!(limiter.limit(), expected);
+                prop_assert!(limiter.is_adaptive());
+                for sample in &more {
+                    feed(&limiter, std::slice::from_ref(sample));
+                    prop_assert!((min..=max).contains(&limiter.limit()), "{} out of bounds", limiter.limit());
+                }
+            }
+            None => {
+                limiter.reload(Some(Limit::Fixed(fixed)), Policy::default());
+                prop_assert_eq!(limiter.limit(), fixed);
+                prop_assert!(!limiter.is_adaptive());
+                // Samples of requests admitted before the switch change nothing.
+                feed(&limiter, &more);
+                prop_assert_eq!(limiter.limit(), fixed);
+            }
+        }
+    }
 }

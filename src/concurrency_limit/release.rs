@@ -35,13 +35,13 @@ impl Permit {
 
     /// The permit of a request `limiter` in shadow mode lets through over the limit:
     /// one of its overflow limit's, so that the request holds no place under `limiter`
-    /// itself. `None` for an enforcing limit, or once the overflow holds its
+    /// itself. `None` for the overflow limit itself, or once the overflow holds its
     /// [`MAX_LIMIT`](super::limiter::MAX_LIMIT) (then the request is refused after all).
     pub(crate) fn shadow(limiter: &Limiter) -> Option<Self> {
         let overflow = limiter.overflow()?;
         match overflow.try_admit() {
             Admission::Admitted(_) => Some(Self::new(Arc::clone(overflow))),
-            Admission::Queued(_) | Admission::Rejected => None,
+            Admission::Queued { .. } | Admission::Rejected(_) => None,
         }
     }
 }
@@ -82,6 +82,7 @@ pub struct ReleaseOnResponse;
 impl<Res> Release<Res> for ReleaseOnResponse {
     type Response = Res;
 
+    #[inline]
     fn hold(response: Res, permit: Permit) -> Res {
         drop(permit);
         response

@@ -9,7 +9,7 @@ use tower_service::Service;
 
 use super::fair::{FairAdmission, Keyed};
 use super::future::ResponseFuture;
-use super::limiter::{Admission, Limiter};
+use super::limiter::{Admission, Limiter, Refusal};
 use super::release::{Permit, Release, ReleaseOnResponse, SampleReport};
 use crate::classify::{Classify, ErrorsAsFailures};
 use crate::key::{Global, KeyExtractor};
@@ -120,38 +120,49 @@ where
                 let permit = Permit::new(Arc::clone(&self.limiter));
                 ResponseFuture::called(self.inner.call(request), permit, report, classify)
             }
-            Admission::Queued(waiter) => {
-                let max_wait = self.limiter.max_wait().unwrap_or_default();
+            Admission::Queued {
+                waiter,
+                max_wait,
+                refusal,
+            } => {
                 let ready = take_ready(&mut self.inner);
                 let limiter = Arc::clone(&self.limiter);
-                ResponseFuture::queued(limiter, waiter, max_wait, (ready, request), classify)
+                let place = (limiter, waiter, refusal);
+                ResponseFuture::queued(place, max_wait, (ready, request), classify)
             }
-            Admission::Rejected => self.shed(request, classify),
+            Admission::Rejected(refusal) => self.shed(request, refusal, classify),
         }
     }
 }
 
 impl<S, C, H, X, K> ConcurrencyLimitService<S, C, H, X, K> {
     /// A request over the limit (already counted): refused with `Overloaded`, or in
-    /// shadow mode sent with a permit of the overflow limit. Out of line and cold: the
-    /// admitted path stays small.
+    /// shadow mode sent with a permit of the overflow limit, as the policy it was
+    /// refused under says. Out of line and cold: the admitted path stays small.
     #[cold]
     #[inline(never)]
-    fn shed<Req>(&mut self, request: Req, classify: C) -> ResponseFuture<S, Req, C, H>
+    fn shed<Req>(
+        &mut self,
+        request: Req,
+        refusal: Refusal,
+        classify: C,
+    ) -> ResponseFuture<S, Req, C, H>
     where
         S: Service<Req>,
     {
-        if let Some(permit) = Permit::shadow(&self.limiter) {
+        if refusal.shadow
+            && let Some(permit) = Permit::shadow(&self.limiter)
+        {
             #[cfg(feature = "tracing")]
             tracing::debug!(
-                limit = self.limiter.limit(),
+                limit = refusal.limit,
                 "request would be shed: overloaded (shadow mode: let through)"
             );
             return ResponseFuture::let_through(self.inner.call(request), permit, classify);
         }
         #[cfg(feature = "tracing")]
-        tracing::debug!(limit = self.limiter.limit(), "request shed: overloaded");
-        ResponseFuture::rejected(self.limiter.overloaded(), classify)
+        tracing::debug!(limit = refusal.limit, "request shed: overloaded");
+        ResponseFuture::rejected(refusal.overloaded(), classify)
     }
 
     /// A keyed limit's admission: out of line and marked cold, so that the unkeyed call
@@ -167,7 +178,8 @@ impl<S, C, H, X, K> ConcurrencyLimitService<S, C, H, X, K> {
     {
         let classify = self.classify.clone();
         let Some(keyed) = &self.keyed else {
-            return self.shed(request, classify);
+            let refusal = self.limiter.refusal();
+            return self.shed(request, refusal, classify);
         };
         let key = keyed.extractor.extract(&request);
         let now = tokio::time::Instant::now();
@@ -178,7 +190,7 @@ impl<S, C, H, X, K> ConcurrencyLimitService<S, C, H, X, K> {
                 let permit = Permit::keyed(Arc::clone(&self.limiter), share);
                 ResponseFuture::called(self.inner.call(request), permit, report, classify)
             }
-            FairAdmission::Rejected => self.shed(request, classify),
+            FairAdmission::Rejected(refusal) => self.shed(request, refusal, classify),
         }
     }
 }

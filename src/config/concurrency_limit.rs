@@ -1,10 +1,10 @@
 //! The concurrency limit's configuration.
 
 use super::KeyedConfig;
-use super::error::{ConfigError, PolicyMismatch};
+use super::error::{ConfigError, NotReloadable, PolicyMismatch};
 use crate::concurrency_limit::{
-    Aimd, ConcurrencyLimitConfigError, ConcurrencyLimitLayer, ConcurrencyLimitLayerBuilder,
-    Gradient,
+    Aimd, Built, ConcurrencyLimitConfigError, ConcurrencyLimitLayer, ConcurrencyLimitLayerBuilder,
+    Gradient, Plan,
 };
 use serde::{Deserialize, Serialize};
 use std::hash::Hash;
@@ -20,6 +20,9 @@ use std::time::Duration;
 /// keyed = { max_keys = 10000 }                    # fair per client
 /// shadow = true                                  # decide and count, refuse nothing (default false)
 /// ```
+///
+/// A running limit takes a new configuration through
+/// [`ConcurrencyLimitHandle::reload`](crate::concurrency_limit::ConcurrencyLimitHandle::reload).
 ///
 /// How results are classified and when a permit is released are code: build with
 /// [`build_from`](Self::build_from) and a builder that has them. A policy with a
@@ -261,6 +264,14 @@ impl ConcurrencyLimitConfig {
         X: Send + Sync + 'static,
         K: Hash + Eq + Clone + Send + Sync + 'static,
     {
+        self.check_exclusive()?;
+        self.apply(builder)
+            .build()
+            .map_err(|error| self.locate(error))
+    }
+
+    /// At most one of `max_in_flight`, `aimd` and `gradient`.
+    fn check_exclusive(&self) -> Result<(), ConfigError> {
         let chosen = [
             ("max_in_flight", self.max_in_flight.is_some()),
             ("aimd", self.aimd.is_some()),
@@ -273,9 +284,52 @@ impl ConcurrencyLimitConfig {
                 PolicyMismatch::Exclusive(first, second),
             ));
         }
-        self.apply(builder)
-            .build()
-            .map_err(|error| self.locate(error))
+        Ok(())
+    }
+
+    /// What a live reload to this configuration switches a layer built with `built` to:
+    /// `build()`'s validation (over the builder's defaults), and the options that cannot
+    /// change left as they are.
+    pub(crate) fn reload_plan(&self, built: Built) -> Result<Plan, ConfigError> {
+        self.check_exclusive()?;
+        match (&self.keyed, built.max_keys) {
+            (Some(_), None) => {
+                return Err(NotReloadable::at(
+                    "keyed",
+                    "no `keyed` section (one limit for all)",
+                ));
+            }
+            (None, Some(_)) => {
+                return Err(NotReloadable::at(
+                    "keyed",
+                    "a `keyed` section (fair per client)",
+                ));
+            }
+            _ => {}
+        }
+        let builder = ConcurrencyLimitLayer::builder();
+        let plan = if built.max_keys.is_some() {
+            self.apply(builder.keyed::<(), ()>(())).plan()
+        } else {
+            self.apply(builder).plan()
+        }
+        .map_err(|error| self.locate(error))?;
+        if built.max_keys.is_some() {
+            NotReloadable::unless_same(
+                "keyed.max_keys",
+                &plan.built.max_keys,
+                &built.max_keys,
+                |was| format!("{}", was.unwrap_or_default()),
+            )?;
+            // A keyed limit's fairness windows are `retry_after` long.
+            NotReloadable::unless_same(
+                "retry_after",
+                &plan.built.retry_after,
+                &built.retry_after,
+                |was| humantime_serde::re::humantime::format_duration(*was).to_string(),
+            )?;
+        }
+        Ok(plan)
     }
 
     /// The field a builder error is about.

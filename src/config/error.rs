@@ -137,4 +137,19 @@ impl NotReloadable {
         };
         Err(Self::at("keyed", was))
     }
+
+    /// Refuses a reload whose `now` at `path` is not what the layer was built with
+    /// (`was`, shown as `show` writes it).
+    pub(crate) fn unless_same<T: PartialEq>(
+        path: &str,
+        now: &T,
+        was: &T,
+        show: impl FnOnce(&T) -> String,
+    ) -> Result<(), ConfigError> {
+        if now == was {
+            Ok(())
+        } else {
+            Err(Self::at(path, show(was)))
+        }
+    }
 }

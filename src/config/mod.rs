@@ -22,6 +22,11 @@
 //!   not ignored.
 //! - **Errors name the field**: a [`ConfigError`] says where (`limits.payments.refill`)
 //!   and which rule was broken (the builder's own error).
+//! - **Live reload**: a running rate limiter, concurrency limit or retry layer takes a
+//!   new configuration through its handle (`handle.reload(&config)`, or
+//!   `Policies::reload_rate_limit`, `reload_concurrency_limit`, `reload_retry` by name),
+//!   validated as `build()` validates it; what cannot change at run time is refused as
+//!   [`NotReloadable`] at its field.
 //! - **Code where data cannot go.** Each type has `build()` for the layer with its
 //!   defaults in code, `apply(builder)` to set its fields on a builder of your own, and
 //!   `build_from(builder)` for both at once: a breaker with its classifier, a retry with

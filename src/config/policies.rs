@@ -215,6 +215,19 @@ impl Policies {
         })
     }
 
+    /// Reloads the retry layer behind `handle` with the policy `name` (see
+    /// [`RetryHandle::reload`](crate::retry::RetryHandle::reload)): an error names its
+    /// place in the document (`retries.idempotent.max_attempts`), and changes nothing.
+    pub fn reload_retry(
+        &self,
+        name: &str,
+        handle: &crate::retry::RetryHandle,
+    ) -> Result<(), ConfigError> {
+        build("retries", &self.retries, name, |policy| {
+            handle.reload(policy)
+        })
+    }
+
     /// The concurrency limit `name`.
     pub fn concurrency_limit(&self, name: &str) -> Result<ConcurrencyLimitLayer, ConfigError> {
         build(
@@ -254,6 +267,20 @@ impl Policies {
     {
         build("concurrency", &self.concurrency, name, |policy| {
             policy.build_from(builder)
+        })
+    }
+
+    /// Reloads the concurrency limit behind `handle` with the policy `name` (see
+    /// [`ConcurrencyLimitHandle::reload`](crate::concurrency_limit::ConcurrencyLimitHandle::reload)):
+    /// an error names its place in the document (`concurrency.api.max_in_flight`), and
+    /// changes nothing.
+    pub fn reload_concurrency_limit(
+        &self,
+        name: &str,
+        handle: &crate::concurrency_limit::ConcurrencyLimitHandle,
+    ) -> Result<(), ConfigError> {
+        build("concurrency", &self.concurrency, name, |policy| {
+            handle.reload(policy)
         })
     }
 

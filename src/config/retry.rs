@@ -18,6 +18,9 @@ use std::time::Duration;
 /// max_server_delay = "30s"
 /// ```
 ///
+/// A running layer takes a new configuration through
+/// [`RetryHandle::reload`](crate::retry::RetryHandle::reload).
+///
 /// Which results are retried, and how a request is duplicated, are code: build with
 /// [`build_from`](Self::build_from) and a builder that has its policy.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
@@ -209,6 +212,17 @@ impl RetryConfig {
         self.apply(builder)
             .build()
             .map_err(|error| self.locate(error))
+    }
+
+    /// What a live reload to this configuration switches to: `build()`'s validation,
+    /// over the builder's defaults. The options, and the budget's ttl, reserve rate
+    /// and ratio.
+    pub(crate) fn reload_options(
+        &self,
+    ) -> Result<(crate::retry::Options, (Duration, u32, f64)), ConfigError> {
+        let builder = self.apply(RetryLayer::builder());
+        let options = builder.options().map_err(|error| self.locate(error))?;
+        Ok((options, builder.budget_settings()))
     }
 
     /// The field a builder error is about.

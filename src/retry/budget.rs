@@ -1,6 +1,6 @@
 //! The retry budget: a lock-free, sans-io core shared by every clone of a layer.
 
-use crate::sync::{AtomicBool, AtomicU64, Ordering};
+use crate::sync::{AtomicBool, AtomicU64, Mutex, Ordering, lock};
 use std::time::Duration;
 use tokio::time::Instant;
 
@@ -48,16 +48,27 @@ const SLICES: usize = 10;
 /// the balance below what one retry costs, however many tasks race for it.
 #[derive(Debug)]
 pub struct RetryBudget {
-    ttl: Duration,
-    min_per_sec: u32,
-    ratio: f64,
+    /// As given (the getters'): read only by them, written by a reconfiguration.
+    settings: Mutex<Settings>,
     start: Instant,
-    slice_nanos: u64,
-    deposit: i64,
+    /// The length of a slice, a tenth of the ttl (clamped). Read and written only by
+    /// the holder of `advancing`.
+    slice_nanos: AtomicU64,
+    /// When the slice after the newest begins, in nanoseconds since `start`: a caller
+    /// whose clock reading is before it records into the newest slice without
+    /// dividing. Written, after `epoch`, by the holder of `advancing`.
+    next_start: AtomicU64,
+    /// What one request deposits, in thousandths of a retry (an `i64`).
+    deposit: AtomicU64,
+    /// The part of `baseline` that never expires, `min_per_sec · ttl` in thousandths
+    /// (an `i64`). Written only by the holder of `advancing`.
+    #[cfg_attr(not(any(test, feature = "serde")), allow(dead_code))]
+    reserve: AtomicU64,
     /// The newest slice; whoever moves it forward closes it and expires the slices it
     /// skips.
     epoch: AtomicU64,
-    /// Held (never waited for) by the caller moving `epoch` forward.
+    /// Held (never waited for) by the caller moving `epoch` forward; waited for only
+    /// by a reconfiguration, which holds it just as briefly.
     advancing: AtomicBool,
     /// Net amount (deposits − withdrawals) recorded in each closed live slice, and the
     /// withdrawals of the newest; an `i64` stored two's-complement so that wrapping
@@ -70,8 +81,33 @@ pub struct RetryBudget {
     baseline: AtomicU64,
     /// `baseline` + the newest slice's deposits: what is available now.
     balance: AtomicU64,
-    /// Tells this budget's entry in [`SliceEnd`] from another budget's.
-    id: u64,
+}
+
+/// A budget's settings, as given.
+#[derive(Debug, Clone, Copy)]
+struct Settings {
+    ttl: Duration,
+    min_per_sec: u32,
+    ratio: f64,
+}
+
+impl Settings {
+    /// The slice length, the reserve and the deposit, in the budget's units. Clamped,
+    /// every amount stays far from the ends of an i64: the reserve is at most 6·10¹⁰
+    /// thousandths and a deposit 10⁶, so the balance would need 9·10¹² requests within
+    /// one ttl to overflow.
+    fn amounts(&self) -> (u64, i64, i64) {
+        let window = self.ttl.clamp(RetryBudget::MIN_TTL, RetryBudget::MAX_TTL);
+        let slice_nanos = u64::try_from(window.as_nanos() / SLICES as u128).unwrap_or(u64::MAX);
+        let min_per_sec = self.min_per_sec.min(RetryBudget::MAX_MIN_PER_SEC);
+        let reserve = thousandths(f64::from(min_per_sec) * window.as_secs_f64());
+        let deposit = if self.ratio.is_nan() {
+            0
+        } else {
+            thousandths(self.ratio.clamp(0.0, RetryBudget::MAX_RATIO))
+        };
+        (slice_nanos, reserve, deposit)
+    }
 }
 
 /// One retry's withdrawal from a [`RetryBudget`], handed back with
@@ -104,71 +140,119 @@ impl RetryBudget {
     /// such a budget behaves as if the values were clamped into those ranges (a NaN
     /// ratio as 0).
     pub fn new(ttl: Duration, min_per_sec: u32, ratio: f64) -> Self {
-        // Clamped, every amount stays far from the ends of an i64: the reserve is at
-        // most 6·10¹⁰ thousandths and a deposit 10⁶, so the balance would need 9·10¹²
-        // requests within one ttl to overflow.
-        let window = ttl.clamp(Self::MIN_TTL, Self::MAX_TTL);
-        let slice_nanos = u64::try_from(window.as_nanos() / SLICES as u128).unwrap_or(u64::MAX);
-        let reserve =
-            thousandths(f64::from(min_per_sec.min(Self::MAX_MIN_PER_SEC)) * window.as_secs_f64());
-        let deposit = if ratio.is_nan() {
-            0
-        } else {
-            thousandths(ratio.clamp(0.0, Self::MAX_RATIO))
-        };
-        Self {
+        let settings = Settings {
             ttl,
             min_per_sec,
             ratio,
+        };
+        let (slice_nanos, reserve, deposit) = settings.amounts();
+        Self {
+            settings: Mutex::new(settings),
             start: Instant::now(),
-            slice_nanos,
-            deposit,
+            slice_nanos: AtomicU64::new(slice_nanos),
+            next_start: AtomicU64::new(slice_nanos),
+            deposit: AtomicU64::new(deposit as u64),
+            reserve: AtomicU64::new(reserve as u64),
             epoch: AtomicU64::new(0),
             advancing: AtomicBool::new(false),
             slots: std::array::from_fn(|_| AtomicU64::new(0)),
             baseline: AtomicU64::new(reserve as u64),
             balance: AtomicU64::new(reserve as u64),
-            id: SliceEnd::new_id(),
         }
     }
 
     /// How long deposits and withdrawals count.
     pub fn ttl(&self) -> Duration {
-        self.ttl
+        lock(&self.settings).ttl
     }
 
     /// The retries per second allowed whatever the traffic.
     pub fn min_per_sec(&self) -> u32 {
-        self.min_per_sec
+        lock(&self.settings).min_per_sec
     }
 
     /// The share of requests that may be retried.
     pub fn ratio(&self) -> f64 {
-        self.ratio
+        lock(&self.settings).ratio
     }
 
     pub(crate) fn validate(&self) -> Result<(), super::RetryConfigError> {
         use super::RetryConfigError;
-        if !(Self::MIN_TTL..=Self::MAX_TTL).contains(&self.ttl) {
-            return Err(RetryConfigError::BudgetTtl(self.ttl));
+        let Settings {
+            ttl,
+            min_per_sec,
+            ratio,
+        } = *lock(&self.settings);
+        if !(Self::MIN_TTL..=Self::MAX_TTL).contains(&ttl) {
+            return Err(RetryConfigError::BudgetTtl(ttl));
         }
-        if self.min_per_sec > Self::MAX_MIN_PER_SEC {
-            return Err(RetryConfigError::BudgetMinPerSec(self.min_per_sec));
+        if min_per_sec > Self::MAX_MIN_PER_SEC {
+            return Err(RetryConfigError::BudgetMinPerSec(min_per_sec));
         }
         // NaN fails the range check too.
-        if !(0.0..=Self::MAX_RATIO).contains(&self.ratio) {
-            return Err(RetryConfigError::BudgetRatio(self.ratio));
+        if !(0.0..=Self::MAX_RATIO).contains(&ratio) {
+            return Err(RetryConfigError::BudgetRatio(ratio));
         }
         Ok(())
     }
 
+    #[cfg(any(test, feature = "serde"))]
+    /// Takes new settings from `now` on, keeping what the budget holds (a live
+    /// reload's budget, `RetryHandle::reload`):
+    ///
+    /// - the retries deposited and withdrawn within the window stay, each slice's net
+    ///   amount in its place: it expires once as many slices have passed as it would
+    ///   have, slices now a tenth of the new `ttl` long (the current one counted from
+    ///   when it began);
+    /// - the reserve becomes the new `min_per_sec · ttl` (a smaller one can leave the
+    ///   balance below zero until withdrawals funded by the old reserve expire);
+    /// - requests deposit the new `ratio` from now on.
+    ///
+    /// Each deposit and withdrawal racing it is counted under the old settings or the
+    /// new ones. Withdrawals taken before stay refundable.
+    pub(crate) fn reconfigure(&self, ttl: Duration, min_per_sec: u32, ratio: f64, now: Instant) {
+        let settings = Settings {
+            ttl,
+            min_per_sec,
+            ratio,
+        };
+        let (slice_nanos, reserve, deposit) = settings.amounts();
+        let elapsed = self.elapsed(now);
+        // Excludes the window's moves, the one thing that reads the balance and the
+        // baseline together: the reserve goes into both as one change.
+        while self
+            .advancing
+            .compare_exchange_weak(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
+        {
+            crate::sync::spin_loop();
+        }
+        // Closes the window to now under the old slices first.
+        self.advance_held(elapsed);
+        let old_reserve = self.reserve.swap(reserve as u64, Ordering::Relaxed);
+        let change = (reserve as u64).wrapping_sub(old_reserve);
+        self.baseline.fetch_add(change, Ordering::AcqRel);
+        self.balance.fetch_add(change, Ordering::AcqRel);
+        self.deposit.store(deposit as u64, Ordering::Relaxed);
+        let old_slice = self.slice_nanos.swap(slice_nanos, Ordering::Relaxed);
+        let begun = self
+            .next_start
+            .load(Ordering::Relaxed)
+            .saturating_sub(old_slice);
+        self.next_start
+            .store(begun.saturating_add(slice_nanos), Ordering::Release);
+        // A shorter slice may have ended already.
+        self.advance_held(elapsed);
+        *lock(&self.settings) = settings;
+        self.advancing.store(false, Ordering::Release);
+    }
+
     /// Records one request. Called once per request, on its first attempt.
-    #[inline]
     pub fn deposit(&self, now: Instant) {
-        if self.deposit > 0 {
+        let deposit = self.deposit.load(Ordering::Relaxed);
+        if deposit > 0 {
             self.advance(now);
-            self.balance
-                .fetch_add(self.deposit as u64, Ordering::AcqRel);
+            self.balance.fetch_add(deposit, Ordering::AcqRel);
         }
     }
 
@@ -225,6 +309,12 @@ impl RetryBudget {
         u64::try_from(self.balance.load(Ordering::Acquire) as i64 / SCALE).unwrap_or(0)
     }
 
+    /// Nanoseconds from `start` to `now` (u64 nanoseconds last 584 years; u128
+    /// division would cost more than the rest).
+    fn elapsed(&self, now: Instant) -> u64 {
+        u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX)
+    }
+
     /// Moves the window to `now`, closing the newest slice and expiring the slices it
     /// leaves behind, and returns the current slice. A caller whose clock reading is
     /// already behind the window records into the current slice, so each amount is
@@ -236,66 +326,59 @@ impl RetryBudget {
     /// lost or counted twice.
     #[inline]
     fn advance(&self, now: Instant) -> u64 {
-        if SliceEnd::is_after(self.id, now) {
+        let elapsed = self.elapsed(now);
+        // Nearly every call falls within the newest slice. `next_start` is published
+        // after `epoch`: one read before the other is a slice that had begun.
+        if elapsed < self.next_start.load(Ordering::Acquire) {
             return self.epoch.load(Ordering::Acquire);
         }
-        let epoch = self.advance_from_clock(now);
-        SliceEnd::remember(self.id, self.end_of(epoch));
-        epoch
+        self.advance_slow(elapsed)
     }
 
-    /// When slice `epoch` ends, if that instant can be represented.
-    fn end_of(&self, epoch: u64) -> Option<Instant> {
-        let next_start = epoch.checked_add(1)?.checked_mul(self.slice_nanos)?;
-        self.start.checked_add(Duration::from_nanos(next_start))
-    }
-
-    /// [`advance`](Self::advance) from the time elapsed since `start`.
+    #[cold]
     #[inline(never)]
-    fn advance_from_clock(&self, now: Instant) -> u64 {
-        // u64 nanoseconds last 584 years; u128 division would cost more than the rest.
-        let elapsed =
-            u64::try_from(now.saturating_duration_since(self.start).as_nanos()).unwrap_or(u64::MAX);
-        let seen = self.epoch.load(Ordering::Acquire);
-        // Nearly every call falls within the newest slice: a multiplication tells,
-        // where the division below would cost more than the rest of a deposit.
-        if seen
-            .checked_add(1)
-            .and_then(|next| next.checked_mul(self.slice_nanos))
-            .is_none_or(|next_start| elapsed < next_start)
-        {
-            return seen;
-        }
-        let target = elapsed / self.slice_nanos;
+    fn advance_slow(&self, elapsed: u64) -> u64 {
         // One caller at a time moves the window, and publishes the new slice only once
         // its slots are ready: nobody records into a slot while it is being expired.
         // The others never wait; they record into the newest open slice meanwhile.
-        if target <= seen
-            || self
-                .advancing
-                .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
-                .is_err()
+        if self
+            .advancing
+            .compare_exchange(false, true, Ordering::Acquire, Ordering::Relaxed)
+            .is_err()
         {
+            return self.epoch.load(Ordering::Acquire);
+        }
+        let epoch = self.advance_held(elapsed);
+        self.advancing.store(false, Ordering::Release);
+        epoch
+    }
+
+    /// [`advance`](Self::advance), by the holder of `advancing`.
+    fn advance_held(&self, elapsed: u64) -> u64 {
+        let seen = self.epoch.load(Ordering::Acquire);
+        let next_start = self.next_start.load(Ordering::Relaxed);
+        if elapsed < next_start {
             return seen;
         }
-        let seen = self.epoch.load(Ordering::Acquire);
-        if target > seen {
-            let baseline = self.baseline.load(Ordering::Acquire);
-            let deposits = self.balance.load(Ordering::Acquire).wrapping_sub(baseline);
-            self.slots[slot(seen)].fetch_add(deposits, Ordering::AcqRel);
-            self.baseline.fetch_add(deposits, Ordering::AcqRel);
-            // The slices of epochs seen+1..=target reuse the slots of the epochs a
-            // window earlier: those amounts expire now.
-            let reused = (target - seen).min(SLICES as u64);
-            for offset in 1..=reused {
-                let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
-                self.baseline.fetch_sub(expired, Ordering::AcqRel);
-                self.balance.fetch_sub(expired, Ordering::AcqRel);
-            }
-            self.epoch.store(target, Ordering::Release);
+        let slice_nanos = self.slice_nanos.load(Ordering::Relaxed);
+        let passed = (elapsed - next_start) / slice_nanos + 1;
+        let target = seen.saturating_add(passed);
+        let baseline = self.baseline.load(Ordering::Acquire);
+        let deposits = self.balance.load(Ordering::Acquire).wrapping_sub(baseline);
+        self.slots[slot(seen)].fetch_add(deposits, Ordering::AcqRel);
+        self.baseline.fetch_add(deposits, Ordering::AcqRel);
+        // The slices of epochs seen+1..=target reuse the slots of the epochs a window
+        // earlier: those amounts expire now.
+        let reused = (target - seen).min(SLICES as u64);
+        for offset in 1..=reused {
+            let expired = self.slots[slot(seen + offset)].swap(0, Ordering::AcqRel);
+            self.baseline.fetch_sub(expired, Ordering::AcqRel);
+            self.balance.fetch_sub(expired, Ordering::AcqRel);
         }
-        self.advancing.store(false, Ordering::Release);
-        target.max(seen)
+        self.epoch.store(target, Ordering::Release);
+        let next = next_start.saturating_add(passed.saturating_mul(slice_nanos));
+        self.next_start.store(next, Ordering::Release);
+        target
     }
 }
 
@@ -309,51 +392,165 @@ fn slot(epoch: u64) -> usize {
     (epoch % SLICES as u64) as usize
 }
 
-/// A per-thread note of when the slice that a budget was last seen in ends, so that a
-/// call well inside the newest slice (nearly every call) compares two instants instead
-/// of measuring the time since the budget's start (a subtraction of two `timespec`s and
-/// a conversion to nanoseconds: most of a deposit).
-///
-/// It is only ever a shortcut to the answer [`RetryBudget::advance`] would reach: the
-/// noted end is that of a slice no newer than the budget's newest, so a `now` before it
-/// is also before the end of the newest slice, where `advance` moves nothing and
-/// returns the newest slice. A stale or missing note only costs the full computation.
-/// Under loom it is off, so that the models explore every read of the atomics.
-struct SliceEnd;
+#[cfg(all(test, not(loom)))]
+mod model_tests {
+    //! The budget against a reference model that keeps every amount with the slice it
+    //! was recorded in: random deposits, withdrawals, refunds, waits and
+    //! reconfigurations, and the balance after each.
 
-#[cfg(not(loom))]
-thread_local! {
-    static SLICE_END: std::cell::Cell<(u64, Option<Instant>)> = const { std::cell::Cell::new((0, None)) };
-}
+    use super::*;
+    use proptest::prelude::*;
+    use std::collections::BTreeMap;
 
-impl SliceEnd {
-    /// A budget id no other budget has (0 is never one, so an empty note matches none).
-    fn new_id() -> u64 {
-        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
-        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    #[derive(Debug, Clone)]
+    enum Op {
+        Deposit,
+        Withdraw,
+        /// Refunds the `n`th withdrawal still held (modulo their number).
+        Refund(usize),
+        Wait(u64),
+        Reconfigure(Duration, u32, f64),
     }
 
-    #[cfg(not(loom))]
-    #[inline]
-    fn is_after(id: u64, now: Instant) -> bool {
-        SLICE_END
-            .try_with(|note| matches!(note.get(), (noted, Some(end)) if noted == id && now < end))
-            .unwrap_or(false)
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            4 => Just(Op::Deposit),
+            3 => Just(Op::Withdraw),
+            1 => any::<usize>().prop_map(Op::Refund),
+            3 => (0u64..4_000).prop_map(Op::Wait),
+            1 => (1_000u64..=60_000, 0u32..5, 0.0f64..2.0)
+                .prop_map(|(ttl, min, ratio)| Op::Reconfigure(Duration::from_millis(ttl), min, ratio)),
+        ]
     }
 
-    #[cfg(not(loom))]
-    fn remember(id: u64, end: Option<Instant>) {
-        // Only fails while the thread is torn down; the note is then simply not kept.
-        let _ = SLICE_END.try_with(|note| note.set((id, end)));
+    /// Slices as numbers, each holding the net amount recorded in it; an amount counts
+    /// until the slice is `SLICES` slices old.
+    #[derive(Debug)]
+    struct Model {
+        slice: u64,
+        next_start: u64,
+        epoch: u64,
+        reserve: i64,
+        deposit: i64,
+        amounts: BTreeMap<u64, i64>,
     }
 
-    #[cfg(loom)]
-    fn is_after(_: u64, _: Instant) -> bool {
-        false
+    impl Model {
+        fn new(settings: Settings) -> Self {
+            let (slice, reserve, deposit) = settings.amounts();
+            Self {
+                slice,
+                next_start: slice,
+                epoch: 0,
+                reserve,
+                deposit,
+                amounts: BTreeMap::new(),
+            }
+        }
+
+        fn advance(&mut self, elapsed: u64) {
+            if elapsed >= self.next_start {
+                let passed = (elapsed - self.next_start) / self.slice + 1;
+                self.epoch += passed;
+                self.next_start += passed * self.slice;
+            }
+            let oldest = self.epoch.saturating_sub(SLICES as u64 - 1);
+            self.amounts.retain(|&epoch, _| epoch >= oldest);
+        }
+
+        fn balance(&self) -> i64 {
+            self.reserve + self.amounts.values().sum::<i64>()
+        }
+
+        fn record(&mut self, epoch: u64, amount: i64) {
+            *self.amounts.entry(epoch).or_default() += amount;
+        }
+
+        fn available(&self) -> u64 {
+            u64::try_from(self.balance() / SCALE).unwrap_or(0)
+        }
     }
 
-    #[cfg(loom)]
-    fn remember(_: u64, _: Option<Instant>) {}
+    proptest! {
+        #![proptest_config(ProptestConfig::with_cases(512))]
+
+        #[test]
+        fn the_budget_follows_the_model_across_reconfigurations(
+            (ttl, min, ratio) in (1_000u64..=60_000, 0u32..5, 0.0f64..2.0),
+            ops in proptest::collection::vec(op(), 1..150),
+        ) {
+            let settings = Settings { ttl: Duration::from_millis(ttl), min_per_sec: min, ratio };
+            let budget = RetryBudget::new(settings.ttl, min, ratio);
+            let mut model = Model::new(settings);
+            let mut elapsed = 0u64;
+            let mut held: Vec<(Withdrawal, u64)> = Vec::new();
+            for op in ops {
+                let now = budget.start + Duration::from_nanos(elapsed);
+                match op {
+                    Op::Deposit => {
+                        budget.deposit(now);
+                        if model.deposit > 0 {
+                            model.advance(elapsed);
+                            let epoch = model.epoch;
+                            model.record(epoch, model.deposit);
+                        }
+                    }
+                    Op::Withdraw => {
+                        model.advance(elapsed);
+                        let granted = budget.withdraw(now);
+                        prop_assert_eq!(granted.is_some(), model.balance() >= SCALE);
+                        if let Some(withdrawal) = granted {
+                            let epoch = model.epoch;
+                            model.record(epoch, -SCALE);
+                            held.push((withdrawal, epoch));
+                        }
+                    }
+                    Op::Refund(n) if !held.is_empty() => {
+                        let (withdrawal, epoch) = held.remove(n % held.len());
+                        budget.refund(withdrawal, now);
+                        model.advance(elapsed);
+                        if model.epoch - epoch < SLICES as u64 {
+                            model.record(epoch, SCALE);
+                        }
+                    }
+                    Op::Refund(_) => {}
+                    Op::Wait(ms) => elapsed += ms * 1_000_000,
+                    Op::Reconfigure(ttl, min_per_sec, ratio) => {
+                        budget.reconfigure(ttl, min_per_sec, ratio, now);
+                        model.advance(elapsed);
+                        let (slice, reserve, deposit) =
+                            Settings { ttl, min_per_sec, ratio }.amounts();
+                        let begun = model.next_start - model.slice;
+                        model.slice = slice;
+                        model.next_start = begun + slice;
+                        model.reserve = reserve;
+                        model.deposit = deposit;
+                        model.advance(elapsed);
+                        prop_assert_eq!(budget.ttl(), ttl);
+                        prop_assert_eq!(budget.min_per_sec(), min_per_sec);
+                    }
+                }
+                let now = budget.start + Duration::from_nanos(elapsed);
+                model.advance(elapsed);
+                prop_assert_eq!(budget.available(now), model.available(), "{:?}", model);
+            }
+        }
+    }
+
+    /// A lower reserve can leave the balance below zero: nothing is withdrawn until the
+    /// withdrawals it funded expire, a ttl later.
+    #[test]
+    fn a_lower_reserve_owes_what_the_old_one_lent() {
+        let budget = RetryBudget::new(Duration::from_secs(10), 1, 0.0);
+        let now = budget.start;
+        let spent: Vec<_> = std::iter::from_fn(|| budget.withdraw(now)).collect();
+        assert_eq!(spent.len(), 10);
+        budget.reconfigure(Duration::from_secs(10), 0, 0.0, now);
+        assert_eq!(budget.available(now), 0);
+        budget.reconfigure(Duration::from_secs(10), 1, 0.0, now);
+        assert_eq!(budget.available(now), 0, "the old reserve is spent");
+        assert_eq!(budget.available(now + Duration::from_secs(10)), 10);
+    }
 }
 
 #[cfg(all(test, not(loom)))]
@@ -376,35 +573,6 @@ mod tests {
         assert!(budget.withdraw(now).is_none());
         assert!(budget.withdraw(now + Duration::from_millis(500)).is_none());
         assert!(budget.withdraw(now + Duration::from_millis(1100)).is_some());
-    }
-
-    #[test]
-    fn a_budget_never_reads_another_budgets_note() {
-        // No reserve, one retry per request, deposits expire after 1 s.
-        let (a, b) = (
-            RetryBudget::new(Duration::from_secs(1), 0, 1.0),
-            RetryBudget::new(Duration::from_secs(1), 0, 1.0),
-        );
-        let now = Instant::now();
-        b.deposit(now);
-        // `a` notes a slice ending 100 s from now, on this thread.
-        a.deposit(now + Duration::from_secs(100));
-        // `b`'s deposit has expired: the note of `a`'s slice must not say otherwise.
-        assert!(b.withdraw(now + Duration::from_secs(2)).is_none());
-        assert!(a.withdraw(now + Duration::from_secs(100)).is_some());
-    }
-
-    #[test]
-    fn a_call_inside_the_noted_slice_still_sees_every_deposit() {
-        let budget = RetryBudget::new(Duration::from_secs(1), 0, 1.0);
-        let now = Instant::now();
-        budget.deposit(now);
-        budget.deposit(now + Duration::from_millis(10));
-        assert_eq!(budget.available(now + Duration::from_millis(20)), 2);
-        // An earlier clock reading (another task's) records into the newest slice.
-        budget.deposit(now);
-        assert_eq!(budget.available(now + Duration::from_millis(30)), 3);
-        assert_eq!(budget.available(now + Duration::from_secs(2)), 0);
     }
 
     #[test]

@@ -1,4 +1,4 @@
-use super::layer::Shared;
+use super::layer::{Options, Shared};
 use super::{
     AttemptTimedOut, Backoff, DeadlineExceeded, Decision, Duplicate, RetryEvent, RetryPolicy,
     RetryReason, Withdrawal,
@@ -36,15 +36,16 @@ where
     /// first. While waiting: the backoff delay. Out of line and absent until something
     /// is timed, so that a call without timeouts neither carries nor touches a timer.
     timer: Option<Pin<Box<Sleep>>>,
-    /// The kept request; `None` when the request is not retryable.
-    copy: Option<D::Copy>,
-    /// The service to retry with: `Some` exactly when `copy` is.
-    service: Option<S>,
+    /// The service to retry with and the kept request; `None` when the request is not
+    /// retryable.
+    retry: Option<(S, D::Copy)>,
     progress: Progress,
     /// The budget taken for the retry being waited for: spent once the retry is sent,
     /// refunded if it never is.
     withdrawal: Option<Withdrawal>,
     shared: Arc<Shared<P, D>>,
+    /// The options the call started with, kept to its end whatever a reload does.
+    options: Arc<Options>,
     _request: PhantomData<fn(Req)>,
 }
 
@@ -101,24 +102,23 @@ where
     #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
-        copy: Option<D::Copy>,
-        service: Option<S>,
-        shared: Arc<Shared<P, D>>,
+        retry: Option<(S, D::Copy)>,
+        (shared, options): (Arc<Shared<P, D>>, Arc<Options>),
         now: Instant,
         caller_deadline: Option<Instant>,
     ) -> Self {
-        let mut progress = Progress::new(&shared, now, caller_deadline);
+        let mut progress = Progress::new(&options, now, caller_deadline);
         let timer = progress
-            .attempt_timer(now, shared.per_attempt_timeout)
+            .attempt_timer(now, options.per_attempt_timeout)
             .map(|at| Box::pin(sleep_until(at)));
         Self {
             state: State::Attempting { future },
             timer,
-            copy,
-            service,
+            retry,
             progress,
             withdrawal: None,
             shared,
+            options,
             _request: PhantomData,
         }
     }
@@ -133,25 +133,27 @@ where
     /// [`DeadlineExceeded`] without calling the service.
     pub(crate) fn expired(
         shared: Arc<Shared<P, D>>,
+        options: Arc<Options>,
         now: Instant,
         caller_deadline: Instant,
     ) -> Self {
         Self {
             state: State::Expired,
             timer: None,
-            copy: None,
-            service: None,
-            progress: Progress::new(&shared, now, Some(caller_deadline)),
+            retry: None,
+            progress: Progress::new(&options, now, Some(caller_deadline)),
             withdrawal: None,
             shared,
+            options,
             _request: PhantomData,
         }
     }
 }
 
 impl Progress {
-    fn new<P, D>(shared: &Shared<P, D>, now: Instant, caller_deadline: Option<Instant>) -> Self {
-        let own = shared
+    #[inline]
+    fn new(options: &Options, now: Instant, caller_deadline: Option<Instant>) -> Self {
+        let own = options
             .deadline
             .and_then(|deadline| now.checked_add(deadline));
         let deadline = match (own, caller_deadline) {
@@ -187,7 +189,7 @@ impl Progress {
     /// and takes the budget for it.
     fn schedule<P, D, Req>(
         &self,
-        shared: &Shared<P, D>,
+        (shared, options): (&Shared<P, D>, &Options),
         copy: Option<&D::Copy>,
         now: Instant,
         reason: RetryReason,
@@ -197,15 +199,15 @@ impl Progress {
         D: Duplicate<Req>,
     {
         let copy = copy?;
-        if self.attempt >= shared.max_attempts {
+        if self.attempt >= options.max_attempts {
             return None;
         }
-        if after.is_some_and(|after| after > shared.max_server_delay) {
+        if after.is_some_and(|after| after > options.max_server_delay) {
             #[cfg(feature = "tracing")]
-            tracing::debug!(?after, cap = ?shared.max_server_delay, "requested delay above the cap; not retrying");
+            tracing::debug!(?after, cap = ?options.max_server_delay, "requested delay above the cap; not retrying");
             return None;
         }
-        let delay = self.wait(&shared.backoff, reason, after);
+        let delay = self.wait(&options.backoff, reason, after);
         let wake = now.checked_add(delay.duration())?;
         if self.deadline.is_some_and(|deadline| wake >= deadline) {
             return None;
@@ -319,61 +321,13 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        // The common cases stay in this small function: an attempt still running without
-        // a timer, and one that ended with a result to return. The rest is out of line.
-        let mut this = self.as_mut().project();
-        let StateProj::Attempting { future } = this.state.as_mut().project() else {
-            return self.poll_on(cx, None);
-        };
-        let result = match future.poll(cx) {
-            Poll::Ready(result) => result.map_err(Into::into),
-            Poll::Pending if this.timer.is_none() => return Poll::Pending,
-            Poll::Pending => return self.poll_on(cx, Some(Poll::Pending)),
-        };
-        let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
-        if verdict != Decision::Return {
-            return self.poll_on(cx, Some(Poll::Ready((result, verdict))));
-        }
-        this.state.set(State::Done);
-        let succeeded = result.is_ok();
-        Poll::Ready(finish(this.shared, this.progress, result, succeeded))
-    }
-}
-
-/// An attempt just polled by [`ResponseFuture::poll`]: still running, or ended with this
-/// result and verdict.
-type Polled<T> = Option<Poll<(Result<T, BoxError>, Decision)>>;
-
-impl<S, P, D, Req> ResponseFuture<S, P, D, Req>
-where
-    D: Duplicate<Req>,
-    P: RetryPolicy<Req, S::Response>,
-    S: Service<D::Request>,
-    S::Error: Into<BoxError>,
-{
-    /// Everything but the common cases of [`poll`](Future::poll): timeouts, retries, the
-    /// waits between them. `polled` is the attempt `poll` just polled, if it did.
-    #[inline(never)]
-    fn poll_on(
-        self: Pin<&mut Self>,
-        cx: &mut Context<'_>,
-        mut polled: Polled<S::Response>,
-    ) -> Poll<Result<S::Response, BoxError>> {
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Attempting { future } => {
-                    let polled = match polled.take() {
-                        Some(polled) => polled,
-                        None => future.poll(cx).map(|result| {
-                            let result = result.map_err(Into::into);
-                            let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
-                            (result, verdict)
-                        }),
-                    };
-                    let (result, verdict) = match polled {
-                        Poll::Ready(ended) => ended,
+                    let result = match future.poll(cx) {
+                        Poll::Ready(result) => result.map_err(Into::into),
                         Poll::Pending => {
                             let expired = this
                                 .timer
@@ -386,27 +340,26 @@ where
                                 this.state.set(State::Done);
                                 return Poll::Ready(deadline_exceeded(this.shared, this.progress));
                             }
-                            let timeout = this.shared.per_attempt_timeout.unwrap_or_default();
-                            let result = Err(AttemptTimedOut::new(timeout).into());
-                            let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
-                            (result, verdict)
+                            let timeout = this.options.per_attempt_timeout.unwrap_or_default();
+                            Err(AttemptTimedOut::new(timeout).into())
                         }
                     };
                     // Drops the attempt (cancelling it on a timeout).
                     this.state.set(State::Done);
-                    let Decision::Retry { reason, after } = verdict else {
-                        let succeeded = result.is_ok();
-                        return Poll::Ready(finish(this.shared, this.progress, result, succeeded));
+                    let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
+                    let scheduled = match verdict {
+                        Decision::Return => None,
+                        Decision::Retry { reason, after } => this.progress.schedule(
+                            (this.shared, this.options),
+                            this.retry.as_ref().map(|(_, copy)| copy),
+                            Instant::now(),
+                            reason,
+                            after,
+                        ),
                     };
-                    let scheduled = this.progress.schedule(
-                        this.shared,
-                        this.copy.as_ref(),
-                        Instant::now(),
-                        reason,
-                        after,
-                    );
                     let Some(scheduled) = scheduled else {
-                        return Poll::Ready(finish(this.shared, this.progress, result, false));
+                        let succeeded = result.is_ok() && verdict == Decision::Return;
+                        return Poll::Ready(finish(this.shared, this.progress, result, succeeded));
                     };
                     this.progress.advance(scheduled.delay);
                     *this.withdrawal = Some(scheduled.withdrawal);
@@ -428,8 +381,8 @@ where
                         // The backoff delay; once elapsed it stays ready.
                         ready!(timer.as_mut().poll(cx));
                     }
-                    let service = this
-                        .service
+                    let (service, _) = this
+                        .retry
                         .as_mut()
                         .expect("a retry is only scheduled with a service and a copy");
                     let ready = match service.poll_ready(cx) {
@@ -463,7 +416,7 @@ where
                     let now = Instant::now();
                     match this
                         .progress
-                        .attempt_timer(now, this.shared.per_attempt_timeout)
+                        .attempt_timer(now, this.options.per_attempt_timeout)
                     {
                         Some(at) => set_timer(this.timer, at),
                         None => *this.timer = None,

@@ -29,8 +29,7 @@ impl<P, D> Clone for RetryLayer<P, D> {
 impl<P, D> fmt::Debug for RetryLayer<P, D> {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.debug_struct("RetryLayer")
-            .field("max_attempts", &self.shared.max_attempts)
-            .field("backoff", &self.shared.backoff)
+            .field("options", &self.shared.ledger.options.load())
             .field("budget", &self.shared.ledger.budget)
             .finish_non_exhaustive()
     }
@@ -236,6 +235,24 @@ impl<P, D> RetryLayerBuilder<P, D> {
 
     /// Checks the configuration and builds the layer.
     pub fn build(self) -> Result<RetryLayer<P, D>, RetryConfigError> {
+        let options = self.options()?;
+        Ok(RetryLayer {
+            shared: Arc::new(Shared {
+                policy: self.policy,
+                duplicate: self.duplicate,
+                on_retry: self.on_retry,
+                ledger: Arc::new(Ledger {
+                    budget: self.budget,
+                    counters: Counters::default(),
+                    options: Published::new(options),
+                }),
+            }),
+        })
+    }
+
+    /// The checked options (the budget's too, which stays in the builder): what `build`
+    /// builds with, and what a live reload switches to.
+    pub(crate) fn options(&self) -> Result<Options, RetryConfigError> {
         if self.max_attempts == 0 {
             return Err(RetryConfigError::ZeroAttempts);
         }
@@ -245,23 +262,24 @@ impl<P, D> RetryLayerBuilder<P, D> {
         {
             return Err(RetryConfigError::ZeroTimeout);
         }
-        Ok(RetryLayer {
-            shared: Arc::new(Shared {
-                max_attempts: self.max_attempts,
-                backoff: self.backoff,
-                policy: self.policy,
-                duplicate: self.duplicate,
-                per_attempt_timeout: self.per_attempt_timeout,
-                deadline: self.deadline,
-                defer_to_retrying_caller: self.defer_to_retrying_caller,
-                max_server_delay: self.max_server_delay,
-                on_retry: self.on_retry,
-                ledger: Arc::new(Ledger {
-                    budget: self.budget,
-                    counters: Counters::default(),
-                }),
-            }),
+        Ok(Options {
+            max_attempts: self.max_attempts,
+            backoff: self.backoff,
+            per_attempt_timeout: self.per_attempt_timeout,
+            deadline: self.deadline,
+            defer_to_retrying_caller: self.defer_to_retrying_caller,
+            max_server_delay: self.max_server_delay,
         })
+    }
+
+    /// The budget's settings: its ttl, retries per second and ratio.
+    #[cfg(feature = "serde")]
+    pub(crate) fn budget_settings(&self) -> (Duration, u32, f64) {
+        (
+            self.budget.ttl(),
+            self.budget.min_per_sec(),
+            self.budget.ratio(),
+        )
     }
 }
 
@@ -332,16 +350,75 @@ pub struct RetryEvent {
 
 /// Everything every service and future of one layer shares.
 pub(crate) struct Shared<P, D> {
-    pub(crate) max_attempts: u32,
-    pub(crate) backoff: Backoff,
     pub(crate) policy: P,
     pub(crate) duplicate: D,
+    on_retry: Option<OnRetry>,
+    pub(crate) ledger: Arc<Ledger>,
+}
+
+/// The options a request reads, which a live reload replaces: each request keeps the
+/// snapshot it started with, so its attempts and delays all follow one configuration.
+#[derive(Debug, Clone, PartialEq)]
+pub(crate) struct Options {
+    pub(crate) max_attempts: u32,
+    pub(crate) backoff: Backoff,
     pub(crate) per_attempt_timeout: Option<Duration>,
     pub(crate) deadline: Option<Duration>,
     pub(crate) defer_to_retrying_caller: bool,
     pub(crate) max_server_delay: Duration,
-    on_retry: Option<OnRetry>,
-    pub(crate) ledger: Arc<Ledger>,
+}
+
+/// The options in force, and how many times they were replaced.
+///
+/// Each service keeps the snapshot it last took and the generation it took it at;
+/// a call compares one number (a plain load of a line written only by reloads) and
+/// clones the snapshot's `Arc`. Only a service whose generation is behind reads the
+/// `ArcSwap`, lock-free, which a reload stores before it moves the generation on: a
+/// service that sees the new generation takes the new options.
+pub(crate) struct Published {
+    generation: AtomicU64,
+    options: arc_swap::ArcSwap<Options>,
+    /// Serialises reloads, so that the budget and the options of one land together.
+    #[cfg(feature = "serde")]
+    writer: crate::sync::Mutex<()>,
+}
+
+impl Published {
+    fn new(options: Options) -> Self {
+        Self {
+            generation: AtomicU64::new(0),
+            options: arc_swap::ArcSwap::from_pointee(options),
+            #[cfg(feature = "serde")]
+            writer: crate::sync::Mutex::new(()),
+        }
+    }
+
+    /// The generation in force.
+    #[inline]
+    pub(crate) fn generation(&self) -> u64 {
+        self.generation.load(Ordering::Acquire)
+    }
+
+    /// The options in force (at least as new as the generation read before).
+    pub(crate) fn load(&self) -> Arc<Options> {
+        self.options.load_full()
+    }
+
+    /// Replaces the options: a request started from now on takes these.
+    #[cfg(feature = "serde")]
+    fn store(&self, options: Options) {
+        self.options.store(Arc::new(options));
+        self.generation.fetch_add(1, Ordering::Release);
+    }
+}
+
+impl fmt::Debug for Published {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Published")
+            .field("generation", &self.generation())
+            .field("options", &self.options.load())
+            .finish()
+    }
 }
 
 impl<P, D> Shared<P, D> {
@@ -361,11 +438,13 @@ impl<P, D> Shared<P, D> {
     }
 }
 
-/// The retry budget and the call counters: the part a [`RetryHandle`] reads.
+/// The retry budget, the call counters and the options: the part a [`RetryHandle`]
+/// reads and reloads.
 #[derive(Debug)]
 pub(crate) struct Ledger {
     pub(crate) budget: RetryBudget,
     pub(crate) counters: Counters,
+    pub(crate) options: Published,
 }
 
 #[derive(Debug, Default)]
@@ -420,6 +499,79 @@ impl RetryHandle {
     /// Whole retries the budget allows right now.
     pub fn budget_available(&self) -> u64 {
         self.ledger.budget.available(tokio::time::Instant::now())
+    }
+
+    /// The most attempts a request started now makes, the first included.
+    pub fn max_attempts(&self) -> u32 {
+        self.ledger.options.load().max_attempts
+    }
+
+    /// The backoff a request started now follows.
+    pub fn backoff(&self) -> Backoff {
+        self.ledger.options.load().backoff
+    }
+
+    /// Switches the layer to `config` for every request started from now on (the next
+    /// call sees it): its attempts, backoff and jitter, timeouts, deadline, server-delay
+    /// cap, whether it defers to a retrying caller, and its budget.
+    ///
+    /// **A request in flight keeps the options it started with**: its attempts, its
+    /// delays, its per-attempt timeout and its deadline all follow one configuration,
+    /// never some of each. Each request reads the options once, when it is called: a
+    /// snapshot behind an `Arc`, checked against a generation number, so that a call
+    /// costs no lock and, between reloads, no more than one atomic load.
+    ///
+    /// **The budget is the layer's state**, shared by every request, so it changes
+    /// once for all, in place, keeping what it holds: the retries earned and spent in
+    /// its window stay (they expire as they would, each slice of the window keeping
+    /// its place when `ttl` changes, the window now spanning the new `ttl`), the
+    /// reserve becomes the new `min_per_sec * ttl`, and requests deposit the new
+    /// `ratio` from now on. A configuration without a `budget` section gets the default
+    /// budget, as `build` would. A request in flight draws its next retry from the
+    /// budget as it is then.
+    ///
+    /// `config` is validated as [`RetryConfig::build`](crate::config::RetryConfig::build)
+    /// validates it, with the same [`ConfigError`](crate::config::ConfigError) (field
+    /// path included); a refused configuration changes nothing. A field left out takes
+    /// the builder's default, not what the code that built the layer set. What is
+    /// retried ([`policy`](RetryLayerBuilder::policy)), how requests are kept
+    /// ([`duplicate`](RetryLayerBuilder::duplicate)) and the
+    /// [`on_retry`](RetryLayerBuilder::on_retry) observer are code and stay.
+    ///
+    /// ```
+    /// use palisade::config::RetryConfig;
+    ///
+    /// # #[tokio::main(flavor = "current_thread", start_paused = true)]
+    /// # async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    /// let config: RetryConfig = toml::from_str("max_attempts = 3")?;
+    /// let handle = config.build()?.handle();
+    ///
+    /// handle.reload(&toml::from_str(r#"
+    ///     max_attempts = 5
+    ///     backoff = { kind = "constant", base = "10ms" }
+    ///     budget = { ttl = "10s", min_per_sec = 1, ratio = 0.1 }
+    /// "#)?)?;
+    /// assert_eq!(handle.max_attempts(), 5);
+    /// assert_eq!(handle.budget_available(), 10); // the reserve: 1 a second for 10 s
+    ///
+    /// let refused = handle.reload(&toml::from_str("max_attempts = 0")?);
+    /// assert_eq!(refused.unwrap_err().path(), "max_attempts");
+    /// assert_eq!(handle.max_attempts(), 5); // the old configuration holds
+    /// # Ok(())
+    /// # }
+    /// ```
+    #[cfg(feature = "serde")]
+    #[cfg_attr(docsrs, doc(cfg(feature = "serde")))]
+    pub fn reload(
+        &self,
+        config: &crate::config::RetryConfig,
+    ) -> Result<(), crate::config::ConfigError> {
+        let (options, (ttl, min_per_sec, ratio)) = config.reload_options()?;
+        let _writer = crate::sync::lock(&self.ledger.options.writer);
+        let now = tokio::time::Instant::now();
+        self.ledger.budget.reconfigure(ttl, min_per_sec, ratio, now);
+        self.ledger.options.store(options);
+        Ok(())
     }
 }
 

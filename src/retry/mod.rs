@@ -27,6 +27,11 @@
 //! [`max_attempts`](RetryLayerBuilder::max_attempts) **counts the first attempt**:
 //! `max_attempts(3)` is one call and at most two retries.
 //!
+//! **Live reload** (feature `serde`): [`RetryHandle::reload`] switches the layer to a new
+//! [`RetryConfig`](crate::config::RetryConfig) for every request started from then on;
+//! a request in flight keeps the options it started with, so its attempts and delays
+//! all follow one configuration. The budget changes in place and keeps its balance.
+//!
 //! # Example
 //!
 //! ```
@@ -79,6 +84,8 @@ pub use self::body::{DEFAULT_REPLAY_LIMIT, HttpCopy, ReplayBodies, ReplayBody};
 pub use self::budget::{RetryBudget, Withdrawal};
 pub use self::error::AttemptTimedOut;
 pub use self::future::ResponseFuture;
+#[cfg(feature = "serde")]
+pub(crate) use self::layer::Options;
 pub use self::layer::{
     RetryConfigError, RetryEvent, RetryHandle, RetryLayer, RetryLayerBuilder, RetryMetrics,
 };

@@ -1,4 +1,4 @@
-use super::layer::Shared;
+use super::layer::{Options, Shared};
 use super::{Duplicate, ResponseFuture, RetryPolicy};
 use std::fmt;
 use std::sync::Arc;
@@ -11,11 +11,39 @@ use tower_service::Service;
 pub struct RetryService<S, P, D> {
     inner: S,
     shared: Arc<Shared<P, D>>,
+    /// The options last taken, and the generation they were taken at.
+    options: Arc<Options>,
+    generation: u64,
 }
 
 impl<S, P, D> RetryService<S, P, D> {
     pub(crate) fn new(inner: S, shared: Arc<Shared<P, D>>) -> Self {
-        Self { inner, shared }
+        let published = &shared.ledger.options;
+        let generation = published.generation();
+        let options = published.load();
+        Self {
+            inner,
+            shared,
+            options,
+            generation,
+        }
+    }
+
+    /// The options in force, for a request starting now.
+    #[inline]
+    fn options(&mut self) -> Arc<Options> {
+        let generation = self.shared.ledger.options.generation();
+        if generation != self.generation {
+            self.refresh(generation);
+        }
+        Arc::clone(&self.options)
+    }
+
+    #[cold]
+    #[inline(never)]
+    fn refresh(&mut self, generation: u64) {
+        self.options = self.shared.ledger.options.load();
+        self.generation = generation;
     }
 
     /// The wrapped service.
@@ -39,6 +67,8 @@ impl<S: Clone, P, D> Clone for RetryService<S, P, D> {
         Self {
             inner: self.inner.clone(),
             shared: self.shared.clone(),
+            options: self.options.clone(),
+            generation: self.generation,
         }
     }
 }
@@ -68,6 +98,7 @@ where
 
     #[inline]
     fn call(&mut self, request: Req) -> Self::Future {
+        let options = self.options();
         let shared = &self.shared;
         let now = Instant::now();
         shared.ledger.budget.deposit(now);
@@ -77,26 +108,21 @@ where
             })
         });
         if let Some(deadline) = caller_deadline.filter(|&deadline| deadline <= now) {
-            return ResponseFuture::expired(shared.clone(), now, deadline);
+            return ResponseFuture::expired(shared.clone(), options, now, deadline);
         }
-        let retries_here = !(caller_retries && shared.defer_to_retrying_caller);
-        let keep = retries_here && shared.max_attempts > 1 && shared.policy.is_retryable(&request);
-        let first = shared.duplicate.first(request, keep);
-        if first.1.is_none() {
-            let future = self.inner.call(first.0);
-            return ResponseFuture::new(future, None, None, shared.clone(), now, caller_deadline);
-        }
+        let retries_here = !(caller_retries && options.defer_to_retrying_caller);
+        let keep = retries_here && options.max_attempts > 1 && shared.policy.is_retryable(&request);
+        let (request, copy) = shared.duplicate.first(request, keep);
         // The service polled ready is the one called; the future keeps it to retry.
-        let clone = self.inner.clone();
-        let mut service = std::mem::replace(&mut self.inner, clone);
-        let future = service.call(first.0);
-        ResponseFuture::new(
-            future,
-            first.1,
-            Some(service),
-            shared.clone(),
-            now,
-            caller_deadline,
-        )
+        let (future, retry) = match copy {
+            Some(copy) => {
+                let clone = self.inner.clone();
+                let mut service = std::mem::replace(&mut self.inner, clone);
+                (service.call(request), Some((service, copy)))
+            }
+            None => (self.inner.call(request), None),
+        };
+        let shared = shared.clone();
+        ResponseFuture::new(future, retry, (shared, options), now, caller_deadline)
     }
 }

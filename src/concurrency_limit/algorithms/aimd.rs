@@ -115,6 +115,26 @@ impl Aimd {
         )
     }
 
+    #[cfg(any(test, feature = "serde"))]
+    /// Takes `new`'s settings and keeps the state: the limit in force, clamped into the
+    /// new bounds, the round of good requests and the last decrease. (`initial_limit`
+    /// only matters at the start.) Returns the limit.
+    pub(crate) fn reconfigure(&mut self, new: &Self) -> u32 {
+        self.initial_limit = new.initial_limit;
+        self.min_limit = new.min_limit;
+        self.max_limit = new.max_limit;
+        self.backoff_ratio = new.backoff_ratio;
+        self.latency_threshold = new.latency_threshold;
+        self.limit = self.limit.clamp(self.min_limit, self.max_limit);
+        self.limit
+    }
+
+    /// `(min_limit, max_limit)`.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn bounds(&self) -> (u32, u32) {
+        (self.min_limit, self.max_limit)
+    }
+
     fn decrease(&mut self, now: Instant) {
         // `limit * ratio` is below 2^31 and exact enough in an f64; the cast saturates.
         let reduced = (f64::from(self.limit) * self.backoff_ratio).floor() as u32;

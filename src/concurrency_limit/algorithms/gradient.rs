@@ -193,6 +193,68 @@ impl Gradient {
         Ok(())
     }
 
+    #[cfg(any(test, feature = "serde"))]
+    /// Takes `new`'s settings and keeps the state: the minimum RTT, the window and the
+    /// latencies gathered. The limit in force is clamped into the new bounds (while the
+    /// minimum RTT is measured, it is the new `min_limit`, and the limit to go back to
+    /// is clamped); the current window and the next measurement end on the new
+    /// `interval` and `min_rtt_interval`, counted from when they began. (`initial_limit`
+    /// only matters at the start.) Returns the limit.
+    pub(crate) fn reconfigure(&mut self, new: &Self) -> u32 {
+        let shift = |at: Instant, old: Duration, new: Duration| {
+            at.checked_sub(old)
+                .and_then(|began| began.checked_add(new))
+                .unwrap_or(at)
+        };
+        let (old_interval, old_min_rtt_interval) = (self.interval, self.min_rtt_interval);
+        self.min_limit = new.min_limit;
+        self.initial_limit = new.initial_limit;
+        self.max_limit = new.max_limit;
+        self.interval = new.interval;
+        self.percentile = new.percentile;
+        self.buffer = new.buffer;
+        self.min_rtt_interval = new.min_rtt_interval;
+        self.min_rtt_requests = new.min_rtt_requests;
+        let (min, max) = (self.min_limit, self.max_limit);
+        match &mut self.phase {
+            Phase::Measuring { restore, .. } => {
+                *restore = (*restore).clamp(min, max);
+                self.limit = min;
+            }
+            Phase::Tracking {
+                window_end,
+                next_measurement,
+                ..
+            } => {
+                *window_end = shift(*window_end, old_interval, self.interval);
+                *next_measurement = shift(
+                    *next_measurement,
+                    old_min_rtt_interval,
+                    self.min_rtt_interval,
+                );
+                self.limit = self.limit.clamp(min, max);
+            }
+        }
+        if self.limit == min {
+            self.windows_at_min = self.windows_at_min.min(MIN_LIMIT_WINDOWS - 1);
+        } else {
+            self.windows_at_min = 0;
+        }
+        self.limit
+    }
+
+    /// `(min_limit, max_limit)`.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn bounds(&self) -> (u32, u32) {
+        (self.min_limit, self.max_limit)
+    }
+
+    /// Whether the minimum RTT is being measured.
+    #[cfg(all(test, not(loom)))]
+    pub(crate) fn is_measuring(&self) -> bool {
+        matches!(self.phase, Phase::Measuring { .. })
+    }
+
     fn measure(&mut self, now: Instant) {
         self.phase = Phase::Measuring {
             since: Some(now),
