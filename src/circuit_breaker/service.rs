@@ -305,6 +305,7 @@ impl CallReport {
         Self::holding(Held::Lane(lane), permit)
     }
 
+    #[inline]
     pub(crate) fn keyed(breaker: crate::sync::Arc<KeyedBreaker>, permit: Permit) -> Self {
         Self::holding(Held::Keyed(breaker), permit)
     }
@@ -331,6 +332,7 @@ impl fmt::Debug for CallReport {
 }
 
 impl Report for CallReport {
+    #[inline]
     fn report(mut self, outcome: Outcome) {
         let Some(permit) = self.permit.take() else {
             return;
