@@ -149,6 +149,7 @@ impl Cursor {
     }
 
     /// The next position (wrapping at 2^32).
+    #[inline]
     pub(crate) fn next(&self) -> u32 {
         if self.blocks.is_empty() {
             return self.shared.fetch_add(1, Ordering::Relaxed);
