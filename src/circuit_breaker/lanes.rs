@@ -19,6 +19,7 @@ pub(crate) fn count() -> usize {
 }
 
 /// This thread's lane among `lanes` (a power of two).
+#[inline]
 pub(crate) fn current(lanes: usize) -> usize {
     thread_local! {
         static THREAD: usize = {
@@ -65,11 +66,13 @@ impl CoreRefs {
         }
     }
 
+    #[inline]
     pub(crate) fn core(&self) -> &Core {
         &self.lanes[0].core
     }
 
     /// A reference for one call, from this thread's lane.
+    #[inline]
     pub(crate) fn take(&self) -> Arc<CoreRef> {
         Arc::clone(&self.lanes[current(self.lanes.len())])
     }
@@ -146,6 +149,7 @@ impl Cursor {
     }
 
     /// The next position (wrapping at 2^32).
+    #[inline]
     pub(crate) fn next(&self) -> u32 {
         if self.blocks.is_empty() {
             return self.shared.fetch_add(1, Ordering::Relaxed);

@@ -260,6 +260,7 @@ enum Held {
 }
 
 impl Held {
+    #[inline]
     fn core(&self) -> &Core {
         match self {
             Held::Lane(lane) => &lane.core,
@@ -280,6 +281,7 @@ impl Held {
 
     /// Records the call under the policy it holds (a global breaker's lane) or the one
     /// in force (a keyed breaker's).
+    #[inline]
     fn record(&self, permit: Permit, outcome: Outcome, duration: Duration, now: Option<Instant>) {
         let now = || now.unwrap_or_else(Instant::now);
         match self {
@@ -298,14 +300,17 @@ impl Held {
 }
 
 impl CallReport {
+    #[inline]
     pub(crate) fn new(lane: Arc<CoreRef>, permit: Permit) -> Self {
         Self::holding(Held::Lane(lane), permit)
     }
 
+    #[inline]
     pub(crate) fn keyed(breaker: crate::sync::Arc<KeyedBreaker>, permit: Permit) -> Self {
         Self::holding(Held::Keyed(breaker), permit)
     }
 
+    #[inline]
     fn holding(breaker: Held, permit: Permit) -> Self {
         // Only slow-call detection needs the start; the closed fast path reads no clock.
         let started = breaker.times_calls().then(Instant::now);
@@ -327,6 +332,7 @@ impl fmt::Debug for CallReport {
 }
 
 impl Report for CallReport {
+    #[inline]
     fn report(mut self, outcome: Outcome) {
         let Some(permit) = self.permit.take() else {
             return;

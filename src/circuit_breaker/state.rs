@@ -422,7 +422,22 @@ impl Core {
 
     /// Lets a call through, or says why not. `now` is read only when the breaker is
     /// open, so the closed path never reads the clock.
+    #[inline]
     pub(crate) fn admit(&self, now: impl Fn() -> Instant) -> Result<Permit, Rejected> {
+        // The closed breaker's answer, inlined into the service's call; every other
+        // state (and the retry after a lost race) goes the long way.
+        let word = Word::decode(self.state.load(Ordering::Acquire));
+        if word.state == State::Closed {
+            return Ok(Permit {
+                generation: word.generation,
+                kind: PermitKind::Closed,
+            });
+        }
+        self.admit_slowly(now)
+    }
+
+    #[inline(never)]
+    fn admit_slowly(&self, now: impl Fn() -> Instant) -> Result<Permit, Rejected> {
         self.try_admit(now).map_err(|refusal| self.reject(refusal))
     }
 

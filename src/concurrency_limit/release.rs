@@ -19,6 +19,7 @@ pub struct Permit {
 }
 
 impl Permit {
+    #[inline]
     pub(crate) fn new(limiter: Arc<Limiter>) -> Self {
         Self {
             limiter,
@@ -47,6 +48,7 @@ impl Permit {
 }
 
 impl Drop for Permit {
+    #[inline]
     fn drop(&mut self) {
         if let Some(share) = &self.share {
             share.unhold();
@@ -175,6 +177,7 @@ struct Pending {
 }
 
 impl SampleReport {
+    #[inline]
     pub(crate) fn new(limiter: &Arc<Limiter>, in_flight: u32) -> Self {
         let pending = limiter.is_adaptive().then(|| Pending {
             limiter: Arc::clone(limiter),
@@ -203,6 +206,7 @@ impl Pending {
 }
 
 impl Report for SampleReport {
+    #[inline]
     fn report(mut self, outcome: Outcome) {
         if let Some(pending) = self.pending.take() {
             match outcome {
@@ -215,6 +219,7 @@ impl Report for SampleReport {
 }
 
 impl Drop for SampleReport {
+    #[inline]
     fn drop(&mut self) {
         if let Some(pending) = self.pending.take() {
             pending.record(true);
