@@ -58,6 +58,9 @@ pub struct RetryBudget {
     /// whose clock reading is before it records into the newest slice without
     /// dividing. Written, after `epoch`, by the holder of `advancing`.
     next_start: AtomicU64,
+    /// Tells this budget's notes in [`SliceEnd`] from another budget's, and from its own
+    /// before a reconfiguration (which can move `next_start` back).
+    id: AtomicU64,
     /// What one request deposits, in thousandths of a retry (an `i64`).
     deposit: AtomicU64,
     /// The part of `baseline` that never expires, `min_per_sec · ttl` in thousandths
@@ -151,6 +154,7 @@ impl RetryBudget {
             start: Instant::now(),
             slice_nanos: AtomicU64::new(slice_nanos),
             next_start: AtomicU64::new(slice_nanos),
+            id: AtomicU64::new(SliceEnd::new_id()),
             deposit: AtomicU64::new(deposit as u64),
             reserve: AtomicU64::new(reserve as u64),
             epoch: AtomicU64::new(0),
@@ -227,6 +231,8 @@ impl RetryBudget {
         {
             crate::sync::spin_loop();
         }
+        // A shorter slice moves `next_start` back: the notes taken before no longer hold.
+        self.id.store(SliceEnd::new_id(), Ordering::Release);
         // Closes the window to now under the old slices first.
         self.advance_held(elapsed);
         let old_reserve = self.reserve.swap(reserve as u64, Ordering::Relaxed);
@@ -326,10 +332,16 @@ impl RetryBudget {
     /// lost or counted twice.
     #[inline]
     fn advance(&self, now: Instant) -> u64 {
+        let id = self.id.load(Ordering::Acquire);
+        if SliceEnd::is_before(id, now) {
+            return self.epoch.load(Ordering::Acquire);
+        }
         let elapsed = self.elapsed(now);
         // Nearly every call falls within the newest slice. `next_start` is published
         // after `epoch`: one read before the other is a slice that had begun.
-        if elapsed < self.next_start.load(Ordering::Acquire) {
+        let next_start = self.next_start.load(Ordering::Acquire);
+        if elapsed < next_start {
+            SliceEnd::remember(id, self.start.checked_add(Duration::from_nanos(next_start)));
             return self.epoch.load(Ordering::Acquire);
         }
         self.advance_slow(elapsed)
@@ -390,6 +402,56 @@ fn thousandths(value: f64) -> i64 {
 
 fn slot(epoch: u64) -> usize {
     (epoch % SLICES as u64) as usize
+}
+
+/// A per-thread note of when a budget's newest slice ended when the thread last looked,
+/// so that a call before then (nearly every call) compares two instants instead of
+/// measuring the time since the budget's start (a subtraction of two `timespec`s and a
+/// conversion to nanoseconds: most of a deposit).
+///
+/// It is only ever a shortcut to the answer [`RetryBudget::advance`] would reach: under
+/// one id, `next_start` only grows, so a `now` before a noted end is also before the
+/// newest slice's end, where `advance` moves nothing and returns the newest slice. A
+/// reconfiguration, which can move the end back, gives the budget a new id. A stale or
+/// missing note only costs the full computation. Under loom it is off, so that the
+/// models explore every read of the atomics.
+struct SliceEnd;
+
+#[cfg(not(loom))]
+thread_local! {
+    static SLICE_END: std::cell::Cell<(u64, Option<Instant>)> =
+        const { std::cell::Cell::new((0, None)) };
+}
+
+impl SliceEnd {
+    /// An id no budget has had (0 is never one, so an empty note matches none).
+    fn new_id() -> u64 {
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(1);
+        NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+    }
+
+    #[cfg(not(loom))]
+    #[inline]
+    fn is_before(id: u64, now: Instant) -> bool {
+        SLICE_END
+            .try_with(|note| matches!(note.get(), (noted, Some(end)) if noted == id && now < end))
+            .unwrap_or(false)
+    }
+
+    #[cfg(not(loom))]
+    #[inline]
+    fn remember(id: u64, end: Option<Instant>) {
+        // Only fails while the thread is torn down; the note is then simply not kept.
+        let _ = SLICE_END.try_with(|note| note.set((id, end)));
+    }
+
+    #[cfg(loom)]
+    fn is_before(_: u64, _: Instant) -> bool {
+        false
+    }
+
+    #[cfg(loom)]
+    fn remember(_: u64, _: Option<Instant>) {}
 }
 
 #[cfg(all(test, not(loom)))]
@@ -557,6 +619,47 @@ mod model_tests {
 mod tests {
     use super::*;
 
+    #[test]
+    fn a_budget_never_reads_another_budgets_note() {
+        // No reserve, one retry per request, deposits expire after 1 s.
+        let (a, b) = (
+            RetryBudget::new(Duration::from_secs(1), 0, 1.0),
+            RetryBudget::new(Duration::from_secs(1), 0, 1.0),
+        );
+        let now = Instant::now();
+        b.deposit(now);
+        // `a` notes a slice ending 100 s from now, on this thread.
+        a.deposit(now + Duration::from_secs(100));
+        // `b`'s deposit has expired: the note of `a`'s slice must not say otherwise.
+        assert!(b.withdraw(now + Duration::from_secs(2)).is_none());
+        assert!(a.withdraw(now + Duration::from_secs(100)).is_some());
+    }
+
+    #[test]
+    fn a_call_inside_the_noted_slice_still_sees_every_deposit() {
+        let budget = RetryBudget::new(Duration::from_secs(1), 0, 1.0);
+        let now = Instant::now();
+        budget.deposit(now);
+        budget.deposit(now + Duration::from_millis(10));
+        assert_eq!(budget.available(now + Duration::from_millis(20)), 2);
+        // An earlier clock reading (another task's) records into the newest slice.
+        budget.deposit(now);
+        assert_eq!(budget.available(now + Duration::from_millis(30)), 3);
+        assert_eq!(budget.available(now + Duration::from_secs(2)), 0);
+    }
+
+    #[test]
+    fn a_reconfiguration_to_shorter_slices_voids_the_note() {
+        // Slices of 6 s: the deposit notes that the newest slice ends 6 s on.
+        let budget = RetryBudget::new(Duration::from_secs(60), 0, 1.0);
+        let now = budget.start;
+        budget.deposit(now);
+        // Slices of 100 ms from now on: the deposit expires a second later, well
+        // before the noted end.
+        budget.reconfigure(Duration::from_secs(1), 0, 1.0, now);
+        assert_eq!(budget.available(now + Duration::from_millis(500)), 1);
+        assert!(budget.withdraw(now + Duration::from_secs(2)).is_none());
+    }
     #[test]
     fn reserve_allows_min_per_sec_times_ttl() {
         let budget = RetryBudget::new(Duration::from_secs(2), 3, 0.0);
