@@ -683,50 +683,41 @@ mod concurrency_limit {
         });
     }
 
-    /// A reload raises the limit (1 to 2) and `retry_after` (1 s to 2 s) while a request
-    /// arrives with the one permit held: it is admitted under the new limit or refused
-    /// under the old one, told the old `retry_after`, never the old limit with the new
-    /// answer.
-    #[test]
-    fn a_refusal_racing_a_raising_reload_is_answered_under_one_policy() {
+    /// A request arrives with `held` of `limit` permits taken while a reload sets the
+    /// limit to `reloaded` and `retry_after` from 1 s to 2 s: it is admitted (holding
+    /// `held + 1`), or refused under exactly one of the two policies, the one `refusal`
+    /// names, never one policy's limit with the other's answer.
+    fn a_refusal_racing_a_reload(limit: u32, held: u32, reloaded: u32, refusal: (u32, u64)) {
         use std::time::Duration;
-        model(None, || {
-            let permits = Arc::new(Permits::with_retry_after(1, Duration::from_secs(1)));
-            assert!(permits.admit_or_refusal().is_ok());
+        let refusal = (refusal.0, Duration::from_secs(refusal.1));
+        model(None, move || {
+            let permits = Arc::new(Permits::with_retry_after(limit, Duration::from_secs(1)));
+            for _ in 0..held {
+                assert!(permits.admit_or_refusal().is_ok());
+            }
             let reloader = {
                 let permits = permits.clone();
-                thread::spawn(move || permits.reload(2, Duration::from_secs(2)))
+                thread::spawn(move || permits.reload(reloaded, Duration::from_secs(2)))
             };
             let outcome = permits.admit_or_refusal();
             reloader.join().unwrap();
             match outcome {
-                Ok(()) => assert_eq!(permits.in_flight(), 2),
-                Err(refusal) => assert_eq!(refusal, (1, Duration::from_secs(1)), "a torn policy"),
+                Ok(()) => assert_eq!(permits.in_flight(), held + 1),
+                Err(answer) => assert_eq!(answer, refusal, "a torn policy"),
             }
         });
     }
 
-    /// A reload lowers the limit (3 to 2) and raises `retry_after` while a request
-    /// arrives with two permits held: admitted under the old limit, or refused under the
-    /// new one with the new answer.
+    /// Raised (1 to 2) with the one permit held: a refusal can only be the old policy's.
+    #[test]
+    fn a_refusal_racing_a_raising_reload_is_answered_under_one_policy() {
+        a_refusal_racing_a_reload(1, 1, 2, (1, 1));
+    }
+
+    /// Lowered (3 to 2) with two permits held: a refusal can only be the new policy's.
     #[test]
     fn a_refusal_racing_a_lowering_reload_is_answered_under_one_policy() {
-        use std::time::Duration;
-        model(None, || {
-            let permits = Arc::new(Permits::with_retry_after(3, Duration::from_secs(1)));
-            assert!(permits.admit_or_refusal().is_ok());
-            assert!(permits.admit_or_refusal().is_ok());
-            let reloader = {
-                let permits = permits.clone();
-                thread::spawn(move || permits.reload(2, Duration::from_secs(2)))
-            };
-            let outcome = permits.admit_or_refusal();
-            reloader.join().unwrap();
-            match outcome {
-                Ok(()) => assert_eq!(permits.in_flight(), 3),
-                Err(refusal) => assert_eq!(refusal, (2, Duration::from_secs(2)), "a torn policy"),
-            }
-        });
+        a_refusal_racing_a_reload(3, 2, 2, (2, 2));
     }
 
     /// Two reloads in a row (to 2 and 2 s, then back to 1 and 3 s) race a request with
