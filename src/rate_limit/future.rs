@@ -337,3 +337,43 @@ where
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
     }
 }
+
+#[cfg(all(test, not(loom), feature = "http"))]
+mod tests {
+    use std::future::Ready;
+    use std::mem::size_of;
+
+    use http::{Request, Response};
+
+    use super::*;
+    use crate::rate_limit::LocalStore;
+    use crate::rate_limit::NoHeaders;
+    use crate::rate_limit::headers::AddRateLimitFields;
+
+    /// A service whose future is its answer.
+    #[derive(Clone)]
+    struct Answering;
+
+    impl Service<Request<()>> for Answering {
+        type Response = Response<()>;
+        type Error = BoxError;
+        type Future = Ready<Result<Response<()>, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            std::future::ready(Ok(Response::new(())))
+        }
+    }
+
+    type Future<H> = ResponseFuture<Answering, Request<()>, LocalStore, H>;
+
+    #[test]
+    fn a_limiter_without_headers_carries_no_status() {
+        let state = size_of::<State<Answering, Request<()>, LocalStore>>();
+        assert_eq!(size_of::<Future<NoHeaders>>(), state);
+        assert!(size_of::<Future<AddRateLimitFields>>() >= state + size_of::<RateLimitStatus>());
+    }
+}
