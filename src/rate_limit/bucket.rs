@@ -536,6 +536,8 @@ impl AtomicBucket {
     /// Takes `cost` tokens now, or reserves them within `max_wait`; `None` when `now`
     /// lies beyond the horizon of the frame the bucket is measured in (rebase, then ask
     /// again).
+    // Always: left to itself the compiler keeps this loop out of line for the global
+    // limiter's call, which costs 8 instructions per request in moves and the return.
     #[inline(always)]
     pub(crate) fn acquire(
         &self,
