@@ -374,7 +374,7 @@ fn token_bucket_quota_change_is_atomic() {
             .map(|_| {
                 let (bucket, admitted) = (bucket.clone(), admitted.clone());
                 thread::spawn(move || {
-                    let (verdict, _) = bucket.take(1, 0, bucket.nanos(now));
+                    let (verdict, _) = bucket.take(1, Duration::ZERO, bucket.nanos(now));
                     if let Verdict::Admit { quota, .. } = verdict {
                         assert!(quota == old || quota == new, "torn quota {quota:?}");
                         admitted.fetch_add(1, Ordering::SeqCst);
@@ -426,7 +426,7 @@ fn rate_limit_shadow_switch_never_mixes_policies() {
             };
             let request = thread::spawn(move || {
                 let switch = Switch::before(&shadow);
-                let (verdict, _) = bucket.take(2, 0, bucket.nanos(now));
+                let (verdict, _) = bucket.take(2, Duration::ZERO, bucket.nanos(now));
                 if let Verdict::Deny(denied) = verdict {
                     assert!(
                         switch.on().is_some(),

@@ -11,6 +11,7 @@ use tower_service::Service;
 
 use super::bucket::Denied;
 use super::error::{CostExceedsCapacity, RateLimited};
+use super::layer::sealed::Slot;
 use super::layer::{OnAdmitted, RateLimitStatus};
 use super::shadow::{Shadow, Switch};
 use super::store::{Admission, Store};
@@ -21,10 +22,13 @@ pub struct ResponseFuture<S, Req, St, H>
 where
     S: Service<Req>,
     St: Store,
+    H: OnAdmitted<S::Response>,
 {
     #[pin]
     state: State<S, Req, St>,
-    status: Option<RateLimitStatus>,
+    /// Nothing at all when nobody reads the status: an admitted request's future is then
+    /// the inner future and the state's tag.
+    status: H::Status,
     on_admitted: H,
 }
 
@@ -86,9 +90,9 @@ where
     /// Drives a deciding or waiting request until it is called or refused. Out of line:
     /// the admitted request's poll stays small.
     #[inline(never)]
-    fn advance(
+    fn advance<T: Slot>(
         mut self: Pin<&mut Self>,
-        status: &mut Option<RateLimitStatus>,
+        status: &mut T,
         cx: &mut Context<'_>,
     ) -> Poll<State<S, Req, St>> {
         loop {
@@ -107,7 +111,7 @@ where
                     let switch = Switch::seen(shadow, *was_shadow);
                     match Next::resolve(store, decision, switch) {
                         Next::Go(admitted) => {
-                            *status = admitted;
+                            *status = T::keep(admitted);
                             return Poll::Ready(State::Calling {
                                 future: service.call(request),
                             });
@@ -234,12 +238,13 @@ impl<S, Req, St, H> ResponseFuture<S, Req, St, H>
 where
     S: Service<Req>,
     St: Store,
+    H: OnAdmitted<S::Response>,
 {
     #[inline]
     fn new(state: State<S, Req, St>, status: Option<RateLimitStatus>, on_admitted: H) -> Self {
         Self {
             state,
-            status,
+            status: H::Status::keep(status),
             on_admitted,
         }
     }
@@ -303,9 +308,7 @@ where
             let next = match this.state.project() {
                 StateProj::Calling { future } => {
                     let mut response = ready!(future.poll(cx)).map_err(Into::into)?;
-                    if H::ACTIVE
-                        && let Some(status) = this.status.take()
-                    {
+                    if let Some(status) = this.status.take() {
                         this.on_admitted.on_admitted(&mut response, &status);
                     }
                     return Poll::Ready(Ok(response));
@@ -328,8 +331,49 @@ impl<S, Req, St, H> std::fmt::Debug for ResponseFuture<S, Req, St, H>
 where
     S: Service<Req>,
     St: Store,
+    H: OnAdmitted<S::Response>,
 {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ResponseFuture").finish_non_exhaustive()
+    }
+}
+
+#[cfg(all(test, not(loom), feature = "http"))]
+mod tests {
+    use std::future::Ready;
+    use std::mem::size_of;
+
+    use http::{Request, Response};
+
+    use super::*;
+    use crate::rate_limit::LocalStore;
+    use crate::rate_limit::NoHeaders;
+    use crate::rate_limit::headers::AddRateLimitFields;
+
+    /// A service whose future is its answer.
+    #[derive(Clone)]
+    struct Answering;
+
+    impl Service<Request<()>> for Answering {
+        type Response = Response<()>;
+        type Error = BoxError;
+        type Future = Ready<Result<Response<()>, BoxError>>;
+
+        fn poll_ready(&mut self, _: &mut Context<'_>) -> Poll<Result<(), BoxError>> {
+            Poll::Ready(Ok(()))
+        }
+
+        fn call(&mut self, _: Request<()>) -> Self::Future {
+            std::future::ready(Ok(Response::new(())))
+        }
+    }
+
+    type Future<H> = ResponseFuture<Answering, Request<()>, LocalStore, H>;
+
+    #[test]
+    fn a_limiter_without_headers_carries_no_status() {
+        let state = size_of::<State<Answering, Request<()>, LocalStore>>();
+        assert_eq!(size_of::<Future<NoHeaders>>(), state);
+        assert!(size_of::<Future<AddRateLimitFields>>() >= state + size_of::<RateLimitStatus>());
     }
 }

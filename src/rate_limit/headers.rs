@@ -27,7 +27,7 @@ use crate::rejection::{RateLimitInfo, insert_rate_limit_fields};
 pub struct AddRateLimitFields;
 
 impl<B> OnAdmitted<Response<B>> for AddRateLimitFields {
-    const ACTIVE: bool = true;
+    type Status = Option<RateLimitStatus>;
 
     fn on_admitted(&self, response: &mut Response<B>, status: &RateLimitStatus) {
         insert_rate_limit_fields(response.headers_mut(), &RateLimitInfo::from(status));

@@ -2,6 +2,7 @@
 //! `rate_limit` describe eviction and the cap).
 
 use std::hash::Hash;
+use std::time::Duration;
 
 use super::bucket::{Frame, Verdict};
 use crate::key::{Idle, KeyedTable, MIN_SWEEP_SPACING};
@@ -78,7 +79,7 @@ impl<K: Hash + Eq + Clone> KeyedBuckets<K> {
         key: &K,
         clock: Clock,
         cost: u64,
-        max_wait: u64,
+        max_wait: Duration,
     ) -> Option<(Verdict, KeyedClaim)> {
         let mut slot = self.table.slot(key);
         if let Some(entry) = slot.get_mut() {
@@ -142,7 +143,7 @@ fn next_sweep(clock: Clock) -> u64 {
 
 /// Decides on `entry`; the claim is the entry to store when admitted (`increment > 0`).
 #[inline]
-fn charge(entry: Entry, now: u64, cost: u64, max_wait: u64) -> (Verdict, KeyedClaim) {
+fn charge(entry: Entry, now: u64, cost: u64, max_wait: Duration) -> (Verdict, KeyedClaim) {
     let verdict = entry.frame.quota.decide(entry.tat, now, cost, max_wait);
     let claim = match verdict {
         Verdict::Admit { tat, increment, .. } => KeyedClaim {

@@ -340,12 +340,64 @@ impl<Req> Cost<Req> for UnitCost {
 /// with the `http` feature, adding the `RateLimit` fields
 /// ([`AddRateLimitFields`](super::headers::AddRateLimitFields)).
 pub trait OnAdmitted<Res> {
-    /// Whether [`on_admitted`](Self::on_admitted) does anything (so that the layer skips
-    /// reading the bucket's state when it does not).
-    const ACTIVE: bool;
+    /// What the response future keeps of the bucket's state until the response arrives:
+    /// `()` when [`on_admitted`](Self::on_admitted) does nothing (the layer then neither
+    /// reads the bucket's state nor carries room for it), `Option<RateLimitStatus>` when
+    /// it reads it.
+    type Status: StatusSlot;
 
     /// Called with each admitted response and the bucket's state after the request.
     fn on_admitted(&self, response: &mut Res, status: &RateLimitStatus);
+}
+
+/// Where a response future keeps an admitted request's [`RateLimitStatus`]: `()` (nowhere:
+/// nobody reads it) or `Option<RateLimitStatus>`. Sealed.
+pub trait StatusSlot: sealed::Slot + Send + Sync + Unpin + 'static {}
+
+impl StatusSlot for () {}
+
+impl StatusSlot for Option<RateLimitStatus> {}
+
+pub(crate) mod sealed {
+    use super::RateLimitStatus;
+
+    /// What the layer does with a [`StatusSlot`](super::StatusSlot).
+    pub trait Slot: Sized {
+        /// Whether the status is read: the store is asked for it only then.
+        const WANTED: bool;
+
+        /// Keeps `status` (or drops it, for a slot that keeps nothing).
+        fn keep(status: Option<RateLimitStatus>) -> Self;
+
+        /// The status kept, once.
+        fn take(&mut self) -> Option<RateLimitStatus>;
+    }
+
+    impl Slot for () {
+        const WANTED: bool = false;
+
+        #[inline]
+        fn keep(_: Option<RateLimitStatus>) -> Self {}
+
+        #[inline]
+        fn take(&mut self) -> Option<RateLimitStatus> {
+            None
+        }
+    }
+
+    impl Slot for Option<RateLimitStatus> {
+        const WANTED: bool = true;
+
+        #[inline]
+        fn keep(status: Option<RateLimitStatus>) -> Self {
+            status
+        }
+
+        #[inline]
+        fn take(&mut self) -> Option<RateLimitStatus> {
+            Option::take(self)
+        }
+    }
 }
 
 /// Leaves admitted responses alone.
@@ -353,7 +405,7 @@ pub trait OnAdmitted<Res> {
 pub struct NoHeaders;
 
 impl<Res> OnAdmitted<Res> for NoHeaders {
-    const ACTIVE: bool = false;
+    type Status = ();
 
     fn on_admitted(&self, _response: &mut Res, _status: &RateLimitStatus) {}
 }

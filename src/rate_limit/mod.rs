@@ -180,7 +180,8 @@ pub use self::error::{CostExceedsCapacity, MissingKey, RateLimitConfigError, Rat
 pub use self::future::ResponseFuture;
 pub use self::handle::RateLimitHandle;
 pub use self::layer::{
-    Builder, Cost, NoHeaders, OnAdmitted, RateLimitLayer, RateLimitStatus, UnitCost, WhenKeyMissing,
+    Builder, Cost, NoHeaders, OnAdmitted, RateLimitLayer, RateLimitStatus, StatusSlot, UnitCost,
+    WhenKeyMissing,
 };
 #[cfg(feature = "serde")]
 pub(crate) use self::layer::{DEFAULT_MAX_KEYS, Settings};

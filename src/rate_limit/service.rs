@@ -6,6 +6,7 @@ use tower_service::Service;
 
 use super::MissingKey;
 use super::future::{Next, ResponseFuture};
+use super::layer::sealed::Slot;
 use super::layer::{Cost, NoHeaders, OnAdmitted, Policy, UnitCost, WhenKeyMissing};
 use super::shadow::Switch;
 use super::store::{Acquire, Answer, LocalStore, StatusWanted, Store};
@@ -72,7 +73,7 @@ where
         if key.is_none() && policy.when_key_missing == WhenKeyMissing::Reject {
             return self.missing_key(request, on_admitted);
         }
-        let status = if H::ACTIVE {
+        let status = if H::Status::WANTED {
             StatusWanted::Yes
         } else {
             StatusWanted::No
@@ -120,6 +121,7 @@ impl<S, X, C, St: Store, H> RateLimitService<S, X, C, St, H> {
     fn missing_key<Req>(&mut self, request: Req, on_admitted: H) -> ResponseFuture<S, Req, St, H>
     where
         S: Service<Req>,
+        H: OnAdmitted<S::Response>,
     {
         let shadow = &self.policy.shadow;
         if !shadow.is_on() {

@@ -11,7 +11,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 use tower::BoxError;
 
-use super::bucket::{Claim, Denied, Quota, TokenBucket, Verdict, max_wait_nanos};
+use super::bucket::{Claim, Denied, Quota, TokenBucket, Verdict};
 use super::error::RateLimitConfigError;
 use super::keyed::{Clock, KeyedBuckets, KeyedClaim};
 use super::layer::RateLimitStatus;
@@ -462,9 +462,11 @@ impl<K: Hash + Eq + Clone> LocalStore<K> {
     #[inline]
     fn decide(&self, request: Acquire<'_, K>) -> Admission<LocalReservation<K>> {
         let Acquire {
-            key, cost, status, ..
+            key,
+            cost,
+            status,
+            max_wait,
         } = request;
-        let max_wait = max_wait_nanos(request.max_wait);
         let now = self.shared.nanos(Instant::now());
         if let (Some(key), Some(keyed)) = (key, &self.keyed)
             && let Some((verdict, claim)) = keyed.acquire(key, self.clock(now), cost, max_wait)
