@@ -36,9 +36,11 @@ where
     /// first. While waiting: the backoff delay. Out of line and absent until something
     /// is timed, so that a call without timeouts neither carries nor touches a timer.
     timer: Option<Pin<Box<Sleep>>>,
-    /// The service to retry with and the kept request; `None` when the request is not
-    /// retryable.
-    retry: Option<(S, D::Copy)>,
+    /// The kept request; `None` when the request is not retryable.
+    copy: Option<D::Copy>,
+    /// The service to retry with: `Some` exactly when `copy` is. A field of its own
+    /// rather than a tuple with the copy, so that neither is moved to be paired.
+    service: Option<S>,
     progress: Progress,
     /// The budget taken for the retry being waited for: spent once the retry is sent,
     /// refunded if it never is.
@@ -102,7 +104,8 @@ where
     #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
-        retry: Option<(S, D::Copy)>,
+        copy: Option<D::Copy>,
+        service: Option<S>,
         (shared, options): (Arc<Shared<P, D>>, Arc<Options>),
         now: Instant,
         caller_deadline: Option<Instant>,
@@ -114,7 +117,8 @@ where
         Self {
             state: State::Attempting { future },
             timer,
-            retry,
+            copy,
+            service,
             progress,
             withdrawal: None,
             shared,
@@ -140,7 +144,8 @@ where
         Self {
             state: State::Expired,
             timer: None,
-            retry: None,
+            copy: None,
+            service: None,
             progress: Progress::new(&options, now, Some(caller_deadline)),
             withdrawal: None,
             shared,
@@ -346,20 +351,21 @@ where
                     };
                     // Drops the attempt (cancelling it on a timeout).
                     this.state.set(State::Done);
-                    let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
-                    let scheduled = match verdict {
-                        Decision::Return => None,
-                        Decision::Retry { reason, after } => this.progress.schedule(
-                            (this.shared, this.options),
-                            this.retry.as_ref().map(|(_, copy)| copy),
-                            Instant::now(),
-                            reason,
-                            after,
-                        ),
-                    };
-                    let Some(scheduled) = scheduled else {
-                        let succeeded = result.is_ok() && verdict == Decision::Return;
+                    let Decision::Retry { reason, after } =
+                        verdict::<P, Req, _>(&this.shared.policy, &result)
+                    else {
+                        let succeeded = result.is_ok();
                         return Poll::Ready(finish(this.shared, this.progress, result, succeeded));
+                    };
+                    let scheduled = this.progress.schedule(
+                        (this.shared, this.options),
+                        this.copy.as_ref(),
+                        Instant::now(),
+                        reason,
+                        after,
+                    );
+                    let Some(scheduled) = scheduled else {
+                        return Poll::Ready(finish(this.shared, this.progress, result, false));
                     };
                     this.progress.advance(scheduled.delay);
                     *this.withdrawal = Some(scheduled.withdrawal);
@@ -381,8 +387,8 @@ where
                         // The backoff delay; once elapsed it stays ready.
                         ready!(timer.as_mut().poll(cx));
                     }
-                    let (service, _) = this
-                        .retry
+                    let service = this
+                        .service
                         .as_mut()
                         .expect("a retry is only scheduled with a service and a copy");
                     let ready = match service.poll_ready(cx) {
