@@ -326,13 +326,61 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The common cases stay in this small function: an attempt still running without
+        // a timer, and one that ended with a result to return. The rest is out of line.
+        let mut this = self.as_mut().project();
+        let StateProj::Attempting { future } = this.state.as_mut().project() else {
+            return self.poll_on(cx, None);
+        };
+        let result = match future.poll(cx) {
+            Poll::Ready(result) => result.map_err(Into::into),
+            Poll::Pending if this.timer.is_none() => return Poll::Pending,
+            Poll::Pending => return self.poll_on(cx, Some(Poll::Pending)),
+        };
+        let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
+        if verdict != Decision::Return {
+            return self.poll_on(cx, Some(Poll::Ready((result, verdict))));
+        }
+        this.state.set(State::Done);
+        let succeeded = result.is_ok();
+        Poll::Ready(finish(this.shared, this.progress, result, succeeded))
+    }
+}
+
+/// An attempt just polled by [`ResponseFuture::poll`]: still running, or ended with this
+/// result and verdict.
+type Polled<T> = Option<Poll<(Result<T, BoxError>, Decision)>>;
+
+impl<S, P, D, Req> ResponseFuture<S, P, D, Req>
+where
+    D: Duplicate<Req>,
+    P: RetryPolicy<Req, S::Response>,
+    S: Service<D::Request>,
+    S::Error: Into<BoxError>,
+{
+    /// Everything but the common cases of [`poll`](Future::poll): timeouts, retries, the
+    /// waits between them. `polled` is the attempt `poll` just polled, if it did.
+    #[inline(never)]
+    fn poll_on(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut polled: Polled<S::Response>,
+    ) -> Poll<Result<S::Response, BoxError>> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Attempting { future } => {
-                    let result = match future.poll(cx) {
-                        Poll::Ready(result) => result.map_err(Into::into),
+                    let polled = match polled.take() {
+                        Some(polled) => polled,
+                        None => future.poll(cx).map(|result| {
+                            let result = result.map_err(Into::into);
+                            let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
+                            (result, verdict)
+                        }),
+                    };
+                    let (result, verdict) = match polled {
+                        Poll::Ready(ended) => ended,
                         Poll::Pending => {
                             let expired = this
                                 .timer
@@ -346,14 +394,14 @@ where
                                 return Poll::Ready(deadline_exceeded(this.shared, this.progress));
                             }
                             let timeout = this.options.per_attempt_timeout.unwrap_or_default();
-                            Err(AttemptTimedOut::new(timeout).into())
+                            let result = Err(AttemptTimedOut::new(timeout).into());
+                            let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
+                            (result, verdict)
                         }
                     };
                     // Drops the attempt (cancelling it on a timeout).
                     this.state.set(State::Done);
-                    let Decision::Retry { reason, after } =
-                        verdict::<P, Req, _>(&this.shared.policy, &result)
-                    else {
+                    let Decision::Retry { reason, after } = verdict else {
                         let succeeded = result.is_ok();
                         return Poll::Ready(finish(this.shared, this.progress, result, succeeded));
                     };
