@@ -87,6 +87,27 @@ struct Progress {
     timer_is_deadline: bool,
 }
 
+/// The first attempt's progress and timer. Made before the service splits the request
+/// into the attempt's and the kept copy: nothing between that split and the future's
+/// construction can then unwind, and a step that could (the clock arithmetic, the
+/// timer's allocation) would make LLVM keep an extra copy of the request for its
+/// landing pad.
+pub(crate) struct Start {
+    progress: Progress,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Start {
+    #[inline(always)]
+    pub(crate) fn new(options: &Options, now: Instant, caller_deadline: Option<Instant>) -> Self {
+        let mut progress = Progress::new(options, now, caller_deadline);
+        let timer = progress
+            .attempt_timer(now, options.per_attempt_timeout)
+            .map(|at| Box::pin(sleep_until(at)));
+        Start { progress, timer }
+    }
+}
+
 /// A retry the layer agreed to.
 struct Scheduled<R> {
     delay: Wait,
@@ -107,13 +128,8 @@ where
         copy: Option<D::Copy>,
         service: Option<S>,
         (shared, options): (Arc<Shared<P, D>>, Arc<Options>),
-        now: Instant,
-        caller_deadline: Option<Instant>,
+        Start { progress, timer }: Start,
     ) -> Self {
-        let mut progress = Progress::new(&options, now, caller_deadline);
-        let timer = progress
-            .attempt_timer(now, options.per_attempt_timeout)
-            .map(|at| Box::pin(sleep_until(at)));
         Self {
             state: State::Attempting { future },
             timer,

@@ -1,3 +1,4 @@
+use super::future::Start;
 use super::layer::{Options, Shared};
 use super::{Duplicate, ResponseFuture, RetryPolicy};
 use std::fmt;
@@ -114,30 +115,17 @@ where
         let keep = retries_here && options.max_attempts > 1 && shared.policy.is_retryable(&request);
         // Kept as one tuple rather than destructured: each rebinding of the copy is a
         // move, and the copy is a whole request.
+        let start = Start::new(&options, now, caller_deadline);
         let first = shared.duplicate.first(request, keep);
         let shared = shared.clone();
         if first.1.is_none() {
             let future = self.inner.call(first.0);
-            return ResponseFuture::new(
-                future,
-                None,
-                None,
-                (shared, options),
-                now,
-                caller_deadline,
-            );
+            return ResponseFuture::new(future, None, None, (shared, options), start);
         }
         // The service polled ready is the one called; the future keeps it to retry.
         let clone = self.inner.clone();
         let mut service = std::mem::replace(&mut self.inner, clone);
         let future = service.call(first.0);
-        ResponseFuture::new(
-            future,
-            first.1,
-            Some(service),
-            (shared, options),
-            now,
-            caller_deadline,
-        )
+        ResponseFuture::new(future, first.1, Some(service), (shared, options), start)
     }
 }
