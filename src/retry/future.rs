@@ -36,9 +36,11 @@ where
     /// first. While waiting: the backoff delay. Out of line and absent until something
     /// is timed, so that a call without timeouts neither carries nor touches a timer.
     timer: Option<Pin<Box<Sleep>>>,
-    /// The service to retry with and the kept request; `None` when the request is not
-    /// retryable.
-    retry: Option<(S, D::Copy)>,
+    /// The kept request; `None` when the request is not retryable.
+    copy: Option<D::Copy>,
+    /// The service to retry with: `Some` exactly when `copy` is. A field of its own
+    /// rather than a tuple with the copy, so that neither is moved to be paired.
+    service: Option<S>,
     progress: Progress,
     /// The budget taken for the retry being waited for: spent once the retry is sent,
     /// refunded if it never is.
@@ -85,6 +87,27 @@ struct Progress {
     timer_is_deadline: bool,
 }
 
+/// The first attempt's progress and timer. Made before the service splits the request
+/// into the attempt's and the kept copy: nothing between that split and the future's
+/// construction can then unwind, and a step that could (the clock arithmetic, the
+/// timer's allocation) would make LLVM keep an extra copy of the request for its
+/// landing pad.
+pub(crate) struct Start {
+    progress: Progress,
+    timer: Option<Pin<Box<Sleep>>>,
+}
+
+impl Start {
+    #[inline(always)]
+    pub(crate) fn new(options: &Options, now: Instant, caller_deadline: Option<Instant>) -> Self {
+        let mut progress = Progress::new(options, now, caller_deadline);
+        let timer = progress
+            .attempt_timer(now, options.per_attempt_timeout)
+            .map(|at| Box::pin(sleep_until(at)));
+        Start { progress, timer }
+    }
+}
+
 /// A retry the layer agreed to.
 struct Scheduled<R> {
     delay: Wait,
@@ -102,19 +125,16 @@ where
     #[inline(always)]
     pub(crate) fn new(
         future: S::Future,
-        retry: Option<(S, D::Copy)>,
+        copy: Option<D::Copy>,
+        service: Option<S>,
         (shared, options): (Arc<Shared<P, D>>, Arc<Options>),
-        now: Instant,
-        caller_deadline: Option<Instant>,
+        Start { progress, timer }: Start,
     ) -> Self {
-        let mut progress = Progress::new(&options, now, caller_deadline);
-        let timer = progress
-            .attempt_timer(now, options.per_attempt_timeout)
-            .map(|at| Box::pin(sleep_until(at)));
         Self {
             state: State::Attempting { future },
             timer,
-            retry,
+            copy,
+            service,
             progress,
             withdrawal: None,
             shared,
@@ -140,7 +160,8 @@ where
         Self {
             state: State::Expired,
             timer: None,
-            retry: None,
+            copy: None,
+            service: None,
             progress: Progress::new(&options, now, Some(caller_deadline)),
             withdrawal: None,
             shared,
@@ -321,13 +342,61 @@ where
 {
     type Output = Result<S::Response, BoxError>;
 
-    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        // The common cases stay in this small function: an attempt still running without
+        // a timer, and one that ended with a result to return. The rest is out of line.
+        let mut this = self.as_mut().project();
+        let StateProj::Attempting { future } = this.state.as_mut().project() else {
+            return self.poll_on(cx, None);
+        };
+        let result = match future.poll(cx) {
+            Poll::Ready(result) => result.map_err(Into::into),
+            Poll::Pending if this.timer.is_none() => return Poll::Pending,
+            Poll::Pending => return self.poll_on(cx, Some(Poll::Pending)),
+        };
+        let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
+        if verdict != Decision::Return {
+            return self.poll_on(cx, Some(Poll::Ready((result, verdict))));
+        }
+        this.state.set(State::Done);
+        let succeeded = result.is_ok();
+        Poll::Ready(finish(this.shared, this.progress, result, succeeded))
+    }
+}
+
+/// An attempt just polled by [`ResponseFuture::poll`]: still running, or ended with this
+/// result and verdict.
+type Polled<T> = Option<Poll<(Result<T, BoxError>, Decision)>>;
+
+impl<S, P, D, Req> ResponseFuture<S, P, D, Req>
+where
+    D: Duplicate<Req>,
+    P: RetryPolicy<Req, S::Response>,
+    S: Service<D::Request>,
+    S::Error: Into<BoxError>,
+{
+    /// Everything but the common cases of [`poll`](Future::poll): timeouts, retries, the
+    /// waits between them. `polled` is the attempt `poll` just polled, if it did.
+    #[inline(never)]
+    fn poll_on(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        mut polled: Polled<S::Response>,
+    ) -> Poll<Result<S::Response, BoxError>> {
         let mut this = self.project();
         loop {
             match this.state.as_mut().project() {
                 StateProj::Attempting { future } => {
-                    let result = match future.poll(cx) {
-                        Poll::Ready(result) => result.map_err(Into::into),
+                    let polled = match polled.take() {
+                        Some(polled) => polled,
+                        None => future.poll(cx).map(|result| {
+                            let result = result.map_err(Into::into);
+                            let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
+                            (result, verdict)
+                        }),
+                    };
+                    let (result, verdict) = match polled {
+                        Poll::Ready(ended) => ended,
                         Poll::Pending => {
                             let expired = this
                                 .timer
@@ -341,25 +410,26 @@ where
                                 return Poll::Ready(deadline_exceeded(this.shared, this.progress));
                             }
                             let timeout = this.options.per_attempt_timeout.unwrap_or_default();
-                            Err(AttemptTimedOut::new(timeout).into())
+                            let result = Err(AttemptTimedOut::new(timeout).into());
+                            let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
+                            (result, verdict)
                         }
                     };
                     // Drops the attempt (cancelling it on a timeout).
                     this.state.set(State::Done);
-                    let verdict = verdict::<P, Req, _>(&this.shared.policy, &result);
-                    let scheduled = match verdict {
-                        Decision::Return => None,
-                        Decision::Retry { reason, after } => this.progress.schedule(
-                            (this.shared, this.options),
-                            this.retry.as_ref().map(|(_, copy)| copy),
-                            Instant::now(),
-                            reason,
-                            after,
-                        ),
-                    };
-                    let Some(scheduled) = scheduled else {
-                        let succeeded = result.is_ok() && verdict == Decision::Return;
+                    let Decision::Retry { reason, after } = verdict else {
+                        let succeeded = result.is_ok();
                         return Poll::Ready(finish(this.shared, this.progress, result, succeeded));
+                    };
+                    let scheduled = this.progress.schedule(
+                        (this.shared, this.options),
+                        this.copy.as_ref(),
+                        Instant::now(),
+                        reason,
+                        after,
+                    );
+                    let Some(scheduled) = scheduled else {
+                        return Poll::Ready(finish(this.shared, this.progress, result, false));
                     };
                     this.progress.advance(scheduled.delay);
                     *this.withdrawal = Some(scheduled.withdrawal);
@@ -381,8 +451,8 @@ where
                         // The backoff delay; once elapsed it stays ready.
                         ready!(timer.as_mut().poll(cx));
                     }
-                    let (service, _) = this
-                        .retry
+                    let service = this
+                        .service
                         .as_mut()
                         .expect("a retry is only scheduled with a service and a copy");
                     let ready = match service.poll_ready(cx) {

@@ -1,3 +1,4 @@
+use super::future::Start;
 use super::layer::{Options, Shared};
 use super::{Duplicate, ResponseFuture, RetryPolicy};
 use std::fmt;
@@ -112,17 +113,19 @@ where
         }
         let retries_here = !(caller_retries && options.defer_to_retrying_caller);
         let keep = retries_here && options.max_attempts > 1 && shared.policy.is_retryable(&request);
-        let (request, copy) = shared.duplicate.first(request, keep);
-        // The service polled ready is the one called; the future keeps it to retry.
-        let (future, retry) = match copy {
-            Some(copy) => {
-                let clone = self.inner.clone();
-                let mut service = std::mem::replace(&mut self.inner, clone);
-                (service.call(request), Some((service, copy)))
-            }
-            None => (self.inner.call(request), None),
-        };
+        // Kept as one tuple rather than destructured: each rebinding of the copy is a
+        // move, and the copy is a whole request.
+        let start = Start::new(&options, now, caller_deadline);
+        let first = shared.duplicate.first(request, keep);
         let shared = shared.clone();
-        ResponseFuture::new(future, retry, (shared, options), now, caller_deadline)
+        if first.1.is_none() {
+            let future = self.inner.call(first.0);
+            return ResponseFuture::new(future, None, None, (shared, options), start);
+        }
+        // The service polled ready is the one called; the future keeps it to retry.
+        let clone = self.inner.clone();
+        let mut service = std::mem::replace(&mut self.inner, clone);
+        let future = service.call(first.0);
+        ResponseFuture::new(future, first.1, Some(service), (shared, options), start)
     }
 }
