@@ -59,6 +59,7 @@ pub trait Report {
 }
 
 impl<F: FnOnce(Outcome)> Report for F {
+    #[inline]
     fn report(self, outcome: Outcome) {
         self(outcome)
     }
@@ -88,6 +89,7 @@ where
 {
     type Response<R: Report> = Res;
 
+    #[inline]
     fn classify<R: Report>(&self, result: Result<Res, E>, report: R) -> Result<Res, E> {
         report.report(self(&result));
         result
@@ -101,6 +103,7 @@ pub struct ErrorsAsFailures;
 impl<Res, E> Classify<Res, E> for ErrorsAsFailures {
     type Response<R: Report> = Res;
 
+    #[inline]
     fn classify<R: Report>(&self, result: Result<Res, E>, report: R) -> Result<Res, E> {
         report.report(if result.is_ok() {
             Outcome::Success
@@ -133,6 +136,7 @@ mod http_classify {
     impl<B, E> Classify<Response<B>, E> for ServerErrorsAsFailures {
         type Response<R: Report> = Response<B>;
 
+        #[inline]
         fn classify<R: Report>(
             &self,
             result: Result<Response<B>, E>,

@@ -419,6 +419,7 @@ impl Limiter {
         matches!(&*lock(&self.algorithm), Some(Algorithm::Gradient(gradient)) if gradient.is_measuring())
     }
 
+    #[inline]
     pub(crate) fn is_adaptive(&self) -> bool {
         self.adaptive.load(Ordering::Relaxed)
     }

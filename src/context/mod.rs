@@ -90,6 +90,7 @@ use std::time::Duration;
 use tokio::time::Instant;
 
 /// The current request's deadline, if it has one.
+#[inline]
 pub fn deadline() -> Option<Instant> {
     with_current(|context| context?.deadline())
 }
