@@ -75,7 +75,7 @@ impl Breaker {
         } else {
             Outcome::Success
         };
-        self.0.record(call.0, outcome, Duration::ZERO, || now);
+        self.0.record(call.0, outcome, None, || now);
     }
 
     /// Switches the breaker to `settings` at `now` (a live reload).
@@ -151,9 +151,7 @@ impl KeyedModel {
         } else {
             Outcome::Success
         };
-        call.breaker
-            .core
-            .record(call.permit, outcome, Duration::ZERO, || now);
+        call.breaker.core.record(call.permit, outcome, None, || now);
     }
 
     /// The state of `key`'s breaker, if the table tracks the key.

@@ -3,7 +3,7 @@
 //! that half-open probes overlap), time advances and manual control.
 
 use super::config::{Config, OpenBackoff, SlidingWindow, SlowCalls};
-use super::state::{Core, Permit, State};
+use super::state::{Core, Permit, State, Timing};
 use crate::classify::Outcome;
 use proptest::prelude::*;
 use std::collections::VecDeque;
@@ -339,11 +339,11 @@ fn run(setup: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
                     real.as_ref().err().map(|open| open.retry_after()),
                     expected.err()
                 );
+                let started_ms = now_ms;
                 now_ms += took_ms;
                 if let (Ok(permit), Ok(model_permit)) = (real, expected) {
-                    core.record(permit, outcome, Duration::from_millis(took_ms), || {
-                        at(now_ms)
-                    });
+                    let timing = Timing::new(at(started_ms), at(now_ms));
+                    core.record(permit, outcome, Some(timing), || at(now_ms));
                     model.record(model_permit, outcome, took_ms, now_ms);
                 }
             }
@@ -365,9 +365,8 @@ fn run(setup: Setup, ops: Vec<Op>) -> Result<(), TestCaseError> {
             Op::Finish(index, outcome) if !in_flight.is_empty() => {
                 let call = in_flight.swap_remove(index % in_flight.len());
                 let took_ms = now_ms - call.started_ms;
-                core.record(call.permit, outcome, Duration::from_millis(took_ms), || {
-                    at(now_ms)
-                });
+                let timing = Timing::new(at(call.started_ms), at(now_ms));
+                core.record(call.permit, outcome, Some(timing), || at(now_ms));
                 model.record(call.model, outcome, took_ms, now_ms);
             }
             Op::Drop(index) if !in_flight.is_empty() => {

@@ -1,7 +1,7 @@
 use super::future::ResponseFuture;
 use super::keyed::{KeyedBreaker, KeyedBreakers};
 use super::lanes::{CoreRef, Lanes};
-use super::state::{Core, Permit, Policy, Rejected};
+use super::state::{Core, Permit, Policy, Rejected, Timing};
 use crate::classify::{Classify, ErrorsAsFailures, Outcome, Report};
 use crate::context::DeadlineExceeded;
 use crate::key::KeyExtractor;
@@ -9,7 +9,6 @@ use std::fmt;
 use std::hash::Hash;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::Duration;
 use tokio::time::Instant;
 use tower::BoxError;
 use tower_service::Service;
@@ -282,18 +281,17 @@ impl Held {
     /// Records the call under the policy it holds (a global breaker's lane) or the one
     /// in force (a keyed breaker's).
     #[inline]
-    fn record(&self, permit: Permit, outcome: Outcome, duration: Duration, now: Option<Instant>) {
-        let now = || now.unwrap_or_else(Instant::now);
+    fn record(&self, permit: Permit, outcome: Outcome, timing: Option<Timing>) {
+        let now = || timing.map_or_else(Instant::now, |timing| timing.ended());
         match self {
-            Held::Lane(lane) => {
-                lane.core
-                    .record_under(&lane.policy, permit, outcome, duration, now)
-            }
+            Held::Lane(lane) => lane
+                .core
+                .record_under(&lane.policy, permit, outcome, timing, now),
             Held::Keyed(breaker) => match breaker.policy() {
                 Some(policy) => breaker
                     .core
-                    .record_under(policy, permit, outcome, duration, now),
-                None => breaker.core.record(permit, outcome, duration, now),
+                    .record_under(policy, permit, outcome, timing, now),
+                None => breaker.core.record(permit, outcome, timing, now),
             },
         }
     }
@@ -337,12 +335,10 @@ impl Report for CallReport {
         let Some(permit) = self.permit.take() else {
             return;
         };
-        let now = self.started.map(|_| Instant::now());
-        let duration = match (self.started, now) {
-            (Some(started), Some(now)) => now.saturating_duration_since(started),
-            _ => Default::default(),
-        };
-        self.breaker.record(permit, outcome, duration, now);
+        let timing = self
+            .started
+            .map(|started| Timing::new(started, Instant::now()));
+        self.breaker.record(permit, outcome, timing);
     }
 }
 

@@ -156,6 +156,36 @@ pub struct Metrics {
     pub last_transition: Option<Instant>,
 }
 
+/// When a timed call started and ended: what the slow-call check reads.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Timing {
+    started: Instant,
+    ended: Instant,
+}
+
+impl Timing {
+    #[inline]
+    pub(crate) fn new(started: Instant, ended: Instant) -> Self {
+        Self { started, ended }
+    }
+
+    /// The end: the time the call's outcome is recorded at.
+    #[inline]
+    pub(crate) fn ended(self) -> Instant {
+        self.ended
+    }
+
+    /// Whether the call took longer than `threshold`. Compared as instants (the start
+    /// plus the threshold against the end), which is exact and cheaper than making the
+    /// duration: an addition instead of a subtraction normalized to a `Duration`.
+    #[inline]
+    fn longer_than(self, threshold: Duration) -> bool {
+        self.started
+            .checked_add(threshold)
+            .is_some_and(|limit| self.ended > limit)
+    }
+}
+
 /// What [`Core::admit`] grants: the right to call the inner service, and how to record
 /// the call's outcome.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -564,9 +594,9 @@ impl Core {
         self.policy.load()
     }
 
-    /// Records a call's outcome under the policy in force. `duration` is how long the
-    /// call took (only looked at when slow calls are detected); `now` is read only if a
-    /// time window or a transition needs it.
+    /// Records a call's outcome under the policy in force. `timing` is when the call
+    /// started and ended (`None` when untimed: only slow-call detection looks at it);
+    /// `now` is read only if a time window or a transition needs it.
     // Out of line: the global breaker's calls record through `record_under`, and this
     // one's policy load must not swell their report.
     #[inline(never)]
@@ -574,10 +604,10 @@ impl Core {
         &self,
         permit: Permit,
         outcome: Outcome,
-        duration: Duration,
+        timing: Option<Timing>,
         now: impl Fn() -> Instant,
     ) {
-        self.record_under(&self.policy(), permit, outcome, duration, now);
+        self.record_under(&self.policy(), permit, outcome, timing, now);
     }
 
     /// [`record`](Self::record) under `policy`: the one in force, or one that was (a
@@ -587,7 +617,7 @@ impl Core {
         policy: &Policy,
         permit: Permit,
         outcome: Outcome,
-        duration: Duration,
+        timing: Option<Timing>,
         now: impl Fn() -> Instant,
     ) {
         if outcome == Outcome::Ignored {
@@ -597,10 +627,10 @@ impl Core {
         // the open time.
         let sample = Sample {
             failure: outcome == Outcome::Failure,
-            slow: policy
-                .config
-                .slow
-                .is_some_and(|slow| duration > slow.threshold),
+            slow: match (policy.config.slow, timing) {
+                (Some(slow), Some(timing)) => timing.longer_than(slow.threshold),
+                _ => false,
+            },
         };
         match permit.kind {
             PermitKind::Unrecorded => {}
@@ -1068,7 +1098,7 @@ mod tests {
 
     fn fail(core: &Core, now: Instant) {
         let permit = core.admit(|| now).expect("closed");
-        core.record(permit, Outcome::Failure, Duration::ZERO, || now);
+        core.record(permit, Outcome::Failure, None, || now);
         assert_eq!(core.state(), State::Open);
     }
 
@@ -1080,7 +1110,7 @@ mod tests {
         assert_eq!(core.state(), State::HalfOpen);
         assert!(core.admit(|| *now).is_err(), "every probe slot is taken");
         for probe in probes {
-            core.record(probe, Outcome::Success, Duration::ZERO, || *now);
+            core.record(probe, Outcome::Success, None, || *now);
         }
         assert_eq!(core.state(), State::Closed);
     }
@@ -1101,6 +1131,18 @@ mod tests {
                 }
             }
         }
+    }
+
+    #[test]
+    fn a_call_is_slow_only_past_the_threshold_to_the_nanosecond() {
+        let started = Instant::now();
+        let threshold = Duration::from_millis(250);
+        let took = |nanos: u64| Timing::new(started, started + Duration::from_nanos(nanos));
+        assert!(!took(250_000_000).longer_than(threshold));
+        assert!(took(250_000_001).longer_than(threshold));
+        assert!(!took(0).longer_than(threshold));
+        // A threshold past the clock's range: no call is that slow (and nothing panics).
+        assert!(!took(u64::MAX).longer_than(Duration::MAX));
     }
 
     #[test]

@@ -144,9 +144,9 @@ impl Model {
         };
         call.real
             .core
-            .record(call.real_permit, outcome, Duration::ZERO, || now);
+            .record(call.real_permit, outcome, None, || now);
         call.reference
-            .record(call.reference_permit, outcome, Duration::ZERO, || now);
+            .record(call.reference_permit, outcome, None, || now);
     }
 
     fn force(&mut self, key: u8, how: u8) {
@@ -251,9 +251,7 @@ fn a_flood_of_fresh_keys_at_the_cap_leaves_an_open_breaker_open() {
     for _ in 0..2 {
         let breaker = breakers.breaker(Some(&0u32), || now);
         let permit = breaker.core.admit(|| now).expect("closed");
-        breaker
-            .core
-            .record(permit, Outcome::Failure, Duration::ZERO, || now);
+        breaker.core.record(permit, Outcome::Failure, None, || now);
     }
     assert_eq!(
         breakers.tracked(&0).expect("tracked").core.state(),
@@ -266,7 +264,7 @@ fn a_flood_of_fresh_keys_at_the_cap_leaves_an_open_breaker_open() {
         if let Ok(permit) = breaker.core.admit(|| later) {
             breaker
                 .core
-                .record(permit, Outcome::Success, Duration::ZERO, || later);
+                .record(permit, Outcome::Success, None, || later);
         }
         assert!(breakers.len() <= 2);
     }
